@@ -1,0 +1,284 @@
+"""From a checkpoint to per-layer analysis records (and a checkpoint summary)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from . import metrics as M
+from .checkpoint import Checkpoint, Layer
+from .errors import CheckpointError, RankscopeError
+from .naming import layer_index, module_type
+from .spectrum import DEFAULT_MEMORY_BUDGET, singular_values
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How to analyse: metric parameters, scaling, the dense path and a layer filter."""
+
+    thresholds: tuple[float, ...] = M.DEFAULT_THRESHOLDS
+    energies: tuple[float, ...] = M.DEFAULT_ENERGIES
+    rel_thresholds: tuple[float, ...] = M.DEFAULT_REL_THRESHOLDS
+    unscaled: bool = False
+    dense: bool = False
+    dense_dtype: str = "float64"
+    device: str = "auto"
+    layers: str | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+    def __post_init__(self) -> None:
+        for p in self.energies:
+            if not 0.0 < p <= 1.0:
+                raise RankscopeError(f"energy fraction {p} is not in (0, 1]")
+        for value in (*self.thresholds, *self.rel_thresholds):
+            if not math.isfinite(value) or value < 0:
+                raise RankscopeError(f"threshold {value} must be a finite number ≥ 0")
+        if self.layers:
+            try:
+                re.compile(self.layers)
+            except re.error as exc:
+                raise RankscopeError(f"--layers {self.layers!r} is not a valid regular expression ({exc})") from exc
+
+
+@dataclass
+class LayerRecord:
+    """The analysis of one layer (DESIGN.md, "Contracts")."""
+
+    name: str
+    family: str
+    kind: str
+    shape: list[int]
+    matrix_shape: list[int]
+    rank_bound: int
+    params: int
+    scale: float | None
+    exact: bool
+    valid: bool
+    error: str | None
+    singular_values: list[float]
+    metrics: dict | None
+    bias_update: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def module_type(self) -> str:
+        return module_type(self.name)
+
+    @property
+    def layer_index(self) -> int | None:
+        return layer_index(self.name)
+
+    def metric(self, key: str, parameter: float | None = None) -> float | None:
+        """One metric's value (``record.metric("count_above", 0.005)``); None for an invalid layer."""
+        if self.metrics is None:
+            return None
+        value = self.metrics[key]
+        return value[M.parameter_key(parameter)] if parameter is not None else value
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "kind": self.kind,
+            "module_type": self.module_type,
+            "layer_index": self.layer_index,
+            "shape": self.shape,
+            "matrix_shape": self.matrix_shape,
+            "rank_bound": self.rank_bound,
+            "params": self.params,
+            "scale": self.scale,
+            "exact": self.exact,
+            "valid": self.valid,
+            "error": self.error,
+            "singular_values": self.singular_values,
+            "metrics": self.metrics,
+            "bias_update": self.bias_update,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Analysis:
+    """Per-layer records of one checkpoint, in model order; iterable."""
+
+    checkpoint: Checkpoint
+    options: AnalysisOptions
+    layers: list[LayerRecord]
+
+    def __iter__(self) -> Iterator[LayerRecord]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def invalid(self) -> list[LayerRecord]:
+        return [record for record in self.layers if not record.valid]
+
+    def summary(self) -> dict:
+        return summarize(self.layers)
+
+    def to_dict(self) -> dict:
+        from .report.json import spectrum_document
+
+        return spectrum_document(self)
+
+
+def _invalid_record(layer: Layer, error: str) -> LayerRecord:
+    return LayerRecord(
+        name=layer.name,
+        family=layer.family,
+        kind=layer.kind,
+        shape=list(layer.shape),
+        matrix_shape=list(layer.update.shape) if layer.update is not None else [],
+        rank_bound=layer.update.rank_bound if layer.update is not None else 0,
+        params=layer.params,
+        scale=layer.scale,
+        exact=False,
+        valid=False,
+        error=error,
+        singular_values=[],
+        metrics=None,
+        notes=list(layer.notes),
+    )
+
+
+def _record(layer: Layer, sigma: torch.Tensor, exact: bool, options: AnalysisOptions) -> LayerRecord:
+    update = layer.update
+    assert update is not None
+    if not bool(torch.isfinite(sigma).all()):
+        return _invalid_record(layer, "the singular values are not finite (the factors overflow in float64)")
+    bias = None
+    if layer.bias_update is not None:
+        # lora_B.bias is applied with the layer's scale, like B·A
+        bias_scale = 1.0 if options.unscaled or layer.scale is None else layer.scale
+        bias = {"size": int(layer.bias_update.numel()), "norm": float(layer.bias_update.norm()) * bias_scale}
+    return LayerRecord(
+        name=layer.name,
+        family=layer.family,
+        kind=layer.kind,
+        shape=list(layer.shape),
+        matrix_shape=list(update.shape),
+        rank_bound=update.rank_bound,
+        params=layer.params,
+        scale=layer.scale,
+        exact=exact,
+        valid=True,
+        error=None,
+        singular_values=[float(v) for v in sigma],
+        metrics=M.spectrum_metrics(
+            sigma,
+            update.shape,
+            update.rank_bound,
+            thresholds=options.thresholds,
+            energies=options.energies,
+            rel_thresholds=options.rel_thresholds,
+        ),
+        bias_update=bias,
+        notes=list(layer.notes),
+    )
+
+
+def analyze(
+    checkpoint: Checkpoint,
+    options: AnalysisOptions | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **overrides,
+) -> Analysis:
+    """Spectra and metrics of every layer of ``checkpoint``.
+
+    ``options`` (or keyword overrides of its fields: ``analyze(ckpt, thresholds=(0.01,), unscaled=True)``)
+    say how; ``progress(done, total)`` is called as layers finish.
+    """
+    options = options or AnalysisOptions()
+    if overrides:
+        options = replace(options, **overrides)
+    selected = checkpoint.select(options.layers)
+    if not selected.layers:
+        raise CheckpointError(f"no layer name matches --layers {options.layers!r}", path=checkpoint.path)
+    analysable = [layer for layer in selected.layers if layer.update is not None]
+    updates = [layer.update.unscaled() if options.unscaled else layer.update for layer in analysable]
+    done = [0]
+
+    def step(count: int) -> None:
+        done[0] += count
+        if progress:
+            progress(done[0], len(updates))
+
+    sigmas, exact = singular_values(
+        updates,
+        dense=options.dense,
+        dense_dtype=options.dense_dtype,
+        device=options.device,
+        memory_budget=options.memory_budget,
+        progress=step,
+    )
+    computed = {id(layer): (s, e) for layer, s, e in zip(analysable, sigmas, exact, strict=True)}
+    records = []
+    for layer in selected.layers:
+        if layer.update is None:
+            records.append(_invalid_record(layer, layer.error or "cannot be analysed"))
+        else:
+            sigma, is_exact = computed[id(layer)]
+            records.append(_record(layer, sigma, is_exact, options))
+    return Analysis(selected, options, records)
+
+
+# -- summary ------------------------------------------------------------------------------------------------
+_SCALAR_METRICS = (
+    "erank",
+    "erank_energy",
+    "stable_rank",
+    "participation_ratio",
+    "numerical_rank",
+    "utilization",
+    "sigma_max",
+    "frobenius",
+    "energy",
+)
+_PARAMETRISED_METRICS = ("count_above", "count_above_rel", "energy_rank")
+
+
+def flat_metrics(record: LayerRecord) -> dict[str, float]:
+    """A record's metrics as one flat mapping (``count_above[0.005]``, ``erank``, …)."""
+    if record.metrics is None:
+        return {}
+    flat = {}
+    for key in _PARAMETRISED_METRICS:
+        for parameter, value in record.metrics[key].items():
+            flat[f"{key}[{parameter}]"] = value
+    for key in _SCALAR_METRICS:
+        flat[key] = record.metrics[key]
+    return flat
+
+
+def _stats(records: list[LayerRecord]) -> dict:
+    valid = [flat_metrics(r) for r in records if r.valid]
+    out = {}
+    for key in valid[0] if valid else {}:
+        values = [v[key] for v in valid]
+        out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def summarize(records: list[LayerRecord]) -> dict:
+    """Counts, parameters and mean/min/max of each metric, overall and by module type (``q_proj`` …)."""
+    groups: dict[str, list[LayerRecord]] = {}
+    for record in records:
+        groups.setdefault(record.module_type, []).append(record)
+
+    def block(rs: list[LayerRecord]) -> dict:
+        return {
+            "layers": len(rs),
+            "valid_layers": sum(r.valid for r in rs),
+            "params": sum(r.params for r in rs),
+            "rank_bound": {"total": sum(r.rank_bound for r in rs if r.valid)},
+            "metrics": _stats(rs),
+        }
+
+    return {**block(records), "by_module": {name: block(rs) for name, rs in groups.items()}}

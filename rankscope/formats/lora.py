@@ -1,0 +1,207 @@
+"""PEFT LoRA (and rsLoRA): ``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight`` (out, r).
+
+ΔW = s·B·A with s = α/r, or α/√r under ``use_rslora``; r and α per layer through ``rank_pattern`` and
+``alpha_pattern``. Linear, GPT-2 Conv1D (``fan_in_fan_out``: the stored weight is (in, out)), Embedding
+(``lora_embedding_A`` (r, V), ``lora_embedding_B`` (d, r); the weight update is (B·A)ᵀ) and Conv1d/2d/3d
+(A (r, in, *k) flattened to (r, in·∏k); B (out, r, 1, …)). The analysed matrix is always (out, in…).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ..checkpoint import Checkpoint, Layer, Skipped
+from ..errors import UnsupportedAdapterError
+from ..naming import layer_name
+from ..update import FactoredUpdate
+from . import ReadOptions
+from .peft_common import config_from_metadata, nonfinite_problem, pattern_value, positive_number, truthy
+from .source import AdapterSource
+
+_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<attr>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?P<param>\.weight|\.bias)?$"
+)
+
+# LoRA configs whose flags change the layout or the update in ways this reader does not handle
+_REFUSED_FLAGS = {
+    "use_dora": "DoRA (use_dora) rescales W0 + s·BA row by row and needs the base weights; not supported yet",
+    "use_bdlora": "BD-LoRA (use_bdlora) stores one factor block-diagonally in compact form",
+    "use_qalora": "QA-LoRA (use_qalora) pools its inputs and has no static ΔW",
+    "kasa_config": "KaSA (kasa_config) rewrites the base weight and scales by a learned diagonal",
+    "target_parameters": "LoRA on parameters (target_parameters) stacks expert factors in one tensor",
+    "layer_replication": "layer_replication renumbers layers away from the base model's",
+    "trainable_token_indices": "trainable_token_indices replaces embedding rows rather than adding B·A",
+    "arrow_config": "Arrow (arrow_config) routes between adapters per token",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) is active only after its invocation tokens",
+    "lora_nums": "HydraLoRA (lora_nums) has several B heads and a router; not supported yet",
+}
+# inits that overwrite the base weight: the saved factors are relative to the changed base
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_FOREIGN_TENSORS = {
+    "lora_sigma": "BoRA (lora_sigma tensors) is not supported yet",
+    "lora_route": "HydraLoRA (lora_route tensors) is not supported yet",
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector tensors) needs the base weights; not supported yet",
+}
+
+
+def detect(source: AdapterSource) -> bool:
+    if source.peft_type is not None:
+        return source.peft_type == "LORA"
+    return any(_KEY.match(key) for key in source.tensors)
+
+
+@dataclass
+class _Module:
+    """The stored keys of one adapted module."""
+
+    stored: str
+    keys: dict[str, str] = field(default_factory=dict)  # "A", "B", "bias" → stored key
+    embedding: bool = False
+
+
+def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
+    modules: dict[str, _Module] = {}
+    unused: list[str] = []
+    for key in keys:
+        match = _KEY.match(key)
+        if match is None:
+            unused.append(key)
+            continue
+        attr, param = match["attr"], match["param"] or ""
+        role = {"lora_A": "A", "lora_embedding_A": "A", "lora_B": "B", "lora_embedding_B": "B"}.get(attr)
+        if role == "B" and param == ".bias":
+            role = "bias"
+        elif role is None or (param == ".bias"):
+            unused.append(key)
+            continue
+        module = modules.setdefault(match["module"], _Module(match["module"]))
+        module.keys[role] = key
+        module.embedding = module.embedding or attr.startswith("lora_embedding")
+    return modules, unused
+
+
+def _check_config(source: AdapterSource) -> list[str]:
+    """Refuse what this reader would misread; return warnings for what it reads with a caveat."""
+    config = source.config or {}
+    where = source.config_path or source.weights_path
+    for flag, reason in _REFUSED_FLAGS.items():
+        if truthy(config.get(flag)):
+            raise UnsupportedAdapterError(f"{reason} ({flag} is set)", path=where)
+    for key in source.tensors:
+        for marker, reason in _FOREIGN_TENSORS.items():
+            if f".{marker}" in key or key.startswith(marker):
+                raise UnsupportedAdapterError(reason, path=source.weights_path, key=key)
+    warnings = []
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        warnings.append(
+            f"init_lora_weights={init!r} rewrites the base weight: this is the adapter's own update, and ΔW "
+            "against the original base differs (PEFT's path_initial_model_for_weight_conversion gives a plain LoRA)"
+        )
+    return warnings
+
+
+def _scale_config(source: AdapterSource, options: ReadOptions) -> tuple[dict, bool, list[str]]:
+    """The config that gives α (and whether it is authoritative for r), with warnings."""
+    if source.config is not None:
+        config = dict(source.config)
+        if options.alpha is not None:
+            config["lora_alpha"], config["alpha_pattern"] = options.alpha, {}
+            return config, True, [f"--alpha {options.alpha:g} overrides lora_alpha and alpha_pattern of the config"]
+        return config, True, []
+    if options.alpha is not None:
+        return {"lora_alpha": options.alpha}, False, []
+    config, origin = config_from_metadata(source.tensors.metadata())
+    if config is not None:
+        return config, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
+    return (
+        {},
+        False,
+        [
+            "no adapter_config.json and no α in the file's metadata: α is unknown, scale 1 is assumed "
+            "(pass --alpha to set it)"
+        ],
+    )
+
+
+def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: bool) -> Layer:
+    tensors = source.tensors
+    name = layer_name(module.stored)
+    embedding = module.embedding
+    if "A" not in module.keys or "B" not in module.keys:
+        have, missing = ("A", "B") if "A" in module.keys else ("B", "A")
+        stored = module.keys.get(have) or module.keys["bias"]
+        partner = "lora_embedding_" + missing if embedding else f"lora_{missing}.weight"
+        return Layer(name, None, (), 0, error=f"{stored}: has no matching {partner}")
+    a_key, b_key = module.keys["A"], module.keys["B"]
+    a, b = tensors.get(a_key), tensors.get(b_key)
+    bias = tensors.get(module.keys["bias"]) if "bias" in module.keys else None
+    params = a.numel() + b.numel() + (bias.numel() if bias is not None else 0)
+
+    def invalid(message: str, kind: str = "linear") -> Layer:
+        return Layer(name, None, (), params, kind=kind, error=message)
+
+    for key, tensor in ((a_key, a), (b_key, b), (module.keys.get("bias"), bias)):
+        problem = nonfinite_problem(tensor, key) if tensor is not None else None
+        if problem:
+            return invalid(problem)
+    if a.ndim < 2 or b.ndim < 2:
+        bad_key, bad = (a_key, a) if a.ndim < 2 else (b_key, b)
+        return invalid(f"{bad_key}: expected a matrix, found shape {list(bad.shape)}")
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        return invalid(f"{b_key}: rank mismatch: {a_key} has r={rank} rows but {b_key} has {b.shape[1]} columns")
+    if a.ndim > 2 and any(d != 1 for d in b.shape[2:]):
+        return invalid(f"{b_key}: a conv LoRA's B must be 1×…×1 in its kernel dims, found shape {list(b.shape)}")
+
+    where = source.config_path or source.weights_path
+    config_r = pattern_value(config.get("rank_pattern"), name, config.get("r", rank), config_path=where)
+    if config_has_r and int(config_r) != rank:
+        return invalid(f"{a_key}: the config gives r={config_r} for this layer but the tensor has {rank} rows")
+    if "lora_alpha" in config:
+        alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"], config_path=where)
+        alpha = positive_number(config, "lora_alpha", config_path=where, value=alpha)
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank) if rank else 0.0
+    else:
+        scale = 1.0
+
+    left = b.reshape(b.shape[0], rank)
+    right = a.reshape(rank, -1)
+    if embedding:
+        kind, shape = "embedding", (right.shape[1], left.shape[0])
+    elif a.ndim > 2:
+        kind, shape = f"conv{a.ndim - 2}d", (b.shape[0], *a.shape[1:])
+    elif config.get("fan_in_fan_out"):
+        kind, shape = "conv1d_gpt2", (right.shape[1], left.shape[0])
+    else:
+        kind, shape = "linear", (left.shape[0], right.shape[1])
+    return Layer(name, FactoredUpdate(left, right, scale=scale), shape, params, kind=kind, bias_update=bias)
+
+
+def _skip_reason(key: str, config: dict) -> str:
+    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
+        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
+    for module in config.get("modules_to_save") or []:
+        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
+            return "a full copy of a module in modules_to_save, not a low-rank update"
+    return "not a tensor of a LoRA adapter"
+
+
+def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
+    warnings = _check_config(source)
+    config, config_has_r, scale_warnings = _scale_config(source, options)
+    modules, unused = _group(source.tensors.keys())
+    layers = [_layer(source, module, config, config_has_r) for module in modules.values()]
+    return Checkpoint(
+        path=source.path,
+        family="lora",
+        adapter_type="RSLORA" if config.get("use_rslora") else "LORA",
+        config=dict(source.config or {}),
+        layers=layers,
+        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        warnings=warnings + scale_warnings,
+        weights_file=source.weights_path,
+    )

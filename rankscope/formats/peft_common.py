@@ -1,0 +1,75 @@
+"""Pieces every PEFT-style reader shares: config patterns, key parsing, tensor checks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+
+def pattern_value(patterns: Mapping[str, object] | None, name: str, default: object, *, config_path: Path | None):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key k, in dict order, for which
+    ``re.match(rf"(.*\\.)?({k})$", name)`` matches gives the value; otherwise ``default``."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as exc:
+            raise CheckpointError(
+                f"pattern {key!r} is not a valid regular expression ({exc})", path=config_path
+            ) from exc
+    return default
+
+
+def nonfinite_problem(tensor: torch.Tensor, key: str) -> str | None:
+    """``None`` for a finite tensor, else a message counting its NaN and Inf values."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return None
+    nans = int(torch.isnan(tensor).sum())
+    infs = int(torch.isinf(tensor).sum())
+    return f"{key}: {nans} NaN and {infs} Inf values"
+
+
+def positive_number(config: Mapping, field: str, *, config_path: Path | None, value: object = None) -> float:
+    """A config value that must be a finite positive number (r, lora_alpha, …)."""
+    raw = config.get(field) if value is None else value
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
+        raise CheckpointError(f"{field} must be a positive number, found {raw!r}", path=config_path)
+    return float(raw)
+
+
+def truthy(value: object) -> bool:
+    """Whether a config field is set (PEFT writes unset fields as null, false, [] or {})."""
+    return value not in (None, False, 0, "", [], {})
+
+
+def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str | None]:
+    """A LoRA config recovered from a safetensors file's ``__metadata__`` where a tool wrote one.
+
+    diffusers writes the whole LoraConfig as JSON under ``lora_adapter_metadata``; kohya writes
+    ``ss_network_alpha`` and ``ss_network_dim``. Returns (config or None, where it came from).
+    """
+    if "lora_adapter_metadata" in metadata:
+        try:
+            config = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError:
+            config = None
+        if isinstance(config, dict) and "lora_alpha" in config:
+            return config, "the file's lora_adapter_metadata"
+    if "ss_network_alpha" in metadata:
+        try:
+            alpha = float(metadata["ss_network_alpha"])
+        except ValueError:
+            return None, None
+        config = {"lora_alpha": alpha}
+        with contextlib.suppress(KeyError, ValueError):
+            config["r"] = int(float(metadata["ss_network_dim"]))
+        return config, "the file's ss_network_alpha"
+    return None, None

@@ -1,0 +1,111 @@
+"""Finding an adapter's files: a PEFT directory, a multi-adapter directory, or a bare tensor file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+
+
+@dataclass
+class AdapterSource:
+    """The files of one adapter: its tensors, its config (None for a bare file without one) and siblings."""
+
+    path: Path
+    weights_path: Path
+    tensors: TensorFile
+    config_path: Path | None = None
+    config: dict | None = None
+    other_adapters: list[str] = field(default_factory=list)
+
+    @property
+    def peft_type(self) -> str | None:
+        value = (self.config or {}).get("peft_type")
+        return str(value).upper() if value is not None else None
+
+
+def _adapter_dirs(directory: Path) -> list[str]:
+    """Names of the sub-directories that hold an adapter (PEFT saves non-default adapters there)."""
+    try:
+        children = sorted(child for child in directory.iterdir() if child.is_dir())
+    except OSError:
+        return []
+    return [child.name for child in children if (child / CONFIG_NAME).is_file()]
+
+
+def _weights_in(directory: Path) -> Path | None:
+    for name in WEIGHT_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    candidates = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _describe(names: list[str]) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def locate(path: str | Path, adapter: str | None = None) -> AdapterSource:
+    """Resolve ``path`` (and ``--adapter NAME``) to one adapter's files.
+
+    A directory ``d/`` that PEFT saved several adapters into holds ``default`` in ``d/`` and the others in
+    ``d/<name>/``: ``d/`` means the default one, ``adapter`` picks another by name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such file or directory", path=path)
+    if path.is_dir():
+        siblings = _adapter_dirs(path)
+        if adapter is not None and adapter != "default":
+            if adapter not in siblings:
+                raise CheckpointError(
+                    f"no adapter named {adapter!r} here (adapters: {_describe(_root_and(path, siblings))})",
+                    path=path,
+                )
+            chosen = locate(path / adapter)
+            chosen.other_adapters = [n for n in _root_and(path, siblings) if n != adapter]
+            return chosen
+        weights = _weights_in(path)
+        if weights is None:
+            if siblings:
+                raise CheckpointError(
+                    f"no adapter at the top of this directory; it holds adapters {_describe(siblings)}: "
+                    "pick one with --adapter NAME or give its folder",
+                    path=path,
+                )
+            raise CheckpointError(
+                f"no adapter here: expected {CONFIG_NAME} with one of {', '.join(WEIGHT_NAMES)}, or a single "
+                f"tensor file ({', '.join(TENSOR_SUFFIXES)})",
+                path=path,
+            )
+        config_path = path / CONFIG_NAME if (path / CONFIG_NAME).is_file() else None
+        return _open(path, weights, config_path, siblings)
+    if path.suffix not in TENSOR_SUFFIXES:
+        raise CheckpointError(
+            f"not a tensor file: expected one of {', '.join(TENSOR_SUFFIXES)}, or an adapter directory", path=path
+        )
+    if adapter is not None:
+        raise CheckpointError("--adapter needs a directory, not a single file", path=path)
+    config_path = path.parent / CONFIG_NAME
+    return _open(path, path, config_path if config_path.is_file() else None, [])
+
+
+def _root_and(path: Path, siblings: list[str]) -> list[str]:
+    return (["default"] if _weights_in(path) is not None else []) + siblings
+
+
+def _open(path: Path, weights: Path, config_path: Path | None, others: list[str]) -> AdapterSource:
+    config = read_json(config_path) if config_path is not None else None
+    return AdapterSource(
+        path=path,
+        weights_path=weights,
+        tensors=TensorFile(weights),
+        config_path=config_path,
+        config=config,
+        other_adapters=others,
+    )

@@ -1,0 +1,1 @@
+"""Renderers: each turns analysis records into one string; they compute nothing new."""

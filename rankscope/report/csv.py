@@ -1,0 +1,43 @@
+"""One CSV row per layer: identity columns, then every metric flattened (``count_above[0.005]``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import TYPE_CHECKING
+
+from ..analysis import flat_metrics
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis
+
+_IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shape", "rank_bound", "params", "scale")
+_STATUS = ("exact", "valid", "error")
+
+
+def layers_csv(analysis: Analysis) -> str:
+    metric_columns: list[str] = []
+    for record in analysis.layers:
+        for key in flat_metrics(record):
+            if key not in metric_columns:
+                metric_columns.append(key)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*_IDENTITY, *_STATUS, *metric_columns])
+    for record in analysis.layers:
+        row = record.to_dict()
+        row["shape"] = "x".join(map(str, record.shape))
+        row["matrix_shape"] = "x".join(map(str, record.matrix_shape))
+        values = flat_metrics(record)
+        writer.writerow(
+            [_cell(row[c]) for c in (*_IDENTITY, *_STATUS)] + [_cell(values.get(c)) for c in metric_columns]
+        )
+    return buffer.getvalue()
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value

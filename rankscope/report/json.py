@@ -1,0 +1,62 @@
+"""The JSON contract (DESIGN.md, "Contracts"): ``rankscope.spectrum/1``."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+from .. import __version__
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis
+
+SCHEMA = "rankscope.spectrum/1"
+
+
+def _finite(value: object) -> object:
+    """Replace non-finite floats (which JSON cannot hold) by their string, recursively (configs may hold NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def spectrum_document(analysis: Analysis) -> dict:
+    """The whole analysis of one checkpoint as the contract's JSON object."""
+    ckpt, options = analysis.checkpoint, analysis.options
+    return {
+        "schema": SCHEMA,
+        "rankscope": __version__,
+        "checkpoint": {
+            "path": str(ckpt.path),
+            "weights_file": str(ckpt.weights_file) if ckpt.weights_file else None,
+            "family": ckpt.family,
+            "adapter_type": ckpt.adapter_type,
+            "config": _finite(ckpt.config),
+            "params": ckpt.params,
+            "other_adapters": ckpt.other_adapters,
+        },
+        "scaled": not options.unscaled,
+        "scaling": "B·A without α/r (--unscaled)" if options.unscaled else "ΔW as the model applies it (α/r included)",
+        "options": {
+            "thresholds": list(options.thresholds),
+            "energies": list(options.energies),
+            "rel_thresholds": list(options.rel_thresholds),
+            "dense": options.dense,
+            "dense_dtype": options.dense_dtype if options.dense else None,
+            "layers": options.layers,
+        },
+        "warnings": list(ckpt.warnings),
+        "skipped": [{"key": s.key, "reason": s.reason} for s in ckpt.skipped],
+        "layers": [record.to_dict() for record in analysis.layers],
+        "summary": analysis.summary(),
+    }
+
+
+def dumps(document: dict) -> str:
+    """Serialise with ``allow_nan=False``: a NaN anywhere is a bug, not output."""
+    return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"

@@ -1,0 +1,94 @@
+"""Plain-text renderings for the terminal: the per-layer table and the checkpoint summary."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..metrics import parameter_key
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, LayerRecord
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]], left_aligned: int = 1) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if i < left_aligned else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("─" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def _threshold(analysis: Analysis) -> float:
+    return analysis.options.thresholds[0]
+
+
+def _row(record: LayerRecord, tau: float) -> list[str]:
+    shape = "×".join(map(str, record.matrix_shape)) if record.matrix_shape else "?"
+    if not record.valid:
+        return [record.name, shape, str(record.rank_bound or "—"), "invalid", "", "", "", "", ""]
+    m = record.metrics or {}
+    return [
+        record.name,
+        shape,
+        str(record.rank_bound),
+        _number(m["sigma_max"], ".4g"),
+        _number(m["frobenius"], ".4g"),
+        str(m["count_above"][parameter_key(tau)]),
+        _number(m["erank"], ".2f"),
+        _number(m["stable_rank"], ".2f"),
+        _number(m["utilization"], ".0%"),
+    ]
+
+
+def spectrum_table(analysis: Analysis) -> str:
+    """One row per layer: name, shape, rank bound, σ₁, ‖ΔW‖_F, count above τ, erank, stable rank, utilization."""
+    tau = _threshold(analysis)
+    header = ["layer", "m×n", "r≤", "σ₁", "‖ΔW‖_F", f"#σ>{tau:g}", "erank", "stable", "util"]
+    return _table(header, [_row(r, tau) for r in analysis.layers])
+
+
+def spectrum_summary(analysis: Analysis) -> str:
+    """The checkpoint in a few lines, then mean/min/max of the main metrics by module type."""
+    ckpt, options = analysis.checkpoint, analysis.options
+    summary = analysis.summary()
+    tau_key = f"count_above[{parameter_key(_threshold(analysis))}]"
+    exact = all(r.exact for r in analysis.layers if r.valid)
+    lines = [
+        f"{ckpt.path}  ·  {ckpt.adapter_type} ({ckpt.family})  ·  {summary['valid_layers']}/{summary['layers']} "
+        f"layers  ·  {ckpt.params:,} adapter parameters",
+        (
+            "singular values of B·A WITHOUT α/r (--unscaled)"
+            if options.unscaled
+            else "singular values of the scaled update ΔW (α/r applied)"
+        )
+        + ("; exact" if exact else "; approximate (dense float32)"),
+    ]
+    header = ["module", "layers", "params", f"#σ>{_threshold(analysis):g} mean", "erank mean [min–max]", "util mean"]
+    rows = []
+    groups = [*list(summary["by_module"].items()), ("all", summary)]
+    for name, block in groups:
+        stats = block["metrics"]
+        if not stats:
+            rows.append([name, str(block["layers"]), f"{block['params']:,}", "—", "—", "—"])
+            continue
+        erank = stats["erank"]
+        rows.append(
+            [
+                name,
+                str(block["layers"]),
+                f"{block['params']:,}",
+                f"{stats[tau_key]['mean']:.1f}",
+                f"{erank['mean']:.2f} [{erank['min']:.2f}–{erank['max']:.2f}]",
+                f"{stats['utilization']['mean']:.0%}",
+            ]
+        )
+    return "\n".join(lines) + "\n\n" + _table(header, rows)

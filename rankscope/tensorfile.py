@@ -1,0 +1,136 @@
+"""Reading tensors from checkpoint files, lazily where the format allows.
+
+safetensors files are opened with ``safe_open`` and read one tensor at a time; ``.bin``/``.pt``/``.pth``/
+``.ckpt`` files are untrusted pickles and go only through ``torch.load(..., weights_only=True)``.
+Every failure becomes a one-line :class:`CheckpointError` naming the file (and tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, one_line
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TENSOR_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+
+class TensorFile:
+    """A read-only mapping of tensor names to tensors in one file, plus its string metadata."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._metadata: dict[str, str] = {}
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._handle = None
+        self.ignored: dict[str, str] = {}
+        if self.path.suffix in SAFETENSORS_SUFFIXES:
+            self._open_safetensors()
+        else:
+            self._load_pickle()
+
+    # -- opening --------------------------------------------------------------------------------------
+    def _open_safetensors(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            self._metadata = dict(self._handle.metadata() or {})
+            self._keys = list(self._handle.keys())
+        except FileNotFoundError as exc:
+            raise CheckpointError("file not found", path=self.path) from exc
+        except Exception as exc:  # safetensors raises SafetensorError, OSError, … for damaged files
+            raise CheckpointError(f"not a valid safetensors file ({one_line(exc, 200)})", path=self.path) from exc
+
+    def _load_pickle(self) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except FileNotFoundError as exc:
+            raise CheckpointError("file not found", path=self.path) from exc
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()
+            reason = next((line for line in first if "Unsupported" in line or "global" in line), "")
+            raise CheckpointError(
+                "refused to unpickle: the file holds objects other than tensors, and rankscope loads pickles "
+                f"only with weights_only=True {('(' + one_line(reason, 160) + ')') if reason else ''}".strip(),
+                path=self.path,
+            ) from exc
+        except Exception as exc:  # RuntimeError, EOFError, KeyError, UnicodeDecodeError, … on damaged files
+            raise CheckpointError(
+                f"cannot read this file as a torch checkpoint ({type(exc).__name__}: {one_line(exc, 160)})",
+                path=self.path,
+            ) from exc
+        self._tensors = self._tensor_mapping(obj)
+        self._keys = list(self._tensors)
+
+    def _tensor_mapping(self, obj: object) -> dict[str, torch.Tensor]:
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]  # Lightning and many training loops nest the weights here
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(
+                f"expected a mapping of tensor names to tensors, found {type(obj).__name__}", path=self.path
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for key, value in obj.items():
+            if isinstance(value, torch.Tensor) and isinstance(key, str):
+                tensors[key] = value
+            else:
+                self.ignored[str(key)] = f"not a tensor ({type(value).__name__})"
+        if not tensors:
+            raise CheckpointError("the file holds no tensors", path=self.path)
+        return tensors
+
+    # -- access ---------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._tensors is not None:
+            return tuple(self._tensors[key].shape)
+        try:
+            return tuple(self._handle.get_slice(key).get_shape())
+        except Exception as exc:
+            raise CheckpointError(f"cannot read its shape ({one_line(exc, 160)})", path=self.path, key=key) from exc
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read it ({one_line(exc, 160)})", path=self.path, key=key) from exc
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON object from ``path``; a one-line error names the file and the position."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError("not UTF-8 text", path=path) from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read ({exc.strerror or exc})", path=path) from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path=path) from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"expected a JSON object, found {type(value).__name__}", path=path)
+    return value

@@ -1,0 +1,107 @@
+"""The update types every reader produces and every analysis consumes.
+
+Almost every adapter's ΔW is a low-rank product ``ΔW = L · diag(scale) · C · R`` (DESIGN.md); updates that
+are not (DoRA, IA3, …) are dense recipes that materialise themselves on request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+Scale = float | torch.Tensor
+Device = str | torch.device
+
+
+def upcast(
+    tensor: torch.Tensor, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The one place factors leave their stored dtype (bf16/fp16 have no SVD) for linear algebra."""
+    return tensor.to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class FactoredUpdate:
+    """ΔW = left · diag(scale) · core · right.
+
+    ``left`` is m×K, ``right`` K×n, ``core`` K×K or None for the identity, ``scale`` a number or a
+    K-vector (one scale per inner dimension: MELoRA's per-block α_i/r_i, a composition's w_i·s_i).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    core: torch.Tensor | None = None
+    scale: Scale = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.left.shape[0]), int(self.right.shape[1]))
+
+    @property
+    def inner_dim(self) -> int:
+        return int(self.left.shape[1])
+
+    @property
+    def rank_bound(self) -> int:
+        m, n = self.shape
+        return min(self.inner_dim, m, n)
+
+    @property
+    def scalar_scale(self) -> float | None:
+        """The single scale of this update, or None where the scale differs across the inner dimension."""
+        if isinstance(self.scale, torch.Tensor):
+            flat = self.scale.reshape(-1)
+            if flat.numel() and bool((flat == flat[0]).all()):
+                return float(flat[0])
+            return None
+        return float(self.scale)
+
+    def unscaled(self) -> FactoredUpdate:
+        """The same product without its scale (``--unscaled``: B·A without α/r)."""
+        return replace(self, scale=1.0)
+
+    def scaled_left(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """left · diag(scale), upcast."""
+        left = upcast(self.left, dtype, device)
+        if isinstance(self.scale, torch.Tensor):
+            return left * upcast(self.scale.reshape(1, -1), dtype, device)
+        return left * self.scale
+
+    def materialize(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The m×n matrix itself."""
+        left = self.scaled_left(dtype, device)
+        if self.core is not None:
+            left = left @ upcast(self.core, dtype, device)
+        return left @ upcast(self.right, dtype, device)
+
+
+@dataclass(frozen=True)
+class DenseUpdate:
+    """An update that is not a low-rank product: ``build(dtype, device)`` returns the m×n matrix."""
+
+    shape: tuple[int, int]
+    build: Callable[[torch.dtype, torch.device | str], torch.Tensor]
+    rank_bound_value: int | None = None
+    scale: float | None = None
+    build_unscaled: Callable[[torch.dtype, torch.device | str], torch.Tensor] | None = None
+
+    @property
+    def rank_bound(self) -> int:
+        return self.rank_bound_value if self.rank_bound_value is not None else min(self.shape)
+
+    @property
+    def scalar_scale(self) -> float | None:
+        return self.scale
+
+    def unscaled(self) -> DenseUpdate:
+        if self.build_unscaled is None:
+            return self
+        return replace(self, build=self.build_unscaled, scale=1.0, build_unscaled=None)
+
+    def materialize(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.build(dtype, device)
+
+
+Update = FactoredUpdate | DenseUpdate
