@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,7 +62,6 @@ class LayerRecord:
     singular_values: list[float]
     metrics: dict | None
     bias_update: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def module_type(self) -> str:
@@ -97,7 +96,6 @@ class LayerRecord:
             "singular_values": self.singular_values,
             "metrics": self.metrics,
             "bias_update": self.bias_update,
-            "notes": self.notes,
         }
 
 
@@ -143,7 +141,6 @@ def _invalid_record(layer: Layer, error: str) -> LayerRecord:
         error=error,
         singular_values=[],
         metrics=None,
-        notes=list(layer.notes),
     )
 
 
@@ -179,7 +176,6 @@ def _record(layer: Layer, sigma: torch.Tensor, exact: bool, options: AnalysisOpt
             rel_thresholds=options.rel_thresholds,
         ),
         bias_update=bias,
-        notes=list(layer.notes),
     )
 
 

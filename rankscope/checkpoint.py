@@ -24,7 +24,6 @@ class Layer:
     family: str = "lora"
     error: str | None = None
     bias_update: torch.Tensor | None = None  # unscaled (lora_B.bias), applied with ``scale`` like B·A
-    notes: tuple[str, ...] = ()
 
     @property
     def scale(self) -> float | None:

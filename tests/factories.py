@@ -1,0 +1,64 @@
+"""Small checkpoints written directly in PEFT's layout (keys, config), for tests that need no PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PREFIX = "base_model.model."
+
+
+def lora_config(**overrides) -> dict:
+    config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "fan_in_fan_out": False,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+    }
+    config.update(overrides)
+    return config
+
+
+def random_factors(out_features: int, in_features: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(rank, in_features, generator=generator)
+    b = torch.randn(out_features, rank, generator=generator)
+    return a, b
+
+
+def write_lora(
+    directory: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    config: dict | None = None,
+    *,
+    extra: dict[str, torch.Tensor] | None = None,
+    prefix: str = PREFIX,
+) -> Path:
+    """Write ``{module: (A, B)}`` as a PEFT adapter directory; ``config=None`` writes no config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"{prefix}{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"{prefix}{module}.lora_B.weight"] = b.contiguous()
+    tensors.update(extra or {})
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    if config is not None:
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def llama_like(directory: Path, layers: int = 3, hidden: int = 32, rank: int = 4, seed: int = 0) -> Path:
+    """A Llama-shaped adapter: q_proj and v_proj in ``layers`` decoder layers."""
+    factors = {}
+    for i in range(layers):
+        for j, module in enumerate(("q_proj", "v_proj")):
+            factors[f"model.layers.{i}.self_attn.{module}"] = random_factors(hidden, hidden, rank, seed + 10 * i + j)
+    return write_lora(directory, factors, lora_config(r=rank))

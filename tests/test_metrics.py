@@ -1,0 +1,109 @@
+"""Metrics on spectra with known answers, numpy's rank rule, and DESIGN.md's inequality chain."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankscope import metrics as M
+
+
+def test_flat_spectrum_has_every_rank_equal_to_its_length():
+    sigma = torch.ones(4)
+    assert M.erank(sigma) == pytest.approx(4)
+    assert M.erank_energy(sigma) == pytest.approx(4)
+    assert M.stable_rank(sigma) == pytest.approx(4)
+    assert M.participation_ratio(sigma) == pytest.approx(4)
+    assert M.energy_rank(sigma, 0.9) == 4
+    assert M.energy_rank(sigma, 0.75) == 3
+    assert M.count_above(sigma, 0.5) == 4
+    assert M.utilization(M.erank(sigma), 8) == pytest.approx(0.5)
+
+
+def test_single_direction_has_rank_one():
+    sigma = torch.tensor([2.0, 0.0, 0.0])
+    for f in (M.erank, M.erank_energy, M.stable_rank, M.participation_ratio):
+        assert f(sigma) == pytest.approx(1)
+    assert M.energy_rank(sigma, 0.99) == 1
+    assert M.count_above(sigma, 0.005) == 1
+    assert M.energy(sigma) == pytest.approx(4)
+    assert M.frobenius(sigma) == pytest.approx(2)
+    assert M.sigma_max(sigma) == 2
+
+
+def test_zero_update_gives_zeros_never_nan():
+    sigma = torch.zeros(8)
+    values = M.spectrum_metrics(sigma, (16, 16), 8)
+    flat = [values[k] for k in values if not isinstance(values[k], dict)]
+    flat += [v for k in values if isinstance(values[k], dict) for v in values[k].values()]
+    assert all(v == 0 for v in flat), values
+    assert M.spectrum_metrics(torch.zeros(0), (4, 4), 0)["utilization"] == 0
+
+
+def test_known_values():
+    sigma = torch.tensor([1.0, 0.5])
+    p = [2 / 3, 1 / 3]
+    assert M.erank(sigma) == pytest.approx(math.exp(-sum(x * math.log(x) for x in p)))
+    e = [0.8, 0.2]
+    assert M.erank_energy(sigma) == pytest.approx(math.exp(-sum(x * math.log(x) for x in e)))
+    assert M.stable_rank(sigma) == pytest.approx(1.25)
+    assert M.participation_ratio(sigma) == pytest.approx(1.25**2 / (1 + 0.0625))
+    assert M.frobenius(torch.tensor([3.0, 4.0])) == pytest.approx(5)
+
+
+def test_energy_rank_boundaries():
+    sigma = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).sqrt()  # energies 0.5, 0.3, 0.2
+    assert M.energy_rank(sigma, 0.5) == 1
+    assert M.energy_rank(sigma, 0.8) == 2
+    assert M.energy_rank(sigma, 0.81) == 3
+    assert M.energy_rank(sigma, 1.0) == 3
+    with pytest.raises(ValueError):
+        M.energy_rank(sigma, 1.5)
+
+
+def test_relative_and_absolute_counts():
+    sigma = torch.tensor([10.0, 0.1, 0.006, 0.004, 0.0001])
+    assert M.count_above(sigma, 0.005) == 3
+    assert M.count_above_rel(sigma, 0.001) == 2  # > 0.01
+    assert M.count_above_rel(sigma, 1e-6) == 5
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (4096, 64), (10, 3000)])
+def test_numerical_rank_is_numpys_rule_for_a_float32_matrix(shape):
+    m, n = shape
+    k = min(m, n)
+    sigma = np.zeros(k)
+    sigma[:6] = [1.0, 1e-2, 1e-4, 5e-5, 2e-5, 1e-9]
+    sigma = sigma[:k]
+    matrix = np.zeros((m, n), dtype=np.float32)
+    matrix[np.arange(k), np.arange(k)] = sigma
+    assert M.numerical_rank(torch.tensor(sigma), shape) == np.linalg.matrix_rank(matrix)
+
+
+def test_order_of_the_input_does_not_matter():
+    sigma = torch.tensor([0.1, 3.0, 1.0])
+    assert M.sigma_max(sigma) == 3.0
+    assert M.energy_rank(sigma, 0.9) == M.energy_rank(torch.tensor([3.0, 1.0, 0.1]), 0.9)
+
+
+def test_parametrised_keys_are_python_str_of_float():
+    values = M.spectrum_metrics(torch.ones(3), (8, 8), 3, thresholds=(0.005, 1), energies=(0.9,), rel_thresholds=(1e-3,))
+    assert list(values["count_above"]) == ["0.005", "1.0"]
+    assert list(values["energy_rank"]) == ["0.9"]
+    assert list(values["count_above_rel"]) == ["0.001"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(1e-12, 1e6), min_size=1, max_size=64))
+def test_inequality_chain(values):
+    sigma = torch.tensor(values, dtype=torch.float64)
+    nonzero = int((sigma > 0).sum())
+    chain = [M.stable_rank(sigma), M.participation_ratio(sigma), M.erank_energy(sigma), M.erank(sigma), nonzero]
+    for smaller, larger in zip(chain, chain[1:], strict=False):
+        assert smaller <= larger * (1 + 1e-9), chain
+    assert 1 - 1e-9 <= chain[0]
