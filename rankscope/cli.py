@@ -89,7 +89,23 @@ def main() -> None:
 @click.option("--layers", metavar="REGEX", help="Analyse only layers whose name matches REGEX (re.search).")
 @click.option("--adapter", metavar="NAME", help="Pick one adapter of a multi-adapter directory by name.")
 @click.option("--alpha", type=float, help="LoRA α where the checkpoint does not say (overrides the config's).")
-@click.option("--format", "format_name", metavar="NAME", help="Force a checkpoint format instead of detecting it.")
+@click.option(
+    "--format",
+    "format_name",
+    metavar="NAME",
+    help="Force a checkpoint format instead of detecting it (see 'rankscope formats').",
+)
+@click.option(
+    "--base",
+    metavar="PATH",
+    help="Base model (Hugging Face model directory or safetensors file) for updates that need it (DoRA, IA3).",
+)
+@click.option("--directional-only", is_flag=True, help="DoRA without its base: analyse s·B·A alone (labelled so).")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle a .bin/.pt/.ckpt in full when weights_only refuses it. Runs code from the file: only for your own files.",
+)
 @click.option("--unscaled", is_flag=True, help="Analyse B·A without α/r (labelled so in every output).")
 @click.option("--dense", is_flag=True, help="Materialise ΔW and take a dense SVD instead of the exact factored path.")
 @click.option(
@@ -104,7 +120,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No table, summary or progress bar; errors and warnings only.")
 @handle_errors
 def spectrum(path: str, json_out, csv_out, thresholds, energies, rel_thresholds, layers, adapter, alpha, format_name,
-             unscaled, dense, dense_dtype, device, strict, quiet) -> None:  # fmt: skip
+             base, directional_only, trust_pickle, unscaled, dense, dense_dtype, device, strict, quiet) -> None:  # fmt: skip
     """Per-layer singular-value spectra and effective ranks of the adapter at PATH.
 
     PATH is a PEFT adapter directory, a directory of several adapters, or a .safetensors/.bin file.
@@ -124,7 +140,17 @@ def spectrum(path: str, json_out, csv_out, thresholds, energies, rel_thresholds,
         device=device,
         layers=layers,
     )
-    checkpoint = load(path, adapter=adapter, alpha=alpha, format=format_name)
+    if trust_pickle:
+        _warn("--trust-pickle: pickled files are loaded in full, which runs any code they hold")
+    checkpoint = load(
+        path,
+        adapter=adapter,
+        alpha=alpha,
+        format=format_name,
+        base=base,
+        directional_only=directional_only,
+        trust_pickle=trust_pickle,
+    )
     for message in checkpoint.warnings:
         _warn(f"{checkpoint.path}: {message}")
     bar = ProgressBar("analysing", enabled=not quiet)
@@ -156,6 +182,15 @@ def spectrum(path: str, json_out, csv_out, thresholds, energies, rel_thresholds,
     if strict and invalid:
         _error(f"{len(invalid)} invalid layer(s) (--strict)")
         sys.exit(EXIT_INPUT)
+
+
+@main.command("formats")
+def list_formats() -> None:
+    """The checkpoint formats rankscope reads, in the order it tries them."""
+    from .formats import formats
+
+    for fmt in formats():
+        click.echo(f"{fmt.name:<12} {fmt.description}")
 
 
 def _write_outputs(analysis, json_out: str | None, csv_out: str | None) -> None:

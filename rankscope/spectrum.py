@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import RankscopeError
-from .update import FactoredUpdate, Update, upcast
+from .update import FactoredUpdate, KroneckerUpdate, Update, upcast
 
 DENSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of float64 work per batch
@@ -114,6 +114,17 @@ def dense_singular_values(
     return results  # type: ignore[return-value]
 
 
+def _kronecker_singular_values(updates: Sequence[KroneckerUpdate], **kwargs) -> tuple[list[torch.Tensor], list[bool]]:
+    """σ(scale·(F ⊗ G)) = scale·{σ_i(F)·σ_j(G)}: the factors' spectra, multiplied out and sorted."""
+    parts = [part for u in updates for part in (u.first, u.second)]
+    values, exact = singular_values(parts, **kwargs)
+    results = []
+    for i, update in enumerate(updates):
+        products = torch.outer(values[2 * i], values[2 * i + 1]).reshape(-1) * abs(update.scale)
+        results.append(torch.sort(products, descending=True).values[: update.rank_bound])
+    return results, [exact[2 * i] and exact[2 * i + 1] for i in range(len(updates))]
+
+
 def singular_values(
     updates: Sequence[Update],
     *,
@@ -125,26 +136,41 @@ def singular_values(
 ) -> tuple[list[torch.Tensor], list[bool]]:
     """Singular values of every update and, per update, whether they are exact.
 
-    Factored updates take the exact QR-core path (on the CPU: the cores are tiny) unless ``dense`` is set;
-    dense updates, and all updates under ``dense``, are materialised and decomposed on ``device``.
+    Factored updates take the exact QR-core path (on the CPU: the cores are tiny) and Kronecker updates the
+    product of their factors' spectra, unless ``dense`` is set; dense updates, and all updates under
+    ``dense``, are materialised and decomposed on ``device``.
     Exact means factored, or dense in float64; dense float32 is labelled approximate.
     """
     if dense_dtype not in DENSE_DTYPES:
         raise RankscopeError(f"dense dtype {dense_dtype!r} is not one of {', '.join(DENSE_DTYPES)}")
-    factored = [i for i, u in enumerate(updates) if isinstance(u, FactoredUpdate) and not dense]
-    factored_set = set(factored)
-    dense_ids = [i for i in range(len(updates)) if i not in factored_set]
     values: list[torch.Tensor | None] = [None] * len(updates)
     exact = [True] * len(updates)
-    computed = factored_singular_values([updates[i] for i in factored], progress=progress)
+    factored = [i for i, u in enumerate(updates) if isinstance(u, FactoredUpdate) and not dense]
+    kronecker = [i for i, u in enumerate(updates) if isinstance(u, KroneckerUpdate) and not dense]
+    computed = factored_singular_values([updates[i] for i in factored], memory_budget=memory_budget, progress=progress)
     for i, sigma in zip(factored, computed, strict=True):
         values[i] = sigma
+    if kronecker:
+        kron_values, kron_exact = _kronecker_singular_values(
+            [updates[i] for i in kronecker],
+            dense_dtype=dense_dtype,
+            device=device,
+            memory_budget=memory_budget,
+        )
+        for i, sigma, is_exact in zip(kronecker, kron_values, kron_exact, strict=True):
+            values[i], exact[i] = sigma, is_exact
+        if progress:
+            progress(len(kronecker))
+    handled = set(factored) | set(kronecker)
+    dense_ids = [i for i in range(len(updates)) if i not in handled]
     if dense_ids:
-        target = resolve_device(device)
         dtype = DENSE_DTYPES[dense_dtype]
-        dense_updates = [updates[i] for i in dense_ids]
         computed = dense_singular_values(
-            dense_updates, dtype=dtype, device=target, memory_budget=memory_budget, progress=progress
+            [updates[i] for i in dense_ids],
+            dtype=dtype,
+            device=resolve_device(device),
+            memory_budget=memory_budget,
+            progress=progress,
         )
         for i, sigma in zip(dense_ids, computed, strict=True):
             values[i] = sigma

@@ -25,8 +25,9 @@ TENSOR_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 class TensorFile:
     """A read-only mapping of tensor names to tensors in one file, plus its string metadata."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, trust_pickle: bool = False) -> None:
         self.path = Path(path)
+        self.trust_pickle = trust_pickle
         self._metadata: dict[str, str] = {}
         self._tensors: dict[str, torch.Tensor] | None = None
         self._handle = None
@@ -53,7 +54,7 @@ class TensorFile:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                obj = torch.load(str(self.path), map_location="cpu", weights_only=True)
+                obj = torch.load(str(self.path), map_location="cpu", weights_only=not self.trust_pickle)
         except FileNotFoundError as exc:
             raise CheckpointError("file not found", path=self.path) from exc
         except pickle.UnpicklingError as exc:
@@ -61,7 +62,8 @@ class TensorFile:
             reason = next((line for line in first if "Unsupported" in line or "global" in line), "")
             raise CheckpointError(
                 "refused to unpickle: the file holds objects other than tensors, and rankscope loads pickles "
-                f"only with weights_only=True {('(' + one_line(reason, 160) + ')') if reason else ''}".strip(),
+                f"only with weights_only=True {('(' + one_line(reason, 160) + ')') if reason else ''}; if this is "
+                "your own file, --trust-pickle loads it in full (unpickling runs code)",
                 path=self.path,
             ) from exc
         except Exception as exc:  # RuntimeError, EOFError, KeyError, UnicodeDecodeError, … on damaged files

@@ -62,14 +62,14 @@ class FactoredUpdate:
         """The same product without its scale (``--unscaled``: B·A without α/r)."""
         return replace(self, scale=1.0)
 
-    def scaled_left(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+    def scaled_left(self, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
         """left · diag(scale), upcast."""
         left = upcast(self.left, dtype, device)
         if isinstance(self.scale, torch.Tensor):
             return left * upcast(self.scale.reshape(1, -1), dtype, device)
         return left * self.scale
 
-    def materialize(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+    def materialize(self, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
         """The m×n matrix itself."""
         left = self.scaled_left(dtype, device)
         if self.core is not None:
@@ -100,8 +100,39 @@ class DenseUpdate:
             return self
         return replace(self, build=self.build_unscaled, scale=1.0, build_unscaled=None)
 
-    def materialize(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+    def materialize(self, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
         return self.build(dtype, device)
 
 
-Update = FactoredUpdate | DenseUpdate
+@dataclass(frozen=True)
+class KroneckerUpdate:
+    """ΔW = scale · (first ⊗ second) with first (a×c) and second (b×d) themselves updates: ΔW is (a·b)×(c·d).
+
+    The singular values of a Kronecker product are the products σ_i(first)·σ_j(second), exactly (LoKr).
+    """
+
+    first: FactoredUpdate | DenseUpdate
+    second: FactoredUpdate | DenseUpdate
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        (a, c), (b, d) = self.first.shape, self.second.shape
+        return (a * b, c * d)
+
+    @property
+    def rank_bound(self) -> int:
+        return self.first.rank_bound * self.second.rank_bound
+
+    @property
+    def scalar_scale(self) -> float | None:
+        return float(self.scale)
+
+    def unscaled(self) -> KroneckerUpdate:
+        return replace(self, scale=1.0)
+
+    def materialize(self, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
+        return self.scale * torch.kron(self.first.materialize(dtype, device), self.second.materialize(dtype, device))
+
+
+Update = FactoredUpdate | DenseUpdate | KroneckerUpdate

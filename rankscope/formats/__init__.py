@@ -1,16 +1,22 @@
 """The formats registry: one reader per adapter family, each registered through :func:`register_format`.
 
-Adding a family means adding one module here with a detector and a reader, and one ``register_format``
-call at the bottom of this file. (Model: PEFT's ``tuners/<method>/`` folders behind ``register_peft_method``.)
+Adding a family means adding one module to this package with a ``detect`` and a ``read`` function and a
+``register_format(Format(...))`` call at its bottom: every module here is imported when the package is.
+(Model: PEFT's ``tuners/<method>/`` folders behind ``register_peft_method``.) Detection tries families by
+``priority`` (lower first), so a specific family (BoRA: LoRA keys plus ``lora_sigma``) is asked before the
+generic one it resembles.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..base import BaseWeights
 from ..checkpoint import Checkpoint, Skipped
 from ..errors import CheckpointError, UnsupportedAdapterError
 from .source import AdapterSource, locate
@@ -18,9 +24,15 @@ from .source import AdapterSource, locate
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """What a reader may be told: ``alpha`` overrides the LoRA α (for files that do not say)."""
+    """What a reader may be told.
+
+    ``alpha`` overrides the LoRA α (for files that do not say); ``base`` gives the base model's weights for
+    updates that need them (DoRA, IA3); ``directional_only`` analyses DoRA's s·B·A alone, without its base.
+    """
 
     alpha: float | None = None
+    base: BaseWeights | None = None
+    directional_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,7 @@ class Format:
     description: str
     detect: Callable[[AdapterSource], bool]
     read: Callable[[AdapterSource, ReadOptions], Checkpoint]
+    priority: int = 50
 
 
 _REGISTRY: dict[str, Format] = {}
@@ -38,7 +51,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 def register_format(fmt: Format) -> None:
-    """Add a family to the registry; detection tries families in registration order."""
+    """Add a family to the registry (a checked call: names are unique lower-case identifiers)."""
     if not _NAME.match(fmt.name):
         raise ValueError(f"format name {fmt.name!r} must be lower-case letters, digits, '-' or '_'")
     if fmt.name in _REGISTRY:
@@ -47,16 +60,20 @@ def register_format(fmt: Format) -> None:
 
 
 def format_names() -> list[str]:
-    return list(_REGISTRY)
+    return sorted(_REGISTRY)
+
+
+def formats() -> list[Format]:
+    return [_REGISTRY[name] for name in format_names()]
 
 
 def supported_summary() -> str:
-    return ", ".join(_REGISTRY)
+    return ", ".join(format_names())
 
 
 def detect(source: AdapterSource) -> Format:
     """The first registered family whose detector accepts ``source``."""
-    for fmt in _REGISTRY.values():
+    for fmt in sorted(_REGISTRY.values(), key=lambda f: (f.priority, f.name)):
         if fmt.detect(source):
             return fmt
     where = source.config_path or source.weights_path
@@ -77,20 +94,29 @@ def load(
     adapter: str | None = None,
     alpha: float | None = None,
     format: str | None = None,
+    base: str | Path | None = None,
+    directional_only: bool = False,
+    trust_pickle: bool = False,
 ) -> Checkpoint:
     """Read the adapter at ``path`` into a :class:`Checkpoint` of per-layer updates.
 
     ``path`` is a PEFT adapter directory, a directory of several adapters (``adapter`` picks one by name),
-    or a bare ``.safetensors``/``.bin`` file. ``format`` forces a family instead of detecting it.
+    or a bare ``.safetensors``/``.bin`` file. ``format`` forces a family instead of detecting it. ``base`` is
+    the base model (a Hugging Face model directory or a safetensors file) for updates that need it.
+    ``trust_pickle`` lets a ``.bin``/``.pt``/``.ckpt`` that ``weights_only`` refuses be unpickled in full:
+    only for the user's own files, since unpickling runs code.
     """
-    source = locate(path, adapter)
+    source = locate(path, adapter, trust_pickle=trust_pickle)
     if format is not None:
         if format not in _REGISTRY:
             raise CheckpointError(f"unknown format {format!r} (known: {supported_summary()})")
         fmt = _REGISTRY[format]
     else:
         fmt = detect(source)
-    checkpoint = fmt.read(source, ReadOptions(alpha=alpha))
+    options = ReadOptions(
+        alpha=alpha, base=BaseWeights(base) if base is not None else None, directional_only=directional_only
+    )
+    checkpoint = fmt.read(source, options)
     checkpoint.other_adapters = list(source.other_adapters)
     checkpoint.skipped.extend(Skipped(key, reason) for key, reason in source.tensors.ignored.items())
     if not checkpoint.layers:
@@ -98,8 +124,13 @@ def load(
     return checkpoint
 
 
-from . import lora  # noqa: E402  (the registrations need the definitions above)
+def _import_families() -> None:
+    """Import every module of this package; each family module registers itself at its bottom."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
 
-register_format(Format("lora", "PEFT LoRA / rsLoRA (Linear, Conv1D, Embedding, Conv)", lora.detect, lora.read))
 
-__all__ = ["Format", "ReadOptions", "detect", "format_names", "load", "register_format"]
+_import_families()
+
+__all__ = ["Format", "ReadOptions", "detect", "format_names", "formats", "load", "register_format"]

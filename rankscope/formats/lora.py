@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint, Layer, Skipped
 from ..errors import UnsupportedAdapterError
 from ..naming import layer_name
 from ..update import FactoredUpdate
-from . import ReadOptions
+from . import Format, ReadOptions, register_format
 from .peft_common import config_from_metadata, nonfinite_problem, pattern_value, positive_number, truthy
 from .source import AdapterSource
 
@@ -205,3 +205,6 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         warnings=warnings + scale_warnings,
         weights_file=source.weights_path,
     )
+
+
+register_format(Format("lora", "PEFT LoRA / rsLoRA (Linear, Conv1D, Embedding, Conv)", detect, read, priority=100))

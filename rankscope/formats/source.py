@@ -50,7 +50,7 @@ def _describe(names: list[str]) -> str:
     return ", ".join(names) if names else "none"
 
 
-def locate(path: str | Path, adapter: str | None = None) -> AdapterSource:
+def locate(path: str | Path, adapter: str | None = None, *, trust_pickle: bool = False) -> AdapterSource:
     """Resolve ``path`` (and ``--adapter NAME``) to one adapter's files.
 
     A directory ``d/`` that PEFT saved several adapters into holds ``default`` in ``d/`` and the others in
@@ -67,7 +67,7 @@ def locate(path: str | Path, adapter: str | None = None) -> AdapterSource:
                     f"no adapter named {adapter!r} here (adapters: {_describe(_root_and(path, siblings))})",
                     path=path,
                 )
-            chosen = locate(path / adapter)
+            chosen = locate(path / adapter, trust_pickle=trust_pickle)
             chosen.other_adapters = [n for n in _root_and(path, siblings) if n != adapter]
             return chosen
         weights = _weights_in(path)
@@ -84,7 +84,7 @@ def locate(path: str | Path, adapter: str | None = None) -> AdapterSource:
                 path=path,
             )
         config_path = path / CONFIG_NAME if (path / CONFIG_NAME).is_file() else None
-        return _open(path, weights, config_path, siblings)
+        return _open(path, weights, config_path, siblings, trust_pickle)
     if path.suffix not in TENSOR_SUFFIXES:
         raise CheckpointError(
             f"not a tensor file: expected one of {', '.join(TENSOR_SUFFIXES)}, or an adapter directory", path=path
@@ -92,19 +92,19 @@ def locate(path: str | Path, adapter: str | None = None) -> AdapterSource:
     if adapter is not None:
         raise CheckpointError("--adapter needs a directory, not a single file", path=path)
     config_path = path.parent / CONFIG_NAME
-    return _open(path, path, config_path if config_path.is_file() else None, [])
+    return _open(path, path, config_path if config_path.is_file() else None, [], trust_pickle)
 
 
 def _root_and(path: Path, siblings: list[str]) -> list[str]:
     return (["default"] if _weights_in(path) is not None else []) + siblings
 
 
-def _open(path: Path, weights: Path, config_path: Path | None, others: list[str]) -> AdapterSource:
+def _open(path: Path, weights: Path, config_path: Path | None, others: list[str], trust_pickle: bool) -> AdapterSource:
     config = read_json(config_path) if config_path is not None else None
     return AdapterSource(
         path=path,
         weights_path=weights,
-        tensors=TensorFile(weights),
+        tensors=TensorFile(weights, trust_pickle=trust_pickle),
         config_path=config_path,
         config=config,
         other_adapters=others,
