@@ -11,9 +11,11 @@ import torch
 
 from . import metrics as M
 from .checkpoint import Checkpoint, Layer
+from .components import pairwise_alignment
 from .errors import CheckpointError, RankscopeError
 from .naming import layer_index, module_type
 from .spectrum import DEFAULT_MEMORY_BUDGET, singular_values
+from .update import Update
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class LayerRecord:
     singular_values: list[float]
     metrics: dict | None
     bias_update: dict | None = None
+    components: list[LayerRecord] | None = None
+    alignment: dict | None = None
 
     @property
     def module_type(self) -> str:
@@ -96,6 +100,11 @@ class LayerRecord:
             "singular_values": self.singular_values,
             "metrics": self.metrics,
             "bias_update": self.bias_update,
+            **(
+                {"components": [c.to_dict() for c in self.components], "alignment": self.alignment}
+                if self.components is not None
+                else {}
+            ),
         }
 
 
@@ -179,6 +188,11 @@ def _record(layer: Layer, sigma: torch.Tensor, exact: bool, options: AnalysisOpt
     )
 
 
+def _analysed_update(layer: Layer, options: AnalysisOptions) -> Update:
+    assert layer.update is not None
+    return layer.update.unscaled() if options.unscaled else layer.update
+
+
 def analyze(
     checkpoint: Checkpoint,
     options: AnalysisOptions | None = None,
@@ -197,8 +211,8 @@ def analyze(
     selected = checkpoint.select(options.layers)
     if not selected.layers:
         raise CheckpointError(f"no layer name matches --layers {options.layers!r}", path=checkpoint.path)
-    analysable = [layer for layer in selected.layers if layer.update is not None]
-    updates = [layer.update.unscaled() if options.unscaled else layer.update for layer in analysable]
+    units = [unit for layer in selected.layers for unit in (layer, *(layer.components or ())) if unit.update]
+    updates = [_analysed_update(unit, options) for unit in units]
     done = [0]
 
     def step(count: int) -> None:
@@ -214,14 +228,19 @@ def analyze(
         memory_budget=options.memory_budget,
         progress=step,
     )
-    computed = {id(layer): (s, e) for layer, s, e in zip(analysable, sigmas, exact, strict=True)}
-    records = []
-    for layer in selected.layers:
+    computed = {id(unit): (s, e) for unit, s, e in zip(units, sigmas, exact, strict=True)}
+
+    def build(layer: Layer) -> LayerRecord:
         if layer.update is None:
-            records.append(_invalid_record(layer, layer.error or "cannot be analysed"))
-        else:
-            sigma, is_exact = computed[id(layer)]
-            records.append(_record(layer, sigma, is_exact, options))
+            return _invalid_record(layer, layer.error or "cannot be analysed")
+        record = _record(layer, *computed[id(layer)], options)
+        if layer.components is not None:
+            record.components = [build(component) for component in layer.components]
+            if all(c.update is not None for c in layer.components):
+                record.alignment = pairwise_alignment([_analysed_update(c, options) for c in layer.components])
+        return record
+
+    records = [build(layer) for layer in selected.layers]
     return Analysis(selected, options, records)
 
 

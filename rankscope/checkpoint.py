@@ -24,6 +24,9 @@ class Layer:
     family: str = "lora"
     error: str | None = None
     bias_update: torch.Tensor | None = None  # unscaled (lora_B.bias), applied with ``scale`` like B·A
+    # the parts this layer's update is composed of (HydraLoRA heads, composition components), each a Layer
+    # whose name is its label
+    components: list[Layer] | None = None
 
     @property
     def scale(self) -> float | None:
@@ -49,6 +52,7 @@ class Checkpoint:
     layers: list[Layer]
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how to read the results, not a problem
     other_adapters: list[str] = field(default_factory=list)
     weights_file: Path | None = None
     shared_params: int = 0

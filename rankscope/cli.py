@@ -151,8 +151,6 @@ def spectrum(path: str, json_out, csv_out, thresholds, energies, rel_thresholds,
         directional_only=directional_only,
         trust_pickle=trust_pickle,
     )
-    for message in checkpoint.warnings:
-        _warn(f"{checkpoint.path}: {message}")
     bar = ProgressBar("analysing", enabled=not quiet)
     try:
         analysis = analyze(checkpoint, options, progress=bar)
@@ -161,7 +159,12 @@ def spectrum(path: str, json_out, csv_out, thresholds, energies, rel_thresholds,
     where = checkpoint.weights_file or checkpoint.path
     invalid = analysis.invalid
     if len(invalid) == len(analysis.layers):
-        raise RankscopeError(f"{where}: no layer can be analysed: layer {invalid[0].name}: {invalid[0].error}")
+        raise RankscopeError(f"{where}: no layer can be analysed: {invalid[0].error}")
+    for message in checkpoint.warnings:
+        _warn(f"{checkpoint.path}: {message}")
+    if not quiet:
+        for message in checkpoint.notes:
+            click.echo(f"rankscope: note: {one_line(message, 600)}", err=True)
     _write_outputs(analysis, json_out, csv_out)
     if not quiet:
         from .report.terminal import spectrum_summary, spectrum_table

@@ -178,6 +178,31 @@ def singular_values(
     return values, exact  # type: ignore[return-value]
 
 
+def singular_vectors(update: Update) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, σ, V) of an update, float64, ``rank_bound`` columns: ΔW ≈ U·diag(σ)·Vᵀ, exact for factored ones.
+
+    Factored: U = Q_L·U_core and V = Q_R·V_core from the core's SVD; Kronecker: U = U_F ⊗ U_G, V = V_F ⊗ V_G
+    ordered by σ_F·σ_G; dense: a float64 SVD of the materialised matrix.
+    """
+    k = update.rank_bound
+    if isinstance(update, FactoredUpdate):
+        q_left, r_left = torch.linalg.qr(update.scaled_left())
+        q_right, r_right = torch.linalg.qr(upcast(update.right).mT)
+        if update.core is not None:
+            r_left = r_left @ upcast(update.core)
+        u_core, sigma, vh_core = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
+        return (q_left @ u_core)[:, :k], sigma[:k], (q_right @ vh_core.mT)[:, :k]
+    if isinstance(update, KroneckerUpdate):
+        u_f, s_f, v_f = singular_vectors(update.first)
+        u_g, s_g, v_g = singular_vectors(update.second)
+        order = torch.argsort(torch.outer(s_f, s_g).reshape(-1), descending=True)[:k]
+        sigma = torch.outer(s_f, s_g).reshape(-1)[order] * abs(update.scale)
+        sign = -1.0 if update.scale < 0 else 1.0
+        return torch.kron(u_f, u_g)[:, order] * sign, sigma, torch.kron(v_f, v_g)[:, order]
+    u, sigma, vh = torch.linalg.svd(update.materialize(), full_matrices=False)
+    return u[:, :k], sigma[:k], vh.mT[:, :k]
+
+
 __all__ = [
     "DENSE_DTYPES",
     "dense_singular_values",
@@ -185,4 +210,5 @@ __all__ = [
     "factored_singular_values",
     "resolve_device",
     "singular_values",
+    "singular_vectors",
 ]

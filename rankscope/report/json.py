@@ -51,6 +51,7 @@ def spectrum_document(analysis: Analysis) -> dict:
             "layers": options.layers,
         },
         "warnings": list(ckpt.warnings),
+        "notes": list(ckpt.notes),
         "skipped": [{"key": s.key, "reason": s.reason} for s in ckpt.skipped],
         "layers": [record.to_dict() for record in analysis.layers],
         "summary": analysis.summary(),
