@@ -1,0 +1,5 @@
+"""``python -m rankscope`` runs the command line."""
+
+from .cli import main
+
+main()
