@@ -11,11 +11,11 @@ import torch
 
 from . import metrics as M
 from .checkpoint import Checkpoint, Layer
-from .components import pairwise_alignment
+from .components import composition_fields, off_diagonal_mean, pairwise_alignment, weight_fields
 from .errors import CheckpointError, RankscopeError
 from .naming import layer_index, module_type
 from .spectrum import DEFAULT_MEMORY_BUDGET, singular_values
-from .update import Update
+from .update import Update, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class AnalysisOptions:
     device: str = "auto"
     layers: str | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    collapse_threshold: float = 0.9
 
     def __post_init__(self) -> None:
         for p in self.energies:
@@ -66,6 +67,7 @@ class LayerRecord:
     bias_update: dict | None = None
     components: list[LayerRecord] | None = None
     alignment: dict | None = None
+    composition: dict | None = None  # weights, energy_shares, rank_gain, interference, collapsed, … (compositions)
 
     @property
     def module_type(self) -> str:
@@ -105,6 +107,7 @@ class LayerRecord:
                 if self.components is not None
                 else {}
             ),
+            **(self.composition or {}),
         }
 
 
@@ -193,6 +196,54 @@ def _analysed_update(layer: Layer, options: AnalysisOptions) -> Update:
     return layer.update.unscaled() if options.unscaled else layer.update
 
 
+def _growth_updates(layers: list[Layer], options: AnalysisOptions) -> dict[tuple[int, int], Update]:
+    """For sequential compositions, Σ_{i<t} w_i·ΔW_i after each round t = 1..k (the growth curve)."""
+    partial: dict[tuple[int, int], Update] = {}
+    for layer in layers:
+        composition, components = layer.composition, layer.components or []
+        if composition is None or composition.mode != "sequential" or any(c.update is None for c in components):
+            continue
+        parts = [_analysed_update(c, options) for c in components]
+        for t in range(1, len(parts) + 1):
+            partial[(id(layer), t)] = weighted_sum(parts[:t], composition.weights[:t])
+    return partial
+
+
+def _metrics_with_bound(record: LayerRecord) -> dict:
+    return {**(record.metrics or {}), "rank_bound": record.rank_bound}
+
+
+def _composition(layer: Layer, record: LayerRecord, growth: dict, options: AnalysisOptions) -> dict:
+    composition = layer.composition
+    assert composition is not None and record.components is not None
+    fields = {
+        "weights": weight_fields(
+            composition.raw_weights, composition.weights, normalize=composition.normalize, mode=composition.mode
+        ),
+        **composition_fields(
+            _metrics_with_bound(record),
+            [_metrics_with_bound(c) for c in record.components],
+            composition.weights,
+            collapse_threshold=options.collapse_threshold,
+        ),
+    }
+    if composition.mode == "sequential":
+        fields["growth"] = []
+        for t in range(1, len(record.components) + 1):
+            sigma = growth[(id(layer), t)]
+            bound = min(sum(c.rank_bound for c in record.components[:t]), *record.matrix_shape)
+            metrics = M.spectrum_metrics(
+                sigma,
+                record.matrix_shape,
+                bound,
+                thresholds=options.thresholds,
+                energies=options.energies,
+                rel_thresholds=options.rel_thresholds,
+            )
+            fields["growth"].append({"components": t, "rank_bound": bound, "metrics": metrics})
+    return fields
+
+
 def analyze(
     checkpoint: Checkpoint,
     options: AnalysisOptions | None = None,
@@ -213,22 +264,25 @@ def analyze(
         raise CheckpointError(f"no layer name matches --layers {options.layers!r}", path=checkpoint.path)
     units = [unit for layer in selected.layers for unit in (layer, *(layer.components or ())) if unit.update]
     updates = [_analysed_update(unit, options) for unit in units]
+    growth = _growth_updates(selected.layers, options)
+    growth_keys = list(growth)
     done = [0]
 
     def step(count: int) -> None:
         done[0] += count
         if progress:
-            progress(done[0], len(updates))
+            progress(done[0], len(updates) + len(growth))
 
     sigmas, exact = singular_values(
-        updates,
+        updates + [growth[key] for key in growth_keys],
         dense=options.dense,
         dense_dtype=options.dense_dtype,
         device=options.device,
         memory_budget=options.memory_budget,
         progress=step,
     )
-    computed = {id(unit): (s, e) for unit, s, e in zip(units, sigmas, exact, strict=True)}
+    computed = {id(unit): (s, e) for unit, s, e in zip(units, sigmas, exact, strict=False)}
+    growth_sigmas = dict(zip(growth_keys, sigmas[len(units) :], strict=True))
 
     def build(layer: Layer) -> LayerRecord:
         if layer.update is None:
@@ -238,6 +292,8 @@ def analyze(
             record.components = [build(component) for component in layer.components]
             if all(c.update is not None for c in layer.components):
                 record.alignment = pairwise_alignment([_analysed_update(c, options) for c in layer.components])
+        if layer.composition is not None and record.components and all(c.valid for c in record.components):
+            record.composition = _composition(layer, record, growth_sigmas, options)
         return record
 
     records = [build(layer) for layer in selected.layers]
@@ -296,4 +352,37 @@ def summarize(records: list[LayerRecord]) -> dict:
             "metrics": _stats(rs),
         }
 
-    return {**block(records), "by_module": {name: block(rs) for name, rs in groups.items()}}
+    summary = {**block(records), "by_module": {name: block(rs) for name, rs in groups.items()}}
+    composed = [r for r in records if r.composition is not None]
+    if composed:
+        summary["composition"] = {
+            **composition_stats(composed),
+            "by_module": {name: composition_stats([r for r in rs if r.composition]) for name, rs in groups.items()},
+        }
+    return summary
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def composition_stats(records: list[LayerRecord]) -> dict:
+    """Across composed layers: how many collapsed, how many components carry the energy, overlap vs baseline, gain."""
+    composed = [r for r in records if r.composition is not None]
+    fields = [r.composition for r in composed]
+    return {
+        "layers": len(composed),
+        "collapsed": sum(bool(f["collapsed"]) for f in fields),
+        "mean_components": _mean([len(r.components or []) for r in composed]),
+        "mean_effective_components": _mean([f["energy_shares"]["concentration"]["effective_number"] for f in fields]),
+        "mean_weight_effective_number": _mean([f["weights"]["concentration"]["effective_number"] for f in fields]),
+        "mean_rank_gain": _mean([f["rank_gain"] for f in fields]),
+        "mean_interference": _mean([f["interference"] for f in fields]),
+        "mean_left_overlap": _mean([off_diagonal_mean(r.alignment["left_overlap"]) for r in composed if r.alignment]),
+        "mean_left_baseline": _mean([off_diagonal_mean(r.alignment["left_baseline"]) for r in composed if r.alignment]),
+        "mean_right_overlap": _mean([off_diagonal_mean(r.alignment["right_overlap"]) for r in composed if r.alignment]),
+        "mean_right_baseline": _mean(
+            [off_diagonal_mean(r.alignment["right_baseline"]) for r in composed if r.alignment]
+        ),
+    }

@@ -12,6 +12,21 @@ from .naming import natural_key
 from .update import Update
 
 
+@dataclass(frozen=True)
+class Composition:
+    """How a layer's components combine: ΔW = Σ_i weights[i]·ΔW_i.
+
+    ``raw_weights`` as stored (logits under softmax normalisation), ``weights`` as applied. ``mode`` is "sum"
+    (all active together), "sequential" (boosting rounds, in order) or "router" (HydraLoRA: the uniform
+    stand-in for an input-dependent router).
+    """
+
+    raw_weights: tuple[float, ...]
+    weights: tuple[float, ...]
+    mode: str = "sum"
+    normalize: str = "none"
+
+
 @dataclass
 class Layer:
     """One adapted module: its update (None when it cannot be analysed, with ``error`` saying why)."""
@@ -27,6 +42,7 @@ class Layer:
     # the parts this layer's update is composed of (HydraLoRA heads, composition components), each a Layer
     # whose name is its label
     components: list[Layer] | None = None
+    composition: Composition | None = None
 
     @property
     def scale(self) -> float | None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import alignment
+from .concentration import concentration
 from .metrics import numerical_rank
 from .spectrum import singular_vectors
 from .update import Update
@@ -66,3 +67,50 @@ def off_diagonal_mean(matrix: list[list[float | None]]) -> float | None:
     """Mean of the defined off-diagonal entries of a k×k matrix (None when there are none)."""
     values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
     return sum(values) / len(values) if values else None
+
+
+def composition_fields(
+    composite: dict, components: Sequence[dict], weights: Sequence[float], *, collapse_threshold: float = 0.9
+) -> dict:
+    """What the weights do: energy shares, interference, collapse, rank expansion and gain.
+
+    ``composite`` and ``components`` are metric dicts (``spectrum_metrics``) of Σ w_iΔW_i and of each ΔW_i, with
+    their ``rank_bound`` added. Energy shares ‖w_iΔW_i‖²/Σ_j‖w_jΔW_j‖² (what the weights do in fact, since
+    components differ in norm); interference (‖Σ w_iΔW_i‖² − Σ‖w_iΔW_i‖²)/Σ‖w_iΔW_i‖²; collapsed when one
+    component carries more than ``collapse_threshold`` of the energy; rank gain erank(composite)/max_i erank_i.
+    """
+    energies = [float(w) ** 2 * c["energy"] for c, w in zip(components, weights, strict=True)]
+    total = sum(energies)
+    energy_shares = [e / total for e in energies] if total > 0 else None
+    best_component = max((c["erank"] for c in components), default=0.0)
+    return {
+        "energy_shares": {
+            "values": energy_shares,
+            "concentration": concentration(energies) if total > 0 else concentration([0.0]),
+        },
+        "interference": (composite["energy"] - total) / total if total > 0 else None,
+        # one component always carries everything: collapse is a property of k ≥ 2 components
+        "collapsed": bool(len(components) > 1 and energy_shares and max(energy_shares) > collapse_threshold),
+        "rank_gain": composite["erank"] / best_component if best_component > 0 else None,
+        "rank_expansion": {
+            "numerical_rank": composite["numerical_rank"],
+            "component_numerical_rank_sum": sum(c["numerical_rank"] for c in components),
+            "erank": composite["erank"],
+            "component_erank_sum": sum(c["erank"] for c in components),
+            "rank_bound": composite["rank_bound"],
+            "component_rank_bound_sum": sum(c["rank_bound"] for c in components),
+            "utilization": composite["utilization"],
+        },
+    }
+
+
+def weight_fields(raw: Sequence[float], applied: Sequence[float], *, normalize: str, mode: str) -> dict:
+    """The composition weights as stored and as applied, their signs, and the concentration of |applied|."""
+    return {
+        "raw": [float(w) for w in raw],
+        "normalized": [float(w) for w in applied],
+        "signs": [1 if w > 0 else -1 if w < 0 else 0 for w in applied],
+        "normalize": normalize,
+        "mode": mode,
+        "concentration": concentration(applied),
+    }

@@ -6,7 +6,7 @@ are not (DoRA, IA3, …) are dense recipes that materialise themselves on reques
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -136,3 +136,46 @@ class KroneckerUpdate:
 
 
 Update = FactoredUpdate | DenseUpdate | KroneckerUpdate
+
+
+def _scale_vector(update: FactoredUpdate) -> torch.Tensor:
+    if isinstance(update.scale, torch.Tensor):
+        return upcast(update.scale.reshape(-1))
+    return torch.full((update.inner_dim,), float(update.scale), dtype=torch.float64)
+
+
+def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
+    """Σ_i w_i·ΔW_i as one update.
+
+    Factored components concatenate: [w_1 L_1 … w_k L_k]·blockdiag(s_i)·blockdiag(C_i)·[R_1; …; R_k], inner
+    dimension Σ K_i — exact, and ``unscaled()`` drops the s_i but keeps the weights. Other kinds are summed densely.
+    """
+    shapes = {u.shape for u in updates}
+    if len(shapes) != 1:
+        raise ValueError(f"components of different shapes {sorted(shapes)} cannot be summed")
+    (shape,) = shapes
+    if all(isinstance(u, FactoredUpdate) for u in updates):
+        factored = [u for u in updates if isinstance(u, FactoredUpdate)]
+        core = None
+        if any(u.core is not None for u in factored):
+            core = torch.block_diag(
+                *(
+                    upcast(u.core) if u.core is not None else torch.eye(u.inner_dim, dtype=torch.float64)
+                    for u in factored
+                )
+            )
+        return FactoredUpdate(
+            left=torch.cat([float(w) * upcast(u.left) for u, w in zip(factored, weights, strict=True)], dim=1),
+            right=torch.cat([upcast(u.right) for u in factored], dim=0),
+            core=core,
+            scale=torch.cat([_scale_vector(u) for u in factored]),
+        )
+
+    def build(dtype: torch.dtype, device: Device, parts: Sequence[Update] = tuple(updates)) -> torch.Tensor:
+        return sum(float(w) * u.materialize(dtype, device) for u, w in zip(parts, weights, strict=True))
+
+    def build_unscaled(dtype: torch.dtype, device: Device) -> torch.Tensor:
+        return build(dtype, device, tuple(u.unscaled() for u in updates))
+
+    bound = min(sum(u.rank_bound for u in updates), *shape)
+    return DenseUpdate(shape=shape, build=build, rank_bound_value=bound, build_unscaled=build_unscaled)

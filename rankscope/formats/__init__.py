@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ class ReadOptions:
     alpha: float | None = None
     base: BaseWeights | None = None
     directional_only: bool = False
+    trust_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,31 +98,72 @@ def load(
     base: str | Path | None = None,
     directional_only: bool = False,
     trust_pickle: bool = False,
+    compose: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    normalize: str = "none",
+    mode: str = "sum",
 ) -> Checkpoint:
     """Read the adapter at ``path`` into a :class:`Checkpoint` of per-layer updates.
 
-    ``path`` is a PEFT adapter directory, a directory of several adapters (``adapter`` picks one by name),
-    or a bare ``.safetensors``/``.bin`` file. ``format`` forces a family instead of detecting it. ``base`` is
+    ``path`` is a PEFT adapter directory, a directory of several adapters (``adapter`` picks one by name), a bare
+    ``.safetensors``/``.bin`` file, or a composition manifest (``composition.json``, or a directory holding one).
+    ``compose`` names adapters of a multi-adapter directory to sum with ``weights`` (``normalize``: "none" or
+    "softmax"; ``mode``: "sum" or "sequential"). ``format`` forces a family instead of detecting it. ``base`` is
     the base model (a Hugging Face model directory or a safetensors file) for updates that need it.
     ``trust_pickle`` lets a ``.bin``/``.pt``/``.ckpt`` that ``weights_only`` refuses be unpickled in full:
     only for the user's own files, since unpickling runs code.
     """
-    source = locate(path, adapter, trust_pickle=trust_pickle)
+    options = ReadOptions(
+        alpha=alpha,
+        base=BaseWeights(base) if base is not None else None,
+        directional_only=directional_only,
+        trust_pickle=trust_pickle,
+    )
+    path = Path(path)
+    if compose:
+        return _compose(path, list(compose), weights, normalize, mode, options)
+    return _load(path, adapter, format, options, ())
+
+
+def _load(path: Path, adapter: str | None, format: str | None, options: ReadOptions, stack: tuple) -> Checkpoint:
+    from .composition import manifest_path, read_manifest
+
+    if format is None and adapter is None and path.exists() and manifest_path(path) is not None:
+        return read_manifest(path, lambda p, inner: _load(p, None, None, options, inner), stack)
+    source = locate(path, adapter, trust_pickle=options.trust_pickle)
     if format is not None:
         if format not in _REGISTRY:
             raise CheckpointError(f"unknown format {format!r} (known: {supported_summary()})")
         fmt = _REGISTRY[format]
     else:
         fmt = detect(source)
-    options = ReadOptions(
-        alpha=alpha, base=BaseWeights(base) if base is not None else None, directional_only=directional_only
-    )
     checkpoint = fmt.read(source, options)
     checkpoint.other_adapters = list(source.other_adapters)
     checkpoint.skipped.extend(Skipped(key, reason) for key, reason in source.tensors.ignored.items())
     if not checkpoint.layers:
         raise CheckpointError("no adapted layers found", path=source.weights_path)
     return checkpoint
+
+
+def _compose(
+    path: Path, names: list[str], weights: Sequence[float] | None, normalize: str, mode: str, options: ReadOptions
+) -> Checkpoint:
+    from .composition import compose_checkpoints, manifest_json
+
+    if weights is None:
+        weights = [1.0] * len(names)
+    if len(weights) != len(names):
+        raise CheckpointError(f"--weights gives {len(weights)} numbers for {len(names)} adapters in --compose")
+    checkpoints = [_load(path, name, None, options, ()) for name in names]
+    return compose_checkpoints(
+        path,
+        names,
+        checkpoints,
+        weights_spec=list(weights),
+        normalize=normalize,
+        mode=mode,
+        config=manifest_json(names, weights, normalize, mode),
+    )
 
 
 def _import_families() -> None:

@@ -41,3 +41,44 @@ def _cell(value: object) -> object:
     if isinstance(value, float):
         return repr(value)
     return value
+
+
+def components_csv(analysis: Analysis) -> str:
+    """One row per (layer, component): the component's weight, energy share and metrics, and the layer's totals."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header_written = False
+    for record in analysis.layers:
+        if record.components is None:
+            continue
+        fields = record.composition or {}
+        weights = fields.get("weights") or {}
+        raw = weights.get("raw") or [None] * len(record.components)
+        applied = weights.get("normalized") or [None] * len(record.components)
+        shares = (fields.get("energy_shares") or {}).get("values") or [None] * len(record.components)
+        for index, component in enumerate(record.components):
+            metrics = flat_metrics(component)
+            if not header_written:
+                writer.writerow(
+                    [
+                        "layer",
+                        "component",
+                        "raw_weight",
+                        "weight",
+                        "energy_share",
+                        "rank_bound",
+                        *metrics,
+                        "layer_erank",
+                        "layer_rank_gain",
+                        "layer_interference",
+                        "layer_collapsed",
+                    ]
+                )
+                header_written = True
+            writer.writerow(
+                [record.name, component.name, _cell(raw[index]), _cell(applied[index]), _cell(shares[index]),
+                 component.rank_bound, *(_cell(v) for v in metrics.values()),
+                 _cell(record.metric("erank")), _cell(fields.get("rank_gain")), _cell(fields.get("interference")),
+                 _cell(fields.get("collapsed"))]
+            )  # fmt: skip
+    return buffer.getvalue()

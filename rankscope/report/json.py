@@ -61,3 +61,21 @@ def spectrum_document(analysis: Analysis) -> dict:
 def dumps(document: dict) -> str:
     """Serialise with ``allow_nan=False``: a NaN anywhere is a bug, not output."""
     return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+COMPONENTS_SCHEMA = "rankscope.components/1"
+
+
+def components_document(analysis: Analysis) -> dict:
+    """The composed layers only: components, weights, energy shares, alignment, gain (the spectrum contract's
+    per-layer composition keys), plus the composition summary."""
+    document = spectrum_document(analysis)
+    return {
+        "schema": COMPONENTS_SCHEMA,
+        "rankscope": document["rankscope"],
+        "checkpoint": document["checkpoint"],
+        "scaled": document["scaled"],
+        "scaling": document["scaling"],
+        "layers": [layer for layer in document["layers"] if "components" in layer],
+        "summary": document["summary"].get("composition"),
+    }

@@ -92,3 +92,83 @@ def spectrum_summary(analysis: Analysis) -> str:
             ]
         )
     return "\n".join(lines) + "\n\n" + _table(header, rows)
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _mean_off_diagonal(matrix: list[list[float | None]] | None) -> float | None:
+    if not matrix:
+        return None
+    values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def composition_summary(analysis: Analysis) -> str:
+    """For composed checkpoints: collapse, effective components, overlap vs baseline and rank gain per module."""
+    stats = analysis.summary().get("composition")
+    if not stats:
+        return ""
+    header = ["module", "composed", "collapsed", "eff. comps", "gain", "overlap L (base)", "overlap R (base)"]
+    rows = []
+    for name, block in [*stats["by_module"].items(), ("all", stats)]:
+        if not block["layers"]:
+            continue
+        rows.append(
+            [
+                name,
+                str(block["layers"]),
+                str(block["collapsed"]),
+                _number(block["mean_effective_components"], ".2f") + f"/{_number(block['mean_components'], '.3g')}",
+                _number(block["mean_rank_gain"], ".2f") + "×",
+                f"{_number(block['mean_left_overlap'], '.3f')} ({_number(block['mean_left_baseline'], '.3f')})",
+                f"{_number(block['mean_right_overlap'], '.3f')} ({_number(block['mean_right_baseline'], '.3f')})",
+            ]
+        )
+    title = "composition: effective components = 1/Σp² of the energy shares; overlap = mean pairwise projection overlap"
+    return title + "\n\n" + _table(header, rows)
+
+
+def components_table(analysis: Analysis) -> str:
+    """One block per composed layer: each component's weight, energy share and ranks, then the layer's totals."""
+    tau = _threshold(analysis)
+    key = parameter_key(tau)
+    header = ["layer / component", "weight", "energy", f"#σ>{tau:g}", "erank", "r≤", "overlap L", "overlap R"]
+    rows: list[list[str]] = []
+    for record in analysis.layers:
+        if record.components is None:
+            continue
+        fields = record.composition or {}
+        weights = (fields.get("weights") or {}).get("normalized") or [None] * len(record.components)
+        shares = (fields.get("energy_shares") or {}).get("values") or [None] * len(record.components)
+        flag = "  COLLAPSED" if fields.get("collapsed") else ""
+        metrics = record.metrics or {}
+        gain = fields.get("rank_gain")
+        rows.append(
+            [
+                record.name + flag,
+                "",
+                "",
+                str(metrics.get("count_above", {}).get(key, "—")),
+                _number(metrics.get("erank"), ".2f") + (f" ({gain:.2f}×)" if gain else ""),
+                str(record.rank_bound),
+                _number(_mean_off_diagonal((record.alignment or {}).get("left_overlap")), ".3f"),
+                _number(_mean_off_diagonal((record.alignment or {}).get("right_overlap")), ".3f"),
+            ]
+        )
+        for component, weight, share in zip(record.components, weights, shares, strict=True):
+            m = component.metrics or {}
+            rows.append(
+                [
+                    f"  {component.name}",
+                    _number(weight, ".3g"),
+                    _share(share),
+                    str(m.get("count_above", {}).get(key, "—")),
+                    _number(m.get("erank"), ".2f"),
+                    str(component.rank_bound),
+                    "",
+                    "",
+                ]
+            )
+    return _table(header, rows) if rows else "no composed layers in this checkpoint"

@@ -1,0 +1,61 @@
+"""Terminal I/O for the commands: one-line errors and warnings on stderr, outputs written all-or-nothing."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+import click
+
+from ..errors import RankscopeError, one_line
+
+EXIT_INPUT = 1
+
+
+def error(message: str) -> None:
+    click.echo(f"rankscope: error: {one_line(message)}", err=True)
+
+
+def warn(message: str) -> None:
+    click.echo(f"rankscope: warning: {one_line(message, 600)}", err=True)
+
+
+def note(message: str) -> None:
+    click.echo(f"rankscope: {one_line(message, 600)}", err=True)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn rankscope's errors (and anything unexpected) into one line on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RankscopeError as exc:
+            error(str(exc))
+        except KeyboardInterrupt:
+            click.echo("rankscope: interrupted; nothing written", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("RANKSCOPE_DEBUG"):
+                raise
+            error(f"internal error: {type(exc).__name__}: {exc} (set RANKSCOPE_DEBUG=1 for the traceback)")
+        sys.exit(EXIT_INPUT)
+
+    return wrapper
+
+
+def write_outputs(rendered: list[tuple[str, Callable[[], str]]]) -> None:
+    """Render every requested output first, then write them: an error leaves no file half-written."""
+    from ..report.output import write_text
+
+    texts = [(destination, render()) for destination, render in rendered if destination]
+    for destination, text in texts:
+        try:
+            write_text(destination, text)
+        except OSError as exc:
+            raise RankscopeError(f"{destination}: cannot write ({exc.strerror or exc})") from exc

@@ -1,0 +1,158 @@
+"""Option groups shared by the commands that read and analyse checkpoints, and the parsing of comma lists."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from .app import note, warn
+
+
+class CommaList(click.ParamType):
+    """A comma-separated vector: ``--weights 0.5,0.3,0.2``, ``--compose a,b``."""
+
+    name = "list"
+
+    def __init__(self, item: type = str) -> None:
+        self.item = item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        parts = [p.strip() for p in str(value).split(",")]
+        if not all(parts):
+            self.fail(f"{value!r} has an empty item", param, ctx)
+        try:
+            return tuple(self.item(p) for p in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__}s", param, ctx)
+
+
+def _stack(*decorators: Callable) -> Callable:
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+checkpoint_options = _stack(
+    click.option("--adapter", metavar="NAME", help="Pick one adapter of a multi-adapter directory by name."),
+    click.option("--alpha", type=float, help="LoRA α where the checkpoint does not say (overrides the config's)."),
+    click.option("--format", "format_name", metavar="NAME", help="Force a reader instead of detecting one ('rankscope formats')."),
+    click.option("--base", metavar="PATH", help="Base model (Hugging Face model directory or safetensors file) for updates that need it (DoRA, IA3)."),
+    click.option("--directional-only", is_flag=True, help="DoRA without its base: analyse s·B·A alone (labelled so)."),
+    click.option("--trust-pickle", is_flag=True, help="Unpickle a .bin/.pt/.ckpt in full when weights_only refuses it. Runs code from the file: only for your own files."),
+    click.option("--compose", type=CommaList(), metavar="A,B,…", help="Sum these adapters of a multi-adapter directory (with --weights)."),
+    click.option("--weights", type=CommaList(float), metavar="W1,W2,…", help="Weights of the --compose adapters (default: 1 each)."),
+    click.option("--normalize", type=click.Choice(["none", "softmax"]), default="none", show_default=True, help="With --compose: the weights are used as given, or are logits."),
+    click.option("--mode", type=click.Choice(["sum", "sequential"]), default="sum", show_default=True, help="With --compose: all together, or boosting rounds in order (adds the growth curve)."),
+)  # fmt: skip
+
+analysis_options = _stack(
+    click.option("--threshold", "thresholds", type=float, multiple=True, metavar="τ", help="Count σ > τ (absolute); repeatable. Default 0.005."),
+    click.option("--energy", "energies", type=float, multiple=True, metavar="P", help="Energy rank at fraction P; repeatable. Default 0.9 0.95 0.99."),
+    click.option("--rel-threshold", "rel_thresholds", type=float, multiple=True, metavar="ρ", help="Count σ > ρ·σ₁; repeatable. Default 0.001."),
+    click.option("--layers", metavar="REGEX", help="Analyse only layers whose name matches REGEX (re.search)."),
+    click.option("--unscaled", is_flag=True, help="Analyse B·A without α/r (labelled so in every output)."),
+    click.option("--dense", is_flag=True, help="Materialise ΔW and take a dense SVD instead of the exact factored path."),
+    click.option("--dense-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Dense SVD precision (float32 is faster, labelled approximate)."),
+    click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda", help="Where the dense path runs."),
+    click.option("--collapse-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="A composition is collapsed when one component carries more than this share of the energy."),
+)  # fmt: skip
+
+
+ANALYSIS_KEYS = frozenset(
+    {"thresholds", "energies", "rel_thresholds", "layers", "unscaled", "dense", "dense_dtype", "device",
+     "collapse_threshold"}
+)  # fmt: skip
+
+
+def load_and_settings(path: str, options: dict):
+    """Split a command's keyword options into the checkpoint they name and the analysis settings they ask for."""
+    settings = analysis_settings(**{k: v for k, v in options.items() if k in ANALYSIS_KEYS})
+    checkpoint = load_checkpoint(path, **{k: v for k, v in options.items() if k not in ANALYSIS_KEYS})
+    return checkpoint, settings
+
+
+def load_checkpoint(path: str, *, adapter, alpha, format_name, base, directional_only, trust_pickle, compose, weights,
+                    normalize, mode):  # fmt: skip
+    """The checkpoint the options describe (warnings about pickles first)."""
+    from ..formats import load
+
+    if trust_pickle:
+        warn("--trust-pickle: pickled files are loaded in full, which runs any code they hold")
+    if weights is not None and not compose:
+        raise click.UsageError("--weights needs --compose")
+    return load(
+        path,
+        adapter=adapter,
+        alpha=alpha,
+        format=format_name,
+        base=base,
+        directional_only=directional_only,
+        trust_pickle=trust_pickle,
+        compose=compose,
+        weights=weights,
+        normalize=normalize,
+        mode=mode,
+    )
+
+
+def analysis_settings(*, thresholds, energies, rel_thresholds, layers, unscaled, dense, dense_dtype, device,
+                      collapse_threshold):  # fmt: skip
+    from .. import metrics
+    from ..analysis import AnalysisOptions
+
+    return AnalysisOptions(
+        thresholds=tuple(thresholds) or metrics.DEFAULT_THRESHOLDS,
+        energies=tuple(energies) or metrics.DEFAULT_ENERGIES,
+        rel_thresholds=tuple(rel_thresholds) or metrics.DEFAULT_REL_THRESHOLDS,
+        unscaled=unscaled,
+        dense=dense,
+        dense_dtype=dense_dtype,
+        device=device,
+        layers=layers,
+        collapse_threshold=collapse_threshold,
+    )
+
+
+def run_analysis(checkpoint, options, *, quiet: bool):
+    """Analyse with a progress bar; fail (exit 1) when no layer can be analysed; then say what was read."""
+    from ..analysis import analyze
+    from ..errors import RankscopeError
+    from ..report.progress import ProgressBar
+
+    bar = ProgressBar("analysing", enabled=not quiet)
+    try:
+        analysis = analyze(checkpoint, options, progress=bar)
+    finally:
+        bar.close()
+    where = checkpoint.weights_file or checkpoint.path
+    invalid = analysis.invalid
+    if len(invalid) == len(analysis.layers):
+        raise RankscopeError(f"{where}: no layer can be analysed: {invalid[0].error}")
+    for message in checkpoint.warnings:
+        warn(f"{checkpoint.path}: {message}")
+    if not quiet:
+        for message in checkpoint.notes:
+            note(f"note: {message}")
+    return analysis
+
+
+def report_problems(analysis, *, quiet: bool) -> None:
+    """Invalid layers (always), unused tensors and sibling adapters (unless quiet), on stderr."""
+    checkpoint = analysis.checkpoint
+    where = checkpoint.weights_file or checkpoint.path
+    for record in analysis.invalid:
+        warn(f"{where}: layer {record.name} is invalid: {record.error}")
+    if quiet:
+        return
+    if checkpoint.skipped:
+        reasons = "; ".join(sorted({s.reason for s in checkpoint.skipped}))
+        note(f"{len(checkpoint.skipped)} tensors not used ({reasons}); listed under 'skipped' in --json")
+    if checkpoint.other_adapters:
+        names = ", ".join(checkpoint.other_adapters)
+        note(f"this directory also holds adapters: {names} (pick one with --adapter NAME)")
