@@ -1,0 +1,135 @@
+"""BoostLoRA single-file layout: all k components of a weighted composition in one PEFT-like adapter.
+
+rankscope defines this layout (no published one exists) for training code that keeps the k components in one
+module. ``adapter_config.json``::
+
+    {"peft_type": "BOOSTLORA", "r": 4 | [r_1, …, r_k], "lora_alpha": 8 | [α_1, …, α_k], "use_rslora": false,
+     "num_components": k, "weight_normalization": "none" | "softmax", "mode": "sum" | "sequential"}
+
+Tensors per module: ``<module>.lora_A.<i>.weight`` (r_i, in) and ``<module>.lora_B.<i>.weight`` (out, r_i) for
+i = 0..k−1, and ``<module>.boost_weights`` (k,) — raw weights (logits under softmax). ΔW = Σ_i w_i·s_i·B_i·A_i with
+s_i = α_i/r_i (α_i/√r_i with use_rslora). The keys look like MELoRA's; this reader is chosen by ``peft_type``
+or by the presence of ``boost_weights``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import replace
+
+from ..checkpoint import Checkpoint, Layer, Skipped
+from ..compose import MODES, NORMALIZATIONS, compose_layer
+from ..errors import CheckpointError
+from ..naming import layer_name
+from ..update import FactoredUpdate
+from . import Format, ReadOptions, register_format
+from .peft_common import nonfinite_problem, positive_number
+from .source import AdapterSource
+
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<factor>[AB])\.(?P<index>\d+)\.weight|(?P<weights>boost_weights))$")
+
+
+def detect(source: AdapterSource) -> bool:
+    if source.peft_type is not None:
+        return source.peft_type == "BOOSTLORA"
+    return any(key.endswith(".boost_weights") for key in source.tensors)
+
+
+def _per_component(config: dict, field: str, count: int, where) -> list[float]:
+    value = config.get(field)
+    values = value if isinstance(value, list) else [value] * count
+    if len(values) != count:
+        raise CheckpointError(f"{field} lists {len(values)} values for {count} components", path=where)
+    return [positive_number(config, field, config_path=where, value=v) for v in values]
+
+
+def _choice(config: dict, field: str, allowed: tuple[str, ...], where) -> str:
+    value = config.get(field, allowed[0])
+    if value not in allowed:
+        raise CheckpointError(f"{field} must be one of {', '.join(allowed)}, found {value!r}", path=where)
+    return value
+
+
+def _layer(source: AdapterSource, stored: str, keys: dict, count: int, settings: dict) -> Layer:
+    name = layer_name(stored)
+    tensors = source.tensors
+    stored_keys = [*keys["A"].values(), *keys["B"].values(), *([keys["weights"]] if "weights" in keys else [])]
+    params = sum(tensors.get(k).numel() for k in stored_keys)
+
+    def invalid(message: str) -> Layer:
+        return Layer(name, None, (), params, family="composition", error=message)
+
+    if "weights" not in keys:
+        return invalid(f"{stored}: components without {stored}.boost_weights")
+    for factor in ("A", "B"):
+        if sorted(keys[factor]) != list(range(count)):
+            missing = sorted(set(range(count)) - set(keys[factor]))
+            return invalid(f"{stored}: missing lora_{factor}.{missing[0] if missing else count}.weight "
+                           f"(num_components={count})")  # fmt: skip
+    raw = tensors.get(keys["weights"]).double().reshape(-1)
+    if raw.numel() != count:
+        return invalid(f"{keys['weights']}: {raw.numel()} weights for {count} components")
+    components = []
+    for i in range(count):
+        a, b = tensors.get(keys["A"][i]), tensors.get(keys["B"][i])
+        for key, tensor in ((keys["A"][i], a), (keys["B"][i], b), (keys["weights"], raw)):
+            problem = nonfinite_problem(tensor, key)
+            if problem:
+                return invalid(problem)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            return invalid(f"{keys['B'][i]}: shape {list(b.shape)} does not fit {keys['A'][i]} {list(a.shape)}")
+        rank = a.shape[0]
+        alpha = settings["alphas"][i] if settings["alphas"][i] is not None else rank  # unknown α: scale 1
+        scale = alpha / (math.sqrt(rank) if settings["rslora"] else rank)
+        components.append(Layer(f"c{i}", FactoredUpdate(b, a, scale=scale), (b.shape[0], a.shape[1]), 0))
+    layer = compose_layer(name, components, raw.tolist(), normalize=settings["normalize"], mode=settings["mode"])
+    return replace(layer, params=params)
+
+
+def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
+    config = dict(source.config or {})
+    where = source.config_path or source.weights_path
+    modules: dict[str, dict] = defaultdict(lambda: {"A": {}, "B": {}})
+    unused = []
+    for key in source.tensors:
+        match = _KEY.match(key)
+        if match is None:
+            unused.append(key)
+        elif match["weights"]:
+            modules[match["module"]]["weights"] = key
+        else:
+            modules[match["module"]][match["factor"]][int(match["index"])] = key
+    indices = {i for keys in modules.values() for i in (*keys["A"], *keys["B"])}
+    count = config.get("num_components", max(indices, default=-1) + 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise CheckpointError(f"num_components must be a positive integer, found {count!r}", path=where)
+    if options.alpha is not None:
+        config["lora_alpha"] = options.alpha
+    settings = {
+        "alphas": _per_component(config, "lora_alpha", count, where) if "lora_alpha" in config else [None] * count,
+        "rslora": bool(config.get("use_rslora")),
+        "normalize": _choice(config, "weight_normalization", NORMALIZATIONS, where),
+        "mode": _choice(config, "mode", MODES, where),
+    }
+    warnings = []
+    if "lora_alpha" not in config:
+        warnings.append("no lora_alpha in the config: α is unknown, scale 1 per unit of r assumed (pass --alpha)")
+    layers = [_layer(source, stored, keys, count, settings) for stored, keys in modules.items()]
+    return Checkpoint(
+        path=source.path,
+        family="composition",
+        adapter_type="BOOSTLORA",
+        config=dict(source.config or {}),
+        layers=layers,
+        skipped=[Skipped(key, "not a tensor of a BoostLoRA adapter") for key in unused],
+        warnings=warnings,
+        notes=[f"{count} components, mode {settings['mode']}, weights normalised: {settings['normalize']}"],
+        weights_file=source.weights_path,
+    )
+
+
+register_format(
+    Format("boostlora", "BoostLoRA single file: lora_A.<i>/lora_B.<i> + boost_weights", detect, read, priority=12)
+)
