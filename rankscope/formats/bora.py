@@ -1,0 +1,293 @@
+"""BoRA (Block-Diversified LoRA, arXiv 2508.06953) in the file layout rankscope defines for it.
+
+No official BoRA checkpoint layout has been published; rankscope reads this one, which is what a PEFT-subclass
+implementation writes (PEFT's LoRA layout plus one tensor per module)::
+
+    adapter_config.json
+        "peft_type": "LORA" (PEFT's save_pretrained of a lora.Linear subclass) or "BORA"
+        "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out"  — as PEFT LoRA
+        "bora_exp": true, "bora_norm": true  — optional ablation switches (both true when absent or null)
+    adapter_model.safetensors (or adapter_model.bin), keys with or without PEFT's ``base_model.model.`` prefix
+        <module>.lora_A.weight                        (r, n)       n = in_features
+        <module>.lora_B.weight                        (m, r)       m = out_features
+        <module>.lora_sigma  or  <module>.lora_sigma.weight   (b, b, r)   b = the number of blocks
+
+b is read from the shape of ``lora_sigma``; it must divide m and n. A is cut into b column blocks and B into b
+row blocks::
+
+    A = [A_1 … A_b]  (A_j: r × n/b)          B = [B_1; …; B_b]  (B_i: m/b × r)
+    ΔW_ij = s · B_i Σ_ij A_j                  (block (i, j) of ΔW: rows of output block i, columns of input block j)
+    Σ_ij  = diag(exp(σ_ij / mean|σ|))         one mean of |σ| over the whole (b, b, r) tensor of the module
+    s     = α/r, or α/√r with use_rslora; r and α per layer through rank_pattern / alpha_pattern
+
+Ablations (config fields, both true by default): ``"bora_norm": false`` gives Σ_ij = diag(exp(σ_ij)),
+``"bora_exp": false`` gives Σ_ij = diag(σ_ij / mean|σ|); both false gives Σ_ij = diag(σ_ij).
+LoRA is the special case Σ_ij = I for all i, j; MELoRA is Σ_ii = I, Σ_ij = 0 for i ≠ j.
+
+As a factored update ΔW = left · s · core · right with left = blockdiag(B_1..B_b) (m × b·r), core = Σ'
+(b·r × b·r, the b×b grid of the diagonal r×r blocks Σ_ij) and right = blockdiag(A_1..A_b) (b·r × n): its
+exact spectrum comes from a (b·r)² core, and rank ΔW ≤ min(m, n, b·r). Trainable parameters per layer:
+numel(A) + numel(B) + numel(σ) = r·n + m·r + b²·r.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import Checkpoint, Layer, Skipped
+from ..errors import CheckpointError, UnsupportedAdapterError
+from ..naming import layer_name
+from ..update import FactoredUpdate, upcast
+from . import Format, ReadOptions, register_format
+from .peft_common import (
+    config_from_metadata,
+    nonfinite_problem,
+    pattern_value,
+    positive_integer,
+    positive_number,
+    truthy,
+)
+from .source import AdapterSource
+
+FAMILY = "bora"
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)\.weight$")
+_SIGMA_KEY = re.compile(r"^(?P<module>.+)\.lora_sigma(?P<suffix>\.weight)?$")
+_SPELLING = {"A": "lora_A.weight", "B": "lora_B.weight", "sigma": "lora_sigma"}
+
+# LoRA switches that change the update in ways this reader does not model
+_REFUSED_FLAGS = {
+    "use_dora": "BoRA with DoRA's magnitude vector (use_dora) is not supported",
+    "lora_nums": "BoRA with several B heads (lora_nums) is not supported",
+    "layer_replication": "layer_replication renumbers layers away from the base model's",
+    "target_parameters": "LoRA on parameters (target_parameters) stacks expert factors in one tensor",
+}
+
+
+def detect(source: AdapterSource) -> bool:
+    """``peft_type`` BORA, or LoRA keys plus at least one ``lora_sigma`` (with ``peft_type`` LORA or none)."""
+    if source.peft_type == "BORA":
+        return True
+    if source.peft_type not in (None, "LORA"):
+        return False
+    keys = source.tensors.keys()
+    return any(_SIGMA_KEY.match(key) for key in keys) and any(_FACTOR_KEY.match(key) for key in keys)
+
+
+# -- Σ: the ablation variants as strategies ----------------------------------------------------------------
+def _by_mean_abs(sigma: torch.Tensor) -> torch.Tensor:
+    """σ / mean|σ|, one mean over the whole (b, b, r) tensor (the paper's Mav(σ) = ‖σ‖₁ / (b²r))."""
+    return sigma / sigma.abs().mean()
+
+
+def _unchanged(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma
+
+
+@dataclass(frozen=True)
+class SigmaMap:
+    """σ (b, b, r) ↦ the diagonals of Σ_ij: ``mapping(normalise(σ))``; ``formula`` says which, for messages."""
+
+    normalise: Callable[[torch.Tensor], torch.Tensor]
+    mapping: Callable[[torch.Tensor], torch.Tensor]
+    formula: str
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.mapping(self.normalise(sigma))
+
+
+# (bora_norm, bora_exp) → strategy; the paper's method is (True, True), the others its ablations
+_SIGMA_MAPS = {
+    (True, True): SigmaMap(_by_mean_abs, torch.exp, "exp(σ/mean|σ|)"),
+    (False, True): SigmaMap(_unchanged, torch.exp, "exp(σ)"),
+    (True, False): SigmaMap(_by_mean_abs, _unchanged, "σ/mean|σ|"),
+    (False, False): SigmaMap(_unchanged, _unchanged, "σ"),
+}
+
+
+def _switch(config: dict, name: str, where: object) -> bool:
+    value = config.get(name)
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{name} must be true or false, found {value!r}", path=where)
+    return value
+
+
+def sigma_map(config: dict, where: object = None) -> SigmaMap:
+    """The Σ strategy the config's ``bora_norm`` / ``bora_exp`` switches select."""
+    return _SIGMA_MAPS[(_switch(config, "bora_norm", where), _switch(config, "bora_exp", where))]
+
+
+def block_core(diagonals: torch.Tensor) -> torch.Tensor:
+    """Σ' (b·r × b·r) from the (b, b, r) diagonals: Σ'[i·r + k, j·r + l] = Σ_ij[k]·δ_kl."""
+    blocks, _, rank = diagonals.shape
+    return torch.diag_embed(diagonals).permute(0, 2, 1, 3).reshape(blocks * rank, blocks * rank)
+
+
+# -- scale: α/r or α/√r ------------------------------------------------------------------------------------
+_RANK_SCALING = {False: lambda alpha, rank: alpha / rank, True: lambda alpha, rank: alpha / math.sqrt(rank)}
+
+
+def _scale_config(source: AdapterSource, options: ReadOptions) -> tuple[dict, bool, list[str]]:
+    """The config that gives α (and whether it is authoritative for r), with warnings."""
+    if source.config is not None:
+        config = dict(source.config)
+        if options.alpha is None:
+            return config, True, []
+        config["lora_alpha"], config["alpha_pattern"] = options.alpha, {}
+        return config, True, [f"--alpha {options.alpha:g} overrides lora_alpha and alpha_pattern of the config"]
+    if options.alpha is not None:
+        return {"lora_alpha": options.alpha}, False, []
+    config, origin = config_from_metadata(source.tensors.metadata())
+    if config is not None:
+        return config, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
+    return {}, False, ["no adapter_config.json and no α in the file's metadata: scale 1 is assumed (pass --alpha)"]
+
+
+def _scale(config: dict, name: str, rank: int, where: object) -> float:
+    if "lora_alpha" not in config:
+        return 1.0
+    alpha = pattern_value(
+        config.get("alpha_pattern"), name, config["lora_alpha"], config_path=where, field="alpha_pattern"
+    )
+    alpha = positive_number(config, "lora_alpha", config_path=where, value=alpha)
+    return _RANK_SCALING[bool(config.get("use_rslora"))](alpha, rank)
+
+
+# -- keys --------------------------------------------------------------------------------------------------
+@dataclass
+class _Module:
+    """The stored keys of one adapted module: role ("A", "B", "sigma") → key, and any second spelling."""
+
+    stored: str
+    keys: dict[str, str] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+
+
+def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
+    modules: dict[str, _Module] = {}
+    unused: list[str] = []
+    for key in keys:
+        match = _FACTOR_KEY.match(key) or _SIGMA_KEY.match(key)
+        if match is None:
+            unused.append(key)
+            continue
+        role = match.groupdict().get("role") or "sigma"
+        module = modules.setdefault(match["module"], _Module(match["module"]))
+        if role in module.keys:
+            module.duplicates.append(key)
+        else:
+            module.keys[role] = key
+    return modules, unused
+
+
+def _skip_reason(key: str, config: dict) -> str:
+    if key.endswith(".lora_B.bias"):
+        return "a bias of lora_B (lora_bias), not part of BoRA's ΔW"
+    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
+        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
+    for module in config.get("modules_to_save") or []:
+        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
+            return "a full copy of a module in modules_to_save, not a low-rank update"
+    return "not a tensor of a BoRA adapter"
+
+
+# -- one layer ---------------------------------------------------------------------------------------------
+def _shape_problem(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> str | None:
+    """Why A (r, n), B (m, r), σ (b, b, r) do not fit together, or None."""
+    a_key, b_key, s_key = keys["A"], keys["B"], keys["sigma"]
+    for key, tensor in ((a_key, a), (b_key, b), (s_key, sigma)):
+        problem = nonfinite_problem(tensor, key)
+        if problem:
+            return problem
+    if a.ndim != 2 or b.ndim != 2:
+        bad_key, bad = (a_key, a) if a.ndim != 2 else (b_key, b)
+        return f"{bad_key}: BoRA's blocks are defined for linear layers: expected a matrix, found {list(bad.shape)}"
+    (rank, n), (m, b_rank) = a.shape, b.shape
+    if rank == 0:
+        return f"{a_key}: r=0 rows, nothing to analyse"
+    if b_rank != rank:
+        return f"{b_key}: rank mismatch: {a_key} has r={rank} rows but {b_key} has {b_rank} columns"
+    if sigma.ndim != 3 or sigma.shape[0] != sigma.shape[1] or sigma.shape[2] != rank:
+        return f"{s_key}: expected shape (b, b, r) with r={rank} (the rows of {a_key}), found {list(sigma.shape)}"
+    blocks = sigma.shape[0]
+    if blocks == 0:
+        return f"{s_key}: b=0 blocks"
+    if m % blocks:
+        return f"{s_key}: b={blocks} blocks do not divide m={m}, the rows of {b_key} {list(b.shape)}"
+    if n % blocks:
+        return f"{s_key}: b={blocks} blocks do not divide n={n}, the columns of {a_key} {list(a.shape)}"
+    return None
+
+
+def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: bool, sigma_of: SigmaMap) -> Layer:
+    name = layer_name(module.stored)
+    missing = [role for role in ("A", "B", "sigma") if role not in module.keys]
+    if missing:
+        present = next(iter(module.keys.values()))
+        wanted = " and ".join(_SPELLING[role] for role in missing)
+        return Layer(name, None, (), 0, family=FAMILY, error=f"{present}: has no matching {wanted}")
+    if module.duplicates:
+        error = f"{module.duplicates[0]}: stored twice, also as {module.keys['sigma']}; which one is meant is unclear"
+        return Layer(name, None, (), 0, family=FAMILY, error=error)
+    tensors, keys = source.tensors, module.keys
+    a, b, sigma = tensors.get(keys["A"]), tensors.get(keys["B"]), tensors.get(keys["sigma"])
+    params = a.numel() + b.numel() + sigma.numel()
+
+    def invalid(message: str) -> Layer:
+        return Layer(name, None, (), params, family=FAMILY, error=message)
+
+    problem = _shape_problem(keys, a, b, sigma)
+    if problem:
+        return invalid(problem)
+    (rank, n), m, blocks = a.shape, b.shape[0], sigma.shape[0]
+    where = source.config_path or source.weights_path
+    config_r = pattern_value(
+        config.get("rank_pattern"), name, config.get("r", rank), config_path=where, field="rank_pattern"
+    )
+    if config_has_r and positive_integer(config_r, f"r of layer {name}", config_path=where) != rank:
+        return invalid(f"{keys['A']}: the config gives r={config_r} for this layer but the tensor has {rank} rows")
+    sigma = upcast(sigma)
+    diagonals = sigma_of(sigma)
+    if not bool(torch.isfinite(diagonals).all()):
+        mean = float(sigma.abs().mean())
+        return invalid(f"{keys['sigma']}: Σ = {sigma_of.formula} is not finite (mean|σ| = {mean:g})")
+    update = FactoredUpdate(
+        left=torch.block_diag(*b.split(m // blocks, dim=0)),
+        right=torch.block_diag(*a.split(n // blocks, dim=1)),
+        core=block_core(diagonals),
+        scale=_scale(config, name, rank, where),
+    )
+    if config.get("fan_in_fan_out"):  # GPT-2 Conv1D stores its weight as (in, out); the factors are as usual
+        return Layer(name, update, (n, m), params, kind="conv1d_gpt2", family=FAMILY)
+    return Layer(name, update, (m, n), params, family=FAMILY)
+
+
+def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
+    config, config_has_r, warnings = _scale_config(source, options)
+    where = source.config_path or source.weights_path
+    for flag, reason in _REFUSED_FLAGS.items():
+        if truthy(config.get(flag)):
+            raise UnsupportedAdapterError(f"{reason} ({flag} is set)", path=where)
+    sigma_of = sigma_map(config, where)
+    modules, unused = _group(source.tensors.keys())
+    return Checkpoint(
+        path=source.path,
+        family=FAMILY,
+        adapter_type="BORA",
+        config=dict(source.config or {}),
+        layers=[_layer(source, module, config, config_has_r, sigma_of) for module in modules.values()],
+        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        warnings=warnings,
+        weights_file=source.weights_path,
+    )
+
+
+register_format(
+    Format(FAMILY, "BoRA: PEFT LoRA keys plus lora_sigma (b, b, r) per module (rankscope's layout)", detect, read, 10)
+)
