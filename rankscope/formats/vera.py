@@ -1,0 +1,311 @@
+"""PEFT VeRA (``peft_type`` "VERA"): two trained scaling vectors per layer on frozen random projections.
+
+Per adapted layer the file holds ``<module>.vera_lambda_b`` (out,) and ``<module>.vera_lambda_d`` (r,); the
+random projections are shared by all layers and saved once, as ``base_model.vera_A`` (r, max_in) and
+``base_model.vera_B`` (max_out, r), when ``save_projection`` is true (PEFT's default). A layer uses their
+top-left corner:
+
+    ΔW = diag(λ_b) · B[:out, :] · diag(λ_d) · A[:, :in]        (no scaling factor)
+
+transposed for GPT-2 Conv1D (``fan_in_fan_out``); the analysed matrix stays (out, in). As a
+``FactoredUpdate(left=λ_b[:, None]·B[:out], core=diag(λ_d), right=A[:, :in])`` its spectrum is exact, rank
+≤ min(r, out, in). ``λ_b·B`` is formed in float32 (float64 if stored so): one rounding, 6e-8 relative.
+
+The file does not store a layer's input width ``in``. With the base model (``--base``) it is read from the base
+weight; without it every layer is taken to use all max_in columns of A — right where all adapted layers have
+the same fan-in (say q_proj and v_proj), wrong otherwise — and a warning says so.
+
+With ``save_projection=False`` the projections are not in the file: PEFT redraws them from
+``projection_prng_key`` with torch's CPU generator, sized by the largest adapted layer of the base model, so
+rankscope can redraw them too when the base model is given (:func:`regenerate_projections`).
+
+Parameters: λ_b and λ_d are what VeRA trains; A and B are frozen buffers (PEFT's ``requires_grad`` is off),
+so ``params`` counts λ_b + λ_d per layer and the shared projections are not counted as trainable
+(``shared_params`` = 0); a warning states their size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import Checkpoint, Layer, Skipped
+from ..errors import CheckpointError
+from ..naming import layer_name
+from ..update import FactoredUpdate
+from . import Format, ReadOptions, register_format
+from .peft_common import nonfinite_problem, positive_integer
+from .source import AdapterSource
+
+_LAMBDA = re.compile(r"^(?P<module>.+)\.vera_lambda_(?P<which>[bd])$")
+_SHARED = {"A": ("base_model.vera_A", "vera_A"), "B": ("base_model.vera_B", "vera_B")}  # with and without prefix
+_PER_LAYER_COPY = re.compile(r"\.vera_[AB]$")
+
+
+def detect(source: AdapterSource) -> bool:
+    if source.peft_type is not None:
+        return source.peft_type == "VERA"
+    return any(_LAMBDA.match(key) for key in source.tensors)
+
+
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """U(−b, b) with b = √3 · √2/√fan_in, fan_in = shape[1]: PEFT's ``_kaiming_init`` (float32, in this order)."""
+    tensor = torch.empty(shape, dtype=torch.float32)
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound, generator=generator)
+
+
+def regenerate_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's shared (A, B) as PEFT draws them when ``save_projection`` is false.
+
+    One CPU ``torch.Generator`` seeded with ``projection_prng_key`` draws A (r, max_in) first, then
+    B (max_out, r), each Kaiming-uniform over its own fan-in. Deterministic for a given torch build (PEFT's own
+    warning: "may not be accurate on all system configurations").
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    a = _kaiming_uniform((r, max_in), generator)
+    b = _kaiming_uniform((max_out, r), generator)
+    return a, b
+
+
+@dataclass
+class _Module:
+    stored: str
+    keys: dict[str, str] = field(default_factory=dict)  # "b", "d" → stored key
+
+
+def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
+    modules: dict[str, _Module] = {}
+    unused: list[str] = []
+    for key in keys:
+        match = _LAMBDA.match(key)
+        if match is None:
+            unused.append(key)
+            continue
+        modules.setdefault(match["module"], _Module(match["module"])).keys[match["which"]] = key
+    return modules, unused
+
+
+@dataclass(frozen=True)
+class _Orientation:
+    """A layer's input width and whether its base weight is stored (in, out) (GPT-2 Conv1D)."""
+
+    width: int
+    transposed: bool
+    shape: tuple[int, ...]
+
+
+def _orientation(options: ReadOptions, name: str, out: int, max_in: int, fan_in_fan_out: bool) -> _Orientation:
+    """in and the stored layout of one layer: from its base weight where the base model is given.
+
+    PEFT sets ``fan_in_fan_out`` per module type while building (Linear: false, Conv1D: true) and saves the value
+    left by the last module, so on a model mixing both the flag is not the layer's: the stored out width (the
+    length of λ_b) tells which axis of the base weight is ``out``.
+    """
+    if options.base is None:
+        shape = (max_in, out) if fan_in_fan_out else (out, max_in)
+        return _Orientation(max_in, fan_in_fan_out, shape)
+    shape = tuple(options.base.shape(name))
+    if len(shape) != 2:
+        raise CheckpointError(f"VeRA adapts Linear and Conv1D layers, but the base weight has shape {list(shape)}")
+    # (axis of out, transposed): the config's layout first, then the other one
+    candidates = ((1, True), (0, False)) if fan_in_fan_out else ((0, False), (1, True))
+    for out_axis, transposed in candidates:
+        if shape[out_axis] == out:
+            return _Orientation(shape[1 - out_axis], transposed, shape)
+    raise CheckpointError(f"the base weight has shape {list(shape)}, neither axis has the {out} outputs of λ_b")
+
+
+def _stored_projection(source: AdapterSource, which: str) -> tuple[str, torch.Tensor] | None:
+    for key in _SHARED[which]:
+        if key in source.tensors:
+            return key, source.tensors.get(key)
+    return None
+
+
+def _regenerated(
+    source: AdapterSource, options: ReadOptions, modules: dict[str, _Module], r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Redraw A and B from ``projection_prng_key``, sized by the largest adapted layer of the base model."""
+    config = source.config or {}
+    where = source.config_path or source.weights_path
+    if options.base is None:
+        raise CheckpointError(
+            f"the shared projection {_SHARED['A'][0]!r} is not in the file (save_projection=false): PEFT redraws "
+            "it from projection_prng_key at the size of the base model's largest adapted layer; pass the base model "
+            "(--base) so rankscope can redraw it",
+            path=source.weights_path,
+            key=_SHARED["A"][0],
+        )
+    seed = config.get("projection_prng_key")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CheckpointError(
+            f"save_projection is false and projection_prng_key is not an integer ({seed!r})", path=where
+        )
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    max_in = max_out = 0
+    for module in modules.values():
+        if "b" not in module.keys:
+            continue  # an invalid layer (no λ_b): PEFT would not have built it either
+        name = layer_name(module.stored)
+        out = source.tensors.shape(module.keys["b"])[0]
+        try:
+            orientation = _orientation(options, name, out, 0, fan_in_fan_out)
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot size the redrawn projections: {exc}", path=options.base.path) from exc
+        max_in, max_out = max(max_in, orientation.width), max(max_out, out)
+    return regenerate_projections(seed, r, max_in, max_out)
+
+
+def _projections(
+    source: AdapterSource, options: ReadOptions, modules: dict[str, _Module]
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The shared (A, B), stored or redrawn, checked against each other and the config's r; with notes."""
+    config = source.config or {}
+    where = source.config_path or source.weights_path
+    stored_a, stored_b = _stored_projection(source, "A"), _stored_projection(source, "B")
+    r = positive_integer(config["r"], "VeRA's r", config_path=where) if "r" in config else None
+    if stored_a is None and stored_b is None and config.get("save_projection") is False:
+        if r is None:
+            raise CheckpointError("save_projection is false but the config has no r to redraw vera_A with", path=where)
+        a, b = _regenerated(source, options, modules, r)
+        notes = [
+            f"vera_A/vera_B are not in the file (save_projection=false): redrawn from projection_prng_key="
+            f"{config.get('projection_prng_key')} with torch's CPU generator, as PEFT does for a model whose only "
+            "VeRA adapter is this one"
+        ]
+        return a, b, notes
+    for which, found in (("A", stored_a), ("B", stored_b)):
+        if found is None:
+            said = source.config is not None and config.get("save_projection", True)
+            why = "the config says save_projection=true" if said else "every layer's ΔW needs it"
+            raise CheckpointError(
+                f"the shared projection vera_{which} is missing ({why}); the file is incomplete",
+                path=source.weights_path,
+                key=_SHARED[which][0],
+            )
+    (a_key, a), (b_key, b) = stored_a, stored_b
+    for key, tensor in ((a_key, a), (b_key, b)):
+        problem = nonfinite_problem(tensor, key)
+        if tensor.ndim != 2 or problem:
+            message = problem.removeprefix(f"{key}: ") if problem else f"expected a matrix, found {list(tensor.shape)}"
+            raise CheckpointError(message, path=source.weights_path, key=key)
+    if a.shape[0] != b.shape[1]:
+        raise CheckpointError(
+            f"rank mismatch: {a_key} has {a.shape[0]} rows but {b_key} has {b.shape[1]} columns",
+            path=source.weights_path,
+            key=b_key,
+        )
+    if r is not None and a.shape[0] != r:
+        raise CheckpointError(
+            f"the config gives r={r} but {a_key} has {a.shape[0]} rows", path=source.weights_path, key=a_key
+        )
+    return a, b, []
+
+
+def _left_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 for stored float32/bf16/fp16 (one rounding of λ_b·B, not three), float64 if stored so."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _layer(
+    source: AdapterSource,
+    module: _Module,
+    projections: tuple[torch.Tensor, torch.Tensor],
+    options: ReadOptions,
+    fan_in_fan_out: bool,
+) -> Layer:
+    tensors = source.tensors
+    name = layer_name(module.stored)
+    if "b" not in module.keys or "d" not in module.keys:
+        have, missing = ("b", "d") if "b" in module.keys else ("d", "b")
+        return Layer(
+            name, None, (), 0, family="vera", error=f"{module.keys[have]}: has no matching vera_lambda_{missing}"
+        )
+    b_key, d_key = module.keys["b"], module.keys["d"]
+    lambda_b, lambda_d = tensors.get(b_key), tensors.get(d_key)
+    params = lambda_b.numel() + lambda_d.numel()
+
+    def invalid(message: str) -> Layer:
+        return Layer(name, None, (), params, family="vera", error=message)
+
+    for key, tensor in ((b_key, lambda_b), (d_key, lambda_d)):
+        if tensor.ndim != 1:
+            return invalid(f"{key}: expected a vector, found shape {list(tensor.shape)}")
+        problem = nonfinite_problem(tensor, key)
+        if problem:
+            return invalid(problem)
+    proj_a, proj_b = projections
+    out, r = lambda_b.shape[0], lambda_d.shape[0]
+    if r != proj_a.shape[0]:
+        return invalid(f"{d_key}: has {r} entries but the shared vera_A has r={proj_a.shape[0]} rows")
+    if out > proj_b.shape[0]:
+        return invalid(f"{b_key}: the layer has {out} outputs but the shared vera_B has only {proj_b.shape[0]} rows")
+    try:
+        orientation = _orientation(options, name, out, proj_a.shape[1], fan_in_fan_out)
+    except CheckpointError as exc:
+        return invalid(f"{b_key}: {exc}")
+    if orientation.width > proj_a.shape[1]:
+        return invalid(
+            f"{b_key}: the layer has {orientation.width} inputs but the shared vera_A has only "
+            f"{proj_a.shape[1]} columns"
+        )
+    dtype = _left_dtype(lambda_b, proj_b)
+    left = lambda_b.to(dtype)[:, None] * proj_b[:out].to(dtype)
+    update = FactoredUpdate(left, proj_a[:, : orientation.width], core=torch.diag(lambda_d))
+    kind = "conv1d_gpt2" if orientation.transposed else "linear"
+    return Layer(name, update, orientation.shape, params, kind=kind, family="vera")
+
+
+def _skip_reason(key: str, config: dict) -> str:
+    if _PER_LAYER_COPY.search(key):
+        return "a per-layer copy of the shared projection (the shared one is used)"
+    for module in config.get("modules_to_save") or []:  # before biases: a saved module has its own bias
+        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
+            return "a full copy of a module in modules_to_save, not a low-rank update"
+    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
+        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
+    return "not a tensor of a VeRA adapter"
+
+
+def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
+    config = dict(source.config or {})
+    modules, unused = _group(source.tensors.keys())
+    if not modules:
+        raise CheckpointError("no vera_lambda_b/vera_lambda_d tensors found", path=source.weights_path)
+    proj_a, proj_b, warnings = _projections(source, options, modules)
+    shared_keys = {key for keys in _SHARED.values() for key in keys}
+    unused = [key for key in unused if key not in shared_keys]
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    layers = [_layer(source, module, (proj_a, proj_b), options, fan_in_fan_out) for module in modules.values()]
+    warnings.append(
+        f"the shared random projections vera_A {list(proj_a.shape)} and vera_B {list(proj_b.shape)} "
+        f"({proj_a.numel() + proj_b.numel()} values) are frozen, not trained: params count only λ_b and λ_d"
+    )
+    if options.base is None:
+        warnings.append(
+            f"VeRA files do not store a layer's input width: without --base every layer is taken to use all "
+            f"{proj_a.shape[1]} columns of vera_A, which is right only where all adapted layers have the same "
+            "fan-in; pass the base model (--base) to slice vera_A exactly"
+        )
+    return Checkpoint(
+        path=source.path,
+        family="vera",
+        adapter_type="VERA",
+        config=config,
+        layers=layers,
+        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        warnings=warnings,
+        weights_file=source.weights_path,
+        shared_params=0,
+    )
+
+
+register_format(Format("vera", "PEFT VeRA (shared random projections, Linear and Conv1D)", detect, read, priority=20))
