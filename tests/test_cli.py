@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from rankscope.cli import main
 
-from .factories import lora_config, llama_like, random_factors, write_lora
+from .factories import llama_like, lora_config, random_factors, write_lora
 
 
 @pytest.fixture()
@@ -108,8 +108,13 @@ def test_dense_path_agrees(runner, adapter):
 
 
 def test_rslora_and_patterns(runner, tmp_path):
-    factors = {"model.layers.0.mlp.up_proj": random_factors(16, 8, 4, 1), "model.layers.0.mlp.down_proj": random_factors(8, 16, 2, 2)}
-    config = lora_config(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3})
+    factors = {
+        "model.layers.0.mlp.up_proj": random_factors(16, 8, 4, 1),
+        "model.layers.0.mlp.down_proj": random_factors(8, 16, 2, 2),
+    }
+    config = lora_config(
+        r=4, lora_alpha=8, use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3}
+    )
     doc = json.loads(spectrum(runner, write_lora(tmp_path / "a", factors, config), "--json", "-", "-q").stdout)
     scales = {layer["name"].rsplit(".", 1)[-1]: layer["scale"] for layer in doc["layers"]}
     assert scales["up_proj"] == pytest.approx(8 / 2) and scales["down_proj"] == pytest.approx(3 / 2**0.5)

@@ -103,7 +103,9 @@ def test_zero_update_gives_zero_spectrum():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dense_path(dtype):
     g = torch.Generator().manual_seed(3)
-    updates = [FactoredUpdate(torch.randn(20, 3, generator=g), torch.randn(3, 15, generator=g), scale=1.5) for _ in range(3)]
+    updates = [
+        FactoredUpdate(torch.randn(20, 3, generator=g), torch.randn(3, 15, generator=g), scale=1.5) for _ in range(3)
+    ]
     results = dense_singular_values(updates, dtype=dtype, memory_budget=1)
     for update, sigma in zip(updates, results, strict=True):
         expected = reference(update.left, update.right, scale=1.5)
