@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,9 @@ from .errors import CheckpointError, one_line
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TENSOR_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+# how torch's weights_only unpickler says it blocked a global ("Unsupported global: GLOBAL io.open …",
+# "Trying to load unsupported GLOBAL posix.system …"), as opposed to bytes it cannot parse ("Unsupported operand")
+_REFUSED_GLOBAL = re.compile(r"unsupported global", re.IGNORECASE)
 
 
 class TensorFile:
@@ -58,14 +62,7 @@ class TensorFile:
         except FileNotFoundError as exc:
             raise CheckpointError("file not found", path=self.path) from exc
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()
-            reason = next((line for line in first if "Unsupported" in line or "global" in line), "")
-            raise CheckpointError(
-                "refused to unpickle: the file holds objects other than tensors, and rankscope loads pickles "
-                f"only with weights_only=True {('(' + one_line(reason, 160) + ')') if reason else ''}; if this is "
-                "your own file, --trust-pickle loads it in full (unpickling runs code)",
-                path=self.path,
-            ) from exc
+            raise self._unpickling_error(exc) from exc
         except Exception as exc:  # RuntimeError, EOFError, KeyError, UnicodeDecodeError, … on damaged files
             raise CheckpointError(
                 f"cannot read this file as a torch checkpoint ({type(exc).__name__}: {one_line(exc, 160)})",
@@ -73,6 +70,23 @@ class TensorFile:
             ) from exc
         self._tensors = self._tensor_mapping(obj)
         self._keys = list(self._tensors)
+
+    def _unpickling_error(self, exc: pickle.UnpicklingError) -> CheckpointError:
+        """weights_only refusing a global (an object that is not a tensor), or a damaged / non-torch pickle."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if _REFUSED_GLOBAL.search(line)), None)
+        if refused is None or self.trust_pickle:
+            detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+            return CheckpointError(
+                f"cannot read this file as a torch checkpoint (UnpicklingError: {one_line(detail, 160)})",
+                path=self.path,
+            )
+        return CheckpointError(
+            "refused to unpickle: the file holds objects other than tensors, and rankscope loads pickles "
+            f"only with weights_only=True ({one_line(refused, 160)}); if this is "
+            "your own file, --trust-pickle loads it in full (unpickling runs code)",
+            path=self.path,
+        )
 
     def _tensor_mapping(self, obj: object) -> dict[str, torch.Tensor]:
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

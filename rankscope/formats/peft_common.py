@@ -14,9 +14,20 @@ import torch
 from ..errors import CheckpointError
 
 
-def pattern_value(patterns: Mapping[str, object] | None, name: str, default: object, *, config_path: Path | None):
+def pattern_value(
+    patterns: Mapping[str, object] | None,
+    name: str,
+    default: object,
+    *,
+    config_path: Path | None,
+    field: str = "rank_pattern/alpha_pattern",
+):
     """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key k, in dict order, for which
     ``re.match(rf"(.*\\.)?({k})$", name)`` matches gives the value; otherwise ``default``."""
+    if patterns is not None and not isinstance(patterns, Mapping):
+        raise CheckpointError(
+            f"{field} must be a JSON object of pattern → value, found {type(patterns).__name__}", path=config_path
+        )
     for key, value in (patterns or {}).items():
         try:
             if re.match(rf"(.*\.)?({key})$", name):
@@ -37,12 +48,24 @@ def nonfinite_problem(tensor: torch.Tensor, key: str) -> str | None:
     return f"{key}: {nans} NaN and {infs} Inf values"
 
 
-def positive_number(config: Mapping, field: str, *, config_path: Path | None, value: object = None) -> float:
-    """A config value that must be a finite positive number (r, lora_alpha, …)."""
-    raw = config.get(field) if value is None else value
+_FROM_CONFIG = object()
+
+
+def positive_number(config: Mapping, field: str, *, config_path: Path | None, value: object = _FROM_CONFIG) -> float:
+    """A config value that must be a finite positive number (r, lora_alpha, …): ``value`` where given (a
+    pattern's value, which may itself be null), else ``config[field]``."""
+    raw = config.get(field) if value is _FROM_CONFIG else value
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
         raise CheckpointError(f"{field} must be a positive number, found {raw!r}", path=config_path)
     return float(raw)
+
+
+def positive_integer(value: object, what: str, *, config_path: Path | None) -> int:
+    """A rank from a config (``r``, a ``rank_pattern`` value): a positive whole number (4 or 4.0)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value <= 0 or value != int(value):
+        raise CheckpointError(f"{what} must be a positive integer, found {value!r}", path=config_path)
+    return int(value)
 
 
 def truthy(value: object) -> bool:
