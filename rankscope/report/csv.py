@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..analysis import Analysis
 
 _IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shape", "rank_bound", "params", "scale")
-_STATUS = ("exact", "valid", "error")
+_STATUS = ("scaled", "exact", "valid", "error")
 
 
 def layers_csv(analysis: Analysis) -> str:
@@ -26,6 +26,7 @@ def layers_csv(analysis: Analysis) -> str:
     writer.writerow([*_IDENTITY, *_STATUS, *metric_columns])
     for record in analysis.layers:
         row = record.to_dict()
+        row["scaled"] = not analysis.options.unscaled  # --unscaled is said in every output, here per row
         row["shape"] = "x".join(map(str, record.shape))
         row["matrix_shape"] = "x".join(map(str, record.matrix_shape))
         values = flat_metrics(record)
