@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .naming import layer_name
 from .tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
 _INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -25,6 +26,7 @@ class BaseWeights:
         self.path = Path(path)
         self._files: dict[Path, TensorFile] = {}
         self._key_to_file: dict[str, Path] = files or self._index()
+        self._by_name = _names(self._key_to_file)
 
     @classmethod
     def from_tensor_file(cls, tensors: TensorFile) -> BaseWeights:
@@ -65,19 +67,53 @@ class BaseWeights:
         return self._files[path]
 
     def key_for(self, layer: str, suffix: str = "weight") -> str | None:
-        """The stored key of ``layer``'s tensor: exact, as a PEFT-wrapped ``base_layer``, or a unique suffix match."""
-        for key in (f"{layer}.{suffix}", f"{layer}.base_layer.{suffix}"):
-            if key in self._key_to_file:
-                return key
-        tail = f".{layer}.{suffix}"
-        matches = [k for k in self._key_to_file if k.endswith(tail)]
+        """The stored key of ``layer``'s tensor, or None.
+
+        Keys are compared as layer names (PEFT's ``base_model.model.`` prefix, ``module.``/``_orig_mod.``
+        segments and a ``.base_layer`` wrapper dropped), so a PEFT-wrapped state dict serves as a base too; a
+        base whose names carry an extra leading part matches where exactly one name ends in ``.<layer>``.
+        """
+        wanted = f"{layer}.{suffix}"
+        if wanted in self._by_name:
+            return self._by_name[wanted]
+        matches = [key for name, key in self._by_name.items() if name.endswith(f".{wanted}")]
         return matches[0] if len(matches) == 1 else None
 
-    def get(self, layer: str, suffix: str = "weight") -> torch.Tensor:
-        """``layer``'s base tensor; a one-line error names the base and the key looked for."""
+    def _require(self, layer: str, suffix: str) -> str:
         key = self.key_for(layer, suffix)
         if key is None:
             raise CheckpointError(
                 f"base model has no tensor for layer {layer!r}", path=self.path, key=f"{layer}.{suffix}"
             )
+        return key
+
+    def shape(self, layer: str, suffix: str = "weight") -> tuple[int, ...]:
+        """The shape of ``layer``'s base tensor, read from the header without loading it."""
+        key = self._require(layer, suffix)
+        return self._open(self._key_to_file[key]).shape(key)
+
+    def get(self, layer: str, suffix: str = "weight") -> torch.Tensor:
+        """``layer``'s base tensor; a one-line error names the base and the key looked for."""
+        key = self._require(layer, suffix)
         return self._open(self._key_to_file[key]).get(key)
+
+
+def _names(keys: dict[str, Path]) -> dict[str, str]:
+    """Stored keys by their layer-name form ``<layer>.<suffix>`` (the first key wins where two collide)."""
+    names: dict[str, str] = {}
+    for key in keys:
+        module, dot, suffix = key.rpartition(".")
+        if dot:
+            names.setdefault(f"{layer_name(module.removesuffix('.base_layer'))}.{suffix}", key)
+    return names
+
+
+def as_matrix(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A base weight as the analysed (out, in·k…) matrix of a layer of ``kind``.
+
+    GPT-2's Conv1D stores (in, out) and an embedding (V, d): both are transposed (the analysed matrix of an
+    embedding is (d, V), as for its LoRA update); a conv's (out, in, *k) is flattened to (out, in·∏k).
+    """
+    if kind in ("conv1d_gpt2", "embedding"):
+        return weight.T
+    return weight.reshape(weight.shape[0], -1)

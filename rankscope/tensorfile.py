@@ -90,6 +90,9 @@ class TensorFile:
 
     def _tensor_mapping(self, obj: object) -> dict[str, torch.Tensor]:
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            for key, value in obj.items():  # epoch, optimizer state, hyper-parameters …: listed, not dropped
+                if key != "state_dict":
+                    self.ignored[str(key)] = f"beside the state_dict ({type(value).__name__})"
             obj = obj["state_dict"]  # Lightning and many training loops nest the weights here
         if not isinstance(obj, Mapping):
             raise CheckpointError(

@@ -155,4 +155,4 @@ def report_problems(analysis, *, quiet: bool) -> None:
         note(f"{len(checkpoint.skipped)} tensors not used ({reasons}); listed under 'skipped' in --json")
     if checkpoint.other_adapters:
         names = ", ".join(checkpoint.other_adapters)
-        note(f"this directory also holds adapters: {names} (pick one with --adapter NAME)")
+        note(f"this checkpoint also holds adapters: {names} (pick one with --adapter NAME)")

@@ -138,7 +138,7 @@ def _load(path: Path, adapter: str | None, format: str | None, options: ReadOpti
     else:
         fmt = detect(source)
     checkpoint = fmt.read(source, options)
-    checkpoint.other_adapters = list(source.other_adapters)
+    checkpoint.other_adapters = checkpoint.other_adapters or list(source.other_adapters)
     checkpoint.skipped.extend(Skipped(key, reason) for key, reason in source.tensors.ignored.items())
     if not checkpoint.layers:
         raise CheckpointError("no adapted layers found", path=source.weights_path)

@@ -17,17 +17,45 @@ from ..errors import UnsupportedAdapterError
 from ..naming import layer_name
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import config_from_metadata, nonfinite_problem, pattern_value, positive_number, truthy
+from .peft_common import (
+    config_from_metadata,
+    nonfinite_problem,
+    pattern_value,
+    positive_integer,
+    positive_number,
+    truthy,
+)
 from .source import AdapterSource
 
+# saved files strip the adapter name (``lin.lora_A.weight``); a whole model's state dict keeps it
+# (``lin.lora_A.default.weight``, ``emb.lora_embedding_A.default``): the optional ``adapter`` segment
 _KEY = re.compile(
     r"^(?P<module>.+)\.(?P<attr>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?P<param>\.weight|\.bias)?$"
+    r"(?:\.(?!weight$|bias$)(?P<adapter>[^.]+))?(?P<param>\.weight|\.bias)?$"
 )
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """A LoRA tensor key taken apart: ``<module>.<attr>[.<adapter>][<param>]``."""
+
+    module: str
+    attr: str
+    adapter: str | None
+    param: str
+
+
+def split_key(key: str) -> KeyParts | None:
+    """The parts of a LoRA tensor key (``adapter`` None where the name was stripped on save), or None."""
+    match = _KEY.match(key)
+    if match is None:
+        return None
+    return KeyParts(match["module"], match["attr"], match["adapter"], match["param"] or "")
+
 
 # LoRA configs whose flags change the layout or the update in ways this reader does not handle
 _REFUSED_FLAGS = {
-    "use_dora": "DoRA (use_dora) rescales W0 + s·BA row by row and needs the base weights; not supported yet",
+    "use_dora": "DoRA (use_dora) is read by the dora format, not plain LoRA (drop --format lora; give --base PATH)",
     "use_bdlora": "BD-LoRA (use_bdlora) stores one factor block-diagonally in compact form",
     "use_qalora": "QA-LoRA (use_qalora) pools its inputs and has no static ΔW",
     "kasa_config": "KaSA (kasa_config) rewrites the base weight and scales by a learned diagonal",
@@ -43,14 +71,15 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FOREIGN_TENSORS = {
     "lora_sigma": "BoRA (lora_sigma tensors) is not supported yet",
     "lora_route": "HydraLoRA (lora_route tensors) is not supported yet",
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector tensors) needs the base weights; not supported yet",
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector tensors) is read by the dora format, not plain LoRA",
 }
 
 
 def detect(source: AdapterSource) -> bool:
     if source.peft_type is not None:
         return source.peft_type == "LORA"
-    return any(_KEY.match(key) for key in source.tensors)
+    # keys that keep an adapter name are a whole model's state dict: the training reader's
+    return any(parts is not None and parts.adapter is None for parts in map(split_key, source.tensors))
 
 
 @dataclass
@@ -58,23 +87,33 @@ class _Module:
     """The stored keys of one adapted module."""
 
     stored: str
-    keys: dict[str, str] = field(default_factory=dict)  # "A", "B", "bias" → stored key
+    keys: dict[str, str] = field(default_factory=dict)  # "A", "B", "bias", "magnitude" (DoRA) → stored key
     embedding: bool = False
 
 
-def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
+_ROLES = {
+    "lora_A": "A",
+    "lora_embedding_A": "A",
+    "lora_B": "B",
+    "lora_embedding_B": "B",
+    "lora_magnitude_vector": "magnitude",
+}
+
+
+def _group(keys: list[str], adapter: str | None = None) -> tuple[dict[str, _Module], list[str]]:
+    """Keys by module; only those of ``adapter`` (None: names stripped, as saved), the rest unused."""
     modules: dict[str, _Module] = {}
     unused: list[str] = []
     for key in keys:
         match = _KEY.match(key)
-        if match is None:
+        if match is None or match["adapter"] != adapter:
             unused.append(key)
             continue
         attr, param = match["attr"], match["param"] or ""
-        role = {"lora_A": "A", "lora_embedding_A": "A", "lora_B": "B", "lora_embedding_B": "B"}.get(attr)
+        role = _ROLES[attr]
         if role == "B" and param == ".bias":
             role = "bias"
-        elif role is None or (param == ".bias"):
+        elif param == ".bias":
             unused.append(key)
             continue
         module = modules.setdefault(match["module"], _Module(match["module"]))
@@ -83,16 +122,17 @@ def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
     return modules, unused
 
 
-def _check_config(source: AdapterSource) -> list[str]:
-    """Refuse what this reader would misread; return warnings for what it reads with a caveat."""
+def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) -> list[str]:
+    """Refuse what this reader would misread (except the flags and tensors in ``allow``, which a variant's
+    reader handles); return warnings for what it reads with a caveat."""
     config = source.config or {}
     where = source.config_path or source.weights_path
     for flag, reason in _REFUSED_FLAGS.items():
-        if truthy(config.get(flag)):
+        if flag not in allow and truthy(config.get(flag)):
             raise UnsupportedAdapterError(f"{reason} ({flag} is set)", path=where)
     for key in source.tensors:
         for marker, reason in _FOREIGN_TENSORS.items():
-            if f".{marker}" in key or key.startswith(marker):
+            if marker not in allow and (f".{marker}" in key or key.startswith(marker)):
                 raise UnsupportedAdapterError(reason, path=source.weights_path, key=key)
     warnings = []
     init = config.get("init_lora_weights")
@@ -133,7 +173,7 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
     embedding = module.embedding
     if "A" not in module.keys or "B" not in module.keys:
         have, missing = ("A", "B") if "A" in module.keys else ("B", "A")
-        stored = module.keys.get(have) or module.keys["bias"]
+        stored = module.keys.get(have) or module.keys.get("bias") or next(iter(module.keys.values()))
         partner = "lora_embedding_" + missing if embedding else f"lora_{missing}.weight"
         return Layer(name, None, (), 0, error=f"{stored}: has no matching {partner}")
     a_key, b_key = module.keys["A"], module.keys["B"]
@@ -158,11 +198,15 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
         return invalid(f"{b_key}: a conv LoRA's B must be 1×…×1 in its kernel dims, found shape {list(b.shape)}")
 
     where = source.config_path or source.weights_path
-    config_r = pattern_value(config.get("rank_pattern"), name, config.get("r", rank), config_path=where)
-    if config_has_r and int(config_r) != rank:
+    config_r = pattern_value(
+        config.get("rank_pattern"), name, config.get("r", rank), config_path=where, field="rank_pattern"
+    )
+    if config_has_r and positive_integer(config_r, f"r of layer {name}", config_path=where) != rank:
         return invalid(f"{a_key}: the config gives r={config_r} for this layer but the tensor has {rank} rows")
     if "lora_alpha" in config:
-        alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"], config_path=where)
+        alpha = pattern_value(
+            config.get("alpha_pattern"), name, config["lora_alpha"], config_path=where, field="alpha_pattern"
+        )
         alpha = positive_number(config, "lora_alpha", config_path=where, value=alpha)
         scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank) if rank else 0.0
     else:
@@ -190,19 +234,42 @@ def _skip_reason(key: str, config: dict) -> str:
     return "not a tensor of a LoRA adapter"
 
 
-def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
-    warnings = _check_config(source)
+@dataclass
+class Parsed:
+    """A LoRA-style file read module by module: what variants (DoRA, training checkpoints) build on."""
+
+    modules: list[tuple[_Module, Layer]]  # each module's stored keys with its s·B·A layer
+    skipped: list[Skipped]
+    config: dict  # the config that gave r and α (with --alpha applied)
+    warnings: list[str]
+
+
+def parse(
+    source: AdapterSource, options: ReadOptions, *, adapter: str | None = None, allow: frozenset[str] = frozenset()
+) -> Parsed:
+    """Every module's s·B·A of ``adapter`` (None: names stripped, as PEFT saves them); ``allow`` lifts the
+    refusal of flags and tensors that the caller's variant handles (``use_dora``, ``lora_magnitude_vector``)."""
+    warnings = _check_config(source, allow)
     config, config_has_r, scale_warnings = _scale_config(source, options)
-    modules, unused = _group(source.tensors.keys())
-    layers = [_layer(source, module, config, config_has_r) for module in modules.values()]
+    modules, unused = _group(source.tensors.keys(), adapter)
+    return Parsed(
+        modules=[(module, _layer(source, module, config, config_has_r)) for module in modules.values()],
+        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        config=config,
+        warnings=warnings + scale_warnings,
+    )
+
+
+def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
+    parsed = parse(source, options)
     return Checkpoint(
         path=source.path,
         family="lora",
-        adapter_type="RSLORA" if config.get("use_rslora") else "LORA",
+        adapter_type="RSLORA" if parsed.config.get("use_rslora") else "LORA",
         config=dict(source.config or {}),
-        layers=layers,
-        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
-        warnings=warnings + scale_warnings,
+        layers=[layer for _, layer in parsed.modules],
+        skipped=parsed.skipped,
+        warnings=parsed.warnings,
         weights_file=source.weights_path,
     )
 

@@ -22,6 +22,7 @@ class AdapterSource:
     config_path: Path | None = None
     config: dict | None = None
     other_adapters: list[str] = field(default_factory=list)
+    adapter: str | None = None  # --adapter for a single file: a name inside it (a training checkpoint's keys)
 
     @property
     def peft_type(self) -> str | None:
@@ -89,10 +90,18 @@ def locate(path: str | Path, adapter: str | None = None, *, trust_pickle: bool =
         raise CheckpointError(
             f"not a tensor file: expected one of {', '.join(TENSOR_SUFFIXES)}, or an adapter directory", path=path
         )
-    if adapter is not None:
-        raise CheckpointError("--adapter needs a directory, not a single file", path=path)
     config_path = path.parent / CONFIG_NAME
-    return _open(path, path, config_path if config_path.is_file() else None, [], trust_pickle)
+    source = _open(path, path, config_path if config_path.is_file() else None, [], trust_pickle)
+    if adapter is not None:
+        # only a whole model's state dict keeps adapter names in its keys (``lin.lora_A.<name>.weight``)
+        if not any(f".{adapter}." in f"{key}." for key in source.tensors):
+            raise CheckpointError(
+                f"no adapter named {adapter!r} in this file: --adapter picks an adapter of a directory, or one "
+                f"inside a training checkpoint (keys like '….lora_A.{adapter}.weight')",
+                path=path,
+            )
+        source.adapter = adapter
+    return source
 
 
 def _root_and(path: Path, siblings: list[str]) -> list[str]:
