@@ -14,7 +14,6 @@ or by the presence of ``boost_weights``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from dataclasses import replace
@@ -25,7 +24,7 @@ from ..errors import CheckpointError
 from ..naming import layer_name
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_number
+from .peft_common import nonfinite_problem, positive_number, rank_scale
 from .source import AdapterSource
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<factor>[AB])\.(?P<index>\d+)\.weight|(?P<weights>boost_weights))$")
@@ -82,7 +81,7 @@ def _layer(source: AdapterSource, stored: str, keys: dict, count: int, settings:
             return invalid(f"{keys['B'][i]}: shape {list(b.shape)} does not fit {keys['A'][i]} {list(a.shape)}")
         rank = a.shape[0]
         alpha = settings["alphas"][i] if settings["alphas"][i] is not None else rank  # unknown α: scale 1
-        scale = alpha / (math.sqrt(rank) if settings["rslora"] else rank)
+        scale = rank_scale(alpha, rank, settings["rslora"])
         components.append(Layer(f"c{i}", FactoredUpdate(b, a, scale=scale), (b.shape[0], a.shape[1]), 0))
     layer = compose_layer(name, components, raw.tolist(), normalize=settings["normalize"], mode=settings["mode"])
     return replace(layer, params=params)

@@ -32,7 +32,6 @@ numel(A) + numel(B) + numel(σ) = r·n + m·r + b²·r.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,11 +44,11 @@ from ..naming import layer_name
 from ..update import FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .peft_common import (
-    config_from_metadata,
+    alpha_config,
+    layer_scale,
     nonfinite_problem,
     pattern_value,
     positive_integer,
-    positive_number,
     truthy,
 )
 from .source import AdapterSource
@@ -130,33 +129,6 @@ def block_core(diagonals: torch.Tensor) -> torch.Tensor:
 
 
 # -- scale: α/r or α/√r ------------------------------------------------------------------------------------
-_RANK_SCALING = {False: lambda alpha, rank: alpha / rank, True: lambda alpha, rank: alpha / math.sqrt(rank)}
-
-
-def _scale_config(source: AdapterSource, options: ReadOptions) -> tuple[dict, bool, list[str]]:
-    """The config that gives α (and whether it is authoritative for r), with warnings."""
-    if source.config is not None:
-        config = dict(source.config)
-        if options.alpha is None:
-            return config, True, []
-        config["lora_alpha"], config["alpha_pattern"] = options.alpha, {}
-        return config, True, [f"--alpha {options.alpha:g} overrides lora_alpha and alpha_pattern of the config"]
-    if options.alpha is not None:
-        return {"lora_alpha": options.alpha}, False, []
-    config, origin = config_from_metadata(source.tensors.metadata())
-    if config is not None:
-        return config, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
-    return {}, False, ["no adapter_config.json and no α in the file's metadata: scale 1 is assumed (pass --alpha)"]
-
-
-def _scale(config: dict, name: str, rank: int, where: object) -> float:
-    if "lora_alpha" not in config:
-        return 1.0
-    alpha = pattern_value(
-        config.get("alpha_pattern"), name, config["lora_alpha"], config_path=where, field="alpha_pattern"
-    )
-    alpha = positive_number(config, "lora_alpha", config_path=where, value=alpha)
-    return _RANK_SCALING[bool(config.get("use_rslora"))](alpha, rank)
 
 
 # -- keys --------------------------------------------------------------------------------------------------
@@ -261,7 +233,7 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
         left=torch.block_diag(*b.split(m // blocks, dim=0)),
         right=torch.block_diag(*a.split(n // blocks, dim=1)),
         core=block_core(diagonals),
-        scale=_scale(config, name, rank, where),
+        scale=layer_scale(config, name, rank, config_path=where),
     )
     if config.get("fan_in_fan_out"):  # GPT-2 Conv1D stores its weight as (in, out); the factors are as usual
         return Layer(name, update, (n, m), params, kind="conv1d_gpt2", family=FAMILY)
@@ -269,7 +241,7 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
-    config, config_has_r, warnings = _scale_config(source, options)
+    config, config_has_r, warnings = alpha_config(source.config, source.tensors.metadata(), options.alpha)
     where = source.config_path or source.weights_path
     for flag, reason in _REFUSED_FLAGS.items():
         if truthy(config.get(flag)):

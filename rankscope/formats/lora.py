@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -18,11 +17,11 @@ from ..naming import layer_name
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .peft_common import (
-    config_from_metadata,
+    alpha_config,
+    layer_scale,
     nonfinite_problem,
     pattern_value,
     positive_integer,
-    positive_number,
     truthy,
 )
 from .source import AdapterSource
@@ -64,13 +63,13 @@ _REFUSED_FLAGS = {
     "trainable_token_indices": "trainable_token_indices replaces embedding rows rather than adding B·A",
     "arrow_config": "Arrow (arrow_config) routes between adapters per token",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) is active only after its invocation tokens",
-    "lora_nums": "HydraLoRA (lora_nums) has several B heads and a router; not supported yet",
+    "lora_nums": "HydraLoRA (lora_nums) has several B heads and a router: it is read by the hydralora format",
 }
 # inits that overwrite the base weight: the saved factors are relative to the changed base
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FOREIGN_TENSORS = {
-    "lora_sigma": "BoRA (lora_sigma tensors) is not supported yet",
-    "lora_route": "HydraLoRA (lora_route tensors) is not supported yet",
+    "lora_sigma": "BoRA (lora_sigma tensors) is read by the bora format, not plain LoRA",
+    "lora_route": "HydraLoRA (lora_route tensors) is read by the hydralora format, not plain LoRA",
     "lora_magnitude_vector": "DoRA (lora_magnitude_vector tensors) is read by the dora format, not plain LoRA",
 }
 
@@ -144,29 +143,6 @@ def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) ->
     return warnings
 
 
-def _scale_config(source: AdapterSource, options: ReadOptions) -> tuple[dict, bool, list[str]]:
-    """The config that gives α (and whether it is authoritative for r), with warnings."""
-    if source.config is not None:
-        config = dict(source.config)
-        if options.alpha is not None:
-            config["lora_alpha"], config["alpha_pattern"] = options.alpha, {}
-            return config, True, [f"--alpha {options.alpha:g} overrides lora_alpha and alpha_pattern of the config"]
-        return config, True, []
-    if options.alpha is not None:
-        return {"lora_alpha": options.alpha}, False, []
-    config, origin = config_from_metadata(source.tensors.metadata())
-    if config is not None:
-        return config, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
-    return (
-        {},
-        False,
-        [
-            "no adapter_config.json and no α in the file's metadata: α is unknown, scale 1 is assumed "
-            "(pass --alpha to set it)"
-        ],
-    )
-
-
 def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: bool) -> Layer:
     tensors = source.tensors
     name = layer_name(module.stored)
@@ -203,14 +179,7 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
     )
     if config_has_r and positive_integer(config_r, f"r of layer {name}", config_path=where) != rank:
         return invalid(f"{a_key}: the config gives r={config_r} for this layer but the tensor has {rank} rows")
-    if "lora_alpha" in config:
-        alpha = pattern_value(
-            config.get("alpha_pattern"), name, config["lora_alpha"], config_path=where, field="alpha_pattern"
-        )
-        alpha = positive_number(config, "lora_alpha", config_path=where, value=alpha)
-        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank) if rank else 0.0
-    else:
-        scale = 1.0
+    scale = layer_scale(config, name, rank, config_path=where)
 
     left = b.reshape(b.shape[0], rank)
     right = a.reshape(rank, -1)
@@ -250,7 +219,7 @@ def parse(
     """Every module's s·B·A of ``adapter`` (None: names stripped, as PEFT saves them); ``allow`` lifts the
     refusal of flags and tensors that the caller's variant handles (``use_dora``, ``lora_magnitude_vector``)."""
     warnings = _check_config(source, allow)
-    config, config_has_r, scale_warnings = _scale_config(source, options)
+    config, config_has_r, scale_warnings = alpha_config(source.config, source.tensors.metadata(), options.alpha)
     modules, unused = _group(source.tensors.keys(), adapter)
     return Parsed(
         modules=[(module, _layer(source, module, config, config_has_r)) for module in modules.values()],

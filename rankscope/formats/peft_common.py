@@ -96,3 +96,45 @@ def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str 
             config["r"] = int(float(metadata["ss_network_dim"]))
         return config, "the file's ss_network_alpha"
     return None, None
+
+
+def rank_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's scale: α/r, or α/√r under rsLoRA (0 for rank 0)."""
+    if rank <= 0:
+        return 0.0
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def layer_scale(config: Mapping, name: str, rank: int, *, config_path: Path | None) -> float:
+    """The scale of layer ``name``: α from ``alpha_pattern`` (PEFT's rule) or ``lora_alpha``, over r or √r;
+    1 where α is unknown (no ``lora_alpha``: the caller has warned)."""
+    if "lora_alpha" not in config:
+        return 1.0
+    alpha = pattern_value(
+        config.get("alpha_pattern"), name, config["lora_alpha"], config_path=config_path, field="alpha_pattern"
+    )
+    alpha = positive_number(config, "lora_alpha", config_path=config_path, value=alpha)
+    return rank_scale(alpha, rank, bool(config.get("use_rslora")))
+
+
+def alpha_config(
+    config: Mapping | None, metadata: Mapping[str, str], alpha: float | None
+) -> tuple[dict, bool, list[str]]:
+    """The config that gives a LoRA-style reader its α, whether it is authoritative for r, and warnings.
+
+    In order: adapter_config.json (``--alpha`` overrides its ``lora_alpha`` and ``alpha_pattern``); ``--alpha``
+    alone; α from the safetensors metadata where tools write it; else α unknown and scale 1, said loudly.
+    """
+    if config is not None:
+        config = dict(config)
+        if alpha is None:
+            return config, True, []
+        config["lora_alpha"], config["alpha_pattern"] = alpha, {}
+        return config, True, [f"--alpha {alpha:g} overrides lora_alpha and alpha_pattern of the config"]
+    if alpha is not None:
+        return {"lora_alpha": alpha}, False, []
+    recovered, origin = config_from_metadata(metadata)
+    if recovered is not None:
+        return recovered, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
+    unknown = "no adapter_config.json and no α in the file's metadata: α is unknown, scale 1 is assumed"
+    return {}, False, [unknown + " (pass --alpha to set it)"]
