@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -118,6 +118,7 @@ class Analysis:
     checkpoint: Checkpoint
     options: AnalysisOptions
     layers: list[LayerRecord]
+    warnings: list[str] = field(default_factory=list)  # about the analysis itself (the checkpoint has its own)
 
     def __iter__(self) -> Iterator[LayerRecord]:
         return iter(self.layers)
@@ -297,7 +298,15 @@ def analyze(
         return record
 
     records = [build(layer) for layer in selected.layers]
-    return Analysis(selected, options, records)
+    warnings = []
+    if options.unscaled:
+        fixed = [u.name for u in units if u.update.scalar_scale is not None and u.update.unscaled() is u.update]
+        if fixed:
+            warnings.append(
+                f"--unscaled does not apply to {len(fixed)} layer(s) whose update is not proportional to α/r "
+                f"(DoRA: e.g. {fixed[0]}): they are analysed as the model applies them"
+            )
+    return Analysis(selected, options, records, warnings)
 
 
 # -- summary ------------------------------------------------------------------------------------------------

@@ -275,6 +275,18 @@ def test_dora_cli_end_to_end(dora_mixed, tmp_path):
     assert layer["singular_values"] == pytest.approx(expected.tolist(), rel=REL_TOL)
 
 
+def test_unscaled_says_it_does_not_apply_to_dora(dora_mixed, tmp_path):
+    directory, base, references = dora_mixed
+    result = spectrum(
+        directory, "--base", write_base(base, tmp_path / "base", "dir"), "--unscaled", "--json", "-", "-q"
+    )
+    doc = json.loads(result.stdout)
+    assert any("--unscaled does not apply to 3 layer(s)" in w for w in doc["warnings"])
+    layer = {record["name"]: record for record in doc["layers"]}["lin"]
+    expected = torch.linalg.svdvals(references["lin"][0])  # still ΔW as applied: DoRA is not proportional to s
+    assert layer["singular_values"] == pytest.approx(expected.tolist(), rel=REL_TOL)
+
+
 def test_dora_without_base_is_refused(dora_mixed):
     directory, _, _ = dora_mixed
     assert_one_line_error(spectrum(directory), str(directory), "--base PATH", "--directional-only")

@@ -134,7 +134,7 @@ def run_analysis(checkpoint, options, *, quiet: bool):
     invalid = analysis.invalid
     if len(invalid) == len(analysis.layers):
         raise RankscopeError(f"{where}: no layer can be analysed: {invalid[0].error}")
-    for message in checkpoint.warnings:
+    for message in checkpoint.warnings + analysis.warnings:
         warn(f"{checkpoint.path}: {message}")
     if not quiet:
         for message in checkpoint.notes:

@@ -50,7 +50,7 @@ def spectrum_document(analysis: Analysis) -> dict:
             "dense_dtype": options.dense_dtype if options.dense else None,
             "layers": options.layers,
         },
-        "warnings": list(ckpt.warnings),
+        "warnings": list(ckpt.warnings) + list(analysis.warnings),
         "notes": list(ckpt.notes),
         "skipped": [{"key": s.key, "reason": s.reason} for s in ckpt.skipped],
         "layers": [record.to_dict() for record in analysis.layers],
