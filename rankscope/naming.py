@@ -8,6 +8,7 @@ _PEFT_PREFIX = "base_model.model."
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
 _INT_SEGMENT = re.compile(r"^\d+$")
 _NATURAL_CHUNK = re.compile(r"(\d+)")
+_KOHYA_PREFIX = re.compile(r"^(lora|lycoris)_(unet|te\d*|transformer)_")
 
 
 def layer_name(key_prefix: str) -> str:
@@ -35,14 +36,31 @@ def natural_key(name: str) -> tuple:
     return tuple(int(chunk) if chunk.isdigit() else chunk for chunk in _NATURAL_CHUNK.split(name))
 
 
+def _segments(name: str) -> tuple[list[str], str]:
+    """Dotted module paths split on dots; kohya's flattened names (``lora_te_…_layers_0_self_attn_q_proj``,
+    no dots) on underscores."""
+    if "." not in name and "_" in name:
+        return name.split("_"), "_"
+    return name.split("."), "."
+
+
 def layer_index(name: str) -> int | None:
-    """The last integer segment of a dotted name (``model.layers.7.self_attn.q_proj`` → 7), or None."""
-    for segment in reversed(name.split(".")):
+    """The last integer segment (``model.layers.7.self_attn.q_proj`` → 7; ``lora_te_…_layers_7_…_q_proj`` → 7)."""
+    segments, _ = _segments(name)
+    for segment in reversed(segments):
         if _INT_SEGMENT.match(segment):
             return int(segment)
     return None
 
 
 def module_type(name: str) -> str:
-    """The last segment of a dotted name (``…self_attn.q_proj`` → ``q_proj``)."""
-    return name.rsplit(".", 1)[-1]
+    """The module after the last integer segment: ``…self_attn.q_proj`` → ``q_proj``; for kohya names
+    everything after it (``lora_unet_…_transformer_blocks_0_attn1_to_out_0`` → ``attn1_to_out_0``) or, with no
+    index, the name without its ``lora_unet_``/``lora_te_`` prefix (``lora_unet_conv_in`` → ``conv_in``)."""
+    segments, separator = _segments(name)
+    if separator == ".":
+        return segments[-1]
+    inner = [i for i, s in enumerate(segments[:-1]) if _INT_SEGMENT.match(s)]
+    if inner:
+        return separator.join(segments[inner[-1] + 1 :])
+    return _KOHYA_PREFIX.sub("", name)

@@ -20,3 +20,12 @@ def test_natural_order_index_and_module_type():
     assert layer_index("model.layers.7.self_attn.q_proj") == 7
     assert layer_index("lm_head") is None
     assert module_type("model.layers.7.self_attn.q_proj") == "q_proj"
+
+
+def test_kohya_names_give_index_and_module_type():
+    text = "lora_te_text_model_encoder_layers_11_self_attn_q_proj"
+    assert layer_index(text) == 11 and module_type(text) == "self_attn_q_proj"
+    unet = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert layer_index(unet) == 0 and module_type(unet) == "attn1_to_q"
+    assert module_type("lora_unet_conv_in") == "conv_in" and layer_index("lora_unet_conv_in") is None
+    assert module_type("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0") == "attn1_to_out_0"
