@@ -1,6 +1,6 @@
 """The ``rankscope`` command: parse, call the library, render, map errors to exit codes.
 
-One module per command (``spectrum.py``, ``components.py``, ``formats.py``); shared option groups in
+One module per command (``spectrum.py``, ``components.py``, ``compare.py``, ``formats.py``); shared option groups in
 ``options.py``; terminal I/O helpers in ``app.py``. Heavy imports happen inside the commands.
 
 Exit codes: 0 success (also with invalid layers, which are listed; ``--strict`` makes that 1), 1 the input
@@ -12,6 +12,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .compare import compare
 from .components import components
 from .formats import list_formats
 from .spectrum import spectrum
@@ -25,6 +26,7 @@ def main() -> None:
 
 main.add_command(spectrum)
 main.add_command(components)
+main.add_command(compare)
 main.add_command(list_formats)
 
 __all__ = ["main"]

@@ -10,6 +10,7 @@ from ..analysis import flat_metrics
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
+    from ..compare import Comparison
 
 _IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shape", "rank_bound", "params", "scale")
 _STATUS = ("scaled", "exact", "valid", "error")
@@ -41,7 +42,14 @@ def _cell(value: object) -> object:
         return ""
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, str):
+        return _text(value)
     return value
+
+
+def _text(value: str) -> str:
+    """A text cell from a checkpoint, neutralised against spreadsheet formula injection (=, +, -, @ …)."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def components_csv(analysis: Analysis) -> str:
@@ -82,4 +90,28 @@ def components_csv(analysis: Analysis) -> str:
                  _cell(record.metric("erank")), _cell(fields.get("rank_gain")), _cell(fields.get("interference")),
                  _cell(fields.get("collapsed"))]
             )  # fmt: skip
+    return buffer.getvalue()
+
+
+def comparison_csv(comparison: Comparison) -> str:
+    """One row per matched layer: each checkpoint's compared values (``<label>:<quantity>``), then the mean
+    off-diagonal alignment across checkpoints."""
+    from ..compare import COMPARED
+    from ..components import off_diagonal_mean
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = [f"{label}:{key}" for label in comparison.labels for key in COMPARED]
+    writer.writerow(["name", "module_type", *columns, "mean_cosine", "mean_left_overlap", "mean_right_overlap"])
+    for layer in comparison.layers:
+        values = [comparison.values(record) for record in layer.records]
+        alignment = layer.alignment or {}
+        writer.writerow(
+            [_text(layer.name), _text(layer.module_type)]
+            + [_cell(v[key]) for v in values for key in COMPARED]
+            + [
+                _cell(off_diagonal_mean(alignment[k])) if alignment else ""
+                for k in ("cosine", "left_overlap", "right_overlap")
+            ]
+        )
     return buffer.getvalue()

@@ -10,6 +10,7 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
+    from ..compare import Comparison
 
 SCHEMA = "rankscope.spectrum/1"
 
@@ -78,4 +79,40 @@ def components_document(analysis: Analysis) -> dict:
         "scaling": document["scaling"],
         "layers": [layer for layer in document["layers"] if "components" in layer],
         "summary": document["summary"].get("composition"),
+    }
+
+
+COMPARISON_SCHEMA = "rankscope.compare/1"
+
+
+def comparison_document(comparison: Comparison) -> dict:
+    """Matched layers side by side (each checkpoint's compared values, full records under ``records``), the
+    alignment across checkpoints, the unmatched layers and the summary with its headlines."""
+    checkpoints = []
+    for label, analysis in zip(comparison.labels, comparison.analyses, strict=True):
+        document = spectrum_document(analysis)
+        checkpoints.append({"label": label, **document["checkpoint"], "scaled": document["scaled"]})
+    return {
+        "schema": COMPARISON_SCHEMA,
+        "rankscope": __version__,
+        "labels": comparison.labels,
+        "threshold": comparison.threshold,
+        "checkpoints": checkpoints,
+        "layers": [
+            {
+                "name": layer.name,
+                "module_type": layer.module_type,
+                "values": {
+                    label: comparison.values(record)
+                    for label, record in zip(comparison.labels, layer.records, strict=True)
+                },
+                "alignment": layer.alignment,
+                "records": {
+                    label: record.to_dict() for label, record in zip(comparison.labels, layer.records, strict=True)
+                },
+            }
+            for layer in comparison.layers
+        ],
+        "unmatched": comparison.unmatched,
+        "summary": comparison.summary(),
     }

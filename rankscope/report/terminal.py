@@ -8,6 +8,7 @@ from ..metrics import parameter_key
 
 if TYPE_CHECKING:
     from ..analysis import Analysis, LayerRecord
+    from ..compare import Comparison
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -172,3 +173,66 @@ def components_table(analysis: Analysis) -> str:
                 ]
             )
     return _table(header, rows) if rows else "no composed layers in this checkpoint"
+
+
+def comparison_table(comparison: Comparison) -> str:
+    """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment."""
+    tau = comparison.threshold
+    header = ["layer"]
+    for label in comparison.labels:
+        header += [f"{label} #σ>{tau:g}", f"{label} erank", f"{label} util"]
+    header += ["cos", "overlap L", "overlap R"]
+    rows = []
+    for layer in comparison.layers:
+        row = [layer.name]
+        for record in layer.records:
+            values = comparison.values(record)
+            row += [
+                "—" if values["count_above"] is None else str(values["count_above"]),
+                _number(values["erank"], ".2f"),
+                _number(values["utilization"], ".0%"),
+            ]
+        alignment = layer.alignment or {}
+        row += [
+            _number(_mean_off_diagonal(alignment.get("cosine")), ".3f"),
+            _number(_mean_off_diagonal(alignment.get("left_overlap")), ".3f"),
+            _number(_mean_off_diagonal(alignment.get("right_overlap")), ".3f"),
+        ]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def comparison_summary(comparison: Comparison) -> str:
+    """Means per module type and checkpoint, then the headlines and the unmatched layers."""
+    summary = comparison.summary()
+    tau = comparison.threshold
+    header = ["module", "checkpoint", "params", f"#σ>{tau:g}", "Σσ²", "erank", "stable", "util", "erank/1k"]
+    rows = []
+    for name, block in [*summary["by_module"].items(), ("all", summary)]:
+        for label in comparison.labels:
+            v = block["per_label"][label]
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{v['params']:,}",
+                    _number(v["mean_count_above"], ".2f"),
+                    _number(v["mean_energy"], ".4g"),
+                    _number(v["mean_erank"], ".2f"),
+                    _number(v["mean_stable_rank"], ".2f"),
+                    _number(v["mean_utilization"], ".0%"),
+                    _number(v["mean_erank_per_kparam"], ".3g"),
+                ]
+            )
+    parts = [_table(header, rows, left_aligned=2), ""]
+    parts += summary["headlines"]
+    alignment = summary["alignment"]
+    if alignment["mean_left_overlap"] is not None:
+        a = {key: _number(value, ".3f") for key, value in alignment.items()}
+        parts.append(
+            f"alignment across checkpoints: cosine {a['mean_cosine']}, overlap left {a['mean_left_overlap']} "
+            f"(random {a['mean_left_baseline']}), right {a['mean_right_overlap']} (random {a['mean_right_baseline']})"
+        )
+    for label, names in comparison.unmatched.items():
+        parts.append(f"only in {label}: {len(names)} layers ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+    return "\n".join(parts)

@@ -1,0 +1,56 @@
+"""``rankscope compare``: two or more checkpoints of the same base, layer by layer."""
+
+from __future__ import annotations
+
+import click
+
+from .app import handle_errors, write_outputs
+from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option(
+    "--labels", type=CommaList(), metavar="A,B,…", help="Display names, one per checkpoint (default: directory names)."
+)
+@click.option("--json", "json_out", metavar="FILE", help="Write the comparison JSON to FILE ('-': stdout).")
+@click.option("--csv", "csv_out", metavar="FILE", help="Write one CSV row per matched layer to FILE ('-': stdout).")
+@click.option("--markdown", "markdown_out", metavar="FILE", help="Write Markdown tables to FILE ('-': stdout).")
+@checkpoint_options
+@analysis_options
+@click.option("-q", "--quiet", is_flag=True, help="No table or progress bar.")
+@handle_errors
+def compare(paths: tuple[str, ...], labels, json_out, csv_out, markdown_out, quiet: bool, **options) -> None:
+    """Compare the adapters at PATHS (two or more, same base model) layer by layer: spectra, effective ranks,
+    rank per parameter, and whether they learn the same directions."""
+    from ..compare import compare as compare_analyses
+
+    if len(paths) < 2:
+        raise click.UsageError("compare needs at least two checkpoints")
+    if labels is not None and len(labels) != len(paths):
+        raise click.UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
+    analyses = []
+    for path in paths:
+        checkpoint, settings = load_and_settings(path, options)
+        analyses.append(run_analysis(checkpoint, settings, quiet=quiet))
+    comparison = compare_analyses(analyses, labels)
+    from ..report.csv import comparison_csv
+    from ..report.json import comparison_document, dumps
+    from ..report.markdown import comparison_markdown
+
+    write_outputs(
+        [
+            (json_out, lambda: dumps(comparison_document(comparison))),
+            (csv_out, lambda: comparison_csv(comparison)),
+            (markdown_out, lambda: comparison_markdown(comparison)),
+        ]
+    )
+    if not quiet:
+        from ..report.terminal import comparison_summary, comparison_table
+
+        to_stderr = "-" in (json_out, csv_out, markdown_out)
+        click.echo(comparison_table(comparison), err=to_stderr)
+        click.echo("", err=to_stderr)
+        click.echo(comparison_summary(comparison), err=to_stderr)
+    for analysis in analyses:
+        report_problems(analysis, quiet=True)

@@ -1,0 +1,167 @@
+"""Several checkpoints of the same base, layer by layer: side-by-side metrics, ratios, and alignment.
+
+Layers match by name (the module path in the base model). For each matched layer: every checkpoint's record,
+and the pairwise alignment of their updates (the functions compositions use): do two methods, or two seeds,
+learn the same directions?
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .analysis import Analysis, LayerRecord
+from .components import off_diagonal_mean, pairwise_alignment
+from .errors import CheckpointError
+from .metrics import parameter_key
+from .naming import module_type, natural_key
+
+# the per-layer quantities compared side by side
+COMPARED = ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam")
+
+
+@dataclass
+class LayerComparison:
+    """One layer in every checkpoint: the records (in label order) and the alignment of their updates."""
+
+    name: str
+    records: list[LayerRecord]
+    alignment: dict | None = None
+
+    @property
+    def module_type(self) -> str:
+        return module_type(self.name)
+
+
+@dataclass
+class Comparison:
+    """Matched layers across checkpoints, what did not match, and the threshold τ used for counts."""
+
+    labels: list[str]
+    analyses: list[Analysis]
+    layers: list[LayerComparison]
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def threshold(self) -> float:
+        return self.analyses[0].options.thresholds[0]
+
+    def values(self, record: LayerRecord) -> dict[str, float | None]:
+        """The compared quantities of one record."""
+        return compared_values(record, self.threshold)
+
+    def summary(self) -> dict:
+        return summarize(self)
+
+    def to_dict(self) -> dict:
+        from .report.json import comparison_document
+
+        return comparison_document(self)
+
+
+def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | None]:
+    """rank bound, params, count above τ, Σσ², erank, stable rank, utilisation and erank per 1k parameters."""
+    metrics = record.metrics
+    if metrics is None:
+        return dict.fromkeys(COMPARED)
+    return {
+        "rank_bound": record.rank_bound,
+        "params": record.params,
+        "count_above": metrics["count_above"][parameter_key(threshold)],
+        "energy": metrics["energy"],
+        "erank": metrics["erank"],
+        "stable_rank": metrics["stable_rank"],
+        "utilization": metrics["utilization"],
+        "erank_per_kparam": 1000 * metrics["erank"] / record.params if record.params else None,
+    }
+
+
+def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None) -> Comparison:
+    """Match the layers of ``analyses`` by name and align each matched layer's updates across them."""
+    if len(analyses) < 2:
+        raise CheckpointError("compare needs at least two checkpoints")
+    labels = list(labels) if labels else [a.checkpoint.path.name or str(a.checkpoint.path) for a in analyses]
+    if len(labels) != len(analyses) or len(set(labels)) != len(labels):
+        raise CheckpointError(f"need {len(analyses)} distinct labels, got {labels}")
+    by_label = [{record.name: record for record in analysis} for analysis in analyses]
+    updates = [{layer.name: layer.update for layer in analysis.checkpoint.layers} for analysis in analyses]
+    common = set(by_label[0]).intersection(*by_label[1:])
+    if not common:
+        names = ", ".join(labels)
+        raise CheckpointError(f"no layer name is shared by all of {names}: are they adapters of the same base model?")
+    layers = []
+    for name in sorted(common, key=natural_key):
+        records = [records_of[name] for records_of in by_label]
+        parts = [update_of[name] for update_of in updates]
+        aligned = None
+        if all(r.valid for r in records) and len({p.shape for p in parts}) == 1:
+            parts = [p.unscaled() if a.options.unscaled else p for p, a in zip(parts, analyses, strict=True)]
+            aligned = pairwise_alignment(parts)
+        layers.append(LayerComparison(name, records, aligned))
+    unmatched = {}
+    for label, names in zip(labels, by_label, strict=True):
+        extra = sorted(set(names) - common, key=natural_key)
+        if extra:
+            unmatched[label] = extra
+    return Comparison(labels, list(analyses), layers, unmatched)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
+    per_label = {}
+    for index, label in enumerate(comparison.labels):
+        rows = [comparison.values(layer.records[index]) for layer in layers]
+        per_label[label] = {
+            "layers": len(layers),
+            "params": sum(row["params"] or 0 for row in rows),
+            **{f"mean_{key}": _mean([row[key] for row in rows]) for key in COMPARED if key != "params"},
+        }
+    first = per_label[comparison.labels[0]]
+    ratios = {}
+    for label in comparison.labels[1:]:
+        ratios[label] = {
+            key: (per_label[label][key] / first[key]) if first[key] else None
+            for key in ("params", "mean_count_above", "mean_energy", "mean_erank", "mean_stable_rank")
+        }
+    aligned = [layer.alignment for layer in layers if layer.alignment]
+    alignment = {
+        "mean_cosine": _mean([off_diagonal_mean(a["cosine"]) for a in aligned]),
+        "mean_left_overlap": _mean([off_diagonal_mean(a["left_overlap"]) for a in aligned]),
+        "mean_left_baseline": _mean([off_diagonal_mean(a["left_baseline"]) for a in aligned]),
+        "mean_right_overlap": _mean([off_diagonal_mean(a["right_overlap"]) for a in aligned]),
+        "mean_right_baseline": _mean([off_diagonal_mean(a["right_baseline"]) for a in aligned]),
+    }
+    return {"per_label": per_label, "ratios_to_first": ratios, "alignment": alignment}
+
+
+def summarize(comparison: Comparison) -> dict:
+    """Per label: means of the compared quantities; ratios to the first label; mean alignment — overall and by
+    module type; and one headline sentence per later label."""
+    groups: dict[str, list[LayerComparison]] = {}
+    for layer in comparison.layers:
+        groups.setdefault(layer.module_type, []).append(layer)
+    overall = _block(comparison, comparison.layers)
+    return {
+        **overall,
+        "by_module": {name: _block(comparison, layers) for name, layers in groups.items()},
+        "headlines": headlines(comparison, overall),
+    }
+
+
+def headlines(comparison: Comparison, overall: dict) -> list[str]:
+    """"bora reaches 5.80× lora's count above 0.005 (1.30× its erank) with 1.02× its parameters"."""
+    first = comparison.labels[0]
+    lines = []
+    for label, ratio in overall["ratios_to_first"].items():
+        parts = []
+        if ratio["mean_count_above"] is not None:
+            parts.append(f"{ratio['mean_count_above']:.2f}× {first}'s count above {comparison.threshold:g}")
+        if ratio["mean_erank"] is not None:
+            parts.append(f"{ratio['mean_erank']:.2f}× its erank")
+        if ratio["params"] is not None:
+            lines.append(f"{label} reaches {' and '.join(parts)} with {ratio['params']:.2f}× its parameters")
+    return lines
