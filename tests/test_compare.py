@@ -1,0 +1,127 @@
+"""rankscope compare: matching by name, side-by-side values, ratios, and alignment against dense references."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import rankscope
+from rankscope.cli import main
+from rankscope.compare import compare
+
+from .factories import lora_config, random_factors, write_lora
+
+HIDDEN = 24
+
+
+def dense(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * b.double() @ a.double()
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    """Two adapters of one base: 'small' (r=2) and 'big' (r=8, sharing small's directions in q_proj), plus an
+    extra layer only 'big' adapts."""
+    small, big = {}, {}
+    for i in range(3):
+        for module in ("q_proj", "v_proj"):
+            name = f"model.layers.{i}.self_attn.{module}"
+            a, b = random_factors(HIDDEN, HIDDEN, 8, seed=10 * i + len(module))
+            small[name] = (
+                (a[:2].clone(), b[:, :2].clone()) if module == "q_proj" else random_factors(HIDDEN, HIDDEN, 2, 99 + i)
+            )
+            big[name] = (a, b)
+    big["model.layers.0.mlp.up_proj"] = random_factors(2 * HIDDEN, HIDDEN, 8, 7)
+    return (
+        write_lora(tmp_path / "small", small, lora_config(r=2, lora_alpha=4)),
+        write_lora(tmp_path / "big", big, lora_config(r=8, lora_alpha=16)),
+        small,
+        big,
+    )
+
+
+def test_values_ratios_and_unmatched(pair):
+    small_dir, big_dir, small, big = pair
+    analyses = [rankscope.analyze(rankscope.load(p)) for p in (small_dir, big_dir)]
+    comparison = compare(analyses, ["small", "big"])
+    assert [layer.name for layer in comparison.layers] == sorted(small, key=lambda n: (int(n.split(".")[2]), n))
+    assert comparison.unmatched == {"big": ["model.layers.0.mlp.up_proj"]}
+    first = comparison.layers[0]
+    values = [comparison.values(r) for r in first.records]
+    assert values[0]["rank_bound"] == 2 and values[1]["rank_bound"] == 8
+    assert values[0]["params"] == 2 * 2 * HIDDEN and values[1]["params"] == 8 * 2 * HIDDEN
+    a, b = big[first.name]
+    energy = float(dense(a, b, 2.0).pow(2).sum())
+    assert values[1]["energy"] == pytest.approx(energy, rel=1e-10)
+    summary = comparison.summary()
+    ratio = summary["ratios_to_first"]["big"]
+    assert ratio["params"] == pytest.approx(4.0)
+    means = summary["per_label"]
+    assert ratio["mean_count_above"] == pytest.approx(
+        means["big"]["mean_count_above"] / means["small"]["mean_count_above"]
+    )
+    assert summary["headlines"][0].startswith("big reaches ")
+
+
+def test_alignment_across_checkpoints_matches_dense(pair):
+    small_dir, big_dir, small, big = pair
+    comparison = compare([rankscope.analyze(rankscope.load(p)) for p in (small_dir, big_dir)], ["small", "big"])
+    by_name = {layer.name: layer for layer in comparison.layers}
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        first = dense(*small[name], 2.0)
+        second = dense(*big[name], 2.0)
+        cosine = float((first * second).sum() / (first.norm() * second.norm()))
+        alignment = by_name[name].alignment
+        assert alignment["cosine"][0][1] == pytest.approx(cosine, abs=1e-10)
+        u1 = torch.linalg.svd(first)[0][:, :2]
+        u2 = torch.linalg.svd(second)[0][:, :2]  # k = min of the two ranks = 2
+        overlap = float((u1.T @ u2).pow(2).sum() / 2)
+        assert alignment["left_overlap"][0][1] == pytest.approx(overlap, abs=1e-8)
+        assert alignment["left_baseline"][0][1] == pytest.approx(2 / HIDDEN)
+
+
+def test_cli_outputs(pair, tmp_path):
+    small_dir, big_dir, _, _ = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(
+        main,
+        ["compare", str(small_dir), str(big_dir), "--labels", "lora,bora", "--json", str(out / "c.json"),
+         "--csv", str(out / "c.csv"), "--markdown", str(out / "c.md")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "bora reaches" in result.stdout and "only in bora: 1 layers" in result.stdout
+    doc = json.loads((out / "c.json").read_text())
+    assert doc["schema"] == "rankscope.compare/1" and doc["labels"] == ["lora", "bora"]
+    assert len(doc["layers"]) == 6 and doc["unmatched"] == {"bora": ["model.layers.0.mlp.up_proj"]}
+    assert set(doc["layers"][0]["values"]) == {"lora", "bora"}
+    rows = list(csv.DictReader(io.StringIO((out / "c.csv").read_text())))
+    assert len(rows) == 6 and rows[0]["lora:rank_bound"] == "2" and rows[0]["bora:rank_bound"] == "8"
+    markdown = (out / "c.md").read_text()
+    assert "| module | checkpoint |" in markdown and "**all**" in markdown
+
+
+def test_no_shared_layer_and_bad_labels(pair, tmp_path):
+    small_dir, _, _, _ = pair
+    other = write_lora(tmp_path / "other", {"encoder.fc": random_factors(8, 8, 2, 1)}, lora_config(r=2))
+    runner = CliRunner()
+    result = runner.invoke(main, ["compare", str(small_dir), str(other)])
+    assert result.exit_code == 1 and "no layer name is shared" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert runner.invoke(main, ["compare", str(small_dir)]).exit_code == 2
+    assert runner.invoke(main, ["compare", str(small_dir), str(other), "--labels", "a"]).exit_code == 2
+
+
+def test_same_checkpoint_twice_is_perfectly_aligned(pair):
+    small_dir, _, _, _ = pair
+    analysis = rankscope.analyze(rankscope.load(small_dir))
+    comparison = compare([analysis, analysis], ["x", "y"])
+    summary = comparison.summary()
+    assert summary["alignment"]["mean_cosine"] == pytest.approx(1.0)
+    assert summary["alignment"]["mean_left_overlap"] == pytest.approx(1.0)
+    assert summary["ratios_to_first"]["y"]["mean_erank"] == pytest.approx(1.0)
