@@ -120,6 +120,8 @@ def load(
         trust_pickle=trust_pickle,
     )
     path = Path(path)
+    if path.name == "adapter_config.json" and path.is_file():
+        path = path.parent  # the config names its adapter directory
     if compose:
         return _compose(path, list(compose), weights, normalize, mode, options)
     return _load(path, adapter, format, options, ())

@@ -80,6 +80,10 @@ def _layer(source: AdapterSource, stored: str, keys: dict, count: int, settings:
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
             return invalid(f"{keys['B'][i]}: shape {list(b.shape)} does not fit {keys['A'][i]} {list(a.shape)}")
         rank = a.shape[0]
+        if settings["ranks"][i] is not None and settings["ranks"][i] != rank:
+            return invalid(
+                f"{keys['A'][i]}: the config gives r={settings['ranks'][i]:g} but the tensor has {rank} rows"
+            )
         alpha = settings["alphas"][i] if settings["alphas"][i] is not None else rank  # unknown α: scale 1
         scale = rank_scale(alpha, rank, settings["rslora"])
         components.append(Layer(f"c{i}", FactoredUpdate(b, a, scale=scale), (b.shape[0], a.shape[1]), 0))
@@ -108,6 +112,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         config["lora_alpha"] = options.alpha
     settings = {
         "alphas": _per_component(config, "lora_alpha", count, where) if "lora_alpha" in config else [None] * count,
+        "ranks": _per_component(config, "r", count, where) if "r" in config else [None] * count,
         "rslora": bool(config.get("use_rslora")),
         "normalize": _choice(config, "weight_normalization", NORMALIZATIONS, where),
         "mode": _choice(config, "mode", MODES, where),

@@ -36,7 +36,7 @@ def manifest_path(path: Path) -> Path | None:
     """The manifest ``path`` names: the file itself (``*.json``) or ``composition.json`` in the directory."""
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return path / MANIFEST_NAME
-    if path.is_file() and path.suffix == ".json":
+    if path.is_file() and path.suffix == ".json" and path.name != "adapter_config.json":
         return path
     return None
 
@@ -74,12 +74,19 @@ def read_manifest(path: Path, loader: Loader, stack: tuple[Path, ...] = ()) -> C
         raise CheckpointError("components must be a non-empty list of paths", path=manifest_file)
     if "weights" not in manifest:
         raise CheckpointError("weights are missing (one number per component)", path=manifest_file)
-    labels = manifest.get("labels") or [Path(n).name or n for n in names]
+    default = [Path(n).name or n for n in names]  # folder names, or the paths where those collide (run1/final …)
+    labels = manifest.get("labels") or (default if len(set(default)) == len(default) else list(names))
     if not isinstance(labels, list) or len(labels) != len(names) or len(set(map(str, labels))) != len(labels):
         raise CheckpointError("labels must be a list of distinct names, one per component", path=manifest_file)
     components = []
     for name in names:
         component_path = manifest_file.parent / name
+        if component_path.is_symlink():  # a symlink loop is named as such, not as a missing component
+            try:
+                component_path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:
+                message = f"component {name!r} is a symlink that cannot be resolved ({exc})"
+                raise CheckpointError(message, path=manifest_file) from exc
         if not component_path.exists():
             raise CheckpointError(f"component {name!r} does not exist", path=manifest_file)
         components.append(loader(component_path, (*stack, key)))
