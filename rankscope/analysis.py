@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,15 @@ from .components import composition_fields, off_diagonal_mean, pairwise_alignmen
 from .errors import CheckpointError, RankscopeError
 from .naming import layer_index, module_type
 from .spectrum import DEFAULT_MEMORY_BUDGET, singular_values
-from .update import Update, weighted_sum
+from .update import DenseUpdate, Update, weighted_sum
+
+
+def default_max_memory() -> int | None:
+    """Half of the machine's physical memory (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class AnalysisOptions:
     layers: str | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     collapse_threshold: float = 0.9
+    max_memory: int | None = field(default_factory=lambda: default_max_memory())
 
     def __post_init__(self) -> None:
         for p in self.energies:
@@ -197,6 +207,31 @@ def _analysed_update(layer: Layer, options: AnalysisOptions) -> Update:
     return layer.update.unscaled() if options.unscaled else layer.update
 
 
+def _dense_refusal(layer: Layer, options: AnalysisOptions) -> str | None:
+    """Why a layer is not materialised: its dense SVD would need more than ``max_memory`` bytes (the matrix and
+    about twice as much workspace), which would get the process killed rather than give an answer."""
+    update = layer.update
+    if update is None or options.max_memory is None or not (options.dense or isinstance(update, DenseUpdate)):
+        return None
+    m, n = update.shape
+    itemsize = 8 if options.dense_dtype == "float64" else 4
+    needed = 3 * itemsize * m * n
+    if needed <= options.max_memory:
+        return None
+    return (
+        f"the dense {m}×{n} update needs about {_size(needed)} to decompose in "
+        f"{options.dense_dtype}, above --max-memory {_size(options.max_memory)}"
+    )
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.3g} {unit}"
+        count /= 1024
+    return f"{count:.3g} TiB"
+
+
 def _growth_updates(layers: list[Layer], options: AnalysisOptions) -> dict[tuple[int, int], Update]:
     """For sequential compositions, Σ_{i<t} w_i·ΔW_i after each round t = 1..k (the growth curve)."""
     partial: dict[tuple[int, int], Update] = {}
@@ -264,6 +299,8 @@ def analyze(
     if not selected.layers:
         raise CheckpointError(f"no layer name matches --layers {options.layers!r}", path=checkpoint.path)
     units = [unit for layer in selected.layers for unit in (layer, *(layer.components or ())) if unit.update]
+    refused = {id(unit): message for unit in units if (message := _dense_refusal(unit, options))}
+    units = [unit for unit in units if id(unit) not in refused]
     updates = [_analysed_update(unit, options) for unit in units]
     growth = _growth_updates(selected.layers, options)
     growth_keys = list(growth)
@@ -286,8 +323,8 @@ def analyze(
     growth_sigmas = dict(zip(growth_keys, sigmas[len(units) :], strict=True))
 
     def build(layer: Layer) -> LayerRecord:
-        if layer.update is None:
-            return _invalid_record(layer, layer.error or "cannot be analysed")
+        if layer.update is None or id(layer) in refused:
+            return _invalid_record(layer, layer.error or refused.get(id(layer)) or "cannot be analysed")
         record = _record(layer, *computed[id(layer)], options)
         if layer.components is not None:
             record.components = [build(component) for component in layer.components]

@@ -44,6 +44,18 @@ def _chunks(indices: list[int], per_item_bytes: int, budget: int) -> list[list[i
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def svdvals_or_nan(batch: torch.Tensor) -> torch.Tensor:
+    """Batched singular values; NaN rows where a matrix is not finite (α/r or factors that overflow), so one
+    broken layer is reported invalid instead of failing the whole batch."""
+    finite = torch.isfinite(batch).flatten(1).all(1)
+    if bool(finite.all()):
+        return torch.linalg.svdvals(batch)
+    values = torch.full((batch.shape[0], min(batch.shape[-2:])), float("nan"), dtype=batch.dtype, device=batch.device)
+    if bool(finite.any()):
+        values[finite] = torch.linalg.svdvals(batch[finite])
+    return values
+
+
 def factored_cores(updates: Sequence[FactoredUpdate], device: torch.device | str = "cpu") -> torch.Tensor:
     """The stacked float64 cores R_L·diag(scale)·C·R_Rᵀ of same-shaped updates (B × min(m,K) × min(n,K))."""
     left = torch.stack([upcast(u.left, device=device) for u in updates])
@@ -80,7 +92,7 @@ def factored_singular_values(
             continue
         for chunk in _chunks(indices, 8 * (m + n + inner) * inner * 3, memory_budget):
             cores = factored_cores([updates[i] for i in chunk], device=device)
-            values = torch.linalg.svdvals(cores).cpu()
+            values = svdvals_or_nan(cores).cpu()
             for row, i in enumerate(chunk):
                 results[i] = values[row]
             if progress:
@@ -106,7 +118,7 @@ def dense_singular_values(
         # svdvals needs about twice the matrix in workspace
         for chunk in _chunks(indices, 3 * itemsize * m * n, memory_budget):
             batch = torch.stack([updates[i].materialize(dtype, device) for i in chunk])
-            values = torch.linalg.svdvals(batch).to("cpu", torch.float64)
+            values = svdvals_or_nan(batch).to("cpu", torch.float64)
             for row, i in enumerate(chunk):
                 results[i] = values[row]
             if progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import click
 
@@ -27,6 +28,26 @@ class CommaList(click.ParamType):
             return tuple(self.item(p) for p in parts)
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__}s", param, ctx)
+
+
+class ByteSize(click.ParamType):
+    """A memory size: bytes, or with a K/M/G/T suffix (powers of 1024): ``--max-memory 8G``."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in self._UNITS else (text, "")
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size such as 512M or 8G", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return size
 
 
 def _stack(*decorators: Callable) -> Callable:
@@ -60,13 +81,14 @@ analysis_options = _stack(
     click.option("--dense", is_flag=True, help="Materialise ΔW and take a dense SVD instead of the exact factored path."),
     click.option("--dense-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Dense SVD precision (float32 is faster, labelled approximate)."),
     click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda", help="Where the dense path runs."),
+    click.option("--max-memory", type=ByteSize(), metavar="SIZE", help="Refuse (per layer, with the size it would need) a dense SVD above SIZE, e.g. 8G. Default: half the RAM."),
     click.option("--collapse-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="A composition is collapsed when one component carries more than this share of the energy."),
 )  # fmt: skip
 
 
 ANALYSIS_KEYS = frozenset(
     {"thresholds", "energies", "rel_thresholds", "layers", "unscaled", "dense", "dense_dtype", "device",
-     "collapse_threshold"}
+     "collapse_threshold", "max_memory"}
 )  # fmt: skip
 
 
@@ -102,7 +124,7 @@ def load_checkpoint(path: str, *, adapter, alpha, format_name, base, directional
 
 
 def analysis_settings(*, thresholds, energies, rel_thresholds, layers, unscaled, dense, dense_dtype, device,
-                      collapse_threshold):  # fmt: skip
+                      collapse_threshold, max_memory):  # fmt: skip
     from .. import metrics
     from ..analysis import AnalysisOptions
 
@@ -116,6 +138,7 @@ def analysis_settings(*, thresholds, energies, rel_thresholds, layers, unscaled,
         device=device,
         layers=layers,
         collapse_threshold=collapse_threshold,
+        **({"max_memory": max_memory} if max_memory is not None else {}),
     )
 
 
