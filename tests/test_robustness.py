@@ -12,6 +12,8 @@ import struct
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import rankscope
@@ -126,3 +128,31 @@ def test_manifest_cycle_and_missing_component(tmp_path):
     (tmp_path / "composition.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, ["spectrum", str(tmp_path)])
     assert result.exit_code == 1 and "'missing' does not exist" in result.stderr
+
+
+_NAMES = st.sampled_from(
+    ["m.lora_A.weight", "m.lora_B.weight", "m.lora_sigma", "m.lora_A.0.weight", "m.lora_B.0.weight", "m.alpha",
+     "m.lora_down.weight", "m.lora_up.weight", "m.hada_w1_a", "m.lokr_w1", "m.boost_weights", "m.lora_E",
+     "m.lora_magnitude_vector", "base_model.vera_A", "m.ia3_l", "\u00ff", ""]
+)  # fmt: skip
+_ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "BOOL", "U8", "Q4"]),
+        "shape": st.lists(st.integers(-2, 40), min_size=0, max_size=4),
+        "data_offsets": st.lists(st.integers(-8, 5000), min_size=2, max_size=2),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.dictionaries(_NAMES, _ENTRY, max_size=5), body=st.binary(max_size=4096), config=st.booleans())
+def test_generated_safetensors_headers(tmp_path, header, body, config):
+    """Property: whatever the header claims, rankscope analyses the file or refuses it with its own one-line error."""
+    directory = tmp_path / f"case{abs(hash((json.dumps(header), body, config)))}"
+    directory.mkdir()
+    raw = json.dumps(header).encode()
+    (directory / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    if config:
+        (directory / "adapter_config.json").write_text(json.dumps(lora_config(r=2)))
+    outcome = harness.run(directory)
+    assert outcome.kind != "failure", outcome.detail
