@@ -31,7 +31,7 @@ from ..errors import CheckpointError, UnsupportedAdapterError
 from ..naming import layer_name
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_integer, truthy
+from .peft_common import nonfinite_problem, positive_integer, skip_reason, truthy
 from .source import AdapterSource
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<attr>lora_A|lora_E|lora_B)$")
@@ -216,15 +216,6 @@ def _layer(source: AdapterSource, module: _Module, settings: _Settings, options:
     return Layer(name, update, shape, params, kind=kind, family="adalora")
 
 
-def _skip_reason(key: str, config: dict) -> str:
-    for module in config.get("modules_to_save") or []:  # before biases: a saved module has its own bias
-        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
-            return "a full copy of a module in modules_to_save, not a low-rank update"
-    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
-        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
-    return "not a tensor of an AdaLoRA adapter"
-
-
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     settings, warnings = _settings(source, options)
     modules, unused = _group(source.tensors.keys())
@@ -236,7 +227,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         adapter_type="ADALORA",
         config=config,
         layers=layers,
-        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        skipped=[Skipped(key, skip_reason(key, config, "AdaLoRA")) for key in unused],
         warnings=warnings,
         weights_file=source.weights_path,
     )

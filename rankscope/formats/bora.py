@@ -49,6 +49,7 @@ from .peft_common import (
     nonfinite_problem,
     pattern_value,
     positive_integer,
+    skip_reason,
     truthy,
 )
 from .source import AdapterSource
@@ -161,12 +162,7 @@ def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
 def _skip_reason(key: str, config: dict) -> str:
     if key.endswith(".lora_B.bias"):
         return "a bias of lora_B (lora_bias), not part of BoRA's ΔW"
-    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
-        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
-    for module in config.get("modules_to_save") or []:
-        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
-            return "a full copy of a module in modules_to_save, not a low-rank update"
-    return "not a tensor of a BoRA adapter"
+    return skip_reason(key, config, "BoRA")
 
 
 # -- one layer ---------------------------------------------------------------------------------------------

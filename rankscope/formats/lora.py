@@ -22,6 +22,7 @@ from .peft_common import (
     nonfinite_problem,
     pattern_value,
     positive_integer,
+    skip_reason,
     truthy,
 )
 from .source import AdapterSource
@@ -194,15 +195,6 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
     return Layer(name, FactoredUpdate(left, right, scale=scale), shape, params, kind=kind, bias_update=bias)
 
 
-def _skip_reason(key: str, config: dict) -> str:
-    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
-        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
-    for module in config.get("modules_to_save") or []:
-        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
-            return "a full copy of a module in modules_to_save, not a low-rank update"
-    return "not a tensor of a LoRA adapter"
-
-
 @dataclass
 class Parsed:
     """A LoRA-style file read module by module: what variants (DoRA, training checkpoints) build on."""
@@ -223,7 +215,7 @@ def parse(
     modules, unused = _group(source.tensors.keys(), adapter)
     return Parsed(
         modules=[(module, _layer(source, module, config, config_has_r)) for module in modules.values()],
-        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        skipped=[Skipped(key, skip_reason(key, config, "LoRA")) for key in unused],
         config=config,
         warnings=warnings + scale_warnings,
     )

@@ -38,7 +38,7 @@ import torch
 from ..base import BaseWeights
 from ..errors import CheckpointError
 from ..update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
-from .peft_common import nonfinite_problem, pattern_value
+from .peft_common import nonfinite_problem, pattern_value, skip_reason
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -403,7 +403,4 @@ def peft_scaling(
 
 def peft_skip_reason(key: str, config: dict | None, family: str) -> str:
     """Why a tensor of a PEFT LoHa/LoKr file is not part of any layer's ΔW."""
-    for module in (config or {}).get("modules_to_save") or []:
-        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
-            return "a full copy of a module in modules_to_save, not a low-rank update"
-    return f"not a tensor of a {family} adapter"
+    return skip_reason(key, config, family)

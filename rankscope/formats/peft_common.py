@@ -138,3 +138,18 @@ def alpha_config(
         return recovered, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
     unknown = "no adapter_config.json and no α in the file's metadata: α is unknown, scale 1 is assumed"
     return {}, False, [unknown + " (pass --alpha to set it)"]
+
+
+def skip_reason(key: str, config: Mapping | None, family: str) -> str:
+    """Why a stored tensor of a PEFT-style adapter is not part of any layer's ΔW.
+
+    A copy of a ``modules_to_save`` module first (it has its own bias), then base-model biases trained under
+    ``bias="all"``/``"lora_only"``, else simply not a tensor of this family.
+    """
+    config = config or {}
+    for module in config.get("modules_to_save") or []:
+        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
+            return "a full copy of a module in modules_to_save, not a low-rank update"
+    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
+        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
+    return f"not a tensor of a {family} adapter"

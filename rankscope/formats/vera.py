@@ -37,7 +37,7 @@ from ..errors import CheckpointError
 from ..naming import layer_name
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_integer
+from .peft_common import nonfinite_problem, positive_integer, skip_reason
 from .source import AdapterSource
 
 _LAMBDA = re.compile(r"^(?P<module>.+)\.vera_lambda_(?P<which>[bd])$")
@@ -267,12 +267,7 @@ def _layer(
 def _skip_reason(key: str, config: dict) -> str:
     if _PER_LAYER_COPY.search(key):
         return "a per-layer copy of the shared projection (the shared one is used)"
-    for module in config.get("modules_to_save") or []:  # before biases: a saved module has its own bias
-        if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
-            return "a full copy of a module in modules_to_save, not a low-rank update"
-    if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
-        return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
-    return "not a tensor of a VeRA adapter"
+    return skip_reason(key, config, "VeRA")
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
