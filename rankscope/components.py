@@ -63,6 +63,30 @@ def pairwise_alignment(updates: Sequence[Update]) -> dict:
     return out
 
 
+SIDES = ("left", "right")
+
+
+def subspace_similarity_grid(a: Update, b: Update, side: str = "right") -> torch.Tensor:
+    """The LoRA paper's φ(i, j) grid between two updates of one layer (e.g. r=8 against r=64, or two seeds).
+
+    With U_a, U_b the top-k singular vectors of each update on ``side`` ("right": the input space, the
+    right-singular vectors the LoRA paper compares; "left": the output space), k = each update's numerical rank:
+    φ(i, j) = ‖U_a[:, :i]ᵀ U_b[:, :j]‖_F² / min(i, j), a k_a × k_b float64 tensor with entries in [0, 1];
+    φ(k, k) is the projection overlap. A zero update has k = 0 and gives an empty grid.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
+    axis = 0 if side == "left" else 1
+    if a.shape[axis] != b.shape[axis]:
+        raise ValueError(f"the {side} spaces differ in dimension: updates of shape {a.shape} and {b.shape}")
+    bases = []
+    for update in (a, b):
+        u, sigma, v = singular_vectors(update)
+        rank = numerical_rank(sigma, update.shape)
+        bases.append((u if side == "left" else v)[:, :rank])
+    return alignment.subspace_similarity(*bases)
+
+
 def off_diagonal_mean(matrix: list[list[float | None]]) -> float | None:
     """Mean of the defined off-diagonal entries of a k×k matrix (None when there are none)."""
     values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]

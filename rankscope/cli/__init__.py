@@ -15,6 +15,8 @@ from .. import __version__
 from .compare import compare
 from .components import components
 from .formats import list_formats
+from .plot import plot
+from .report import report
 from .spectrum import spectrum
 
 
@@ -28,5 +30,7 @@ main.add_command(spectrum)
 main.add_command(components)
 main.add_command(compare)
 main.add_command(list_formats)
+main.add_command(report)
+main.add_command(plot)
 
 __all__ = ["main"]

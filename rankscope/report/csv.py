@@ -43,11 +43,11 @@ def _cell(value: object) -> object:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
-        return _text(value)
+        return text_cell(value)
     return value
 
 
-def _text(value: str) -> str:
+def text_cell(value: str) -> str:
     """A text cell from a checkpoint, neutralised against spreadsheet formula injection (=, +, -, @ …)."""
     return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
@@ -107,7 +107,7 @@ def comparison_csv(comparison: Comparison) -> str:
         values = [comparison.values(record) for record in layer.records]
         alignment = layer.alignment or {}
         writer.writerow(
-            [_text(layer.name), _text(layer.module_type)]
+            [text_cell(layer.name), text_cell(layer.module_type)]
             + [_cell(v[key]) for v in values for key in COMPARED]
             + [
                 _cell(off_diagonal_mean(alignment[k])) if alignment else ""

@@ -1,0 +1,242 @@
+"""Heatmaps: a metric over layer index × module type, the k×k alignment of a composition's components, and the
+LoRA paper's subspace-similarity grid φ(i, j).
+
+Cells are vector patches (``pcolormesh``), so PDFs and SVGs stay vector; values are written in the cells when
+the cells are large enough to hold 7 pt text, which also keeps the figures readable in black and white.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._common import (
+    FigureInputError,
+    block_of,
+    block_positions,
+    by_module,
+    ellipsize,
+    integer_ticks,
+    metric_value,
+    new_figure,
+    parse_metric,
+)
+from .style import DIVERGING_CMAP, MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..analysis import Analysis, LayerRecord
+
+MIN_ANNOTATED_CELL = 0.22  # inches: a cell this wide holds "0.12" at 7 pt
+
+
+def _annotate(ax: Axes, matrix, mesh, *, fmt: str, xs: Sequence[float], ys: Sequence[float]) -> None:
+    """Write each defined value in its cell, dark text on light cells and white on dark ones."""
+    cmap, norm = mesh.get_cmap(), mesh.norm
+    for row, y in enumerate(ys):
+        for column, x in enumerate(xs):
+            value = matrix[row][column]
+            if value is None or not math.isfinite(value):
+                continue
+            r, g, b, _ = cmap(norm(value))
+            luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+            ax.text(x, y, format(value, fmt), ha="center", va="center", fontsize=7,
+                    color="black" if luminance > 0.45 else "white")  # fmt: skip
+
+
+def _edges(count: int, start: float = 0.5) -> list[float]:
+    return [start + i for i in range(count + 1)]
+
+
+def _masked(matrix: Sequence[Sequence[float | None]]):
+    import numpy as np
+
+    values = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    return np.ma.masked_invalid(values)
+
+
+# -- metric heatmap ---------------------------------------------------------------------------------------
+def _columns(positions: dict[str, int]) -> list[int]:
+    """Columns to draw: every index from the first to the last (gaps shown as missing) unless mostly gaps."""
+    present = sorted(set(positions.values()))
+    span = list(range(present[0], present[-1] + 1))
+    return span if len(span) <= 2 * len(present) else present
+
+
+def erank_heatmap_figure(analysis: Analysis, *, metric: str = "erank", width: str | float = "column") -> Figure:
+    """One cell per layer: ``metric`` (``erank``, ``utilization``, ``stable_rank``, ``count_above[0.005]``, …)
+    with the layer index across and the module type down; grey cells have no (valid) layer."""
+    key, parameter, name = parse_metric(metric, analysis)
+    records = list(analysis.layers)
+    if not any(r.valid for r in records):
+        raise FigureInputError(f"{analysis.checkpoint.path}: no valid layer to draw")
+    modules = list(by_module(records))
+    positions, xlabel = block_positions(records)
+    columns = _columns(positions)
+    column_of = {index: c for c, index in enumerate(columns)}
+    matrix: list[list[float | None]] = [[None] * len(columns) for _ in modules]
+    for record in records:
+        if record.valid:
+            column = column_of[positions[block_of(record.name)]]
+            matrix[modules.index(record.module_type)][column] = metric_value(record, key, parameter)
+    missing = any(v is None for row in matrix for v in row)
+    values = [v for row in matrix for v in row if v is not None]
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    inches = figure_width(width)
+    label_room = 0.12 + 0.055 * max(len(m) for m in modules)
+    # a vertical colour bar's label needs the height of several rows; with few rows it goes underneath
+    beneath = len(modules) <= 4
+    cell = (inches - label_room - (0.1 if beneath else 0.75)) / len(columns)
+    with paper_style():
+        height = 0.85 + 0.17 * len(modules) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
+        fig = new_figure(width, min(height, 9.0) / inches)
+        ax = fig.subplots()
+        ax.set_facecolor(MISSING_COLOR)
+        mesh = ax.pcolormesh(
+            _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
+            cmap=SEQUENTIAL_CMAP, vmin=low, vmax=high, edgecolors="white", linewidth=0.4 if cell > 0.08 else 0.0,
+        )  # fmt: skip
+        ax.set_ylim(len(modules) - 0.5, -0.5)
+        ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
+        ax.tick_params(axis="y", length=0)
+        shown = [c for c in range(len(columns))]
+        if len(columns) > 12:
+            step = math.ceil(len(columns) / 8)
+            shown = [c for c in range(len(columns)) if columns[c] % step == 0] or shown[::step]
+        ax.set_xticks(shown, [str(columns[c]) for c in shown])
+        ax.set_xlabel(xlabel)
+        for side in ("top", "right", "left", "bottom"):
+            ax.spines[side].set_visible(False)
+        if cell >= MIN_ANNOTATED_CELL and len(modules) <= 12:
+            integral = all(float(v).is_integer() for v in values)
+            fmt = ".0f" if integral or high >= 100 else ".2f" if high < 1 else ".1f"
+            _annotate(ax, matrix, mesh, fmt=fmt, xs=range(len(columns)), ys=range(len(modules)))
+        if beneath:
+            colorbar = fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.12, aspect=35, pad=0.03)
+        else:
+            colorbar = fig.colorbar(mesh, ax=ax, fraction=0.05, pad=0.02, aspect=max(8, 4 * len(modules)))
+        colorbar.set_label(name)
+        if all(float(v).is_integer() for v in values):  # counts: whole-number ticks
+            step = max(1, math.ceil((high - low) / 5))
+            colorbar.set_ticks(range(math.ceil(low), math.floor(high) + 1, step))
+        colorbar.outline.set_linewidth(0.4)
+        if missing:
+            from matplotlib.patches import Patch
+
+            fig.legend([Patch(facecolor=MISSING_COLOR)], ["no layer or invalid"], loc="outside lower right")
+    return fig
+
+
+# -- alignment of components ------------------------------------------------------------------------------
+ALIGNMENT_PANELS = (
+    ("left_overlap", "left_baseline", "overlap\n(output space)"),
+    ("right_overlap", "right_baseline", "overlap\n(input space)"),
+    ("cosine", None, "update\ncosine"),
+)
+
+
+def _off_diagonal_mean(matrix) -> float | None:
+    values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def alignment_figure(
+    record: LayerRecord, *, width: str | float = "column", labels: Sequence[str] | None = None
+) -> Figure:
+    """For a composed layer (or any object with ``.alignment`` and ``.name``, such as a compared layer): k×k
+    heatmaps of the projection overlap of the output (left) and input (right) singular subspaces, with their
+    random baseline, and of the exact update cosine. ``labels``: component names (default: the components').
+
+    Rows are named ``1: name``; columns, in the same order, by number.
+    """
+    alignment = getattr(record, "alignment", None)
+    if not alignment:
+        raise FigureInputError(f"layer {record.name} has no alignment: it is not a composition of components")
+    k = len(alignment["cosine"])
+    if labels is None:
+        components = getattr(record, "components", None) or []
+        labels = [c.name for c in components] if len(components) == k else [str(i + 1) for i in range(k)]
+    if len(labels) != k:
+        raise FigureInputError(f"{len(labels)} labels for {k} components")
+    names = [f"{i + 1}: {ellipsize(str(s), 14)}" for i, s in enumerate(labels)]
+    inches = figure_width(width)
+    label_room = 0.1 + 0.055 * max(len(n) for n in names)
+    panel = (inches - label_room - 0.2) / 3.15
+    with paper_style():
+        fig = new_figure(width, (panel + 1.2) / inches)
+        axes = fig.subplots(1, 3, sharey=True)
+        mesh = None
+        for ax, (key, baseline_key, title) in zip(axes, ALIGNMENT_PANELS, strict=True):
+            matrix = alignment[key]
+            mesh = ax.pcolormesh(
+                _edges(k, -0.5), _edges(k, -0.5), _masked(matrix), cmap=DIVERGING_CMAP, vmin=-1, vmax=1,
+                edgecolors="white", linewidth=0.5,
+            )  # fmt: skip
+            ax.set_facecolor(MISSING_COLOR)
+            ax.set_aspect("equal")
+            ax.set_ylim(k - 0.5, -0.5)
+            ax.set_title(title, fontsize=7)
+            step = max(1, math.ceil(k / 8))
+            ax.set_xticks(range(0, k, step), [str(i + 1) for i in range(0, k, step)])
+            ax.set_yticks(range(0, k, step), names[::step])
+            ax.tick_params(length=0)
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if panel / k >= MIN_ANNOTATED_CELL:
+                _annotate(ax, matrix, mesh, fmt=".2f", xs=range(k), ys=range(k))
+            baseline = _off_diagonal_mean(alignment[baseline_key]) if baseline_key else None
+            if baseline is not None:
+                ax.set_xlabel(f"random ≈ {baseline:.2g}", fontsize=7)
+        colorbar = fig.colorbar(mesh, ax=list(axes), orientation="horizontal", fraction=0.06, aspect=40, pad=0.03)
+        colorbar.outline.set_linewidth(0.4)
+        colorbar.set_ticks([-1, -0.5, 0, 0.5, 1])
+        colorbar.set_label("overlap or cosine (1: aligned, 0: orthogonal)", fontsize=7)
+        fig.suptitle(record.name, fontsize=7)
+    return fig
+
+
+# -- subspace similarity ----------------------------------------------------------------------------------
+def subspace_similarity_figure(
+    grid, labels: Sequence[str], *, width: str | float = "column", title: str | None = None
+) -> Figure:
+    """The LoRA paper's φ(i, j) = ‖U_iᵀV_j‖_F²/min(i, j) grid (from ``components.subspace_similarity_grid``):
+    i over the top-i directions of the first update (down), j over the second's (across), 0 to 1."""
+    import numpy as np
+
+    values = np.asarray(grid, dtype=float)
+    if values.ndim != 2 or values.size == 0:
+        raise FigureInputError("empty φ grid: one of the updates is zero (it has no singular directions)")
+    if len(labels) != 2:
+        raise FigureInputError(f"subspace similarity needs two labels, got {len(labels)}")
+    rows, columns = values.shape
+    inches = figure_width(width)
+    plot_width = inches - 1.25
+    box = min(1.0, max(0.3, rows / columns))
+    with paper_style():
+        fig = new_figure(width, (plot_width * box + 0.62 + (0.15 if title else 0)) / inches)
+        ax = fig.subplots()
+        mesh = ax.pcolormesh(_edges(columns), _edges(rows), values, cmap=SEQUENTIAL_CMAP, vmin=0, vmax=1,
+                             linewidth=0, rasterized=False)  # fmt: skip
+        ax.set_ylim(rows + 0.5, 0.5)
+        ax.set_box_aspect(box)
+        integer_ticks(ax.xaxis, columns)
+        integer_ticks(ax.yaxis, rows)
+        ax.tick_params(length=2)
+        ax.set_xlabel(f"j: top-j directions of {ellipsize(str(labels[1]), 28)}")
+        ax.set_ylabel(f"i: top-i of {ellipsize(str(labels[0]), 20)}")
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if plot_width / columns >= MIN_ANNOTATED_CELL and plot_width * box / rows >= 0.15:
+            _annotate(ax, values.tolist(), mesh, fmt=".2f", xs=range(1, columns + 1), ys=range(1, rows + 1))
+        # the colour bar as tall as the grid, whatever the grid's shape
+        colorbar = fig.colorbar(mesh, cax=ax.inset_axes((1.0 + 0.06 / plot_width, 0.0, 0.08 / plot_width, 1.0)))
+        colorbar.set_label("φ(i, j)")
+        colorbar.outline.set_linewidth(0.4)
+        if title:
+            ax.set_title(title, fontsize=7, loc="left")
+    return fig

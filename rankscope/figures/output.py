@@ -1,0 +1,97 @@
+"""Saving figures: deterministic bytes (no dates, no creator strings, fixed SVG ids), written all-or-nothing.
+
+PDF and SVG carry no metadata that changes between runs, so the same figure gives the same bytes; PNG is drawn
+by Agg at 300 dpi without a ``Software`` chunk. Every requested format is rendered in memory first and then
+each file is written to a temporary name beside its target and renamed into place: an error leaves no file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import RankscopeError
+from .style import paper_style
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FORMATS = ("pdf", "png", "svg")
+PNG_DPI = 300
+_METADATA = {
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None},
+    "svg": {"Creator": None, "Date": None, "Format": None, "Type": None},
+    "png": {"Software": None},
+}
+_PROLOG = re.compile(r"\A\s*(<\?xml[^>]*\?>\s*)?(<!DOCTYPE[^>]*>\s*)?", re.DOTALL)
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure rendered as ``fmt`` (pdf, png or svg), deterministically."""
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    buffer = io.BytesIO()
+    with paper_style():  # font embedding, SVG ids and dpi are read when saving
+        fig.savefig(buffer, format=fmt, dpi=PNG_DPI, metadata=_METADATA[fmt])
+    return buffer.getvalue()
+
+
+def svg_text(fig: Figure) -> str:
+    """The figure as SVG markup to inline in HTML: no XML prolog, no DOCTYPE; same figure, same text."""
+    text = figure_bytes(fig, "svg").decode("utf-8")
+    return _PROLOG.sub("", text, count=1)
+
+
+def output_paths(path: str | Path, formats: Sequence[str]) -> list[Path]:
+    """``fig.pdf`` for ``pdf`` from ``fig`` or ``fig.pdf`` (or ``fig.png``); a path's own suffix is kept when it
+    names the format (``FIG.PDF`` stays as it is)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    out = []
+    for fmt in formats:
+        if suffix == f".{fmt}":
+            out.append(path)
+        elif suffix[1:] in FORMATS:
+            out.append(path.with_suffix(f".{fmt}"))
+        else:
+            out.append(path.with_name(f"{path.name}.{fmt}"))
+    return out
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise RankscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException as exc:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RankscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        raise
+
+
+def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("pdf", "png")) -> list[Path]:
+    """Write ``fig`` once per format beside ``path`` (``out/spectrum`` → ``out/spectrum.pdf``, ``.png``) and return
+    the paths written. All formats are rendered before any file is written."""
+    formats = [f.lower().lstrip(".") for f in formats]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"figure formats must be among {', '.join(FORMATS)}, got {list(formats)}")
+    targets = output_paths(path, formats)
+    rendered = [(target, figure_bytes(fig, fmt)) for target, fmt in zip(targets, formats, strict=True)]
+    for target, data in rendered:
+        _write_atomically(target, data)
+    return targets
+
+
+__all__ = ["FORMATS", "figure_bytes", "output_paths", "save_figure", "svg_text"]

@@ -1,0 +1,267 @@
+"""A report folder — ``index.html``, ``layers.csv``, ``summary.json``, ``summary.md``, ``figures/`` — written all
+or nothing.
+
+Everything is written into a temporary folder beside the target, which is then renamed into place: an error or
+Ctrl-C leaves the old report (or nothing), never half of a new one. A folder holds a ``.rankscope-report``
+marker; an existing folder without one is not replaced unless ``force`` is given, and no folder that holds the
+working directory, the user's home or an input checkpoint is ever replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import __version__
+from ..errors import RankscopeError
+from .csv import layers_csv
+from .csv import text_cell as csv_text
+from .html import FigureSlot, figure_slots, report_html
+from .json import comparison_document, dumps, spectrum_document
+from .markdown import comparison_markdown, spectrum_markdown
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis
+    from ..compare import Comparison
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".rankscope-report"
+FIGURE_FORMATS = ("pdf", "png", "svg")
+REPORT_SCHEMA = "rankscope.report/1"
+
+
+def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, force: bool = False) -> Path:
+    """The folder a report may be written to, or a one-line error saying why not.
+
+    Refused always: a path that is a file, or a folder holding the working directory, the home directory, a
+    filesystem root or one of ``inputs``. Refused without ``force``: a non-empty folder that rankscope did not
+    write (no marker file).
+    """
+    target = Path(out_dir)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise RankscopeError(f"{target}: exists and is not a report folder; choose another -o DIR")
+    resolved = target.resolve()
+    guarded = [Path.cwd().resolve(), Path.home().resolve(), *(Path(p).resolve() for p in inputs)]
+    for path in guarded:
+        if resolved == path or resolved in path.parents:
+            raise RankscopeError(f"{target}: refusing to write a report over a folder that holds {path}")
+    if resolved == Path(resolved.anchor):
+        raise RankscopeError(f"{target}: refusing to write a report over a filesystem root")
+    if target.is_dir() and not force and not (target / MARKER).is_file() and any(target.iterdir()):
+        raise RankscopeError(
+            f"{target}: the folder exists and was not written by rankscope report; pass --force to replace it"
+        )
+    return target
+
+
+def default_labels(analyses: Sequence[Analysis]) -> list[str]:
+    """The checkpoints' directory names; where two are alike (``a/final``, ``b/final``), with their parents; where
+    those are alike too, numbered."""
+    paths = [analysis.checkpoint.path for analysis in analyses]
+    for labels in (
+        [p.name or str(p) for p in paths],
+        [f"{p.parent.name}/{p.name}" if p.parent.name else str(p) for p in paths],
+    ):
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}: {p.name or p}" for i, p in enumerate(paths, 1)]
+
+
+def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None) -> dict:
+    """One checkpoint: its ``rankscope.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
+    ``rankscope.compare/1`` document under ``comparison`` and each checkpoint's spectrum document under
+    ``spectra`` (keyed by label)."""
+    if comparison is None:
+        return spectrum_document(analyses[0])
+    return {
+        "schema": REPORT_SCHEMA,
+        "rankscope": __version__,
+        "contents": "comparison: the rankscope.compare/1 document of the checkpoints; spectra: each checkpoint's "
+        "rankscope.spectrum/1 document, keyed by label, in the order of labels",
+        "labels": list(labels),
+        "comparison": comparison_document(comparison),
+        "spectra": {label: spectrum_document(a) for label, a in zip(labels, analyses, strict=True)},
+    }
+
+
+def report_csv(analyses: Sequence[Analysis], labels: Sequence[str]) -> str:
+    """One checkpoint: ``layers_csv``. Several: one row per (checkpoint, layer), a ``checkpoint`` column first,
+    the union of the metric columns (blank where a checkpoint lacks one)."""
+    if len(analyses) == 1:
+        return layers_csv(analyses[0])
+    columns: list[str] = []
+    rows: list[dict] = []
+    for label, analysis in zip(labels, analyses, strict=True):
+        reader = csv.DictReader(io.StringIO(layers_csv(analysis)))
+        for name in reader.fieldnames or []:
+            if name not in columns:
+                columns.append(name)
+        rows += [{"checkpoint": csv_text(label), **row} for row in reader]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["checkpoint", *columns], restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def report_markdown(analyses: Sequence[Analysis], comparison: Comparison | None) -> str:
+    parts = [comparison_markdown(comparison)] if comparison is not None else []
+    parts += [spectrum_markdown(analysis) for analysis in analyses]
+    return "\n".join(parts)
+
+
+def _figure(slot: FigureSlot, analyses: Sequence[Analysis], labels: Sequence[str]):
+    """Draw one slot with rankscope.figures (None when there is nothing to draw)."""
+    from .. import figures as F
+
+    if slot.kind == "erank-heatmap":
+        return F.erank_heatmap_figure(analyses[slot.checkpoint])
+    if slot.kind == "count-above":
+        return F.count_above_figure(analyses, labels)
+    if slot.kind == "energy":
+        return F.energy_figure(analyses, labels)
+    if slot.kind == "weights":
+        return F.weights_figure(analyses[slot.checkpoint])
+    if slot.kind == "growth":
+        return F.growth_figure(analyses[slot.checkpoint])
+    if slot.kind == "alignment":
+        record = next(r for r in analyses[slot.checkpoint].layers if r.name == slot.layer)
+        return F.alignment_figure(record)
+    if slot.kind == "subspace-similarity":
+        from ..components import subspace_similarity_grid
+
+        updates = [
+            next(layer.update for layer in a.checkpoint.layers if layer.name == slot.layer) for a in analyses[:2]
+        ]
+        grid = subspace_similarity_grid(*updates, side="right")
+        return F.subspace_similarity_figure(grid, labels[:2], title=slot.layer)
+    if slot.kind == "spectrum" and slot.layers is None:
+        return F.spectrum_figure(analyses, labels)
+    if slot.kind == "spectrum":
+        # the layers of one module type that are valid in every checkpoint that has them
+        having = [(a, label) for a, label in zip(analyses, labels, strict=True)
+                  if any(r.name in slot.layers for r in a.layers)]  # fmt: skip
+        valid = [name for name in slot.layers
+                 if all(any(r.name == name and r.valid for r in a.layers) for a, _ in having)]  # fmt: skip
+        if not valid:
+            return None
+        return F.spectrum_figure([a for a, _ in having], [label for _, label in having], layers=valid)
+    raise ValueError(f"unknown figure kind {slot.kind!r}")
+
+
+def render_figures(
+    analyses: Sequence[Analysis],
+    labels: Sequence[str],
+    slots: Sequence[FigureSlot],
+    folder: Path | None,
+    formats: Sequence[str],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Each slot's figure as inline SVG (and saved as ``folder/<id>.<fmt>``); plus a warning per figure that
+    could not be drawn — the report goes on without it."""
+    from ..figures import save_figure, svg_text
+
+    svgs, warnings = {}, []
+    for done, slot in enumerate(slots, 1):
+        try:
+            fig = _figure(slot, analyses, labels)
+            if fig is not None:
+                svgs[slot.id] = svg_text(fig)
+                if folder is not None and formats:
+                    for path in save_figure(fig, folder / slot.id, formats):
+                        _permissions(path, 0o666)  # save_figure's temporary files are private (0600)
+        except RankscopeError as exc:
+            warnings.append(f"figure {slot.id} left out: {exc}")
+        except Exception as exc:  # a drawing bug costs one figure, not the report; the warning says so
+            logger.debug("figure %s failed", slot.id, exc_info=True)
+            warnings.append(f"figure {slot.id} left out: {type(exc).__name__}: {exc}")
+        if progress:
+            progress(done, len(slots))
+    return svgs, warnings
+
+
+def write_report(
+    analyses: Sequence[Analysis],
+    out_dir: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    formats: Sequence[str] = ("pdf", "png"),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Write the report of ``analyses`` (one checkpoint, or several compared) to the folder ``out_dir``.
+
+    ``formats``: the figure files to write under ``figures/`` (any of pdf, png, svg; empty for none — the page
+    has its figures inline either way). Returns warnings (figures that could not be drawn).
+    """
+    from ..compare import compare
+
+    if not analyses:
+        raise RankscopeError("a report needs at least one checkpoint")
+    formats = tuple(dict.fromkeys(f.lower() for f in formats))
+    unknown = [f for f in formats if f not in FIGURE_FORMATS]
+    if unknown:
+        raise RankscopeError(f"figure format {unknown[0]!r} is not one of {', '.join(FIGURE_FORMATS)}")
+    labels = list(labels) if labels is not None else default_labels(analyses)
+    if len(labels) != len(analyses) or len(set(labels)) != len(labels):
+        raise RankscopeError(f"need {len(analyses)} distinct labels, got {labels}")
+    target = check_target(out_dir, [a.checkpoint.path for a in analyses], force=force)
+    comparison = compare(analyses, labels) if len(analyses) > 1 else None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
+    try:
+        _permissions(staging)
+        (staging / "figures").mkdir()
+        slots = figure_slots(analyses, labels, comparison)
+        svgs, warnings = render_figures(analyses, labels, slots, staging / "figures", formats, progress=progress)
+        files = {
+            "summary.json": dumps(summary_document(analyses, labels, comparison)),
+            "layers.csv": report_csv(analyses, labels),
+            "summary.md": report_markdown(analyses, comparison),
+            "index.html": report_html(analyses, labels, comparison, svgs, figure_formats=formats, companions=True),
+            MARKER: f"written by rankscope {__version__} report; `rankscope report … -o` may replace this folder\n",
+        }
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8", newline="")
+        _swap(staging, target)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
+        raise
+    return warnings
+
+
+def _permissions(path: Path, mode: int = 0o777) -> None:
+    """mkdtemp and mkstemp make private (0700, 0600) paths; a report gets the usual ones (``mode`` less umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(mode & ~mask)
+
+
+def _swap(staging: Path, target: Path) -> None:
+    """Put ``staging`` where ``target`` is; the old folder is restored if the rename fails."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

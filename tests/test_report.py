@@ -1,0 +1,593 @@
+"""``rankscope report``: the self-contained HTML page, the report folder, and the command.
+
+The page is parsed here with the standard library's HTML parser (what a browser would build from it): hostile
+checkpoint strings must arrive as text, never as elements; nothing may be fetched; each figure and table must
+hold the records' own values. The per-layer plots are checked against spectra and cumulative energies computed
+here from the stored factors. The real-browser checks are in ``test_report_browser.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import rankscope
+from rankscope.cli import main
+from rankscope.compare import compare
+from rankscope.errors import RankscopeError
+from rankscope.report import bundle
+from rankscope.report.bundle import MARKER, check_target, write_report
+from rankscope.report.html import figure_slots, inline_svg, layer_svg, report_html
+
+from .factories import llama_like, lora_config, random_factors, write_lora
+
+HOSTILE = ("<img src=x onerror=alert(1)>", "<script>alert(2)</script>")
+SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: torch's thread pool only adds waiting on shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- parsing the page -----------------------------------------------------------------------------------------
+class Page(HTMLParser):
+    """Elements (tag, attributes), text outside scripts and styles, and the scripts' and styles' own text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict]] = []
+        self.texts: list[str] = []
+        self.scripts: list[str] = []
+        self.styles: list[str] = []
+        self._inside: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+        if tag in ("script", "style"):
+            self._inside.append(tag)
+
+    def handle_endtag(self, tag):
+        if self._inside and self._inside[-1] == tag:
+            self._inside.pop()
+
+    def handle_data(self, data):
+        if not self._inside:
+            self.texts.append(data)
+        elif self._inside[-1] == "script":
+            self.scripts.append(data)
+        else:
+            self.styles.append(data)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def tags(self, name: str) -> list[dict]:
+        return [attrs for tag, attrs in self.elements if tag == name]
+
+
+def table_rows(page_text: str, table_id: str) -> list[list[tuple[str, dict]]]:
+    """The body rows of one table: each cell as (text, attributes)."""
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.inside = False
+            self.body = False
+            self.rows: list[list[list]] = []
+            self.cell: list | None = None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table":
+                self.inside = attrs.get("id") == table_id
+            elif self.inside and tag == "tbody":
+                self.body = True
+            elif self.inside and self.body and tag == "tr":
+                self.rows.append([])
+            elif self.inside and self.body and tag == "td":
+                self.cell = ["", attrs]
+                self.rows[-1].append(self.cell)
+
+        def handle_endtag(self, tag):
+            if tag == "table":
+                self.inside = self.body = False
+            elif tag == "td":
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell[0] += data
+
+    parser = Rows()
+    parser.feed(page_text)
+    return [[(text, attrs) for text, attrs in row] for row in parser.rows]
+
+
+def assert_self_contained(text: str) -> Page:
+    """No element that fetches anything; links only within the page or to the report's own files; a CSP that
+    forbids requests and allows exactly the page's own script, by its hash."""
+    page = Page(text)
+    tags = {tag for tag, _ in page.elements}
+    assert not tags & {"img", "iframe", "link", "object", "embed", "audio", "video", "source", "base", "form"}
+    for tag, attrs in page.elements:
+        assert "src" not in attrs, (tag, attrs)
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+        for name in ("href", "xlink:href"):
+            target = attrs.get(name)
+            if target is not None and not (tag == "image" and target.startswith("data:image/png;base64,")):
+                assert not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I), (tag, target)  # no scheme: no http:, data:
+                assert not target.startswith("//"), target
+    for style in page.styles:
+        assert "url(" not in style.replace("url(#", "") and "@import" not in style
+    assert len(page.tags("script")) == 1
+    policy = next(
+        attrs["content"] for attrs in page.tags("meta") if attrs.get("http-equiv") == "Content-Security-Policy"
+    )
+    digest = base64.b64encode(hashlib.sha256(page.scripts[0].encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
+    assert "connect-src" not in policy and "unsafe-eval" not in policy
+    return page
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+def fake_svg(slot_id: str) -> str:
+    """What a matplotlib SVG looks like to the page: a prolog, ids, references to them, a global style rule."""
+    return (
+        '<?xml version="1.0" encoding="utf-8" standalone="no"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" '
+        '"http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd">\n<!-- Created with matplotlib -->\n'
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="234pt" '
+        'height="144pt" viewBox="0 0 234 144"><defs><style type="text/css">*{stroke-linecap: butt}</style>'
+        '<clipPath id="p0"><rect width="234" height="144"/></clipPath><path id="g1" d="M0 0h1"/></defs>'
+        f'<g clip-path="url(#p0)"><use xlink:href="#g1"/><text>{slot_id}</text></g></svg>\n'
+    )
+
+
+@pytest.fixture()
+def quick_figures(monkeypatch):
+    """For tests about the folder rather than the figures: stand-in SVGs instead of drawing (seconds each)."""
+
+    def render(items, labels, slots, folder, formats, *, progress=None):
+        return {slot.id: fake_svg(slot.id) for slot in slots}, []
+
+    monkeypatch.setattr(bundle, "render_figures", render)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    paths = {"lora": llama_like(root / "lora", layers=3, hidden=16, rank=4, seed=0)}
+    paths["other"] = llama_like(root / "other", layers=3, hidden=16, rank=2, seed=50)
+    factors = {f"model.layers.{i}.{name}": random_factors(12, 12, 3, 7 + i) for i, name in enumerate(HOSTILE)}
+    factors["model.layers.0.self_attn.q_proj"] = random_factors(12, 12, 3, 9)
+    a, _ = random_factors(12, 12, 3, 10)
+    factors["model.layers.1.self_attn.v_proj"] = (a, torch.zeros(12, 3))  # a zero update: every σ is 0
+    bad_a, bad_b = random_factors(12, 12, 3, 11)
+    bad_b[0, 0] = float("nan")
+    factors["model.layers.2.self_attn.k_proj"] = (bad_a, bad_b)  # not finite: an invalid layer
+    config = lora_config(r=3, lora_alpha=6, target_modules=list(HOSTILE), note='"><script>alert(3)</script>')
+    paths["hostile"] = write_lora(root / "hostile", factors, config)
+    composition = root / "boost"
+    for t, (rank, alpha) in enumerate(((2, 4.0), (3, 3.0), (4, 16.0))):
+        parts = {f"model.layers.{i}.self_attn.{m}": random_factors(10, 8, rank, 100 * t + 2 * i + j)
+                 for i in range(2) for j, m in enumerate(("q_proj", "v_proj"))}  # fmt: skip
+        write_lora(composition / f"round{t}", parts, lora_config(r=rank, lora_alpha=alpha))
+    manifest = {"format": "rankscope.composition/1", "mode": "sequential", "components": ["round0", "round1", "round2"],
+                "weights": [0.6, 0.3, 0.1], "normalize": "none"}  # fmt: skip
+    (composition / "composition.json").write_text(json.dumps(manifest))
+    paths["boost"] = composition
+    return paths
+
+
+@pytest.fixture(scope="module")
+def analyses(adapters) -> dict[str, rankscope.Analysis]:
+    return {name: rankscope.analyze(rankscope.load(path)) for name, path in adapters.items()}
+
+
+def page_of(items, labels, comparison=None, **kwargs) -> tuple[str, list]:
+    slots = figure_slots(items, labels, comparison)
+    text = report_html(items, labels, comparison, {s.id: fake_svg(s.id) for s in slots}, **kwargs)
+    return text, slots
+
+
+# -- the page -------------------------------------------------------------------------------------------------
+def test_hostile_strings_render_as_text_and_nothing_is_fetched(analyses):
+    label = "<b onmouseover=alert(4)>x</b>"
+    text, _ = page_of([analyses["hostile"]], [label])
+    page = assert_self_contained(text)
+    for name in (*HOSTILE, label, '"><script>alert(3)</script>'):
+        assert name in page.text  # as text, unescaped once by the parser: the reader sees the name
+    assert "model.layers.0.<img src=x onerror=alert(1)>" in page.text
+    assert not page.tags("img") and all(not attrs for attrs in page.tags("b"))
+
+
+def test_summary_tables_and_sortable_cells_hold_the_records_values(analyses):
+    analysis = analyses["lora"]
+    text, _ = page_of([analysis], ["lora"])
+    page = assert_self_contained(text)
+    assert "6/6" in page.text and f"{analysis.checkpoint.params:,}" in page.text
+    rows = table_rows(text, "layer-table")
+    assert len(rows) == len(analysis.layers) == 6
+    header = ["layer", "module", "index", "m×n", "r≤", "σ₁", "‖ΔW‖F", "#σ>0.005", "erank", "stable rank",
+              "90% energy", "utilisation", "status"]  # fmt: skip
+    headers = re.findall(r"<th scope=\"col\" data-type=\"(\w+)\"[^>]*>(.*?)</th>", text.split('id="layer-table"')[1])
+    assert [re.sub("<[^>]+>", "", h).replace("&gt;", ">") for _, h in headers[: len(header)]] == header
+    for row, record in zip(rows, analysis.layers, strict=True):
+        assert row[0][0] == record.name and row[1][0] == record.module_type
+        metrics = record.metrics
+        expected = [record.layer_index, 16 * 16, record.rank_bound, metrics["sigma_max"], metrics["frobenius"],
+                    metrics["count_above"]["0.005"], metrics["erank"], metrics["stable_rank"],
+                    metrics["energy_rank"]["0.9"], metrics["utilization"]]  # fmt: skip
+        assert [float(cell[1]["data-v"]) for cell in row[2:12]] == [float(v) for v in expected]  # exact: repr
+        assert row[12][0] == "ok"
+    module_rows = table_rows(text, "modules-0")
+    assert [r[0][0] for r in module_rows] == ["q_proj", "v_proj", "all"]
+    erank = [r.metrics["erank"] for r in analysis.layers if r.module_type == "q_proj"]
+    assert float(module_rows[0][5][1]["data-v"]) == pytest.approx(sum(erank) / len(erank), rel=1e-12)
+
+
+def test_invalid_and_zero_layers_are_shown_for_what_they_are(analyses):
+    text, _ = page_of([analyses["hostile"]], ["h"])
+    page = Page(text)
+    rows = {row[0][0]: row for row in table_rows(text, "layer-table")}
+    assert rows["model.layers.2.self_attn.k_proj"][12][0] == "invalid"
+    assert "data-v" not in rows["model.layers.2.self_attn.k_proj"][8][1]  # no erank: sorts last, shows —
+    assert rows["model.layers.2.self_attn.k_proj"][8][0] == "—"
+    assert "layer model.layers.2.self_attn.k_proj is invalid" in " ".join(page.text.split())
+    assert "zero update: every σ is 0" in page.text
+    assert rows["model.layers.1.self_attn.v_proj"][8][1]["data-v"] == "0.0"
+
+
+def _polylines(svg: str) -> list[list[tuple[float, float]]]:
+    return [[tuple(map(float, p.split(","))) for p in points.split()]
+            for points in re.findall(r'<polyline points="([^"]+)"', svg)]  # fmt: skip
+
+
+def test_layer_plot_places_spectrum_thresholds_bound_and_cumulative_energy(adapters, analyses):
+    """σ_i on a log axis (equal ratios, equal steps), τ between the σ above and below it, the rank bound at the
+    last index, and the cumulative energy Σ_{i≤k}σ_i²/Σσ² — each against values computed here from the factors."""
+    a, b = random_factors(16, 16, 4, 0)
+    sigma = torch.linalg.svdvals(2.0 * b.double() @ a.double())[:4]  # α/r = 8/4
+    record = analyses["lora"].layers[0]
+    assert record.name == "model.layers.0.self_attn.q_proj"
+    tau = float((sigma[1] + sigma[2]) / 2)  # a threshold inside the spectrum
+    from rankscope.report.html import _Series
+
+    svg = layer_svg([_Series("x", record.singular_values, 4, "#000", "")], [tau], [0.9])
+    spectrum, energy = _polylines(svg)
+    ys = torch.tensor([y for _, y in spectrum], dtype=torch.float64)
+    logs = torch.log10(sigma)
+    slope = (ys[0] - ys[-1]) / (logs[0] - logs[-1])
+    assert slope < 0
+    assert torch.allclose(ys, ys[0] + slope * (logs - logs[0]), atol=0.15)  # 0.1 px rounding
+    tau_y = float(re.search(r'<path d="M48 ([\d.]+)H318" stroke="#7b8794"', svg).group(1))
+    assert abs(tau_y - float(ys[0] + slope * (math.log10(tau) - logs[0]))) < 0.15
+    assert spectrum[1][1] < tau_y < spectrum[2][1]
+    bound_x = float(re.search(r'<path d="M([\d.]+) 14V156" stroke="#b54708"', svg).group(1))
+    assert bound_x == spectrum[3][0] and "r≤4" in svg
+    cumulative = torch.cumsum(sigma**2, 0) / (sigma**2).sum()
+    top, bottom = 14, 190 - 34
+    expected = bottom - (bottom - top) * cumulative
+    assert torch.allclose(torch.tensor([y for _, y in energy], dtype=torch.float64), expected, atol=0.06)
+    assert len(re.findall(r"M[\d.]+ [\d.]+h\.01", svg)) == 4  # one dot per σ
+
+
+def test_dense_spectra_are_drawn_from_a_bounded_number_of_points():
+    from rankscope.report.html import _sample, _Series
+
+    sigma = [1.0 / (i + 1) for i in range(4096)]
+    indices = _sample(len(sigma))
+    assert len(indices) <= 256 and indices[0] == 0 and indices[-1] == 4095 and indices == sorted(set(indices))
+    svg = layer_svg([_Series("d", sigma, 4096, "#000", "")], [0.005], [0.9])
+    assert len(_polylines(svg)[0]) == len(indices) and "h.01" not in svg and len(svg) < 12_000
+
+
+def test_figures_inline_with_their_own_ids_and_scoped_styles(analyses):
+    text, slots = page_of([analyses["lora"]], ["lora"], figure_formats=("pdf", "png"), companions=True)
+    page = assert_self_contained(text)
+    ids = [attrs["id"] for attrs in page.tags("clippath")]
+    assert len(ids) == len(set(ids)) == len(slots)  # each figure's p0 renamed apart
+    for slot in slots:
+        assert slot.id in page.text
+        assert f'href="figures/{slot.id}.pdf"' in text and f'href="figures/{slot.id}.png"' in text
+    assert "<?xml" not in text and "DOCTYPE svg" not in text and "Created with matplotlib" not in text
+    assert '<style type="text/css">*{' not in text
+    assert len(re.findall(r'<style type="text/css">\.f\d+ \*\{stroke-linecap: butt\}</style>', text)) == len(slots)
+    assert 'href="summary.json"' in text and 'href="layers.csv"' in text
+    bare = report_html([analyses["lora"]], ["lora"])  # no figures: the page still stands
+    assert "<figure" not in bare and "figures/" not in bare
+
+
+def test_inline_svg_prefixes_ids_and_references():
+    svg = inline_svg(fake_svg("a"), "f7-", 'cap "q" <x>')
+    assert 'id="f7-p0"' in svg and "url(#f7-p0)" in svg and 'xlink:href="#f7-g1"' in svg
+    assert 'aria-label="cap &quot;q&quot; &lt;x&gt;"' in svg and 'class="f7"' in svg
+    assert svg.startswith("<svg") and ".f7 *{stroke-linecap: butt}" in svg
+
+
+def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
+    slots = figure_slots([analyses["hostile"]], ["h"])
+    modules = [s for s in slots if s.section == "modules"]
+    assert [s.module for s in modules] == [HOSTILE[0], "q_proj", HOSTILE[1], "v_proj", "k_proj"]
+    assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
+    pair = [analyses["lora"], analyses["other"]]
+    several = figure_slots(pair, ["a/b", "c d"], None)
+    assert {s.id for s in several if s.kind == "erank-heatmap"} == {"erank-heatmap-a-b", "erank-heatmap-c-d"}
+    compared = figure_slots(pair, ["a/b", "c d"], compare(pair, ["a/b", "c d"]))
+    assert [(s.kind, s.layer) for s in compared if s.section == "comparison"] == [
+        ("subspace-similarity", "model.layers.0.self_attn.q_proj")
+    ]
+    boost = figure_slots([analyses["boost"]], ["boost"])
+    kinds = [s.kind for s in boost if s.section == "composition"]
+    assert kinds[:2] == ["weights", "growth"] and "alignment" in kinds
+
+
+def test_composition_section(analyses):
+    analysis = analyses["boost"]
+    text, _ = page_of([analysis], ["boost"])
+    page = assert_self_contained(text)
+    assert "composition" in [attrs.get("id") for attrs in page.tags("section")]
+    rows = table_rows(text, "composition-table-0")
+    composed = [r for r in analysis.layers if r.composition]
+    assert len(rows) == len(composed) == 4
+    for row, record in zip(rows, composed, strict=True):
+        fields = record.composition
+        assert row[0][0] == record.name and float(row[1][1]["data-v"]) == 3
+        assert (
+            float(row[5][1]["data-v"]) == fields["rank_gain"] and float(row[6][1]["data-v"]) == fields["interference"]
+        )
+        growth = " → ".join(f"{g['metrics']['erank']:.2f}" for g in fields["growth"])
+        assert row[-1][0] == growth
+    bars = re.findall(r'<div class="bar">(.*?)</div>', text)
+    widths = [float(w) for w in re.findall(r"width:([\d.]+)%", bars[0])]
+    assert widths == pytest.approx([60.0, 30.0, 10.0], abs=0.01)  # |w_i| / Σ|w| of 0.6, 0.3, 0.1
+    assert "round0" in page.text and "Update cosine" in page.text
+
+
+def test_comparison_section(analyses):
+    items = [analyses["lora"], analyses["other"]]
+    comparison = compare(items, ["r4", "r2"])
+    text, _ = page_of(items, ["r4", "r2"], comparison)
+    page = assert_self_contained(text)
+    assert comparison.summary()["headlines"][0] in page.text
+    rows = table_rows(text, "comparison-layers")
+    assert len(rows) == len(comparison.layers) == 6
+    first = comparison.layers[0]
+    values = [comparison.values(r) for r in first.records]
+    assert float(rows[0][2][1]["data-v"]) == values[0]["erank"] and float(rows[0][5][1]["data-v"]) == values[1]["erank"]
+    layer_rows = table_rows(text, "layer-table")
+    assert len(layer_rows) == 12 and {r[0][0] for r in layer_rows} == {"r4", "r2"}  # 6 layers each
+    detail = re.search(r'<details class="layer" id="layer-1">.*?</details>', text, re.S).group(0)
+    assert len(_polylines(detail)) == 4  # both checkpoints' spectra and energies in one plot
+
+
+# -- the folder -----------------------------------------------------------------------------------------------
+def test_report_folder_files(analyses, tmp_path):
+    analysis = analyses["lora"]
+    out = tmp_path / "report"
+    assert write_report([analysis], out, labels=["lora"], formats=("pdf", "png")) == []
+    assert (out / MARKER).is_file()
+    document = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert document["schema"] == "rankscope.spectrum/1" and len(document["layers"]) == 6
+    assert document["layers"][0]["singular_values"] == analysis.layers[0].singular_values
+    rows = list(csv.DictReader(io.StringIO((out / "layers.csv").read_text())))
+    assert [r["name"] for r in rows] == [r.name for r in analysis.layers]
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("## lora") and "| q\\_proj |" in markdown
+    slots = figure_slots([analysis], ["lora"])
+    for slot in slots:
+        assert (out / "figures" / f"{slot.id}.pdf").read_bytes().startswith(b"%PDF")
+        assert (out / "figures" / f"{slot.id}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(
+        f"{s.id}.{fmt}" for s in slots for fmt in ("pdf", "png")
+    )
+    text = (out / "index.html").read_text()
+    page = assert_self_contained(text)
+    assert len(page.tags("svg")) >= len(slots) and "6/6" in page.text
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left beside it
+
+
+def test_report_files_get_the_usual_permissions(analyses, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_report([analyses["boost"]], tmp_path / "r", formats=("svg",))
+    finally:
+        os.umask(mask)
+    for path in [tmp_path / "r", *(tmp_path / "r").rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_several_checkpoints_summary_csv_and_figures(analyses, tmp_path):
+    items = [analyses["lora"], analyses["other"]]
+    assert write_report(items, tmp_path / "r", labels=["=cmd", "r2"], formats=("svg",)) == []
+    document = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert document["schema"] == "rankscope.report/1" and document["labels"] == ["=cmd", "r2"]
+    assert document["comparison"]["schema"] == "rankscope.compare/1"
+    assert [d["schema"] for d in document["spectra"].values()] == ["rankscope.spectrum/1"] * 2
+    assert "comparison" in document["contents"] and "spectra" in document["contents"]
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "layers.csv").read_text())))
+    assert len(rows) == 12 and next(iter(rows[0])) == "checkpoint"
+    assert {r["checkpoint"] for r in rows} == {"'=cmd", "r2"}  # a label is not a spreadsheet formula
+    assert (tmp_path / "r" / "summary.md").read_text().startswith("## Comparison:")
+    figures = {p.name for p in (tmp_path / "r" / "figures").iterdir()}
+    assert {
+        "erank-heatmap-cmd.svg",
+        "erank-heatmap-r2.svg",
+        "subspace-similarity.svg",
+        "spectrum-q_proj.svg",
+    } <= figures
+
+
+def test_an_existing_folder_is_replaced_only_when_rankscope_wrote_it(quick_figures, analyses, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(RankscopeError, match="not written by rankscope report; pass --force"):
+        write_report([analyses["lora"]], foreign, formats=())
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    write_report([analyses["lora"]], foreign, formats=(), force=True)
+    assert not (foreign / "notes.txt").exists() and (foreign / "index.html").is_file()
+    write_report([analyses["other"]], foreign, formats=())  # ours now: replaced without --force
+    assert json.loads((foreign / "summary.json").read_text())["layers"][0]["rank_bound"] == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_report([analyses["lora"]], empty, formats=())
+    assert (empty / "index.html").is_file()
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(RankscopeError, match="not a report folder"):
+        write_report([analyses["lora"]], file, formats=(), force=True)
+
+
+def test_never_replaces_a_folder_holding_the_inputs_or_the_working_directory(
+    quick_figures, adapters, analyses, tmp_path, monkeypatch
+):
+    holder = adapters["lora"].parent
+    with pytest.raises(RankscopeError, match="refusing"):
+        write_report([analyses["lora"]], holder, formats=(), force=True)
+    assert adapters["lora"].is_dir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").write_text("x")
+    for target in (".", tmp_path, tmp_path.parent):
+        with pytest.raises(RankscopeError, match="refusing"):
+            check_target(target, force=True)
+    assert (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
+def test_an_error_while_writing_leaves_the_old_report_and_no_debris(
+    quick_figures, analyses, tmp_path, monkeypatch, interrupt
+):
+    out = tmp_path / "r"
+    write_report([analyses["lora"]], out, formats=())
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise interrupt("interrupted while rendering")
+
+    monkeypatch.setattr(bundle, "report_markdown", fail)
+    with pytest.raises(KeyboardInterrupt if interrupt is KeyboardInterrupt else RankscopeError):
+        write_report([analyses["other"]], out, formats=())
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt if interrupt is KeyboardInterrupt else RankscopeError):
+        write_report([analyses["other"]], fresh, formats=())
+    assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_a_figure_that_cannot_be_drawn_is_left_out_with_a_warning(analyses, tmp_path, monkeypatch):
+    real = bundle._figure
+
+    def broken(slot, items, labels):
+        if slot.kind == "energy":
+            raise ValueError("no luck")
+        return real(slot, items, labels)
+
+    monkeypatch.setattr(bundle, "_figure", broken)
+    warnings = write_report([analyses["lora"]], tmp_path / "r", formats=("svg",))
+    assert warnings == ["figure energy left out: ValueError: no luck"]
+    assert not (tmp_path / "r" / "figures" / "energy.svg").exists()
+    assert (tmp_path / "r" / "figures" / "spectrum.svg").is_file()
+
+
+def test_a_224_layer_report_stays_small(tmp_path):
+    factors = {}
+    for i in range(32):
+        for j, module in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+            factors[f"model.layers.{i}.mlp.{module}"] = random_factors(24, 16, 8, 7 * i + j)
+    path = write_lora(tmp_path / "big", factors, lora_config(r=8, target_modules=["q_proj"]))
+    analysis = rankscope.analyze(rankscope.load(path))
+    write_report([analysis], tmp_path / "r", formats=())
+    text = (tmp_path / "r" / "index.html").read_text()
+    assert len(text.encode()) < 2_000_000
+    page = Page(text)
+    assert (
+        len([d for d in page.tags("details") if d.get("class") == "layer"]) == 224 and len(page.tags("figure")) == 4 + 7
+    )  # overview + one per module
+    assert len(table_rows(text, "layer-table")) == 224
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def cli(*args):
+    return CliRunner().invoke(main, ["report", *map(str, args)], catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("rankscope: error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_command_writes_a_report_and_runs_twice(adapters, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    with monkeypatch.context() as patch:  # the first run only has to leave a report of ours behind
+        patch.setattr(bundle, "render_figures", lambda items, labels, slots, *args, **kwargs: ({}, []))
+        first = cli(adapters["boost"], "-o", out, "--figures", "svg", "--layers", "q_proj", "-q")
+    assert first.exit_code == 0 and len(json.loads((out / "summary.json").read_text())["layers"]) == 2
+    result = cli(adapters["boost"], "-o", out, "--figures", "svg")  # ours: replaced without --force
+    assert result.exit_code == 0, result.output
+    assert "report written to" in result.stderr and len(json.loads((out / "summary.json").read_text())["layers"]) == 4
+    page = assert_self_contained((out / "index.html").read_text())
+    assert "Composition" in page.text
+    names = {p.name for p in (out / "figures").iterdir()}
+    assert {"weights.svg", "growth.svg", "spectrum.svg", "spectrum-q_proj.svg"} <= names
+
+
+def test_command_compares_several_with_labels(quick_figures, adapters, tmp_path):
+    result = cli(
+        adapters["lora"], adapters["other"], "-o", tmp_path / "r", "--labels", "a,b", "--figures", "none", "-q"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and result.stdout == ""
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["labels"] == ["a", "b"]
+    assert not list((tmp_path / "r" / "figures").iterdir())
+
+
+def test_default_labels_tell_alike_directories_apart(analyses):
+    from dataclasses import replace
+
+    def at(path: str):
+        analysis = analyses["lora"]
+        return replace(analysis, checkpoint=replace(analysis.checkpoint, path=Path(path)))
+
+    assert bundle.default_labels([at("runs/a/final"), at("runs/b/final")]) == ["a/final", "b/final"]
+    assert bundle.default_labels([at("x/a/final"), at("y/a/final")]) == ["1: final", "2: final"]
+    assert bundle.default_labels([at("lora"), at("bora")]) == ["lora", "bora"]
+
+
+def test_command_usage_and_input_errors(quick_figures, adapters, tmp_path):
+    assert cli(adapters["lora"], "-o", tmp_path / "r", "--figures", "gif").exit_code == 2
+    assert cli(adapters["lora"], "-o", tmp_path / "r", "--labels", "a,b").exit_code == 2
+    assert cli(adapters["lora"]).exit_code == 2
+    line = one_error_line(cli(tmp_path / "missing", "-o", tmp_path / "r"))
+    assert "missing" in line
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("a")
+    line = one_error_line(cli(adapters["lora"], "-o", foreign))
+    assert "--force" in line and (foreign / "a.txt").exists()
+    assert not (tmp_path / "r").exists()
+    line = one_error_line(cli(adapters["lora"], "-o", adapters["lora"].parent, "--force"))
+    assert "refusing" in line and adapters["lora"].is_dir()
