@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, Layer
 from .components import composition_fields, off_diagonal_mean, pairwise_alignment, weight_fields
 from .errors import CheckpointError, RankscopeError
 from .naming import layer_index, module_type
-from .spectrum import DEFAULT_MEMORY_BUDGET, singular_values
+from .spectrum import DEFAULT_MEMORY_BUDGET, single_threaded_ops, singular_values
 from .update import DenseUpdate, Update, weighted_sum
 
 
@@ -167,16 +167,28 @@ def _invalid_record(layer: Layer, error: str) -> LayerRecord:
     )
 
 
-def _record(layer: Layer, sigma: torch.Tensor, exact: bool, options: AnalysisOptions) -> LayerRecord:
+def _record(
+    layer: Layer, sigma: torch.Tensor, exact: bool, options: AnalysisOptions, metrics: dict | None = None
+) -> LayerRecord:
+    """The record of an analysed layer; ``metrics`` where they were computed already (in a batch), else here."""
     update = layer.update
     assert update is not None
-    if not bool(torch.isfinite(sigma).all()):
+    if metrics is None and not _finite(sigma):  # batched metrics exist only for finite spectra
         return _invalid_record(layer, "the singular values are not finite (the factors overflow in float64)")
     bias = None
     if layer.bias_update is not None:
         # lora_B.bias is applied with the layer's scale, like B·A
         bias_scale = 1.0 if options.unscaled or layer.scale is None else layer.scale
         bias = {"size": int(layer.bias_update.numel()), "norm": float(layer.bias_update.norm()) * bias_scale}
+    if metrics is None:
+        metrics = M.spectrum_metrics(
+            sigma,
+            update.shape,
+            update.rank_bound,
+            thresholds=options.thresholds,
+            energies=options.energies,
+            rel_thresholds=options.rel_thresholds,
+        )
     return LayerRecord(
         name=layer.name,
         family=layer.family,
@@ -189,17 +201,33 @@ def _record(layer: Layer, sigma: torch.Tensor, exact: bool, options: AnalysisOpt
         exact=exact,
         valid=True,
         error=None,
-        singular_values=[float(v) for v in sigma],
-        metrics=M.spectrum_metrics(
-            sigma,
-            update.shape,
-            update.rank_bound,
-            thresholds=options.thresholds,
-            energies=options.energies,
-            rel_thresholds=options.rel_thresholds,
-        ),
+        singular_values=sigma.tolist(),
+        metrics=metrics,
         bias_update=bias,
     )
+
+
+def _finite(sigma: torch.Tensor) -> bool:
+    return bool(torch.isfinite(sigma).all())
+
+
+def _batched_metrics(updates: list[Update], sigmas: list[torch.Tensor], options: AnalysisOptions) -> list[dict | None]:
+    """The metrics of every finite spectrum, computed together (``metrics.spectrum_metrics_batch``); None for the
+    others, whose records are invalid."""
+    everything_finite = not sigmas or _finite(torch.cat([sigma.reshape(-1) for sigma in sigmas]))
+    finite = list(range(len(sigmas))) if everything_finite else [i for i, s in enumerate(sigmas) if _finite(s)]
+    computed = M.spectrum_metrics_batch(
+        [sigmas[i] for i in finite],
+        [updates[i].shape for i in finite],
+        [updates[i].rank_bound for i in finite],
+        thresholds=options.thresholds,
+        energies=options.energies,
+        rel_thresholds=options.rel_thresholds,
+    )
+    metrics: list[dict | None] = [None] * len(sigmas)
+    for i, values in zip(finite, computed, strict=True):
+        metrics[i] = values
+    return metrics
 
 
 def _analysed_update(layer: Layer, options: AnalysisOptions) -> Update:
@@ -311,21 +339,26 @@ def analyze(
         if progress:
             progress(done[0], len(updates) + len(growth))
 
-    sigmas, exact = singular_values(
-        updates + [growth[key] for key in growth_keys],
-        dense=options.dense,
-        dense_dtype=options.dense_dtype,
-        device=options.device,
-        memory_budget=options.memory_budget,
-        progress=step,
-    )
-    computed = {id(unit): (s, e) for unit, s, e in zip(units, sigmas, exact, strict=False)}
+    # many small tensor ops: run torch single-threaded (spectrum.single_threaded_ops says why); the factor
+    # work inside is spread over threads, and dense SVDs get torch's threads back
+    with single_threaded_ops():
+        sigmas, exact = singular_values(
+            updates + [growth[key] for key in growth_keys],
+            dense=options.dense,
+            dense_dtype=options.dense_dtype,
+            device=options.device,
+            memory_budget=options.memory_budget,
+            progress=step,
+        )
+        metrics = _batched_metrics(updates, sigmas[: len(units)], options)
+    computed = {id(unit): (s, e, m) for unit, s, e, m in zip(units, sigmas, exact, metrics, strict=False)}
     growth_sigmas = dict(zip(growth_keys, sigmas[len(units) :], strict=True))
 
     def build(layer: Layer) -> LayerRecord:
         if layer.update is None or id(layer) in refused:
             return _invalid_record(layer, layer.error or refused.get(id(layer)) or "cannot be analysed")
-        record = _record(layer, *computed[id(layer)], options)
+        sigma, exact_values, metrics_values = computed[id(layer)]
+        record = _record(layer, sigma, exact_values, options, metrics_values)
         if layer.components is not None:
             record.components = [build(component) for component in layer.components]
             if all(c.update is not None for c in layer.components):
@@ -334,7 +367,8 @@ def analyze(
             record.composition = _composition(layer, record, growth_sigmas, options)
         return record
 
-    records = [build(layer) for layer in selected.layers]
+    with single_threaded_ops():
+        records = [build(layer) for layer in selected.layers]
     warnings = []
     if options.unscaled:
         fixed = [u.name for u in units if u.update.scalar_scale is not None and u.update.unscaled() is u.update]

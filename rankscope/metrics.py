@@ -145,6 +145,106 @@ def spectrum_metrics(
     }
 
 
+# -- the same metrics for many spectra at once ---------------------------------------------------------------
+# An adapter has hundreds of layers and each per-spectrum function costs a few tensor calls: the analysis takes
+# the metrics of all its spectra of one length in one pass of tensor ops instead. The functions above stay the
+# definition (and the public API); tests hold this batched form to them.
+def _batch_entropy_exp(shares: torch.Tensor) -> torch.Tensor:
+    """exp(−Σ p ln p) per row (0·ln 0 = 0)."""
+    return torch.exp(-torch.xlogy(shares, shares).sum(dim=1))
+
+
+def _batch_columns(
+    values: torch.Tensor,
+    max_dims: torch.Tensor,
+    thresholds: Sequence[float],
+    energies: Sequence[float],
+    rel_thresholds: Sequence[float],
+) -> dict[str, list]:
+    """Each metric as a list over the rows of ``values`` (B × k, |σ| sorted descending, float64, k ≥ 1)."""
+    top = values[:, 0]
+    nonzero = top > 0
+    normalized = values / torch.where(nonzero, top, 1.0)[:, None]  # a zero row stays 0
+    squares = normalized**2
+    square_sums = squares.sum(dim=1)
+    safe = torch.where(nonzero, 1.0, 0.0)
+    cumulative = torch.cumsum(squares, dim=1)
+    total = cumulative[:, -1]
+    positive = (squares > 0).sum(dim=1)
+    slack = 1 - 4 * torch.finfo(torch.float64).eps
+    columns: dict[str, list] = {}
+    for t in thresholds:
+        columns[f"count_above:{t}"] = (values > t).sum(dim=1).tolist()
+    for r in rel_thresholds:
+        columns[f"count_above_rel:{r}"] = ((normalized > r) & nonzero[:, None]).sum(dim=1).tolist()
+    for p in energies:
+        below = (cumulative < (p * total * slack)[:, None]).sum(dim=1)
+        columns[f"energy_rank:{p}"] = torch.where(nonzero, torch.minimum(below + 1, positive), 0).tolist()
+    ones = torch.where(nonzero, normalized.sum(dim=1), 1.0)[:, None]
+    columns["erank"] = (_batch_entropy_exp(normalized / ones) * safe).tolist()
+    columns["erank_energy"] = (
+        _batch_entropy_exp(squares / torch.where(nonzero, square_sums, 1.0)[:, None]) * safe
+    ).tolist()
+    columns["stable_rank"] = square_sums.tolist()
+    fourth = torch.where(nonzero, (squares**2).sum(dim=1), 1.0)
+    columns["participation_ratio"] = (square_sums**2 / fourth * safe).tolist()
+    columns["numerical_rank"] = (normalized > (max_dims * FLOAT32_EPS)[:, None]).sum(dim=1).tolist()
+    columns["energy"] = (values**2).sum(dim=1).tolist()
+    columns["sigma_max"] = top.tolist()
+    return columns
+
+
+def spectrum_metrics_batch(
+    sigmas: Sequence[torch.Tensor | Sequence[float]],
+    shapes: Sequence[Sequence[int]],
+    rank_bounds: Sequence[int],
+    *,
+    thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+    energies: Iterable[float] = DEFAULT_ENERGIES,
+    rel_thresholds: Iterable[float] = DEFAULT_REL_THRESHOLDS,
+) -> list[dict]:
+    """``[spectrum_metrics(σ, shape, bound, …) for each]``, vectorised over the spectra of equal length.
+
+    Same keys in the same order, integers equal, floats equal to rounding (the reductions may add in another order).
+    """
+    thresholds, energies, rel_thresholds = tuple(thresholds), tuple(energies), tuple(rel_thresholds)
+    for p in energies:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"energy fraction must be in (0, 1], got {p}")
+    flat = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in sigmas]
+    results: list[dict | None] = [None] * len(flat)
+    by_length: dict[int, list[int]] = {}
+    for i, values in enumerate(flat):
+        by_length.setdefault(values.numel(), []).append(i)
+    for length, indices in by_length.items():
+        if length == 0:
+            for i in indices:
+                results[i] = spectrum_metrics(flat[i], shapes[i], rank_bounds[i], thresholds=thresholds,
+                                              energies=energies, rel_thresholds=rel_thresholds)  # fmt: skip
+            continue
+        values = torch.sort(torch.stack([flat[i] for i in indices]).abs(), dim=1, descending=True).values
+        max_dims = torch.tensor([float(max(shapes[i])) for i in indices], dtype=torch.float64)
+        columns = _batch_columns(values, max_dims, thresholds, energies, rel_thresholds)
+        for row, i in enumerate(indices):
+            effective = columns["erank"][row]
+            bound = rank_bounds[i]
+            results[i] = {
+                "count_above": {parameter_key(t): columns[f"count_above:{t}"][row] for t in thresholds},
+                "count_above_rel": {parameter_key(r): columns[f"count_above_rel:{r}"][row] for r in rel_thresholds},
+                "energy_rank": {parameter_key(p): columns[f"energy_rank:{p}"][row] for p in energies},
+                "erank": effective,
+                "erank_energy": columns["erank_energy"][row],
+                "stable_rank": columns["stable_rank"][row],
+                "participation_ratio": columns["participation_ratio"][row],
+                "numerical_rank": columns["numerical_rank"][row],
+                "utilization": effective / bound if bound > 0 else 0.0,
+                "frobenius": math.sqrt(columns["energy"][row]),
+                "sigma_max": columns["sigma_max"][row],
+                "energy": columns["energy"][row],
+            }
+    return results  # type: ignore[return-value]
+
+
 __all__ = [
     "count_above",
     "count_above_rel",
@@ -158,6 +258,7 @@ __all__ = [
     "participation_ratio",
     "sigma_max",
     "spectrum_metrics",
+    "spectrum_metrics_batch",
     "stable_rank",
     "utilization",
 ]

@@ -110,3 +110,71 @@ def test_inequality_chain(values):
     for smaller, larger in itertools.pairwise(chain):
         assert smaller <= larger * (1 + 1e-9), chain
     assert chain[0] >= 1 - 1e-9
+
+
+# -- the batched form used by the analysis, held to the per-spectrum functions ----------------------------------
+def assert_same_metrics(batched: dict, single: dict) -> None:
+    assert list(batched) == list(single)  # the JSON contract's key order
+    for key, expected in single.items():
+        got = batched[key]
+        if isinstance(expected, dict):
+            assert list(got) == list(expected), key
+            assert got == expected, key  # counts and ranks: integers, equal
+        elif isinstance(expected, int):
+            assert got == expected and isinstance(got, int), key
+        else:
+            assert isinstance(got, float), key
+            assert got == pytest.approx(expected, rel=1e-12, abs=1e-300), key
+
+
+spectra = st.lists(
+    st.one_of(st.just(0.0), st.floats(1e-12, 1e6), st.sampled_from([1.0, 0.5, 0.005, 1e-3])),
+    min_size=0,
+    max_size=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(spectra, min_size=1, max_size=12),
+    st.lists(st.floats(0, 2), min_size=1, max_size=3),
+    st.lists(st.floats(0.01, 1.0), min_size=1, max_size=3),
+    st.lists(st.floats(0, 0.5), min_size=1, max_size=2),
+    st.integers(1, 5000),
+)
+def test_batched_metrics_equal_the_per_spectrum_functions(values, thresholds, energies, rel_thresholds, dim):
+    sigmas = [torch.tensor(v, dtype=torch.float64) for v in values]
+    shapes = [(dim + i, max(len(v), 1)) for i, v in enumerate(values)]
+    bounds = [len(v) for v in values]
+    options = {"thresholds": thresholds, "energies": energies, "rel_thresholds": rel_thresholds}
+    batched = M.spectrum_metrics_batch(sigmas, shapes, bounds, **options)
+    assert len(batched) == len(sigmas)
+    for got, sigma, shape, bound in zip(batched, sigmas, shapes, bounds, strict=True):
+        assert_same_metrics(got, M.spectrum_metrics(sigma, shape, bound, **options))
+
+
+def test_batched_metrics_edge_cases():
+    sigmas = [torch.zeros(4), torch.zeros(0), torch.ones(4), torch.tensor([3.0, 0.0, 0.0, 1.0]), torch.tensor([2.0])]
+    shapes = [(16, 16), (4, 4), (8, 8), (100, 10), (5, 5)]
+    bounds = [4, 0, 4, 4, 1]
+    options = {"thresholds": (0.0, 0.005, 1.0), "energies": (0.5, 0.75, 1.0), "rel_thresholds": (0.0, 0.5)}
+    for got, sigma, shape, bound in zip(M.spectrum_metrics_batch(sigmas, shapes, bounds, **options), sigmas,
+                                        shapes, bounds, strict=True):  # fmt: skip
+        assert_same_metrics(got, M.spectrum_metrics(sigma, shape, bound, **options))
+    with pytest.raises(ValueError):
+        M.spectrum_metrics_batch([torch.ones(2)], [(2, 2)], [2], energies=(1.5,))
+
+
+def test_analysis_records_carry_the_per_spectrum_metrics(tmp_path):
+    import rankscope
+
+    from .factories import llama_like
+
+    analysis = rankscope.analyze(rankscope.load(llama_like(tmp_path / "a", layers=3, hidden=24, rank=4)),
+                                 thresholds=(0.005, 0.5), energies=(0.9,))  # fmt: skip
+    assert len(analysis) == 6
+    for record in analysis:
+        sigma = torch.tensor(record.singular_values, dtype=torch.float64)
+        expected = M.spectrum_metrics(sigma, record.matrix_shape, record.rank_bound, thresholds=(0.005, 0.5),
+                                      energies=(0.9,))  # fmt: skip
+        assert_same_metrics(record.metrics, expected)

@@ -122,9 +122,12 @@ def load(
     path = Path(path)
     if path.name == "adapter_config.json" and path.is_file():
         path = path.parent  # the config names its adapter directory
-    if compose:
-        return _compose(path, list(compose), weights, normalize, mode, options)
-    return _load(path, adapter, format, options, ())
+    from ..spectrum import single_threaded_ops
+
+    with single_threaded_ops():  # per-tensor checks are small ops: torch's fork-join costs more than it gains
+        if compose:
+            return _compose(path, list(compose), weights, normalize, mode, options)
+        return _load(path, adapter, format, options, ())
 
 
 def _load(path: Path, adapter: str | None, format: str | None, options: ReadOptions, stack: tuple) -> Checkpoint:
