@@ -544,7 +544,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "checkpoints")
     ap.add_argument("--base", type=Path, default=HERE / "checkpoints" / "tiny-base", help="tiny-base directory")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK.steps} steps of everything (smoke test)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the matrices are tiny: 1 is fastest; 2 gives bitwise the same results)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (tiny matrices: 1 is fastest; 2 gives the same bits)"
+    )
     ap.add_argument("--seed", type=int, default=SEED, help="batch order seed; adapters are initialised from seed+1")
     ap.add_argument("--only", help=f"comma-separated subset of: {','.join(SPECS)}")
     args = ap.parse_args()
