@@ -56,9 +56,11 @@ def _timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
-def inproc(path: str, repeats: int) -> dict:
+def inproc(path: str, repeats: int, threads: int | None = None) -> dict:
     import rankscope
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     files = _tensor_files(Path(path))
     default_threads = torch.get_num_threads()
     names = ("io", "floor_1", "floor_default", "library", "load", "analyze")

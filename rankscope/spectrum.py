@@ -14,6 +14,8 @@ Threads: see ``single_threaded_ops``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -92,15 +94,19 @@ class _Workspace:
         return out
 
 
-def _gram(factor: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
-    """FᵀF in float64 (K × K), upcast through the workspace, from whichever orientation F is stored in.
+# numpy's ``dot(x.T, x)`` calls BLAS ``syrk``: one triangle, half the flops of torch's general product (measured
+# 1.7–2.2× faster on LoRA-shaped factors). numpy's OpenBLAS runs syrk of ≤ 16 columns on one thread but wider ones
+# on its own threads, which rankscope cannot limit (and which stall on a busy machine, like torch's): wider factors
+# take torch's product, which runs under rankscope's thread control.
+NUMPY_GRAM_MAX_COLUMNS = 16
 
-    On the CPU through numpy, whose ``dot(x.T, x)`` calls BLAS ``syrk`` (one triangle: half the flops of torch's
-    general matrix product, measured 1.7× faster here); the Gram is the one pass over every element.
-    """
+
+def _gram(factor: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
+    """FᵀF in float64 (K × K), upcast through the workspace, from whichever orientation F is stored in: the one
+    pass over every element of the factored path."""
     stored, flipped = _stored(factor)
     x = workspace.float64(stored)
-    if x.device.type == "cpu" and x.is_contiguous():
+    if x.device.type == "cpu" and x.is_contiguous() and factor.shape[1] <= NUMPY_GRAM_MAX_COLUMNS:
         array = x.numpy()
         return torch.from_numpy(numpy.dot(array, array.T) if flipped else numpy.dot(array.T, array))
     return x @ x.mT if flipped else x.mT @ x
@@ -150,8 +156,36 @@ def _cholesky_r(grams: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, tor
 # So rankscope runs its own work with torch single-threaded and parallelises where the work is large and
 # independent — the factors — over Python threads (ATen releases the GIL), with no join per op. Dense SVDs,
 # large enough to amortise the joins, get torch's threads back.
+# numpy's BLAS (OpenBLAS, which the Gram's syrk uses) has its own threads: with more than one, concurrent calls of
+# one routine from two Python threads run one after the other (measured: no speed-up at all); at one, they scale.
+# So it is held at one thread too, through OpenBLAS's own openblas_set_num_threads, found among the loaded
+# libraries (Linux; elsewhere nothing is changed and only the speed-up is lost).
 _THREAD_BUDGET: ContextVar[int | None] = ContextVar("rankscope_thread_budget", default=None)
 PARALLEL_MIN_ELEMENTS = 1 << 20  # below this a factor set is done on the calling thread
+_OPENBLAS_NAMES = [f"{prefix}openblas_{{}}_num_threads{suffix}" for prefix in ("", "scipy_") for suffix in ("", "64_")]
+
+
+@functools.cache
+def _openblas_thread_controls() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
+    """(get, set) thread-count functions of each OpenBLAS loaded in this process (numpy's, scipy's …)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return ()
+    controls = []
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _OPENBLAS_NAMES:
+            get, set_ = getattr(library, name.format("get"), None), getattr(library, name.format("set"), None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes, set_.restype = ctypes.c_int, [ctypes.c_int], None
+                controls.append((get, set_))
+                break
+    return tuple(controls)
 
 
 def thread_budget() -> int:
@@ -162,9 +196,10 @@ def thread_budget() -> int:
 
 @contextlib.contextmanager
 def single_threaded_ops() -> Iterator[None]:
-    """torch's intra-op threads at 1 for the duration, restored after (nested uses are no-ops).
+    """torch's intra-op threads, and numpy's OpenBLAS threads, at 1 for the duration, restored after (nested uses
+    are no-ops).
 
-    It changes a process-wide torch setting: torch work in other threads meanwhile runs single-threaded too.
+    It changes process-wide settings: torch and numpy work in other threads meanwhile runs single-threaded too.
     """
     if _THREAD_BUDGET.get() is not None:
         yield
@@ -172,9 +207,14 @@ def single_threaded_ops() -> Iterator[None]:
     before = torch.get_num_threads()
     token = _THREAD_BUDGET.set(before)
     torch.set_num_threads(1)
+    blas = [(get(), set_) for get, set_ in _openblas_thread_controls()]
+    for _, set_ in blas:
+        set_(1)
     try:
         yield
     finally:
+        for count, set_ in blas:
+            set_(count)
         torch.set_num_threads(before)
         _THREAD_BUDGET.reset(token)
 

@@ -284,12 +284,16 @@ def test_parallel_factor_work_matches_and_restores_torch_threads(monkeypatch):
         monkeypatch.setattr(spectrum, "PARALLEL_MIN_ELEMENTS", 0)
         parallel = factored_singular_values(updates)
         assert torch.get_num_threads() == 2
+        blas = spectrum._openblas_thread_controls()  # numpy's OpenBLAS, where this platform shows it
+        blas_before = [get() for get, _ in blas]
         with spectrum.single_threaded_ops():
             assert torch.get_num_threads() == 1 and spectrum.thread_budget() == 2
+            assert all(get() == 1 for get, _ in blas)
             with spectrum.single_threaded_ops():  # nested: no change
                 assert torch.get_num_threads() == 1
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
+        assert [get() for get, _ in blas] == blas_before
     finally:
         torch.set_num_threads(before)
     for update, sigma in zip(updates, parallel, strict=True):
