@@ -141,7 +141,8 @@ class Analysis:
         return [record for record in self.layers if not record.valid]
 
     def summary(self) -> dict:
-        return summarize(self.layers)
+        """:func:`summarize` of the records, plus how many adapter-looking modules no layer analyses."""
+        return {**summarize(self.layers), "not_analysed_modules": len(self.checkpoint.not_analysed)}
 
     def to_dict(self) -> dict:
         from .report.json import spectrum_document
@@ -198,7 +199,7 @@ def _record(
         rank_bound=update.rank_bound,
         params=layer.params,
         scale=layer.scale,
-        exact=exact,
+        exact=exact and layer.exact,
         valid=True,
         error=None,
         singular_values=sigma.tolist(),

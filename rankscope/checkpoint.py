@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .naming import natural_key
+from .naming import layer_name, natural_key
 from .update import Update
 
 
@@ -43,6 +43,9 @@ class Layer:
     # whose name is its label
     components: list[Layer] | None = None
     composition: Composition | None = None
+    # False where the update itself is only an estimate (a randomised init that cannot be recomputed, an init
+    # whose factors were never saved): every record of the layer then says ``exact: false``
+    exact: bool = True
 
     @property
     def scale(self) -> float | None:
@@ -51,10 +54,68 @@ class Layer:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A stored tensor that no layer uses, and why."""
+    """A stored tensor that no layer uses, and why.
+
+    ``expected`` where leaving it out is by design (a value the format resets on save, the router a layer's
+    uniform stand-in replaces, a tensor the user asked to leave out): such tensors are never warned about.
+    """
 
     key: str
     reason: str
+    expected: bool = False
+
+
+@dataclass(frozen=True)
+class NotAnalysed:
+    """A module whose tensors look like adapter weights but that no layer analyses (a warning, never a note)."""
+
+    module: str
+    keys: tuple[str, ...]
+    reason: str
+
+
+# key segments that mark adapter weights: factor names of PEFT, kohya, LyCORIS and diffusers, and PEFT's copies
+_ADAPTER_PREFIXES = ("lora_", "lycoris_", "hada_", "lokr_", "oft_", "boft_", "vera_", "ia3_", "hra_", "dora_", "glora")
+_ADAPTER_SEGMENTS = frozenset(
+    {"lora", "lora_linear_layer", "alpha", "diff", "diff_b", "w_norm", "b_norm", "a1", "a2", "b1", "b2"}
+    | {"modules_to_save", "ranknum", "vblora_vector_bank", "fourierft_spectrum", "shira_weight", "trainable_tokens"}
+)
+
+
+MODULES_TO_SAVE = "a full copy of a module in modules_to_save, not a low-rank update"
+
+
+def adapter_module(key: str) -> str | None:
+    """The module a tensor key belongs to when the key looks like adapter weight, else None.
+
+    ``unet.…to_q.lora.down.weight`` → ``unet.…to_q``; ``lycoris_conv1.diff`` → ``lycoris_conv1``;
+    ``…attn1.processor.to_q_lora.up.weight`` → ``…attn1.processor.to_q_lora``; ``…q_proj.weight`` → None.
+    """
+    segments = key.split(".")
+    for i, segment in enumerate(segments):
+        marked = segment.startswith(_ADAPTER_PREFIXES) or segment in _ADAPTER_SEGMENTS or segment.endswith("_lora")
+        if marked:
+            # a kohya-style flattened name is itself the module; a factor name ends the module path before it
+            keep = i + 1 if i == 0 or segment.endswith("_lora") else i
+            return ".".join(segments[:keep])
+    return None
+
+
+def not_analysed(skipped: list[Skipped]) -> list[NotAnalysed]:
+    """The unexpected skipped tensors that look like adapter weights, grouped by module (in key order)."""
+    modules: dict[str, list[Skipped]] = {}
+    for entry in skipped:
+        # PEFT saves a modules_to_save copy under the module's own name (``head.weight``): only the reason tells
+        copy = entry.reason == MODULES_TO_SAVE and "." in entry.key
+        module = (
+            None if entry.expected else adapter_module(entry.key) or (entry.key.rpartition(".")[0] if copy else None)
+        )
+        if module is not None:
+            modules.setdefault(layer_name(module), []).append(entry)
+    return [
+        NotAnalysed(module, tuple(e.key for e in entries), "; ".join(dict.fromkeys(e.reason for e in entries)))
+        for module, entries in modules.items()
+    ]
 
 
 @dataclass
@@ -77,6 +138,25 @@ class Checkpoint:
         self.layers.sort(key=lambda layer: natural_key(layer.name))
 
     @property
+    def not_analysed(self) -> list[NotAnalysed]:
+        """Modules whose tensors look like adapter weights but are in no layer (see :func:`not_analysed`)."""
+        return not_analysed(self.skipped)
+
+    def not_analysed_warning(self) -> str | None:
+        """One warning line naming the modules that are not analysed, by reason (None where there are none)."""
+        missing = self.not_analysed
+        if not missing:
+            return None
+        by_reason: dict[str, list[str]] = {}
+        for item in missing:
+            by_reason.setdefault(item.reason, []).append(item.module)
+        parts = [f"{_listed(modules)} ({reason})" for reason, modules in by_reason.items()]
+        return (
+            f"{len(missing)} module(s) with adapter weights NOT analysed: {'; '.join(parts)}; "
+            "listed under 'not_analysed' in --json, and --strict fails on them"
+        )
+
+    @property
     def params(self) -> int:
         """Trainable adapter parameters: per-layer ones plus tensors shared across layers, counted once."""
         return sum(layer.params for layer in self.layers) + self.shared_params
@@ -87,3 +167,8 @@ class Checkpoint:
             return self
         regex = re.compile(pattern)
         return replace(self, layers=[layer for layer in self.layers if regex.search(layer.name)])
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")

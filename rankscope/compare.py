@@ -153,7 +153,7 @@ def summarize(comparison: Comparison) -> dict:
 
 
 def headlines(comparison: Comparison, overall: dict) -> list[str]:
-    """"bora reaches 5.80× lora's count above 0.005 (1.30× its erank) with 1.02× its parameters"."""
+    """ "bora reaches 5.80× lora's count above 0.005 (1.30× its erank) with 1.02× its parameters"."""
     first = comparison.labels[0]
     lines = []
     for label, ratio in overall["ratios_to_first"].items():

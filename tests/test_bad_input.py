@@ -412,8 +412,12 @@ def test_unknown_tensors_are_listed_as_skipped(template, tmp_path):
     assert all(item["reason"] for item in document["skipped"])
     assert [layer["name"] for layer in document["layers"]] == list(LAYERS)
     assert all(layer["valid"] for layer in document["layers"])
-    # the terminal output says so too
-    assert "3 tensors not used" in run(directory).stderr
+    # the terminal output says so too: the adapter-looking one as a warning, the others as a note
+    stderr = run(directory).stderr
+    assert "1 module(s) with adapter weights NOT analysed: up (" in stderr
+    assert "2 tensors not used" in stderr
+    assert [item["module"] for item in document["not_analysed"]] == ["up"]
+    assert document["summary"]["not_analysed_modules"] == 1
 
 
 def test_non_tensor_entries_of_a_bin_are_listed_as_skipped(template, tmp_path):

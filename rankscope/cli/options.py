@@ -173,9 +173,11 @@ def report_problems(analysis, *, quiet: bool) -> None:
         warn(f"{where}: layer {record.name} is invalid: {record.error}")
     if quiet:
         return
-    if checkpoint.skipped:
-        reasons = "; ".join(sorted({s.reason for s in checkpoint.skipped}))
-        note(f"{len(checkpoint.skipped)} tensors not used ({reasons}); listed under 'skipped' in --json")
+    warned = {key for item in checkpoint.not_analysed for key in item.keys}  # the load warned about these already
+    unused = [s for s in checkpoint.skipped if s.key not in warned]
+    if unused:
+        reasons = "; ".join(sorted({s.reason for s in unused}))
+        note(f"{len(unused)} tensors not used ({reasons}); listed under 'skipped' in --json")
     if checkpoint.other_adapters:
         names = ", ".join(checkpoint.other_adapters)
         note(f"this checkpoint also holds adapters: {names} (pick one with --adapter NAME)")

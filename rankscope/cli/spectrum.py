@@ -18,7 +18,11 @@ from .options import analysis_options, checkpoint_options, load_and_settings, re
 @click.option("--csv", "csv_out", metavar="FILE", help="Write one CSV row per layer to FILE ('-': stdout).")
 @checkpoint_options
 @analysis_options
-@click.option("--strict", is_flag=True, help="Exit 1 when any layer is invalid.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 when any layer is invalid or any module with adapter weights is not analysed.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No table, summary or progress bar; errors and warnings only.")
 @handle_errors
 def spectrum(path: str, json_out, csv_out, strict: bool, quiet: bool, **options) -> None:  # fmt: skip
@@ -45,6 +49,7 @@ def spectrum(path: str, json_out, csv_out, strict: bool, quiet: bool, **options)
             click.echo("", err=to_stderr)
             click.echo(summary, err=to_stderr)
     report_problems(analysis, quiet=quiet)
-    if strict and analysis.invalid:
-        error(f"{len(analysis.invalid)} invalid layer(s) (--strict)")
+    missing = analysis.checkpoint.not_analysed
+    if strict and (analysis.invalid or missing):
+        error(f"{len(analysis.invalid)} invalid layer(s) and {len(missing)} module(s) not analysed (--strict)")
         sys.exit(EXIT_INPUT)

@@ -126,8 +126,13 @@ def load(
 
     with single_threaded_ops():  # per-tensor checks are small ops: torch's fork-join costs more than it gains
         if compose:
-            return _compose(path, list(compose), weights, normalize, mode, options)
-        return _load(path, adapter, format, options, ())
+            checkpoint = _compose(path, list(compose), weights, normalize, mode, options)
+        else:
+            checkpoint = _load(path, adapter, format, options, ())
+    warning = checkpoint.not_analysed_warning()
+    if warning is not None:
+        checkpoint.warnings.append(warning)
+    return checkpoint
 
 
 def _load(path: Path, adapter: str | None, format: str | None, options: ReadOptions, stack: tuple) -> Checkpoint:

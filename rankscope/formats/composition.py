@@ -163,7 +163,7 @@ def compose_checkpoints(
         config=config,
         layers=layers,
         skipped=[
-            Skipped(f"{label}:{s.key}", s.reason)
+            Skipped(f"{label}:{s.key}", s.reason, s.expected)
             for label, c in zip(labels, checkpoints, strict=True)
             for s in c.skipped
         ],

@@ -127,7 +127,7 @@ def read_dora(
     if directional:
         warnings.insert(0, DIRECTIONAL_WARNING)
         skipped += [
-            Skipped(module.keys["magnitude"], "DoRA magnitude vector, not used under --directional-only")
+            Skipped(module.keys["magnitude"], "DoRA magnitude vector, not used under --directional-only", True)
             for module, _ in parsed.modules
             if "magnitude" in module.keys
         ]

@@ -104,7 +104,9 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     layers = [_layer(source, stored, keys, heads_expected, config) for stored, keys in modules.items()]
     skipped = [Skipped(key, "not a tensor of a HydraLoRA adapter") for key in unused]
     skipped += [
-        Skipped(keys["route"], "HydraLoRA router: the input decides the head weights; layers use the uniform router")
+        Skipped(
+            keys["route"], "HydraLoRA router: the input decides the head weights; layers use the uniform router", True
+        )
         for keys in modules.values()
         if "route" in keys
     ]

@@ -263,7 +263,9 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
             continue
         layers.append(layer)
         if "scalar" in roles:
-            skipped.append(Skipped(roles["scalar"], "LyCORIS folds its scalar into the factors on save and resets it"))
+            skipped.append(
+                Skipped(roles["scalar"], "LyCORIS folds its scalar into the factors on save and resets it", True)
+            )
     lycoris = any(layer.family in ("locon", "loha", "lokr") for layer in layers)
     return Checkpoint(
         path=source.path,

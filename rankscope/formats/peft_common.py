@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import MODULES_TO_SAVE
 from ..errors import CheckpointError
 
 
@@ -151,7 +152,7 @@ def skip_reason(key: str, config: Mapping | None, family: str) -> str:
     config = config or {}
     for module in config.get("modules_to_save") or []:
         if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
-            return "a full copy of a module in modules_to_save, not a low-rank update"
+            return MODULES_TO_SAVE
     if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
         return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
     return f"not a tensor of a {family} adapter"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import BaseWeights
-from ..checkpoint import Checkpoint, Skipped
+from ..checkpoint import MODULES_TO_SAVE, Checkpoint, Skipped
 from ..errors import CheckpointError
 from . import Format, ReadOptions, dora, lora, register_format
 from .peft_common import truthy
@@ -62,17 +62,19 @@ def choose_adapter(names: list[str | None], requested: str | None, path: Path) -
     raise CheckpointError(f"this file holds adapters {listed}: pick one with --adapter NAME", path=path)
 
 
-def _reason(skipped: Skipped, adapter: str | None) -> str:
+def _reason(skipped: Skipped, adapter: str | None) -> Skipped:
+    """The skipped entry restated for a whole model's state dict (another adapter's tensors are expected)."""
     parts = lora.split_key(skipped.key)
     if parts is not None and parts.adapter != adapter:
         if parts.adapter is None:
-            return "a LoRA tensor without an adapter name, beside named ones"
-        return f"a tensor of adapter {parts.adapter!r}, not the one analysed (--adapter {parts.adapter} picks it)"
+            return Skipped(skipped.key, "a LoRA tensor without an adapter name, beside named ones")
+        reason = f"a tensor of adapter {parts.adapter!r}, not the one analysed (--adapter {parts.adapter} picks it)"
+        return Skipped(skipped.key, reason, expected=True)
     if parts is not None:
-        return skipped.reason
+        return skipped
     if ".modules_to_save." in skipped.key:
-        return "a full copy of a module in modules_to_save, not a low-rank update"
-    return BASE_WEIGHT
+        return Skipped(skipped.key, MODULES_TO_SAVE)
+    return Skipped(skipped.key, BASE_WEIGHT)
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
@@ -99,7 +101,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
             warnings=parsed.warnings,
             weights_file=source.weights_path,
         )
-    checkpoint.skipped = [Skipped(s.key, _reason(s, adapter)) for s in checkpoint.skipped]
+    checkpoint.skipped = [_reason(s, adapter) for s in checkpoint.skipped]
     return checkpoint
 
 

@@ -41,7 +41,12 @@ def spectrum_markdown(analysis: Analysis) -> str:
         f"## {escape(ckpt.path.name or ckpt.path)} — {escape(ckpt.adapter_type)}",
         "",
         f"{summary['valid_layers']}/{summary['layers']} layers, {ckpt.params:,} adapter parameters; singular values "
-        f"of {scaled}.",
+        f"of {scaled}."
+        + (
+            f" **{summary['not_analysed_modules']} module(s) with adapter weights are not analysed.**"
+            if summary["not_analysed_modules"]
+            else ""
+        ),
         "",
     ]
     rows = []

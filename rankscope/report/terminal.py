@@ -62,16 +62,18 @@ def spectrum_summary(analysis: Analysis) -> str:
     ckpt, options = analysis.checkpoint, analysis.options
     summary = analysis.summary()
     tau_key = f"count_above[{parameter_key(_threshold(analysis))}]"
-    exact = all(r.exact for r in analysis.layers if r.valid)
+    inexact = [r for r in analysis.layers if r.valid and not r.exact]
+    missing = summary["not_analysed_modules"]
     lines = [
         f"{ckpt.path}  ·  {ckpt.adapter_type} ({ckpt.family})  ·  {summary['valid_layers']}/{summary['layers']} "
-        f"layers  ·  {ckpt.params:,} adapter parameters",
+        f"layers  ·  {ckpt.params:,} adapter parameters"
+        + (f"  ·  {missing} module(s) NOT analysed (see the warning)" if missing else ""),
         (
             "singular values of B·A WITHOUT α/r (--unscaled)"
             if options.unscaled
             else "singular values of the scaled update ΔW (α/r applied)"
         )
-        + ("; exact" if exact else "; approximate (dense float32)"),
+        + (f"; {len(inexact)} layer(s) NOT exact ({_why_inexact(options)})" if inexact else "; exact"),
     ]
     header = ["module", "layers", "params", f"#σ>{_threshold(analysis):g} mean", "erank mean [min–max]", "util mean"]
     rows = []
@@ -93,6 +95,10 @@ def spectrum_summary(analysis: Analysis) -> str:
             ]
         )
     return "\n".join(lines) + "\n\n" + _table(header, rows)
+
+
+def _why_inexact(options) -> str:
+    return "dense float32" if options.dense and options.dense_dtype != "float64" else "see the warnings"
 
 
 def _share(value: float | None) -> str:
