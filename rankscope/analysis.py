@@ -13,7 +13,7 @@ import torch
 from . import metrics as M
 from .checkpoint import Checkpoint, Layer
 from .components import composition_fields, off_diagonal_mean, pairwise_alignment, weight_fields
-from .errors import CheckpointError, RankscopeError
+from .errors import CheckpointError, UsageProblem
 from .naming import layer_index, module_type
 from .spectrum import DEFAULT_MEMORY_BUDGET, single_threaded_ops, singular_values
 from .update import DenseUpdate, Update, weighted_sum
@@ -46,15 +46,15 @@ class AnalysisOptions:
     def __post_init__(self) -> None:
         for p in self.energies:
             if not 0.0 < p <= 1.0:
-                raise RankscopeError(f"energy fraction {p} is not in (0, 1]")
+                raise UsageProblem(f"energy fraction {p} is not in (0, 1]")
         for value in (*self.thresholds, *self.rel_thresholds):
             if not math.isfinite(value) or value < 0:
-                raise RankscopeError(f"threshold {value} must be a finite number ≥ 0")
+                raise UsageProblem(f"threshold {value} must be a finite number ≥ 0")
         if self.layers:
             try:
                 re.compile(self.layers)
             except re.error as exc:
-                raise RankscopeError(f"--layers {self.layers!r} is not a valid regular expression ({exc})") from exc
+                raise UsageProblem(f"--layers {self.layers!r} is not a valid regular expression ({exc})") from exc
 
 
 @dataclass

@@ -20,6 +20,10 @@ class CheckpointError(RankscopeError, ValueError):
         self.key = key
 
 
+class UsageProblem(RankscopeError, ValueError):
+    """An option asks for something that cannot be (a bad regex, a negative threshold): exit 2, not 1."""
+
+
 class UnsupportedAdapterError(CheckpointError):
     """The checkpoint is an adapter type or variant that rankscope does not analyse (yet)."""
 

@@ -94,7 +94,7 @@ def test_layer_filter_and_unscaled(runner, adapter):
     a, b = random_factors(24, 24, 4, 10)
     assert doc["layers"][0]["singular_values"] == pytest.approx(expected_sigma(a, b, 1.0), rel=1e-10)
     assert spectrum(runner, adapter, "--layers", "nothing_matches").exit_code == 1
-    assert spectrum(runner, adapter, "--layers", "(").exit_code == 1
+    assert spectrum(runner, adapter, "--layers", "(").exit_code == 2  # a usage mistake, not a bad input
 
 
 def test_dense_path_agrees(runner, adapter):
@@ -148,3 +148,32 @@ def test_installed_command_runs_as_a_process(adapter, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "model.layers.0.self_attn.q_proj" in proc.stdout
     assert json.loads(out.read_text())["summary"]["valid_layers"] == 24
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layers", "("], "--layers '(' is not a valid regular expression"),
+        (["--threshold", "-1"], "threshold -1.0 must be a finite number ≥ 0"),
+        (["--energy", "2"], "energy fraction 2.0 is not in (0, 1]"),
+        (["--format", "nope"], "unknown format 'nope'"),
+        (["--alpha", "-1"], "--alpha must be a finite positive number"),
+        (["--mode", "sequential"], "--mode applies only with --compose"),
+        (["--weights", "1,2"], "--weights applies only with --compose"),
+        (["--json", "-", "--csv", "-"], "--json and --csv both write to stdout"),
+        (["--no-such-option"], "No such option '--no-such-option'"),
+    ],
+)
+def test_usage_mistakes_exit_2_with_one_line(runner, adapter, tmp_path, args, message):
+    result = spectrum(runner, adapter, *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rankscope: error: ") and message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_one_file_named_twice_is_refused_before_anything_is_written(runner, adapter, tmp_path):
+    out = tmp_path / "both.out"
+    result = spectrum(runner, adapter, "--json", out, "--csv", tmp_path / "." / "both.out")
+    assert result.exit_code == 2 and "both write to" in result.stderr
+    assert not out.exists()

@@ -203,10 +203,10 @@ def strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def error_line(result) -> str:
-    """Exit 1 and exactly one line on stderr, an error, without a traceback; returns it."""
+def error_line(result, code: int = 1) -> str:
+    """Exit ``code`` (1: the input; 2: usage) and exactly one line on stderr, an error, without a traceback."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert len(lines) == 1, lines
     assert lines[0].startswith("rankscope: error: "), lines[0]
     assert "Traceback" not in result.output
@@ -640,7 +640,7 @@ def test_compose_adapters_of_a_peft_multi_adapter_folder(peft_folder):
 
 def test_compose_weight_count_mismatch_is_one_line(peft_folder):
     directory, _ = peft_folder
-    line = error_line(cli("spectrum", directory, "--compose", "default,second,third", "--weights", "0.5,0.5", "-q"))
+    line = error_line(cli("spectrum", directory, "--compose", "default,second,third", "--weights", "0.5,0.5", "-q"), 2)
     assert "2 numbers for 3 adapters" in line
 
 

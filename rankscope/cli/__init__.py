@@ -9,9 +9,12 @@ cannot be analysed (one line on stderr, never a traceback), 2 usage errors.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .. import __version__
+from ..errors import one_line
 from .compare import compare
 from .components import components
 from .formats import list_formats
@@ -20,7 +23,32 @@ from .report import report
 from .spectrum import spectrum
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """The command group, with click's usage errors as one line (what went wrong, and where help is) and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+            if isinstance(exc, no_args) and exc.ctx is not None:  # bare ``rankscope``: its help, as click shows it
+                click.echo(exc.ctx.get_help(), err=True)
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "rankscope"
+            click.echo(f"rankscope: error: {one_line(exc.format_message())} (see '{command} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("rankscope: interrupted; nothing written", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rankscope")
 def main() -> None:
     """How much rank does a low-rank adapter actually use, and where?"""

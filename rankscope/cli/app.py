@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import click
 
-from ..errors import RankscopeError, one_line
+from ..errors import RankscopeError, UsageProblem, one_line
 
 EXIT_INPUT = 1
+EXIT_USAGE = 2
 
 
 def error(message: str) -> None:
@@ -27,12 +28,15 @@ def note(message: str) -> None:
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Turn rankscope's errors (and anything unexpected) into one line on stderr and exit code 1."""
+    """Turn rankscope's errors (and anything unexpected) into one line on stderr and exit code 1 (2 for usage)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except UsageProblem as exc:
+            error(str(exc))
+            sys.exit(EXIT_USAGE)
         except RankscopeError as exc:
             error(str(exc))
         except KeyboardInterrupt:
@@ -59,3 +63,16 @@ def write_outputs(rendered: list[tuple[str, Callable[[], str]]]) -> None:
             write_text(destination, text)
         except OSError as exc:
             raise RankscopeError(f"{destination}: cannot write ({exc.strerror or exc})") from exc
+
+
+def distinct_outputs(**destinations: str | None) -> None:
+    """Refuse two outputs sent to one place (``--json - --csv -``, or one file twice): one would be lost."""
+    seen: dict[str, str] = {}
+    for option, destination in destinations.items():
+        if not destination:
+            continue
+        where = destination if destination == "-" else os.path.realpath(destination)
+        if where in seen:
+            place = "stdout" if destination == "-" else destination
+            raise UsageProblem(f"--{seen[where]} and --{option} both write to {place}: give each its own destination")
+        seen[where] = option

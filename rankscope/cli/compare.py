@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .app import handle_errors, write_outputs
+from .app import distinct_outputs, handle_errors, write_outputs
 from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
 
@@ -29,6 +29,7 @@ def compare(paths: tuple[str, ...], labels, json_out, csv_out, markdown_out, qui
         raise click.UsageError("compare needs at least two checkpoints")
     if labels is not None and len(labels) != len(paths):
         raise click.UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
+    distinct_outputs(json=json_out, csv=csv_out, markdown=markdown_out)
     analyses = []
     for path in paths:
         checkpoint, settings = load_and_settings(path, options)

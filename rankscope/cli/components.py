@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .app import handle_errors, write_outputs
+from .app import distinct_outputs, handle_errors, write_outputs
 from .options import analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
 
@@ -21,6 +21,7 @@ from .options import analysis_options, checkpoint_options, load_and_settings, re
 def components(path: str, json_out, csv_out, quiet: bool, **options) -> None:
     """The components of each composed layer at PATH (a composition manifest, a BoostLoRA file, --compose, or
     HydraLoRA): weights and energy shares with their concentration, ranks, alignment and rank gain."""
+    distinct_outputs(json=json_out, csv=csv_out)
     checkpoint, settings = load_and_settings(path, options)
     analysis = run_analysis(checkpoint, settings, quiet=quiet)
     if not any(record.components is not None for record in analysis.layers):

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import click
 
+from ..errors import UsageProblem
 from .app import note, warn
 
 
@@ -68,8 +69,8 @@ checkpoint_options = _stack(
     click.option("--trust-pickle", is_flag=True, help="Unpickle a .bin/.pt/.ckpt in full when weights_only refuses it. Runs code from the file: only for your own files."),
     click.option("--compose", type=CommaList(), metavar="A,B,…", help="Sum these adapters of a multi-adapter directory (with --weights)."),
     click.option("--weights", type=CommaList(float), metavar="W1,W2,…", help="Weights of the --compose adapters (default: 1 each)."),
-    click.option("--normalize", type=click.Choice(["none", "softmax"]), default="none", show_default=True, help="With --compose: the weights are used as given, or are logits."),
-    click.option("--mode", type=click.Choice(["sum", "sequential"]), default="sum", show_default=True, help="With --compose: all together, or boosting rounds in order (adds the growth curve)."),
+    click.option("--normalize", type=click.Choice(["none", "softmax"]), help="With --compose: the weights are used as given (none, the default), or are logits (softmax)."),
+    click.option("--mode", type=click.Choice(["sum", "sequential"]), help="With --compose: all together (sum, the default), or boosting rounds in order (sequential: adds the growth curve)."),
 )  # fmt: skip
 
 analysis_options = _stack(
@@ -106,8 +107,10 @@ def load_checkpoint(path: str, *, adapter, alpha, format_name, base, directional
 
     if trust_pickle:
         warn("--trust-pickle: pickled files are loaded in full, which runs any code they hold")
-    if weights is not None and not compose:
-        raise click.UsageError("--weights needs --compose")
+    if not compose:
+        given = [name for name, value in (("weights", weights), ("normalize", normalize), ("mode", mode)) if value]
+        if given:
+            raise UsageProblem(f"--{given[0]} applies only with --compose A,B,…")
     return load(
         path,
         adapter=adapter,
@@ -118,8 +121,8 @@ def load_checkpoint(path: str, *, adapter, alpha, format_name, base, directional
         trust_pickle=trust_pickle,
         compose=compose,
         weights=weights,
-        normalize=normalize,
-        mode=mode,
+        normalize=normalize or "none",
+        mode=mode or "sum",
     )
 
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .app import EXIT_INPUT, error, handle_errors, write_outputs
+from .app import EXIT_INPUT, distinct_outputs, error, handle_errors, write_outputs
 from .options import analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
 
@@ -31,6 +31,7 @@ def spectrum(path: str, json_out, csv_out, strict: bool, quiet: bool, **options)
     PATH is a PEFT adapter directory, a directory of several adapters, a .safetensors/.bin file, or a
     composition manifest (composition.json).
     """
+    distinct_outputs(json=json_out, csv=csv_out)
     checkpoint, settings = load_and_settings(path, options)
     analysis = run_analysis(checkpoint, settings, quiet=quiet)
     from ..report.csv import layers_csv

@@ -10,6 +10,7 @@ generic one it resembles.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 import re
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..base import BaseWeights
 from ..checkpoint import Checkpoint, Skipped
-from ..errors import CheckpointError, UnsupportedAdapterError
+from ..errors import CheckpointError, UnsupportedAdapterError, UsageProblem
 from .source import AdapterSource, locate
 
 
@@ -113,6 +114,8 @@ def load(
     ``trust_pickle`` lets a ``.bin``/``.pt``/``.ckpt`` that ``weights_only`` refuses be unpickled in full:
     only for the user's own files, since unpickling runs code.
     """
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise UsageProblem(f"--alpha must be a finite positive number, found {alpha:g}")
     options = ReadOptions(
         alpha=alpha,
         base=BaseWeights(base) if base is not None else None,
@@ -143,7 +146,7 @@ def _load(path: Path, adapter: str | None, format: str | None, options: ReadOpti
     source = locate(path, adapter, trust_pickle=options.trust_pickle)
     if format is not None:
         if format not in _REGISTRY:
-            raise CheckpointError(f"unknown format {format!r} (known: {supported_summary()})")
+            raise UsageProblem(f"unknown format {format!r} (known: {supported_summary()})")
         fmt = _REGISTRY[format]
     else:
         fmt = detect(source)
@@ -163,7 +166,7 @@ def _compose(
     if weights is None:
         weights = [1.0] * len(names)
     if len(weights) != len(names):
-        raise CheckpointError(f"--weights gives {len(weights)} numbers for {len(names)} adapters in --compose")
+        raise UsageProblem(f"--weights gives {len(weights)} numbers for {len(names)} adapters in --compose")
     checkpoints = [_load(path, name, None, options, ()) for name in names]
     return compose_checkpoints(
         path,
