@@ -177,3 +177,20 @@ def test_one_file_named_twice_is_refused_before_anything_is_written(runner, adap
     result = spectrum(runner, adapter, "--json", out, "--csv", tmp_path / "." / "both.out")
     assert result.exit_code == 2 and "both write to" in result.stderr
     assert not out.exists()
+
+
+def test_version_and_help_import_no_torch():
+    """``rankscope --version``/``--help`` answer at once: the package is a lazy façade (PEP 562)."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from rankscope.cli import main\n"
+        "for args in (['--version'], ['--help'], ['spectrum', '--help']):\n"
+        "    assert CliRunner().invoke(main, args).exit_code == 0, args\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'matplotlib', 'safetensors') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "import rankscope\n"
+        "assert sorted(rankscope.__all__) == sorted(n for n in rankscope.__all__ if hasattr(rankscope, n))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
