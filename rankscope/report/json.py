@@ -92,7 +92,15 @@ def comparison_document(comparison: Comparison) -> dict:
     checkpoints = []
     for label, analysis in zip(comparison.labels, comparison.analyses, strict=True):
         document = spectrum_document(analysis)
-        checkpoints.append({"label": label, **document["checkpoint"], "scaled": document["scaled"]})
+        checkpoints.append(
+            {
+                "label": label,
+                **document["checkpoint"],
+                "scaled": document["scaled"],
+                "warnings": document["warnings"],
+                "not_analysed": document["not_analysed"],
+            }
+        )
     return {
         "schema": COMPARISON_SCHEMA,
         "rankscope": __version__,
