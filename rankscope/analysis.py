@@ -44,6 +44,9 @@ class AnalysisOptions:
     max_memory: int | None = field(default_factory=lambda: default_max_memory())
 
     def __post_init__(self) -> None:
+        for name in ("thresholds", "energies", "rel_thresholds"):  # a single number is a one-item tuple
+            value = getattr(self, name)
+            object.__setattr__(self, name, (float(value),) if isinstance(value, (int, float)) else tuple(value))
         for p in self.energies:
             if not 0.0 < p <= 1.0:
                 raise UsageProblem(f"energy fraction {p} is not in (0, 1]")
@@ -91,8 +94,27 @@ class LayerRecord:
         """One metric's value (``record.metric("count_above", 0.005)``); None for an invalid layer."""
         if self.metrics is None:
             return None
+        if key not in self.metrics:
+            raise KeyError(f"no metric {key!r}; the metrics are {', '.join(sorted(self.metrics))}")
         value = self.metrics[key]
-        return value[M.parameter_key(parameter)] if parameter is not None else value
+        if isinstance(value, dict) != (parameter is not None):
+            need = "needs a parameter (τ, P or ρ)" if isinstance(value, dict) else "takes no parameter"
+            raise KeyError(f"metric {key!r} {need}")
+        if parameter is None:
+            return value
+        if M.parameter_key(parameter) not in value:
+            raise KeyError(
+                f"{key} was computed for {', '.join(value)} only, not {parameter:g} "
+                "(give it in thresholds=, energies= or rel_thresholds= of analyze)"
+            )
+        return value[M.parameter_key(parameter)]
+
+    def __repr__(self) -> str:
+        if not self.valid:
+            return f"LayerRecord({self.name!r}, invalid: {self.error})"
+        m, n = self.matrix_shape
+        erank, sigma_max = self.metric("erank"), self.metric("sigma_max")
+        return f"LayerRecord({self.name!r}, {m}×{n}, rank ≤ {self.rank_bound}, σ₁ {sigma_max:.4g}, erank {erank:.3f})"
 
     def to_dict(self) -> dict:
         return {
@@ -135,6 +157,24 @@ class Analysis:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def __getitem__(self, key: int | str) -> LayerRecord:
+        """A record by position (``analysis[0]``) or by layer name (``analysis["model.layers.0.self_attn.q_proj"]``)."""
+        if isinstance(key, str):
+            for record in self.layers:
+                if record.name == key:
+                    return record
+            raise KeyError(f"no layer named {key!r} in {self.checkpoint.path}")
+        return self.layers[key]
+
+    def __repr__(self) -> str:
+        invalid = len(self.invalid)
+        return (
+            f"Analysis({str(self.checkpoint.path)!r}, {self.checkpoint.adapter_type}, {len(self.layers)} layers"
+            + (f", {invalid} invalid" if invalid else "")
+            + ("" if not self.options.unscaled else ", unscaled")
+            + ")"
+        )
 
     @property
     def invalid(self) -> list[LayerRecord]:

@@ -51,6 +51,11 @@ class Layer:
     def scale(self) -> float | None:
         return self.update.scalar_scale if self.update is not None else None
 
+    def __repr__(self) -> str:
+        what = repr(self.update) if self.update is not None else f"invalid: {self.error}"
+        parts = f", {len(self.components)} components" if self.components else ""
+        return f"Layer({self.name!r}, {self.family} {self.kind}, shape {list(self.shape)}, {what}{parts})"
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -136,6 +141,13 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         self.layers.sort(key=lambda layer: natural_key(layer.name))
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({str(self.path)!r}, {self.adapter_type} ({self.family}), {len(self.layers)} layers, "
+            f"{self.params:,} params, {len(self.skipped)} skipped, {len(self.not_analysed)} not analysed, "
+            f"{len(self.warnings)} warnings)"
+        )
 
     @property
     def not_analysed(self) -> list[NotAnalysed]:

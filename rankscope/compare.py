@@ -58,6 +58,10 @@ class Comparison:
 
         return comparison_document(self)
 
+    def __repr__(self) -> str:
+        unmatched = sum(len(names) for names in self.unmatched.values())
+        return f"Comparison({', '.join(self.labels)}: {len(self.layers)} matched layers, {unmatched} unmatched)"
+
 
 def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | None]:
     """rank bound, params, count above τ, Σσ², erank, stable rank, utilisation and erank per 1k parameters."""

@@ -58,6 +58,13 @@ class FactoredUpdate:
             return None
         return float(self.scale)
 
+    def __repr__(self) -> str:
+        m, n = self.shape
+        scale = self.scalar_scale
+        scale_text = f"scale {scale:.4g}" if scale is not None else "per-dimension scales"
+        core = ", with a core" if self.core is not None else ""
+        return f"FactoredUpdate({m}×{n}, inner dim {self.inner_dim}{core}, {scale_text})"
+
     def unscaled(self) -> FactoredUpdate:
         """The same product without its scale (``--unscaled``: B·A without α/r)."""
         return replace(self, scale=1.0)
@@ -95,6 +102,9 @@ class DenseUpdate:
     def scalar_scale(self) -> float | None:
         return self.scale
 
+    def __repr__(self) -> str:
+        return f"DenseUpdate({self.shape[0]}×{self.shape[1]}, dense, rank ≤ {self.rank_bound})"
+
     def unscaled(self) -> DenseUpdate:
         if self.build_unscaled is None:
             return self
@@ -127,6 +137,10 @@ class KroneckerUpdate:
     @property
     def scalar_scale(self) -> float | None:
         return float(self.scale)
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        return f"KroneckerUpdate({m}×{n} = {self.first!r} ⊗ {self.second!r}, scale {self.scale:.4g})"
 
     def unscaled(self) -> KroneckerUpdate:
         return replace(self, scale=1.0)

@@ -1,0 +1,43 @@
+"""The Python surface a notebook user meets: short reprs, indexing, scalar options, errors that say what exists."""
+
+from __future__ import annotations
+
+import pytest
+
+import rankscope
+
+from .factories import llama_like
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    directory = llama_like(tmp_path_factory.mktemp("api") / "adapter", layers=12, hidden=24, rank=4)
+    return rankscope.analyze(rankscope.load(directory), thresholds=0.01)
+
+
+def test_reprs_are_short_and_say_what_it_is(analysis):
+    checkpoint = analysis.checkpoint
+    for text in (repr(checkpoint), repr(analysis), repr(checkpoint.layers[0]), repr(analysis[0])):
+        assert len(text) < 400 and "tensor(" not in text, text
+    assert repr(checkpoint).startswith("Checkpoint(") and "24 layers" in repr(checkpoint)
+    assert "FactoredUpdate(24×24, inner dim 4" in repr(checkpoint.layers[0])
+    assert repr(analysis).endswith("24 layers)")
+
+
+def test_records_by_position_and_by_name(analysis):
+    first = analysis[0]
+    assert analysis[first.name] is first and analysis[-1] is analysis.layers[-1]
+    with pytest.raises(KeyError, match="no layer named 'nope'"):
+        analysis["nope"]
+
+
+def test_a_single_threshold_is_a_tuple_and_missing_parameters_are_named(analysis):
+    assert analysis.options.thresholds == (0.01,)
+    record = analysis[0]
+    assert record.metric("count_above", 0.01) == 4
+    with pytest.raises(KeyError, match=r"computed for 0\.01 only, not 0\.02"):
+        record.metric("count_above", 0.02)
+    with pytest.raises(KeyError, match="no metric 'erankk'; the metrics are count_above"):
+        record.metric("erankk")
+    with pytest.raises(KeyError, match="needs a parameter"):
+        record.metric("count_above")
