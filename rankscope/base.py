@@ -1,12 +1,25 @@
-"""The base model's weights, read lazily: only the tensors an update needs (DoRA, IA3).
+"""The base model's weights (``--base``), read lazily: only the tensors an update needs (DoRA, IA3).
 
-A Hugging Face model directory (``model.safetensors``, or shards listed in ``model.safetensors.index.json``,
-or ``pytorch_model.bin``), or one tensor file. A layer ``model.layers.0.self_attn.q_proj`` finds its weight
-under ``model.layers.0.self_attn.q_proj.weight`` (DESIGN.md, "Names of layers").
+``--base`` is a Hugging Face model directory (``model.safetensors``, or shards listed in
+``model.safetensors.index.json``, or ``pytorch_model.bin``), a diffusers component directory
+(``diffusion_pytorch_model.safetensors``, sharded or not), a diffusers pipeline directory (its ``unet/``,
+``transformer/``, ``text_encoder/``, ``text_encoder_2/``… subfolders), or one tensor file.
+
+A layer ``model.layers.0.self_attn.q_proj`` finds its weight under ``model.layers.0.self_attn.q_proj.weight``
+(DESIGN.md, "Names of layers"). Image-generation adapters name layers in two more ways, both resolved here:
+
+- with a component prefix (``unet.down_blocks.0…``, ``text_encoder_2.…``, ComfyUI's ``diffusion_model.…``): a
+  pipeline directory picks that component's folder; a component directory or file serves the name without the
+  prefix (a directory named after a component serves only that component);
+- kohya/LyCORIS's flattened names (``lora_unet_down_blocks_0_attentions_0_proj_in``, ``lora_te1_…``,
+  ``lycoris_0``): ``prefix + module.replace(".", "_")`` of the base's own module names, the prefix choosing the
+  component (``lora_te_``/``lora_te1_`` text_encoder, ``lora_te2_`` text_encoder_2, ``lora_unet_`` unet or
+  transformer); a flattened name that two base modules share is ambiguous and found nowhere.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -15,8 +28,33 @@ from .errors import CheckpointError
 from .naming import layer_name
 from .tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
-_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_NAMES = (
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
+_SINGLE_NAMES = (
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+)
+# the components of a diffusers pipeline that adapters train, in the order an unprefixed name is looked up
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_DENOISERS = ("unet", "transformer")
+# kohya/LyCORIS prefixes → the components they may name (None: any)
+_KOHYA = re.compile(r"^(lora_unet_|lora_transformer_|lora_te1_|lora_te2_|lora_te3_|lora_te_|lycoris_)")
+_KOHYA_COMPONENTS: dict[str, tuple[str, ...] | None] = {
+    "lora_unet_": _DENOISERS,
+    "lora_transformer_": ("transformer",),
+    "lora_te_": ("text_encoder",),
+    "lora_te1_": ("text_encoder",),
+    "lora_te2_": ("text_encoder_2",),
+    "lora_te3_": ("text_encoder_3",),
+    "lycoris_": None,
+}
+_COMFY_PREFIX = "diffusion_model"  # ComfyUI / musubi-tuner: the denoiser
 
 
 class BaseWeights:
@@ -25,8 +63,17 @@ class BaseWeights:
     def __init__(self, path: str | Path, *, files: dict[str, Path] | None = None) -> None:
         self.path = Path(path)
         self._files: dict[Path, TensorFile] = {}
-        self._key_to_file: dict[str, Path] = files or self._index()
+        # a pipeline directory: one BaseWeights per component folder, opened when a layer of it is asked for
+        self._components: dict[str, BaseWeights | None] | None = None
+        self._key_to_file: dict[str, Path] = {}
+        if files is None and _is_pipeline(self.path):
+            self._components = dict.fromkeys(c for c in COMPONENTS if (self.path / c).is_dir())
+        else:
+            self._key_to_file = files or self._index()
+        # a folder named after a component serves only that component's prefixed names
+        self.component = self.path.name if self.path.is_dir() and self.path.name in COMPONENTS else None
         self._by_name = _names(self._key_to_file)
+        self._flat: dict[str, str | None] | None = None
 
     @classmethod
     def from_tensor_file(cls, tensors: TensorFile) -> BaseWeights:
@@ -38,11 +85,11 @@ class BaseWeights:
     def _index(self) -> dict[str, Path]:
         path = self.path
         if not path.exists():
-            raise CheckpointError("base model: no such file or directory", path=path)
+            raise CheckpointError("base model (--base): no such file or directory", path=path)
         if path.is_file():
             if path.suffix not in TENSOR_SUFFIXES:
                 raise CheckpointError(
-                    f"base model: expected a directory or a {'/'.join(TENSOR_SUFFIXES)} file", path=path
+                    f"base model (--base): expected a directory or a {'/'.join(TENSOR_SUFFIXES)} file", path=path
                 )
             return dict.fromkeys(self._open(path).keys(), path)
         for name in _INDEX_NAMES:
@@ -58,7 +105,9 @@ class BaseWeights:
         if len(candidates) == 1:
             return dict.fromkeys(self._open(candidates[0]).keys(), candidates[0])
         raise CheckpointError(
-            f"base model: no {' or '.join(_SINGLE_NAMES)} (or an index of shards) in this directory", path=path
+            f"base model (--base): no {' or '.join(_SINGLE_NAMES)} (or an index of shards) in this directory, and "
+            f"no pipeline subfolders ({', '.join(COMPONENTS)})",
+            path=path,
         )
 
     def _open(self, path: Path) -> TensorFile:
@@ -66,36 +115,133 @@ class BaseWeights:
             self._files[path] = TensorFile(path)
         return self._files[path]
 
-    def key_for(self, layer: str, suffix: str = "weight") -> str | None:
-        """The stored key of ``layer``'s tensor, or None.
+    # -- finding a layer's tensor ------------------------------------------------------------------------
 
-        Keys are compared as layer names (PEFT's ``base_model.model.`` prefix, ``module.``/``_orig_mod.``
-        segments and a ``.base_layer`` wrapper dropped), so a PEFT-wrapped state dict serves as a base too; a
-        base whose names carry an extra leading part matches where exactly one name ends in ``.<layer>``.
-        """
+    def _component(self, name: str) -> BaseWeights:
+        part = (self._components or {}).get(name)
+        if part is None:
+            part = BaseWeights(self.path / name)
+            self._components[name] = part  # type: ignore[index]
+        return part
+
+    def _locate(self, layer: str, suffix: str) -> tuple[BaseWeights, str] | None:
+        """The BaseWeights that holds ``layer``'s tensor and its stored key there, or None."""
+        if self._components is None:
+            key = self._own_key(layer, suffix)
+            return (self, key) if key is not None else None
+        names, inner = _components_of(layer, tuple(self._components))
+        found = [(part, key) for part in map(self._component, names) if (key := part._own_key(inner, suffix))]
+        return found[0] if len(found) == 1 else None
+
+    def _own_key(self, layer: str, suffix: str) -> str | None:
+        """``layer``'s key among this file's (or component's) own tensors: as named, without a component
+        prefix this base serves, or by kohya's flattening."""
+        key = self._direct(layer, suffix)
+        if key is not None:
+            return key
+        component, dot, rest = layer.partition(".")
+        if dot and self._serves(component):
+            return self._direct(rest, suffix) or (
+                self._direct(rest.removeprefix("text_model."), suffix) if rest.startswith("text_model.") else None
+            )
+        prefix = _KOHYA.match(layer)
+        if prefix is not None and self._serves_kohya(prefix[1]):
+            return self._flattened(layer[prefix.end() :], suffix)
+        return None
+
+    def _serves(self, component: str) -> bool:
+        if component == _COMFY_PREFIX:
+            return self.component in (None, *_DENOISERS)
+        return component in COMPONENTS and self.component in (None, component)
+
+    def _serves_kohya(self, prefix: str) -> bool:
+        allowed = _KOHYA_COMPONENTS[prefix]
+        return self.component is None or allowed is None or self.component in allowed
+
+    def _direct(self, layer: str, suffix: str) -> str | None:
         wanted = f"{layer}.{suffix}"
         if wanted in self._by_name:
             return self._by_name[wanted]
         matches = [key for name, key in self._by_name.items() if name.endswith(f".{wanted}")]
         return matches[0] if len(matches) == 1 else None
 
-    def _require(self, layer: str, suffix: str) -> str:
-        key = self.key_for(layer, suffix)
-        if key is None:
+    def _flattened(self, rest: str, suffix: str) -> str | None:
+        """kohya's rule: the base module whose dotted name, with "." → "_", is ``rest`` (transformers ≥ 5 dropped
+        CLIP's ``text_model.`` level, older kohya files keep it: either matches)."""
+        if self._flat is None:
+            self._flat = {}
+            for name, key in self._by_name.items():
+                flat = name.rsplit(".", 1)[0].replace(".", "_") + "." + name.rsplit(".", 1)[1]
+                self._flat[flat] = None if flat in self._flat and self._flat[flat] != key else key
+        for candidate in (rest, rest.removeprefix("text_model_"), f"text_model_{rest}"):
+            key = self._flat.get(f"{candidate}.{suffix}")
+            if key is not None:
+                return key
+        return None
+
+    def key_for(self, layer: str, suffix: str = "weight") -> str | None:
+        """The stored key of ``layer``'s tensor (``<component>/<key>`` in a pipeline directory), or None.
+
+        Keys are compared as layer names (PEFT's ``base_model.model.`` prefix, ``module.``/``_orig_mod.``
+        segments and a ``.base_layer`` wrapper dropped), so a PEFT-wrapped state dict serves as a base too; a
+        base whose names carry an extra leading part matches where exactly one name ends in ``.<layer>``;
+        component prefixes and kohya/LyCORIS names as the module docstring says.
+        """
+        found = self._locate(layer, suffix)
+        if found is None:
+            return None
+        part, key = found
+        return key if part is self else f"{part.path.name}/{key}"
+
+    def _require(self, layer: str, suffix: str) -> tuple[BaseWeights, str]:
+        found = self._locate(layer, suffix)
+        if found is None:
             raise CheckpointError(
-                f"base model has no tensor for layer {layer!r}", path=self.path, key=f"{layer}.{suffix}"
+                f"base model has no tensor for layer {layer!r} (is --base the model this adapter was trained on?)",
+                path=self.path,
+                key=f"{layer}.{suffix}",
             )
-        return key
+        return found
 
     def shape(self, layer: str, suffix: str = "weight") -> tuple[int, ...]:
         """The shape of ``layer``'s base tensor, read from the header without loading it."""
-        key = self._require(layer, suffix)
-        return self._open(self._key_to_file[key]).shape(key)
+        part, key = self._require(layer, suffix)
+        return part._open(part._key_to_file[key]).shape(key)
 
     def get(self, layer: str, suffix: str = "weight") -> torch.Tensor:
         """``layer``'s base tensor; a one-line error names the base and the key looked for."""
-        key = self._require(layer, suffix)
-        return self._open(self._key_to_file[key]).get(key)
+        part, key = self._require(layer, suffix)
+        return part._open(part._key_to_file[key]).get(key)
+
+
+def _is_pipeline(path: Path) -> bool:
+    """A diffusers pipeline directory: ``model_index.json``, or component subfolders and no weights of its own."""
+    if not path.is_dir():
+        return False
+    if (path / "model_index.json").is_file():
+        return True
+    own = any((path / name).is_file() for name in (*_INDEX_NAMES, *_SINGLE_NAMES)) or any(
+        p.suffix in TENSOR_SUFFIXES for p in path.iterdir()
+    )
+    return not own and any((path / c).is_dir() for c in COMPONENTS)
+
+
+def _components_of(layer: str, present: tuple[str, ...]) -> tuple[list[str], str]:
+    """The pipeline components that may hold ``layer``, and the name to look up in them.
+
+    ``unet.x`` → unet and ``x``; ``diffusion_model.x`` → the denoiser; ``lora_te2_x`` → text_encoder_2 (the
+    kohya name kept, flattened there); any other name is looked up in every component (found in exactly one).
+    """
+    component, dot, rest = layer.partition(".")
+    if dot and component in present:
+        return [component], rest
+    if dot and component == _COMFY_PREFIX:
+        return [c for c in _DENOISERS if c in present][:1], rest
+    prefix = _KOHYA.match(layer)
+    allowed = _KOHYA_COMPONENTS[prefix[1]] if prefix is not None else None
+    if allowed is not None:
+        return [c for c in allowed if c in present][:1], layer
+    return list(present), layer
 
 
 def _names(keys: dict[str, Path]) -> dict[str, str]:

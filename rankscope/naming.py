@@ -6,6 +6,7 @@ import re
 
 _PEFT_PREFIX = "base_model.model."
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
+_INNER_WRAPPER = re.compile(r"(\.base_layer)+\.")
 _INT_SEGMENT = re.compile(r"^\d+$")
 _NATURAL_CHUNK = re.compile(r"(\d+)")
 _KOHYA_PREFIX = re.compile(r"^(lora|lycoris)_(unet|te\d*|transformer)_")
@@ -15,7 +16,9 @@ def layer_name(key_prefix: str) -> str:
     """Map a stored module path to the base model's module path.
 
     Everything up to and including ``base_model.model.`` is dropped, then leading ``module.`` (DDP) and
-    ``_orig_mod.`` (torch.compile) segments. Names that never had these stay as stored.
+    ``_orig_mod.`` (torch.compile) segments, and inner ``base_layer`` segments: PEFT nests a LoRA inside another
+    wrapper only for ``nn.MultiheadAttention``'s out-projection (``attn.base_layer.out_proj`` is the base model's
+    ``attn.out_proj``). Names that never had these stay as stored.
     """
     name = key_prefix
     cut = name.rfind(_PEFT_PREFIX)
@@ -28,7 +31,7 @@ def layer_name(key_prefix: str) -> str:
             if name.startswith(segment):
                 name = name[len(segment) :]
                 changed = True
-    return name
+    return _INNER_WRAPPER.sub(".", name)
 
 
 def natural_key(name: str) -> tuple:

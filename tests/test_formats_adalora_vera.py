@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 import rankscope
 from rankscope.formats.vera import regenerate_projections
 
-REL_TOL = 1e-6  # exact factored paths against a float64 SVD
+REL_TOL = 1e-12  # exact factored paths against a float64 SVD (measured: ≤ 3e-15 on every layer here)
 TAIL_TOL = 1e-9  # the reference spectrum beyond rank_bound, relative to σ₁
 
 

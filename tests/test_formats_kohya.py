@@ -243,12 +243,16 @@ def test_alpha_missing_from_metadata_or_scale_one(tmp_path):
     assert_exact(records[UNET_LINEAR], delta_linear * 4, 4)
     assert any("no alpha tensor and no ss_network_alpha" in w for w in bare.warnings)
 
+    # kohya's, diffusers' and ComfyUI's loaders use α = r where a module has no alpha tensor, whatever the
+    # metadata says (reference/real-files.md): scale 1, and a warning naming the metadata's value
     metadata = {"ss_network_alpha": "2.0", "ss_network_dim": "4", "ss_network_args": json.dumps({"conv_alpha": "1"})}
-    records = records_of(write(tmp_path / "meta.safetensors", modules, metadata))
-    assert records[UNET_LINEAR].scale == 0.5
-    assert_exact(records[UNET_LINEAR], delta_linear * 2, 4)
-    assert records[UNET_CONV].scale == 0.25  # a 3×3 conv takes conv_alpha
-    assert_exact(records[UNET_CONV], delta_conv, 4)
+    checkpoint = rankscope.load(write(tmp_path / "meta.safetensors", modules, metadata))
+    records = {record.name: record for record in rankscope.analyze(checkpoint)}
+    assert records[UNET_LINEAR].scale == 1.0 and records[UNET_CONV].scale == 1.0
+    assert_exact(records[UNET_LINEAR], delta_linear * 4, 4)
+    assert_exact(records[UNET_CONV], delta_conv * 4, 4)
+    (warning,) = [w for w in checkpoint.warnings if "metadata disagrees" in w]
+    assert "2 module(s)" in warning and "= 1, 2" in warning
 
     records = records_of(tmp_path / "bare.safetensors", alpha=1.0)
     assert records[UNET_LINEAR].scale == 0.25
@@ -263,8 +267,9 @@ def test_alpha_zero_means_rank_and_rs_lora(tmp_path):
     assert any("alpha = 0" in w for w in checkpoint.warnings)
 
     metadata = {"ss_network_args": json.dumps({"rs_lora": "True"})}
+    # LyCORIS stores α·√r in alpha under rs_lora: the scale is alpha/r either way
     (record,) = records_of(write(tmp_path / "rs.safetensors", {UNET_LINEAR: (module, 8.0)}, metadata)).values()
-    assert record.scale == pytest.approx(8.0 / 2.0)
+    assert record.scale == 8.0 / 4
 
 
 # -- LyCORIS LoHa / LoKr ---------------------------------------------------------------------------------------------
@@ -368,12 +373,14 @@ def test_bad_modules_are_invalid_layers(tmp_path):
         "lora_unet_nan": "lora_unet_nan.lora_down.weight: 16 NaN and 0 Inf values",
         "lora_unet_nan_alpha": "lora_unet_nan_alpha.alpha: alpha is nan",
         "lora_unet_dora": "lora_unet_dora.dora_scale: DoRA (weight_decompose) rescales W0 + ΔW by the base weight's "
-        "norms and needs the base model; not supported for kohya/LyCORIS files",
+        "norms, so it needs the base weight: pass --base BASE (the base model the adapter was trained on), or "
+        "--directional-only for ΔW alone",
         "lora_unet_empty": "lora_unet_empty.lora_down.weight: rank 0 (an empty factor)",
         "lora_unet_mixed": "lora_unet_mixed.hada_w1_a: its module mixes lora and loha tensors",
     }
     skipped = {item.key: item.reason for item in checkpoint.skipped}
     assert set(skipped) == {"lora_unet_oft.oft_blocks", "lora_unet_oft.alpha"}
+    assert set(skipped.values()) == {"a LyCORIS diag-OFT module (oft_blocks): rotates the base weight; not read yet"}
 
 
 def test_cli(tmp_path):

@@ -14,6 +14,7 @@ which is generally full rank: a dense update that needs the base weights W0 (``-
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -23,7 +24,7 @@ from ..checkpoint import Checkpoint, Layer, Skipped
 from ..errors import CheckpointError
 from ..update import DenseUpdate, FactoredUpdate, upcast
 from . import Format, ReadOptions, lora, register_format
-from .peft_common import nonfinite_problem, truthy
+from .peft_common import COMPONENTS, layer_config, nonfinite_problem, truthy
 from .source import AdapterSource
 
 ALLOW = frozenset({"use_dora", "lora_magnitude_vector"})
@@ -62,7 +63,8 @@ def _missing_base(base: BaseWeights, layer: Layer) -> str | None:
     key = base.key_for(layer.name)
     if key is None:
         return (
-            f"the base model has no weight for layer {layer.name!r} (looked for '{layer.name}.weight' in {base.path})"
+            f"the base model has no weight for layer {layer.name!r} (looked for '{layer.name}.weight' in --base "
+            f"{base.path})"
         )
     shape = tuple(base.shape(layer.name))
     if shape != tuple(layer.shape):
@@ -75,15 +77,23 @@ def _missing_base(base: BaseWeights, layer: Layer) -> str | None:
     return None
 
 
-def dora_layer(source: AdapterSource, module, layer: Layer, base: BaseWeights | None) -> Layer:
+def dora_layer(
+    source: AdapterSource, module, layer: Layer, base: BaseWeights | None, config: Mapping | None = None
+) -> Layer:
     """``layer`` (LoRA's s·B·A of ``module``) with its magnitude applied against ``base``.
 
-    ``base`` None (``--directional-only``) keeps s·B·A; the magnitude still counts in ``params``.
+    ``base`` None (``--directional-only``) keeps s·B·A; the magnitude still counts in ``params``. In a diffusers
+    pipeline file (one ``config`` per component) a layer of a component without ``use_dora`` is plain LoRA.
     """
     magnitude_key = module.keys.get("magnitude")
     magnitude = source.tensors.get(magnitude_key) if magnitude_key is not None else None
     params = layer.params + (magnitude.numel() if magnitude is not None else 0)
-    if layer.update is None or base is None:
+    plain = (
+        magnitude is None
+        and COMPONENTS in (config or {})
+        and not truthy(layer_config(config, layer.name)[0].get("use_dora"))
+    )
+    if layer.update is None or base is None or plain:
         return replace(layer, params=params)
     rows = layer.update.shape[0]
     if magnitude is None:
@@ -121,7 +131,10 @@ def read_dora(
             path=source.config_path or source.weights_path,
         )
     parsed = lora.parse(source, options, adapter=adapter, allow=ALLOW)
-    layers = [dora_layer(source, module, layer, None if directional else base) for module, layer in parsed.modules]
+    layers = [
+        dora_layer(source, module, layer, None if directional else base, parsed.config)
+        for module, layer in parsed.modules
+    ]
     skipped = list(parsed.skipped)
     warnings = list(parsed.warnings)
     if directional:

@@ -1,10 +1,10 @@
 """kohya-ss / LyCORIS networks (the Stable Diffusion ecosystem): one safetensors file, no adapter_config.json.
 
-Modules are named as stored (``lora_unet_down_blocks_0_attentions_0_proj_in``,
-``lora_te_text_model_encoder_layers_0_self_attn_q_proj``): these names are not base-model paths and stay as
-they are. Per module, one of
+Modules are named as stored (``lora_unet_down_blocks_0_attentions_0_proj_in``, ``lycoris_blocks_0_proj_in``):
+these names are not base-model paths and stay as they are (``--base`` resolves them by flattening the base's
+own names). Per module, one of
 
-- **LoRA / LoCon** (kohya, LyCORIS "locon"): ``<name>.lora_down.weight`` (r, in[, *k]) and
+- **LoRA / LoCon** (kohya, LyCORIS "locon", DyLoRA as saved): ``<name>.lora_down.weight`` (r, in[, *k]) and
   ``<name>.lora_up.weight`` (out, r[, 1…]); ΔW = s·up·down with the kernel flattened into the columns:
   FactoredUpdate(up (out, r), down (r, in·∏k)).
 - **LoCon with a Tucker core** (LyCORIS ``use_tucker``/``use_cp``): ``down`` is 1×1 (r, in, 1…), ``up`` 1×1
@@ -14,29 +14,36 @@ they are. Per module, one of
   FactoredUpdate(up, M), exact, rank ≤ r.
 - **LoHa** (``hada_w1_a`` …, optional ``hada_t1``/``hada_t2``) and **LoKr** (``lokr_w1`` …, optional
   ``lokr_t2``): the maths of :mod:`.lycoris_math`, shared with PEFT's LoHa/LoKr.
+- **full** (``diff``, ``diff_b``) and **GLoRA** (``a1``, ``a2``, ``b1``, ``b2``; needs ``--base``): the maths of
+  :mod:`.lycoris_dense`.
+- **DoRA** (``dora_scale`` beside LoRA/LoHa/LoKr factors, LyCORIS ``weight_decompose``): ΔW = W' − W0 as
+  LyCORIS's forward applies it (:mod:`.lycoris_dense`); needs ``--base``, else the layer is invalid.
 
-Scale s = α/r (α/√r where the file's ``ss_network_args`` set ``rs_lora``), α from ``<name>.alpha`` (a scalar
-tensor), r the module's rank (``lora_down`` rows; LoHa's r; LoKr's decomposed factor's r):
-
-- α = 0 means α = r (kohya and LyCORIS replace 0 by the rank when they build the module);
-- no ``alpha`` tensor: α from the metadata's ``ss_network_alpha`` (``conv_alpha`` of ``ss_network_args`` for
-  a conv with a kernel larger than 1) where present, else s = 1 (kohya loads such files with α = r);
-- LyCORIS's LoKr with both factors stored in full has s = 1 whatever α says (PEFT's LoKr differs);
-- ``--alpha`` replaces every module's α.
-
-DoRA modules (``dora_scale``) need the base weights and are reported as invalid layers.
+The scale s is alpha/r as the loaders apply it: :mod:`.kohya_scale`. Tensors of the other LyCORIS algorithms
+((IA)³ ``weight``/``on_input``, diag-OFT/BOFT ``oft_blocks``, T-LoRA, norm ``w_norm``/``b_norm``) are listed in
+``skipped`` with a reason naming the algorithm.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, field
 
 from ..checkpoint import Checkpoint, Layer, Skipped
+from ..errors import CheckpointError
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
+from .kohya_scale import Scaling, scaling, stored_alpha
+from .lycoris_dense import (
+    FULL_ROLES,
+    GLORA_ROLES,
+    dora_axis,
+    full_update,
+    glora_factors,
+    glora_update,
+    kind_of,
+    weight_decompose_update,
+)
 from .lycoris_math import (
     LOHA_ROLES,
     LOKR_ROLES,
@@ -56,16 +63,42 @@ from .source import AdapterSource
 FAMILY = "kohya"
 _LORA_ROLES = ("lora_down", "lora_up", "lora_mid")
 _EXTRA_ROLES = ("alpha", "dora_scale", "scalar")
-_ROLES = (*_LORA_ROLES, *LOHA_ROLES, *LOKR_ROLES, *_EXTRA_ROLES)
+# the LyCORIS algorithms whose tensors are recognised but not read, with the roles that tell them
+_OTHER_ROLES = {
+    "ia3": ("on_input",),  # and ``<name>.weight``, attached below where ``on_input`` is there
+    "oft": ("oft_blocks", "rescale"),
+    "norm": ("w_norm", "b_norm"),
+    "tlora": ("q_layer", "p_layer", "lambda_layer"),
+}
+_ALGORITHMS = {
+    "lora": _LORA_ROLES,
+    "loha": LOHA_ROLES,
+    "lokr": LOKR_ROLES,
+    "full": FULL_ROLES,
+    "glora": GLORA_ROLES,
+    **_OTHER_ROLES,
+}
+_ROLES = tuple(role for roles in _ALGORITHMS.values() for role in roles) + _EXTRA_ROLES
 # kohya writes lora_down/lora_up/lora_mid with ``.weight`` and LyCORIS its other tensors without; accept either
 _KEY = re.compile(rf"^(?P<module>.+)\.(?P<role>{'|'.join(_ROLES)})(?:\.weight)?$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_")
 _METADATA_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version")
+_BASE_HINT = "pass --base BASE (the base model the adapter was trained on)"
+_NOT_READ = {
+    "ia3": "a LyCORIS (IA)³ module (weight, on_input): rescales the base weight; not read yet",
+    "diag-oft": "a LyCORIS diag-OFT module (oft_blocks): rotates the base weight; not read yet",
+    "boft": "a LyCORIS BOFT module (butterfly oft_blocks): rotates the base weight; not read yet",
+    "norm": "a LyCORIS norm module (w_norm, b_norm): a LayerNorm/GroupNorm weight and bias update, no matrix; "
+    "not analysed",
+    "tlora": "a LyCORIS T-LoRA module (q_layer, p_layer, lambda_layer): not read yet",
+    "glora": f"a GLoRA module: ΔW = s·(W0·a1·a2 + b1·b2) involves the base weight W0; {_BASE_HINT}",
+}
 
 
 def detect(source: AdapterSource) -> bool:
-    """kohya names: ``.lora_down.weight``/``.lora_up.weight``, or LyCORIS LoHa/LoKr keys next to an ``alpha``
-    tensor (PEFT never saves one) or under a kohya module name (``lora_unet_…``) — and no adapter_config.json."""
+    """kohya names: ``.lora_down.weight``/``.lora_up.weight``, or LyCORIS LoHa/LoKr/full/GLoRA keys next to an
+    ``alpha`` tensor (PEFT never saves one) or under a kohya module name (``lora_unet_…``) — and no
+    adapter_config.json."""
     if source.config is not None:
         return False
     keys = set(source.tensors.keys())
@@ -75,92 +108,38 @@ def detect(source: AdapterSource) -> bool:
             continue
         if match["role"] in ("lora_down", "lora_up"):
             return True
-        if match["role"] in ("hada_w1_a", "lokr_w1", "lokr_w1_a"):
+        if match["role"] in ("hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "a1"):
             module = match["module"]
             if f"{module}.alpha" in keys or module.startswith(_KOHYA_PREFIXES):
                 return True
     return False
 
 
-# -- scale ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Scaling:
-    """What the file (and ``--alpha``) say about α, and what had to be assumed along the way."""
-
-    override: float | None
-    metadata_alpha: float | None
-    metadata_conv_alpha: float | None
-    rs_lora: bool
-    zero_alpha: list[str] = field(default_factory=list)
-    from_metadata: list[str] = field(default_factory=list)
-    no_alpha: list[str] = field(default_factory=list)
-
-    def scale(self, module: str, stored_alpha: float | None, rank: int | None, kernel: tuple[int, ...]) -> float:
-        """s = α/r (α/√r under rs_lora); 1 where r is None (LyCORIS LoKr with both factors in full)."""
-        if rank is None:
-            return 1.0
-        if self.override is not None:
-            alpha = self.override
-        elif stored_alpha is not None:
-            alpha = stored_alpha
-            if alpha == 0:
-                self.zero_alpha.append(module)
-                alpha = float(rank)
+def _group(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """{module: {role: key}} and the keys of no module; LyCORIS (IA)³'s ``<name>.weight`` joins its ``on_input``."""
+    modules, unused = group_modules(keys, _KEY)
+    rest = []
+    for key in unused:
+        module, _, role = key.rpartition(".")
+        if role == "weight" and "on_input" in modules.get(module, {}):
+            modules[module]["weight"] = key
         else:
-            conv = any(k != 1 for k in kernel)
-            alpha = self.metadata_conv_alpha if conv and self.metadata_conv_alpha is not None else self.metadata_alpha
-            if alpha is None:
-                self.no_alpha.append(module)
-                return 1.0
-            self.from_metadata.append(module)
-        return alpha / (math.sqrt(rank) if self.rs_lora else rank)
-
-    def warnings(self) -> list[str]:
-        out = []
-        if self.override is not None:
-            out.append(f"--alpha {self.override:g} overrides every module's alpha")
-        if self.rs_lora:
-            out.append("ss_network_args sets rs_lora: scale α/√r")
-        for modules, what in (
-            (self.zero_alpha, "alpha = 0, read as α = r (scale 1) as kohya and LyCORIS do"),
-            (self.from_metadata, "no alpha tensor: α from the file's ss_network_alpha metadata"),
-            (self.no_alpha, "no alpha tensor and no ss_network_alpha metadata: scale 1 (α = r), as kohya loads it"),
-        ):
-            if modules:
-                out.append(f"{len(modules)} module(s) with {what} ({modules[0]} …)")
-        return out
+            rest.append(key)
+    return modules, rest
 
 
-def _number(text: object) -> float | None:
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+def _algorithm(roles: dict[str, str], stored: Stored) -> str | None:
+    """Which LyCORIS algorithm a module's tensors belong to; None for a module without factors (only alpha …)."""
+    present = [name for name, names in _ALGORITHMS.items() if any(role in roles for role in names)]
+    if len(present) > 1:
+        key = next(key for role, key in sorted(roles.items()) if role not in _EXTRA_ROLES)
+        raise FactorError(f"{key}: its module mixes {' and '.join(present)} tensors")
+    if not present:
         return None
-    return value if math.isfinite(value) else None
-
-
-def _scaling(metadata: dict[str, str], options: ReadOptions) -> _Scaling:
-    try:
-        args = json.loads(metadata.get("ss_network_args", "{}"))
-    except json.JSONDecodeError:
-        args = {}
-    args = args if isinstance(args, dict) else {}
-    rs_lora = str(args.get("rs_lora", "false")).lower() in ("true", "1")
-    return _Scaling(options.alpha, _number(metadata.get("ss_network_alpha")), _number(args.get("conv_alpha")), rs_lora)
-
-
-def _stored_alpha(stored: Stored) -> float | None:
-    if "alpha" not in stored:
-        return None
-    key, alpha = stored["alpha"]
-    if alpha.numel() != 1 or alpha.ndim > 1:
-        raise FactorError(f"{key}: alpha must be a scalar, found shape {list(alpha.shape)}")
-    value = float(alpha.reshape(()).double())
-    if not math.isfinite(value):
-        raise FactorError(f"{key}: alpha is {value}")
-    return value
+    if present[0] == "oft":  # diag-OFT stores (blocks, size, size), BOFT (m, blocks, size, size)
+        blocks = stored.get("oft_blocks")
+        return "boft" if blocks is not None and blocks[1].ndim == 4 else "diag-oft"
+    return present[0]
 
 
 # -- layers ----------------------------------------------------------------------------------------------------
@@ -198,50 +177,92 @@ def _lora_update(stored: Stored, module: str) -> tuple[FactoredUpdate, int, tupl
     return FactoredUpdate(left, right), rank, tuple(mid.shape[2:]), up.shape[0], down.shape[1]
 
 
-def _algorithm(roles: dict[str, str]) -> str | None:
-    """Which algorithm a module's tensors belong to: lora, loha, lokr, or None (no factors at all)."""
-    kinds = {
-        "lora": any(role in roles for role in _LORA_ROLES),
-        "loha": any(role in roles for role in LOHA_ROLES),
-        "lokr": any(role in roles for role in LOKR_ROLES),
-    }
-    present = [name for name, there in kinds.items() if there]
-    if len(present) > 1:
-        key = next(key for role, key in sorted(roles.items()) if role not in _EXTRA_ROLES)
-        raise FactorError(f"{key}: its module mixes {' and '.join(present)} tensors")
-    return present[0] if present else None
+def _base_shape(options: ReadOptions, module: str, key: str, what: str) -> tuple[int, ...]:
+    """The base weight's shape for ``module``; a FactorError naming ``key`` and --base where there is none."""
+    if options.base is None:
+        raise FactorError(f"{key}: {what} needs the base weight: {_BASE_HINT}")
+    try:
+        return tuple(options.base.shape(module))
+    except CheckpointError:
+        raise FactorError(
+            f"{key}: {what} needs the base weight, but --base ({options.base.path}) has none for {module!r} "
+            "(is --base the model this adapter was trained on?)"
+        ) from None
 
 
-def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: _Scaling) -> Layer | None:
-    """One module's layer; None for a module without factors (its keys are then skipped)."""
+def _dora(update, stored: Stored, module: str, options: ReadOptions):
+    """The DoRA (weight_decompose) update of a module whose scaled ΔW is ``update``, against ``--base``."""
+    key, magnitude = stored["dora_scale"]
+    what = "DoRA (weight_decompose) rescales W0 + ΔW by the base weight's norms, so it"
+    if options.base is None:
+        raise FactorError(f"{key}: {what} needs the base weight: {_BASE_HINT}, or --directional-only for ΔW alone")
+    base_shape = _base_shape(options, module, key, what)
+    if math.prod(base_shape[1:]) != update.shape[1] or base_shape[0] != update.shape[0] or len(base_shape) < 2:
+        raise FactorError(
+            f"{key}: the base weight has shape {list(base_shape)}, which does not fit ΔW of shape {list(update.shape)}"
+        )
+    on_out = dora_axis(magnitude, key, base_shape)
+    base = options.base
+    return weight_decompose_update(update, magnitude, lambda: base.get(module), base_shape, on_out), base_shape
+
+
+def _factored_layer(
+    algorithm: str, stored: Stored, module: str, scaling: Scaling, options: ReadOptions, alpha: float | None
+) -> tuple[object, tuple[int, ...], str]:
+    """(scaled update, stored weight shape, kind) of a LoRA/LoCon, LoHa or LoKr module."""
+    factors_only = {role: value for role, value in stored.items() if role not in ("alpha", "dora_scale")}
+    if algorithm == "lora":
+        product, rank, kernel, out, width = _lora_update(factors_only, module)
+        scale = scaling.scale(module, alpha, rank, kernel, algorithm)
+        update = FactoredUpdate(product.left, product.right, scale=scale)
+        return update, (out, width, *kernel), (f"conv{len(kernel)}d" if kernel else "linear")
+    if algorithm == "loha":
+        factors = loha_factors(factors_only, module)
+        update = loha_update(factors, scaling.scale(module, alpha, factors.rank, factors.kernel, algorithm))
+    else:
+        factors = lokr_factors(factors_only, module)
+        update = lokr_update(factors, scaling.scale(module, alpha, factors.rank, factors.kernel, algorithm))
+    # the base, where given, tells a conv from a Linear where the stored factors do not
+    width = update.shape[1]
+    shape, kind = layer_shape(options.base, module, factors.out_features, factors.in_features, factors.kernel, width)
+    return update, shape, kind
+
+
+def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: Scaling, options: ReadOptions):
+    """One module's layer, or the reason its tensors are skipped (a string) for an algorithm not read here."""
     stored = {role: (key, source.tensors.get(key)) for role, key in roles.items() if role != "scalar"}
-    params = sum(tensor.numel() for role, (_, tensor) in stored.items() if role != "alpha")
+    params = sum(tensor.numel() for role, (_, tensor) in stored.items() if role not in ("alpha", "on_input"))
     family = "lora"
     try:
-        algorithm = _algorithm(roles)
+        algorithm = _algorithm(roles, stored)
         if algorithm is None:
-            return None
+            return "belongs to a module with no factors of any LyCORIS algorithm (only alpha/dora_scale)"
+        if algorithm in _NOT_READ and not (algorithm == "glora" and options.base is not None):
+            return _NOT_READ[algorithm]
         family = "locon" if "lora_mid" in roles else algorithm
-        if "dora_scale" in stored:
-            raise FactorError(
-                f"{stored['dora_scale'][0]}: DoRA (weight_decompose) rescales W0 + ΔW by the base weight's norms "
-                "and needs the base model; not supported for kohya/LyCORIS files"
-            )
-        alpha = _stored_alpha(stored)
-        factors_only = {role: value for role, value in stored.items() if role != "alpha"}
-        if algorithm == "lora":
-            product, rank, kernel, out, width = _lora_update(factors_only, module)
-            update = FactoredUpdate(product.left, product.right, scale=scaling.scale(module, alpha, rank, kernel))
-            kind = f"conv{len(kernel)}d" if kernel else "linear"
-            return Layer(module, update, (out, width, *kernel), params, kind=kind, family=family)
-        if algorithm == "loha":
-            factors = loha_factors(factors_only, module)
-            update = loha_update(factors, scaling.scale(module, alpha, factors.rank, factors.kernel))
-        else:
-            factors = lokr_factors(factors_only, module)
-            update = lokr_update(factors, scaling.scale(module, alpha, factors.rank, factors.kernel))
-        width = update.shape[1]
-        shape, kind = layer_shape(None, module, factors.out_features, factors.in_features, factors.kernel, width)
+        if algorithm == "full":
+            if "alpha" in stored or "dora_scale" in stored:
+                extra = stored.get("alpha", stored.get("dora_scale"))[0]
+                raise FactorError(f"{extra}: a full (diff) module has no alpha or dora_scale in LyCORIS")
+            update, bias, shape = full_update(stored)
+            return Layer(module, update, shape, params, kind=kind_of(shape), family=family, bias_update=bias)
+        alpha = stored_alpha(stored)
+        if algorithm == "glora":
+            factors = glora_factors(stored, module)
+            key = stored["a1"][0]
+            base_shape = _base_shape(options, module, key, "GLoRA")
+            if base_shape != factors.weight_shape:
+                raise FactorError(
+                    f"{key}: the base weight has shape {list(base_shape)}, but the GLoRA factors fit "
+                    f"{list(factors.weight_shape)} (is --base the model this adapter was trained on?)"
+                )
+            scale = scaling.scale(module, alpha, factors.rank, factors.weight_shape[2:], algorithm)
+            update = glora_update(factors, options.base.get(module), scale)
+            return Layer(module, update, base_shape, factors.params, kind=kind_of(base_shape), family=family)
+        update, shape, kind = _factored_layer(algorithm, stored, module, scaling, options, alpha)
+        if "dora_scale" in stored and not options.directional_only:
+            update, shape = _dora(update, stored, module, options)
+            kind = kind_of(shape)
     except FactorError as exc:
         return Layer(module, None, (), params, family=family, error=str(exc))
     return Layer(module, update, shape, params, kind=kind, family=family)
@@ -249,24 +270,42 @@ def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: _
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     metadata = source.tensors.metadata()
-    scaling = _scaling(metadata, options)
-    modules, unused = group_modules(source.tensors.keys(), _KEY)
-    skipped = [Skipped(key, "not a tensor of a kohya/LyCORIS LoRA, LoCon, LoHa or LoKr module") for key in unused]
-    layers = []
+    settings = scaling(metadata, options.alpha)
+    modules, unused = _group(list(source.tensors.keys()))
+    skipped = [Skipped(key, "not a tensor of any kohya/LyCORIS module") for key in unused]
+    layers, dora = [], []
     for module, roles in modules.items():
-        layer = _layer(source, module, roles, scaling)
-        if layer is None:
-            skipped.extend(
-                Skipped(key, "belongs to a module without LoRA, LoHa or LoKr factors (another LyCORIS algorithm?)")
-                for key in roles.values()
-            )
+        layer = _layer(source, module, roles, settings, options)
+        if isinstance(layer, str):
+            skipped.extend(Skipped(key, layer) for key in roles.values())
             continue
         layers.append(layer)
+        if "dora_scale" in roles and options.directional_only:
+            skipped.append(Skipped(roles["dora_scale"], "DoRA magnitude, not used under --directional-only", True))
+        elif "dora_scale" in roles and layer.update is not None:
+            dora.append(module)
         if "scalar" in roles:
             skipped.append(
                 Skipped(roles["scalar"], "LyCORIS folds its scalar into the factors on save and resets it", True)
             )
-    lycoris = any(layer.family in ("locon", "loha", "lokr") for layer in layers)
+    glora = [item.key for item in skipped if item.reason == _NOT_READ["glora"]]
+    if not layers and glora:
+        raise CheckpointError(
+            f"GLoRA modules ({glora[0]} …): ΔW = s·(W0·a1·a2 + b1·b2) involves the base weight W0; {_BASE_HINT}",
+            path=source.weights_path,
+        )
+    lycoris = any(layer.family != "lora" for layer in layers) or any(key.startswith("lycoris_") for key in modules)
+    warnings = settings.warnings()
+    if options.directional_only and any("dora_scale" in roles for roles in modules.values()):
+        warnings.insert(
+            0, "--directional-only: the DoRA magnitudes (dora_scale) are ignored; the factors' ΔW alone is analysed"
+        )
+    notes = settings.notes()
+    if dora:
+        notes.append(
+            f"{len(dora)} DoRA (weight_decompose) module(s): ΔW = W' − W0 against --base, generally full rank "
+            f"({dora[0]} …)"
+        )
     return Checkpoint(
         path=source.path,
         family=FAMILY,
@@ -274,7 +313,8 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         config={key: metadata[key] for key in _METADATA_KEYS if key in metadata},
         layers=layers,
         skipped=skipped,
-        warnings=scaling.warnings(),
+        warnings=warnings,
+        notes=notes,
         weights_file=source.weights_path,
     )
 
@@ -282,7 +322,8 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 register_format(
     Format(
         FAMILY,
-        "kohya-ss / LyCORIS networks (LoRA, LoCon with Tucker core, LoHa, LoKr) in one safetensors file",
+        "kohya-ss / LyCORIS networks (LoRA, LoCon with Tucker core, LoHa, LoKr, full, GLoRA, DoRA) in one "
+        "safetensors file",
         detect,
         read,
         priority=30,

@@ -16,14 +16,23 @@ from ..errors import UnsupportedAdapterError
 from ..naming import layer_name
 from ..update import FactoredUpdate
 from . import Format, ReadOptions, register_format
+from .diffusers import AliasKey
+from .diffusers import partner_key as diffusers_partner
+from .diffusers import split_key as split_diffusers_key
+from .lora_init import apply_init
+from .lora_mha import double_applied_warning, pattern_name
 from .peft_common import (
     alpha_config,
+    alpha_tensor,
+    any_config,
+    layer_config,
     layer_scale,
     nonfinite_problem,
     pattern_value,
     positive_integer,
     skip_reason,
     truthy,
+    uncovered_components,
 )
 from .source import AdapterSource
 
@@ -66,8 +75,6 @@ _REFUSED_FLAGS = {
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) is active only after its invocation tokens",
     "lora_nums": "HydraLoRA (lora_nums) has several B heads and a router: it is read by the hydralora format",
 }
-# inits that overwrite the base weight: the saved factors are relative to the changed base
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FOREIGN_TENSORS = {
     "lora_sigma": "BoRA (lora_sigma tensors) is read by the bora format, not plain LoRA",
     "lora_route": "HydraLoRA (lora_route tensors) is read by the hydralora format, not plain LoRA",
@@ -78,8 +85,10 @@ _FOREIGN_TENSORS = {
 def detect(source: AdapterSource) -> bool:
     if source.peft_type is not None:
         return source.peft_type == "LORA"
-    # keys that keep an adapter name are a whole model's state dict: the training reader's
-    return any(parts is not None and parts.adapter is None for parts in map(split_key, source.tensors))
+    # keys that keep an adapter name are a whole model's state dict: the training reader's; diffusers' older
+    # layouts (``….lora.down.weight``, ``…processor.to_q_lora.down.weight``) are LoRA too
+    saved = any(parts is not None and parts.adapter is None for parts in map(split_key, source.tensors))
+    return saved or any(split_diffusers_key(key) is not None for key in source.tensors)
 
 
 @dataclass
@@ -87,7 +96,7 @@ class _Module:
     """The stored keys of one adapted module."""
 
     stored: str
-    keys: dict[str, str] = field(default_factory=dict)  # "A", "B", "bias", "magnitude" (DoRA) → stored key
+    keys: dict[str, str] = field(default_factory=dict)  # "A", "B", "bias", "magnitude" (DoRA), "alpha" → stored key
     embedding: bool = False
 
 
@@ -101,10 +110,23 @@ _ROLES = {
 
 
 def _group(keys: list[str], adapter: str | None = None) -> tuple[dict[str, _Module], list[str]]:
-    """Keys by module; only those of ``adapter`` (None: names stripped, as saved), the rest unused."""
+    """Keys by module; only those of ``adapter`` (None: names stripped, as saved), the rest unused.
+
+    Saved files may also name factors in diffusers' layouts (:mod:`.diffusers`; PEFT's name wins where a module
+    has both) and carry a per-module ``<module>.alpha`` scalar (musubi-tuner, ComfyUI): role "alpha".
+    """
     modules: dict[str, _Module] = {}
     unused: list[str] = []
+    aliases: list[tuple[str, AliasKey]] = []
+    alphas: list[str] = []
     for key in keys:
+        alias = split_diffusers_key(key) if adapter is None else None
+        if alias is not None:
+            aliases.append((key, alias))
+            continue
+        if adapter is None and key.endswith(".alpha"):
+            alphas.append(key)
+            continue
         match = _KEY.match(key)
         if match is None or match["adapter"] != adapter:
             unused.append(key)
@@ -119,6 +141,20 @@ def _group(keys: list[str], adapter: str | None = None) -> tuple[dict[str, _Modu
         module = modules.setdefault(match["module"], _Module(match["module"]))
         module.keys[role] = key
         module.embedding = module.embedding or attr.startswith("lora_embedding")
+    owners = {stored: module for stored, module in modules.items()}
+    for key, alias in aliases:
+        module = modules.setdefault(alias.module, _Module(alias.module))
+        owners.setdefault(alias.stored, module)
+        if alias.role in module.keys:
+            unused.append(key)
+        else:
+            module.keys[alias.role] = key
+    for key in alphas:
+        module = owners.get(key.removesuffix(".alpha")) or modules.get(key.removesuffix(".alpha"))
+        if module is None:
+            unused.append(key)
+        else:
+            module.keys["alpha"] = key
     return modules, unused
 
 
@@ -134,14 +170,7 @@ def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) ->
         for marker, reason in _FOREIGN_TENSORS.items():
             if marker not in allow and (f".{marker}" in key or key.startswith(marker)):
                 raise UnsupportedAdapterError(reason, path=source.weights_path, key=key)
-    warnings = []
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        warnings.append(
-            f"init_lora_weights={init!r} rewrites the base weight: this is the adapter's own update, and ΔW "
-            "against the original base differs (PEFT's path_initial_model_for_weight_conversion gives a plain LoRA)"
-        )
-    return warnings
+    return []  # base-rewriting inits (PiSSA, OLoRA, …) are handled per layer: lora_init.apply_init
 
 
 def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: bool) -> Layer:
@@ -152,7 +181,7 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
         have, missing = ("A", "B") if "A" in module.keys else ("B", "A")
         stored = module.keys.get(have) or module.keys.get("bias") or next(iter(module.keys.values()))
         partner = "lora_embedding_" + missing if embedding else f"lora_{missing}.weight"
-        return Layer(name, None, (), 0, error=f"{stored}: has no matching {partner}")
+        return Layer(name, None, (), 0, error=f"{stored}: has no matching {diffusers_partner(stored) or partner}")
     a_key, b_key = module.keys["A"], module.keys["B"]
     a, b = tensors.get(a_key), tensors.get(b_key)
     bias = tensors.get(module.keys["bias"]) if "bias" in module.keys else None
@@ -175,12 +204,19 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
         return invalid(f"{b_key}: a conv LoRA's B must be 1×…×1 in its kernel dims, found shape {list(b.shape)}")
 
     where = source.config_path or source.weights_path
+    config, relative = layer_config(config, name)  # a diffusers pipeline file: the layer's component's config
+    relative = pattern_name(module.stored, relative)  # MultiheadAttention's out_proj: the attention module's r, α
     config_r = pattern_value(
-        config.get("rank_pattern"), name, config.get("r", rank), config_path=where, field="rank_pattern"
+        config.get("rank_pattern"), relative, config.get("r", rank), config_path=where, field="rank_pattern"
     )
     if config_has_r and positive_integer(config_r, f"r of layer {name}", config_path=where) != rank:
         return invalid(f"{a_key}: the config gives r={config_r} for this layer but the tensor has {rank} rows")
-    scale = layer_scale(config, name, rank, config_path=where)
+    scale = layer_scale(config, relative, rank, config_path=where)
+    if "alpha" in module.keys:  # a per-module α (musubi-tuner, ComfyUI): s = alpha/r, α = 0 read as r (kohya's rule)
+        alpha, problem = alpha_tensor(tensors.get(module.keys["alpha"]), module.keys["alpha"])
+        if problem:
+            return invalid(problem)
+        scale = 1.0 if alpha == 0 else alpha / rank
 
     left = b.reshape(b.shape[0], rank)
     right = a.reshape(rank, -1)
@@ -211,14 +247,38 @@ def parse(
     """Every module's s·B·A of ``adapter`` (None: names stripped, as PEFT saves them); ``allow`` lifts the
     refusal of flags and tensors that the caller's variant handles (``use_dora``, ``lora_magnitude_vector``)."""
     warnings = _check_config(source, allow)
-    config, config_has_r, scale_warnings = alpha_config(source.config, source.tensors.metadata(), options.alpha)
     modules, unused = _group(source.tensors.keys(), adapter)
-    return Parsed(
-        modules=[(module, _layer(source, module, config, config_has_r)) for module in modules.values()],
-        skipped=[Skipped(key, skip_reason(key, config, "LoRA")) for key in unused],
-        config=config,
-        warnings=warnings + scale_warnings,
+    skipped = []
+    if options.alpha is not None:  # --alpha replaces every module's α, its own .alpha scalar too
+        for module in modules.values():
+            if "alpha" in module.keys:
+                skipped.append(Skipped(module.keys.pop("alpha"), "a per-module α, replaced by --alpha", True))
+    own_alpha = [module for module in modules.values() if "alpha" in module.keys]
+    config, config_has_r, scale_warnings = alpha_config(
+        source.config, source.tensors.metadata(), options.alpha, every_module=len(own_alpha) == len(modules) > 0
     )
+    layers = [(module, _layer(source, module, config, config_has_r)) for module in modules.values()]
+    # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
+    inits = {layer.name: layer_config(config, layer.name)[0].get("init_lora_weights") for _, layer in layers}
+    init_layers, init_warnings = apply_init([layer for _, layer in layers], inits, options.base)
+    layers = [(module, layer) for (module, _), layer in zip(layers, init_layers, strict=True)]
+    mha = double_applied_warning([module.stored for module in modules.values()], source.config)
+    warnings += init_warnings + ([mha] if mha else [])
+    uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
+    return Parsed(
+        modules=layers,
+        skipped=skipped + [Skipped(key, skip_reason(key, config, "LoRA")) for key in unused],
+        config=config,
+        warnings=warnings + scale_warnings + ([uncovered] if uncovered else []) + _alpha_warnings(source, own_alpha),
+    )
+
+
+def _alpha_warnings(source: AdapterSource, modules: list[_Module]) -> list[str]:
+    """Say where a per-module ``.alpha`` of 0 was read as α = r (kohya's and musubi-tuner's rule)."""
+    zero = [m.stored for m in modules if alpha_tensor(source.tensors.get(m.keys["alpha"]), m.keys["alpha"])[0] == 0]
+    if not zero:
+        return []
+    return [f"{len(zero)} module(s) with alpha = 0, read as α = r (scale 1) as kohya and musubi-tuner do ({zero[0]} …)"]
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
@@ -226,7 +286,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     return Checkpoint(
         path=source.path,
         family="lora",
-        adapter_type="RSLORA" if parsed.config.get("use_rslora") else "LORA",
+        adapter_type="RSLORA" if any_config(parsed.config, "use_rslora") else "LORA",
         config=dict(source.config or {}),
         layers=[layer for _, layer in parsed.modules],
         skipped=parsed.skipped,

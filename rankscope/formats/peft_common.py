@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import MODULES_TO_SAVE
 from ..errors import CheckpointError
+from .diffusers import split_key as split_diffusers_key
 
 
 def pattern_value(
@@ -76,11 +77,17 @@ def truthy(value: object) -> bool:
     return value not in (None, False, 0, "", [], {})
 
 
+COMPONENTS = "components"  # a config recovered from a diffusers pipeline file: one LoraConfig per component
+
+
 def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str | None]:
     """A LoRA config recovered from a safetensors file's ``__metadata__`` where a tool wrote one.
 
-    diffusers writes the whole LoraConfig as JSON under ``lora_adapter_metadata``; kohya writes
-    ``ss_network_alpha`` and ``ss_network_dim``. Returns (config or None, where it came from).
+    diffusers writes the LoraConfig as JSON under ``lora_adapter_metadata``: unprefixed from a model's
+    ``save_lora_adapter``, and from a pipeline's ``save_lora_weights`` with every key prefixed by its component
+    (``"unet.lora_alpha": 8``, ``"text_encoder.r": 4``), returned as ``{"components": {"unet": {...}, ...}}``
+    (see :func:`layer_config`); kohya writes ``ss_network_alpha`` and ``ss_network_dim``. Returns (config or None,
+    where it came from).
     """
     if "lora_adapter_metadata" in metadata:
         try:
@@ -89,6 +96,10 @@ def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str 
             config = None
         if isinstance(config, dict) and "lora_alpha" in config:
             return config, "the file's lora_adapter_metadata"
+        components = _split_components(config) if isinstance(config, dict) else {}
+        if components:
+            names = ", ".join(components)
+            return {COMPONENTS: components}, f"the file's lora_adapter_metadata (one config per component: {names})"
     if "ss_network_alpha" in metadata:
         try:
             alpha = float(metadata["ss_network_alpha"])
@@ -101,6 +112,64 @@ def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str 
     return None, None
 
 
+def _split_components(config: Mapping) -> dict[str, dict]:
+    """``{"unet.r": 4, "unet.lora_alpha": 8, …}`` → ``{"unet": {"r": 4, "lora_alpha": 8, …}}``; only components
+    whose config gives ``lora_alpha`` (diffusers writes the whole LoraConfig, so a component without it is not one)."""
+    components: dict[str, dict] = {}
+    for key, value in config.items():
+        component, dot, field = str(key).partition(".")
+        if dot and field and "." not in field:
+            components.setdefault(component, {})[field] = value
+    return {name: fields for name, fields in components.items() if "lora_alpha" in fields}
+
+
+def layer_config(config: Mapping, name: str) -> tuple[Mapping, str]:
+    """The config that governs layer ``name``, and the name its ``rank_pattern``/``alpha_pattern`` keys match.
+
+    A diffusers pipeline file has one config per component: layer ``unet.down_blocks.0…`` gets the unet's,
+    matched as ``down_blocks.0…`` (diffusers applies each config to its component model); a layer of a component
+    the metadata does not describe gets an empty config (α unknown: scale 1, as diffusers loads it with α = r).
+    """
+    components = config.get(COMPONENTS)
+    if not isinstance(components, Mapping):
+        return config, name
+    component, dot, rest = name.partition(".")
+    if dot and component in components:
+        return components[component], rest
+    return {}, name
+
+
+def any_config(config: Mapping, field: str) -> bool:
+    """Whether ``field`` is set in ``config`` or in any of its components' configs."""
+    components = config.get(COMPONENTS)
+    parts = [config, *(components.values() if isinstance(components, Mapping) else ())]
+    return any(truthy(part.get(field)) for part in parts)
+
+
+def uncovered_components(config: Mapping, names: list[str]) -> str | None:
+    """A warning naming the components of ``names`` that a per-component config leaves without α, or None."""
+    components = config.get(COMPONENTS)
+    if not isinstance(components, Mapping):
+        return None
+    missing = sorted({name.partition(".")[0] for name in names if name.partition(".")[0] not in components})
+    if not missing:
+        return None
+    return (
+        f"the file's lora_adapter_metadata has no config for {', '.join(missing)}: α unknown for those layers, "
+        "scale 1 (α = r, as diffusers loads them; pass --alpha to set it)"
+    )
+
+
+def alpha_tensor(tensor, key: str) -> tuple[float | None, str | None]:
+    """The value of a per-module ``.alpha`` scalar (kohya, musubi-tuner, ComfyUI), or a problem with it."""
+    if tensor.numel() != 1 or tensor.ndim > 1:
+        return None, f"{key}: alpha must be a scalar, found shape {list(tensor.shape)}"
+    value = float(tensor.reshape(()).double())
+    if not math.isfinite(value):
+        return None, f"{key}: alpha is {value}"
+    return value, None
+
+
 def rank_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     """LoRA's scale: α/r, or α/√r under rsLoRA (0 for rank 0)."""
     if rank <= 0:
@@ -110,7 +179,9 @@ def rank_scale(alpha: float, rank: int, rslora: bool = False) -> float:
 
 def layer_scale(config: Mapping, name: str, rank: int, *, config_path: Path | None) -> float:
     """The scale of layer ``name``: α from ``alpha_pattern`` (PEFT's rule) or ``lora_alpha``, over r or √r;
-    1 where α is unknown (no ``lora_alpha``: the caller has warned)."""
+    1 where α is unknown (no ``lora_alpha``: the caller has warned). A per-component config (diffusers) gives
+    the layer its component's config, see :func:`layer_config`."""
+    config, name = layer_config(config, name)
     if "lora_alpha" not in config:
         return 1.0
     alpha = pattern_value(
@@ -121,12 +192,13 @@ def layer_scale(config: Mapping, name: str, rank: int, *, config_path: Path | No
 
 
 def alpha_config(
-    config: Mapping | None, metadata: Mapping[str, str], alpha: float | None
+    config: Mapping | None, metadata: Mapping[str, str], alpha: float | None, *, every_module: bool = False
 ) -> tuple[dict, bool, list[str]]:
     """The config that gives a LoRA-style reader its α, whether it is authoritative for r, and warnings.
 
     In order: adapter_config.json (``--alpha`` overrides its ``lora_alpha`` and ``alpha_pattern``); ``--alpha``
-    alone; α from the safetensors metadata where tools write it; else α unknown and scale 1, said loudly.
+    alone; α from the safetensors metadata where tools write it; else α unknown and scale 1, said loudly —
+    unless ``every_module`` carries its own ``.alpha`` scalar (musubi-tuner, ComfyUI).
     """
     if config is not None:
         config = dict(config)
@@ -139,6 +211,8 @@ def alpha_config(
     recovered, origin = config_from_metadata(metadata)
     if recovered is not None:
         return recovered, False, [f"no adapter_config.json: α and r patterns taken from {origin}"]
+    if every_module:
+        return {}, False, []
     unknown = "no adapter_config.json and no α in the file's metadata: α is unknown, scale 1 is assumed"
     return {}, False, [unknown + " (pass --alpha to set it)"]
 
@@ -153,6 +227,11 @@ def skip_reason(key: str, config: Mapping | None, family: str) -> str:
     for module in config.get("modules_to_save") or []:
         if re.search(rf"(^|\.){re.escape(str(module))}\.", key):
             return MODULES_TO_SAVE
+    if key.endswith(".alpha"):
+        return "an .alpha scalar with no LoRA factors of its module beside it"
+    alias = split_diffusers_key(key)
+    if alias is not None:
+        return f"a second {alias.role} factor of module {alias.module!r} (the file also names it in PEFT's layout)"
     if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
         return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
     return f"not a tensor of a {family} adapter"

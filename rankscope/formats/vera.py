@@ -9,7 +9,8 @@ top-left corner:
 
 transposed for GPT-2 Conv1D (``fan_in_fan_out``); the analysed matrix stays (out, in). As a
 ``FactoredUpdate(left=λ_b[:, None]·B[:out], core=diag(λ_d), right=A[:, :in])`` its spectrum is exact, rank
-≤ min(r, out, in). ``λ_b·B`` is formed in float32 (float64 if stored so): one rounding, 6e-8 relative.
+≤ min(r, out, in). ``λ_b·B`` is formed in float64 (out×r values, cheap): the products of float32 values are
+then exact, so nothing is rounded before the float64 spectrum.
 
 The file does not store a layer's input width ``in``. With the base model (``--base``) it is read from the base
 weight; without it every layer is taken to use all max_in columns of A — right where all adapted layers have
@@ -35,7 +36,7 @@ import torch
 from ..checkpoint import Checkpoint, Layer, Skipped
 from ..errors import CheckpointError
 from ..naming import layer_name
-from ..update import FactoredUpdate
+from ..update import FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .peft_common import nonfinite_problem, positive_integer, skip_reason
 from .source import AdapterSource
@@ -207,14 +208,6 @@ def _projections(
     return a, b, []
 
 
-def _left_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 for stored float32/bf16/fp16 (one rounding of λ_b·B, not three), float64 if stored so."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _layer(
     source: AdapterSource,
     module: _Module,
@@ -257,8 +250,8 @@ def _layer(
             f"{b_key}: the layer has {orientation.width} inputs but the shared vera_A has only "
             f"{proj_a.shape[1]} columns"
         )
-    dtype = _left_dtype(lambda_b, proj_b)
-    left = lambda_b.to(dtype)[:, None] * proj_b[:out].to(dtype)
+    # in float64: a float32 product would round each entry (~6e-8 relative) before the float64 spectrum
+    left = upcast(lambda_b)[:, None] * upcast(proj_b[:out])
     update = FactoredUpdate(left, proj_a[:, : orientation.width], core=torch.diag(lambda_d))
     kind = "conv1d_gpt2" if orientation.transposed else "linear"
     return Layer(name, update, orientation.shape, params, kind=kind, family="vera")

@@ -1,0 +1,61 @@
+"""diffusers' names for LoRA factors, read by the LoRA reader beside PEFT's ``lora_A``/``lora_B``.
+
+diffusers still loads three older layouts, each a pair (down = A (r, in[, *k]), up = B (out, r[, 1…])):
+
+- ``<module>.lora.down.weight`` / ``.lora.up.weight`` — what ``convert_state_dict_to_diffusers`` writes for a
+  UNet's ``to_q``/``to_k``/``to_v``/``to_out.0`` (its other modules keep PEFT's names, so one file mixes both);
+- ``<module>.lora_linear_layer.down.weight`` / ``.up.weight`` — the same for a text encoder's projections;
+- ``<block>.processor.to_q_lora.down.weight`` (``to_k_lora``, ``to_v_lora``, ``to_out_lora``,
+  ``add_k_proj_lora``, ``add_v_proj_lora``) — the attention processors of diffusers ≤ 0.20, whose module is
+  ``<block>.to_q`` (``to_out_lora`` → ``<block>.to_out.0``, as diffusers' ``UNET_TO_DIFFUSERS`` maps it).
+
+ΔW = s·up·down as for PEFT's LoRA; α from an ``.alpha`` tensor beside the pair (``<module>.alpha``, diffusers'
+name for it, or ``<block>.processor.to_q_lora.alpha``) or
+the file's metadata, else s = 1 (diffusers loads such files with α = r).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_PAIR = re.compile(r"^(?P<stored>.+)\.(?P<layout>lora|lora_linear_layer)\.(?P<side>down|up)\.weight$")
+_PROCESSOR = re.compile(
+    r"^(?P<block>.+?)\.(?:processor\.)?(?P<target>to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora"
+    r"\.(?P<side>down|up)\.weight$"
+)
+_ROLE = {"down": "A", "up": "B"}
+
+
+@dataclass(frozen=True)
+class AliasKey:
+    """A diffusers factor key: the module it adapts (a base-model path), A or B, and the stored prefix that an
+    ``.alpha`` beside it may be named after (besides the module's own ``<module>.alpha``, diffusers' name)."""
+
+    module: str
+    role: str
+    stored: str
+
+
+def split_key(key: str) -> AliasKey | None:
+    """The parts of a diffusers-style LoRA factor key, or None for any other key.
+
+    >>> split_key("unet.mid.attn1.processor.to_out_lora.up.weight")
+    AliasKey(module='unet.mid.attn1.to_out.0', role='B', stored='unet.mid.attn1.processor.to_out_lora')
+    """
+    match = _PROCESSOR.match(key)
+    if match is not None:
+        target = "to_out.0" if match["target"] == "to_out" else match["target"]
+        return AliasKey(f"{match['block']}.{target}", _ROLE[match["side"]], key.rsplit(".", 2)[0])
+    match = _PAIR.match(key)
+    if match is not None:
+        return AliasKey(match["stored"], _ROLE[match["side"]], match["stored"])
+    return None
+
+
+def partner_key(key: str) -> str | None:
+    """The key a diffusers-style factor's missing partner would have (``….lora.down.weight`` ↔ ``….lora.up.weight``)."""
+    if split_key(key) is None:
+        return None
+    head, side, tail = key.rsplit(".", 2)
+    return f"{head}.{'up' if side == 'down' else 'down'}.{tail}"

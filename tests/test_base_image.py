@@ -1,0 +1,136 @@
+"""``--base`` for image-generation models: component folders, pipeline folders, one file; diffusers' prefixed names
+and kohya/LyCORIS's flattened names resolved to the base's own tensors (saved here by diffusers/transformers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rankscope.base import BaseWeights
+from rankscope.errors import CheckpointError
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+
+def _clip(hidden: int, cls):
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=50,
+        max_position_embeddings=16,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return cls(config)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A pipeline folder without model_index.json (unet/ sharded, text_encoder/, text_encoder_2/) and its models."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    te, te2 = _clip(12, CLIPTextModel), _clip(16, CLIPTextModelWithProjection)
+    root = tmp_path_factory.mktemp("pipe")
+    unet.save_pretrained(root / "unet", max_shard_size="20KB")
+    te.save_pretrained(root / "text_encoder")
+    te2.save_pretrained(root / "text_encoder_2")
+    assert (root / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    return root, {"unet": unet.state_dict(), "text_encoder": te.state_dict(), "text_encoder_2": te2.state_dict()}
+
+
+UNET_MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def test_pipeline_folder_by_component_prefix(pipeline):
+    root, weights = pipeline
+    base = BaseWeights(root)
+    assert torch.equal(base.get(f"unet.{UNET_MODULE}"), weights["unet"][f"{UNET_MODULE}.weight"])
+    te = "encoder.layers.1.self_attn.q_proj"
+    assert torch.equal(base.get(f"text_encoder.{te}"), weights["text_encoder"][f"{te}.weight"])
+    te2 = "text_model.encoder.layers.1.self_attn.q_proj"
+    assert base.shape(f"text_encoder_2.{te2}") == (16, 16)
+    assert base.key_for(f"text_encoder_2.{te2}") == f"text_encoder_2/{te2}.weight"
+    assert torch.equal(base.get(f"unet.{UNET_MODULE}", "weight"), base.get(f"diffusion_model.{UNET_MODULE}"))
+    # an unprefixed name is looked up in every component and found where it is unique
+    assert torch.equal(base.get(UNET_MODULE), weights["unet"][f"{UNET_MODULE}.weight"])
+    assert base.key_for("encoder.layers.1.self_attn.q_proj") is None  # in text_encoder and (text_model.) te2
+    assert base.key_for("unet.no.such.module") is None
+
+
+def test_kohya_names_select_the_component(pipeline):
+    root, weights = pipeline
+    base = BaseWeights(root)
+    flat = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert torch.equal(base.get(flat), weights["unet"]["down_blocks.0.attentions.0.proj_in.weight"])
+    assert torch.equal(base.get(flat, "bias"), weights["unet"]["down_blocks.0.attentions.0.proj_in.bias"])
+    te1 = base.get("lora_te1_encoder_layers_0_self_attn_k_proj")
+    assert torch.equal(te1, weights["text_encoder"]["encoder.layers.0.self_attn.k_proj.weight"])
+    # kohya's SD 1.x files keep CLIP's text_model level that transformers 5 dropped: either form matches
+    old = base.get("lora_te_text_model_encoder_layers_0_self_attn_k_proj")
+    assert torch.equal(old, te1)
+    te2 = base.get("lora_te2_text_model_encoder_layers_0_self_attn_k_proj")
+    assert te2.shape == (16, 16)
+    assert torch.equal(te2, weights["text_encoder_2"]["text_model.encoder.layers.0.self_attn.k_proj.weight"])
+    assert torch.equal(base.get("lora_te2_encoder_layers_0_self_attn_k_proj"), te2)
+    assert base.key_for("lora_te1_text_projection") is None  # te2 has it, te1 does not
+
+
+def test_component_folder_serves_its_own_names(pipeline):
+    root, weights = pipeline
+    unet = BaseWeights(root / "unet")  # sharded: diffusion_pytorch_model.safetensors.index.json
+    expected = weights["unet"][f"{UNET_MODULE}.weight"]
+    for name in (
+        UNET_MODULE,
+        f"unet.{UNET_MODULE}",
+        f"diffusion_model.{UNET_MODULE}",
+        "lora_unet_" + UNET_MODULE.replace(".", "_"),
+    ):
+        assert torch.equal(unet.get(name), expected), name
+    te2 = BaseWeights(root / "text_encoder_2")
+    # a folder named after a component does not serve another component's layers, even with the same names
+    assert te2.key_for("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") is None
+    assert te2.key_for("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") is None
+    assert te2.key_for("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj") is not None
+
+
+def test_single_file_and_lycoris_names(tmp_path):
+    weights = {
+        "0.weight": torch.randn(3, 4),
+        "blocks.1.proj.weight": torch.randn(2, 2),
+        "blocks_1.proj.weight": torch.ones(2, 2),
+    }
+    save_file(weights, tmp_path / "base.safetensors")
+    base = BaseWeights(tmp_path / "base.safetensors")
+    assert torch.equal(base.get("lycoris_0"), weights["0.weight"])
+    # two base modules flatten to the same kohya name: ambiguous, found nowhere rather than guessed
+    assert base.key_for("lycoris_blocks_1_proj") is None
+    assert torch.equal(base.get("unet.blocks.1.proj"), weights["blocks.1.proj.weight"])
+
+
+def test_messages_name_base(pipeline, tmp_path):
+    root, _ = pipeline
+    with pytest.raises(CheckpointError, match="--base"):
+        BaseWeights(root).get("unet.no.such.module")
+    with pytest.raises(CheckpointError, match="--base"):
+        BaseWeights(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="--base"):
+        BaseWeights(tmp_path / "empty")
