@@ -64,7 +64,7 @@ checkpoint_options = _stack(
     click.option("--adapter", metavar="NAME", help="Pick one adapter of a multi-adapter directory by name."),
     click.option("--alpha", type=float, help="LoRA α where the checkpoint does not say (overrides the config's)."),
     click.option("--format", "format_name", metavar="NAME", help="Force a reader instead of detecting one ('rankscope formats')."),
-    click.option("--base", metavar="PATH", help="Base model (Hugging Face model directory or safetensors file) for updates that need it (DoRA, IA3)."),
+    click.option("--base", metavar="PATH", help="Base model for updates that need it (DoRA, IA3, PiSSA/OLoRA inits, VeRA widths): a Hugging Face model directory, a diffusers component or pipeline folder, or one safetensors file."),
     click.option("--directional-only", is_flag=True, help="DoRA without its base: analyse s·B·A alone (labelled so)."),
     click.option("--trust-pickle", is_flag=True, help="Unpickle a .bin/.pt/.ckpt in full when weights_only refuses it. Runs code from the file: only for your own files."),
     click.option("--compose", type=CommaList(), metavar="A,B,…", help="Sum these adapters of a multi-adapter directory (with --weights)."),
