@@ -14,7 +14,7 @@ from .analysis import Analysis, LayerRecord
 from .components import off_diagonal_mean, pairwise_alignment
 from .errors import CheckpointError
 from .metrics import parameter_key
-from .naming import module_type, natural_key
+from .naming import checkpoint_labels, module_type, natural_key
 
 # the per-layer quantities compared side by side
 COMPARED = ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam")
@@ -84,7 +84,7 @@ def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None) -
     """Match the layers of ``analyses`` by name and align each matched layer's updates across them."""
     if len(analyses) < 2:
         raise CheckpointError("compare needs at least two checkpoints")
-    labels = list(labels) if labels else [a.checkpoint.path.name or str(a.checkpoint.path) for a in analyses]
+    labels = list(labels) if labels else checkpoint_labels([a.checkpoint.path for a in analyses])
     if len(labels) != len(analyses) or len(set(labels)) != len(labels):
         raise CheckpointError(f"need {len(analyses)} distinct labels, got {labels}")
     by_label = [{record.name: record for record in analysis} for analysis in analyses]

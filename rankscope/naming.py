@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 
 _PEFT_PREFIX = "base_model.model."
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
@@ -32,6 +34,20 @@ def layer_name(key_prefix: str) -> str:
                 name = name[len(segment) :]
                 changed = True
     return _INNER_WRAPPER.sub(".", name)
+
+
+def checkpoint_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short distinct names for checkpoints: the shortest path suffix that tells them apart.
+
+    ``runs/a/final``, ``runs/b/final`` → ``a/final``, ``b/final``; ``lora/``, ``bora/`` → ``lora``, ``bora``;
+    the same path twice → numbered (``1: lora``, ``2: lora``).
+    """
+    parts = [Path(path).absolute().parts for path in paths]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}: {Path(path).name or path}" for i, path in enumerate(paths, 1)]
 
 
 def natural_key(name: str) -> tuple:

@@ -565,16 +565,26 @@ def test_command_compares_several_with_labels(quick_figures, adapters, tmp_path)
     assert not list((tmp_path / "r" / "figures").iterdir())
 
 
-def test_default_labels_tell_alike_directories_apart(analyses):
-    from dataclasses import replace
+def test_default_labels_tell_alike_directories_apart():
+    """The shortest path suffix that tells checkpoints apart; one rule for compare, report and plot."""
+    from rankscope.naming import checkpoint_labels
 
-    def at(path: str):
-        analysis = analyses["lora"]
-        return replace(analysis, checkpoint=replace(analysis.checkpoint, path=Path(path)))
+    assert checkpoint_labels(["runs/a/final", "runs/b/final"]) == ["a/final", "b/final"]
+    assert checkpoint_labels(["x/a/final", "y/a/final"]) == ["x/a/final", "y/a/final"]
+    assert checkpoint_labels(["lora", "bora/"]) == ["lora", "bora"]
+    assert checkpoint_labels(["lora", "./lora"]) == ["1: lora", "2: lora"]
 
-    assert bundle.default_labels([at("runs/a/final"), at("runs/b/final")]) == ["a/final", "b/final"]
-    assert bundle.default_labels([at("x/a/final"), at("y/a/final")]) == ["1: final", "2: final"]
-    assert bundle.default_labels([at("lora"), at("bora")]) == ["lora", "bora"]
+
+def test_compare_labels_alike_directories_as_report_does(adapters, tmp_path):
+    import shutil
+
+    for run in ("a", "b"):
+        shutil.copytree(adapters["lora"], tmp_path / "runs" / run / "final")
+    result = CliRunner().invoke(
+        main, ["compare", str(tmp_path / "runs/a/final"), str(tmp_path / "runs/b/final"), "--json", "-", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["labels"] == ["a/final", "b/final"]
 
 
 def test_command_usage_and_input_errors(quick_figures, adapters, tmp_path):

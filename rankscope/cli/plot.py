@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..figures import KINDS
+from ..naming import checkpoint_labels
 from .app import handle_errors, note
 from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
@@ -89,9 +90,7 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
     if 0 in grid.shape:
         zero = paths[0] if grid.shape[0] == 0 else paths[1]
         raise RankscopeError(f"{zero}: layer {name} has a zero update: its subspaces are undefined")
-    labels = labels or [c.path.name or str(c.path) for c in checkpoints]
-    if labels[0] == labels[1]:
-        labels = [str(p) for p in paths]
+    labels = labels or checkpoint_labels([c.path for c in checkpoints])
     title = f"{name} ({side} singular vectors)"
     return subspace_similarity_figure(grid, labels, width=width or "column", title=title)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import RankscopeError
+from ..naming import checkpoint_labels
 from .style import GUIDE_COLOR, figure_size, series_style
 
 if TYPE_CHECKING:
@@ -36,9 +37,7 @@ def check_labels(analyses: Sequence[Analysis], labels: Sequence[str] | None) -> 
     if not analyses:
         raise FigureInputError("nothing to draw: no analysis given")
     if labels is None:
-        labels = [a.checkpoint.path.name or str(a.checkpoint.path) for a in analyses]
-        if len(set(labels)) != len(labels):
-            labels = [f"{i + 1}: {label}" for i, label in enumerate(labels)]
+        labels = checkpoint_labels([a.checkpoint.path for a in analyses])
     labels = [str(label) for label in labels]
     if len(labels) != len(analyses):
         raise FigureInputError(f"{len(labels)} labels for {len(analyses)} checkpoints")

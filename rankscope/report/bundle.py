@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import RankscopeError
+from ..naming import checkpoint_labels
 from .csv import layers_csv
 from .csv import text_cell as csv_text
 from .html import FigureSlot, figure_slots, report_html
@@ -61,19 +62,6 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
             f"{target}: the folder exists and was not written by rankscope report; pass --force to replace it"
         )
     return target
-
-
-def default_labels(analyses: Sequence[Analysis]) -> list[str]:
-    """The checkpoints' directory names; where two are alike (``a/final``, ``b/final``), with their parents; where
-    those are alike too, numbered."""
-    paths = [analysis.checkpoint.path for analysis in analyses]
-    for labels in (
-        [p.name or str(p) for p in paths],
-        [f"{p.parent.name}/{p.name}" if p.parent.name else str(p) for p in paths],
-    ):
-        if len(set(labels)) == len(labels):
-            return labels
-    return [f"{i}: {p.name or p}" for i, p in enumerate(paths, 1)]
 
 
 def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None) -> dict:
@@ -212,7 +200,7 @@ def write_report(
     unknown = [f for f in formats if f not in FIGURE_FORMATS]
     if unknown:
         raise RankscopeError(f"figure format {unknown[0]!r} is not one of {', '.join(FIGURE_FORMATS)}")
-    labels = list(labels) if labels is not None else default_labels(analyses)
+    labels = list(labels) if labels is not None else checkpoint_labels([a.checkpoint.path for a in analyses])
     if len(labels) != len(analyses) or len(set(labels)) != len(labels):
         raise RankscopeError(f"need {len(analyses)} distinct labels, got {labels}")
     target = check_target(out_dir, [a.checkpoint.path for a in analyses], force=force)
