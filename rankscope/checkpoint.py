@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .naming import layer_name, natural_key
+from .naming import layer_name, model_order_key
 from .update import Update
 
 
@@ -140,7 +140,7 @@ class Checkpoint:
     shared_params: int = 0
 
     def __post_init__(self) -> None:
-        self.layers.sort(key=lambda layer: natural_key(layer.name))
+        self.layers.sort(key=lambda layer: model_order_key(layer.name))
 
     def __repr__(self) -> str:
         return (

@@ -14,7 +14,7 @@ from .analysis import Analysis, LayerRecord
 from .components import off_diagonal_mean, pairwise_alignment
 from .errors import CheckpointError
 from .metrics import parameter_key
-from .naming import checkpoint_labels, module_type, natural_key
+from .naming import checkpoint_labels, model_order_key, module_type
 
 # the per-layer quantities compared side by side
 COMPARED = ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam")
@@ -94,7 +94,7 @@ def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None) -
         names = ", ".join(labels)
         raise CheckpointError(f"no layer name is shared by all of {names}: are they adapters of the same base model?")
     layers = []
-    for name in sorted(common, key=natural_key):
+    for name in sorted(common, key=model_order_key):
         records = [records_of[name] for records_of in by_label]
         parts = [update_of[name] for update_of in updates]
         aligned = None
@@ -104,7 +104,7 @@ def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None) -
         layers.append(LayerComparison(name, records, aligned))
     unmatched = {}
     for label, names in zip(labels, by_label, strict=True):
-        extra = sorted(set(names) - common, key=natural_key)
+        extra = sorted(set(names) - common, key=model_order_key)
         if extra:
             unmatched[label] = extra
     return Comparison(labels, list(analyses), layers, unmatched)

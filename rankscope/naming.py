@@ -50,6 +50,22 @@ def checkpoint_labels(paths: Sequence[str | Path]) -> list[str]:
     return [f"{i}: {Path(path).name or path}" for i, path in enumerate(paths, 1)]
 
 
+# the order readers expect within a block (attention, then MLP), where alphabetical order would put mlp first
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key",
+                "value", "c_attn", "c_fc", "c_proj", "fc1", "fc2", "lm_head")  # fmt: skip
+_MODULE_RANK = {name: rank for rank, name in enumerate(MODULE_ORDER)}
+
+
+def model_order_key(name: str) -> tuple:
+    """Sort key for layers in model order: by block (``layers.2`` before ``layers.10``), then by the module's
+    place in a block (q, k, v, o, gate, up, down; other types after, by name)."""
+    segments, separator = _segments(name)
+    inner = [i for i, s in enumerate(segments) if _INT_SEGMENT.match(s)]
+    cut = inner[-1] + 1 if inner else 0
+    block, rest = separator.join(segments[:cut]), separator.join(segments[cut:])
+    return (natural_key(block), _MODULE_RANK.get(module_type(name), len(_MODULE_RANK)), natural_key(rest))
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return tuple(int(chunk) if chunk.isdigit() else chunk for chunk in _NATURAL_CHUNK.split(name))

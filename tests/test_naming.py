@@ -29,3 +29,28 @@ def test_kohya_names_give_index_and_module_type():
     assert layer_index(unet) == 0 and module_type(unet) == "attn1_to_q"
     assert module_type("lora_unet_conv_in") == "conv_in" and layer_index("lora_unet_conv_in") is None
     assert module_type("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0") == "attn1_to_out_0"
+
+
+def test_model_order_is_block_then_the_blocks_own_module_order():
+    from rankscope.naming import model_order_key
+
+    names = [
+        "model.layers.10.self_attn.q_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.2.self_attn.v_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.2.self_attn.q_proj",
+        "model.layers.2.mlp.gate_proj",
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.2.self_attn.k_proj",
+    ]
+    assert sorted(names, key=model_order_key) == [
+        "model.layers.2.self_attn.q_proj",
+        "model.layers.2.self_attn.k_proj",
+        "model.layers.2.self_attn.v_proj",
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.2.mlp.gate_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.10.self_attn.q_proj",
+    ]

@@ -327,7 +327,8 @@ def test_inline_svg_prefixes_ids_and_references():
 def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     slots = figure_slots([analyses["hostile"]], ["h"])
     modules = [s for s in slots if s.section == "modules"]
-    assert [s.module for s in modules] == [HOSTILE[0], "q_proj", HOSTILE[1], "v_proj", "k_proj"]
+    # model order: by block, then q, k, v, o … before other module types
+    assert [s.module for s in modules] == ["q_proj", HOSTILE[0], "v_proj", HOSTILE[1], "k_proj"]
     assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
     pair = [analyses["lora"], analyses["other"]]
     several = figure_slots(pair, ["a/b", "c d"], None)

@@ -60,7 +60,7 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
     from ..components import subspace_similarity_grid
     from ..errors import RankscopeError
     from ..figures import subspace_similarity_figure
-    from ..naming import natural_key
+    from ..naming import model_order_key
 
     if len(paths) != 2:
         raise click.UsageError(f"subspace-similarity compares exactly two checkpoints, got {len(paths)}")
@@ -70,7 +70,7 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
         checkpoints.append(checkpoint.select(settings.layers) if settings.layers else checkpoint)
         unscaled = settings.unscaled
     layers = [{layer.name: layer for layer in c.layers} for c in checkpoints]
-    common = sorted(set(layers[0]) & set(layers[1]), key=natural_key)
+    common = sorted(set(layers[0]) & set(layers[1]), key=model_order_key)
     if not common:
         raise RankscopeError(f"{paths[0]} and {paths[1]} share no layer name: are they adapters of the same base?")
     name = _one_layer(common, layer_names, "subspace-similarity", f"{paths[0]} and {paths[1]}")

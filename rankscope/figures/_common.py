@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import RankscopeError
-from ..naming import checkpoint_labels
+from ..naming import MODULE_ORDER, checkpoint_labels
 from .style import GUIDE_COLOR, figure_size, series_style
 
 if TYPE_CHECKING:
@@ -60,11 +60,6 @@ def selected(analysis: Analysis, layers: Sequence[str] | None) -> list[LayerReco
     if invalid:
         raise FigureInputError(f"{analysis.checkpoint.path}: layer {invalid[0].name} is invalid: {invalid[0].error}")
     return [by_name[name] for name in layers]
-
-
-# the order readers expect (attention, then MLP); names sort alphabetically (mlp before self_attn) otherwise
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key",
-                "value", "c_attn", "c_fc", "c_proj", "fc1", "fc2", "lm_head")  # fmt: skip
 
 
 def by_module(records: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:

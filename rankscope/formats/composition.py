@@ -22,7 +22,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, Layer, Skipped
 from ..compose import MODES, NORMALIZATIONS, compose_layer, layer_weights, normalize_weights
 from ..errors import CheckpointError
-from ..naming import natural_key
+from ..naming import model_order_key
 from ..tensorfile import read_json
 
 MANIFEST_NAME = "composition.json"
@@ -128,7 +128,7 @@ def compose_checkpoints(
             by_name.setdefault(layer.name, []).append((index, layer))
     layers = []
     partial = 0
-    for name in sorted(by_name, key=natural_key):
+    for name in sorted(by_name, key=model_order_key):
         raw = layer_weights(weights_spec, name, len(checkpoints), where=where)
         applied = normalize_weights(raw, normalize)
         parts, raw_parts, applied_parts, nested = [], [], [], False

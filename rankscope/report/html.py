@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..components import off_diagonal_mean
 from ..metrics import parameter_key
-from ..naming import natural_key
+from ..naming import model_order_key
 
 if TYPE_CHECKING:
     from ..analysis import Analysis, LayerRecord
@@ -100,7 +100,7 @@ def module_types(analyses: Sequence[Analysis]) -> dict[str, list[str]]:
         for record in analysis.layers:
             module_of.setdefault(record.name, record.module_type)
     groups: dict[str, list[str]] = {module: [] for module in module_of.values()}
-    for name in sorted(module_of, key=natural_key):
+    for name in sorted(module_of, key=model_order_key):
         groups[module_of[name]].append(name)
     return groups
 
