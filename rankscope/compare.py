@@ -41,6 +41,7 @@ class Comparison:
     analyses: list[Analysis]
     layers: list[LayerComparison]
     unmatched: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def threshold(self) -> float:
@@ -80,8 +81,9 @@ def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | 
     }
 
 
-def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None) -> Comparison:
-    """Match the layers of ``analyses`` by name and align each matched layer's updates across them."""
+def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None, *, alignment: bool = True) -> Comparison:
+    """Match the layers of ``analyses`` by name and align each matched layer's updates across them
+    (``alignment=False`` skips that: the side-by-side metrics only)."""
     if len(analyses) < 2:
         raise CheckpointError("compare needs at least two checkpoints")
     labels = list(labels) if labels else checkpoint_labels([a.checkpoint.path for a in analyses])
@@ -93,21 +95,34 @@ def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None) -
     if not common:
         names = ", ".join(labels)
         raise CheckpointError(f"no layer name is shared by all of {names}: are they adapters of the same base model?")
-    layers = []
+    layers, mismatched = [], []
     for name in sorted(common, key=model_order_key):
         records = [records_of[name] for records_of in by_label]
         parts = [update_of[name] for update_of in updates]
         aligned = None
-        if all(r.valid for r in records) and len({p.shape for p in parts}) == 1:
+        same_shape = len({tuple(r.matrix_shape) for r in records if r.matrix_shape}) <= 1
+        if not same_shape:
+            mismatched.append(records)
+        elif alignment and all(r.valid for r in records):
             parts = [p.unscaled() if a.options.unscaled else p for p, a in zip(parts, analyses, strict=True)]
             aligned = pairwise_alignment(parts)
         layers.append(LayerComparison(name, records, aligned))
+    warnings = []
+    if mismatched:
+        shapes = ", ".join(
+            f"{'×'.join(map(str, r.matrix_shape))} in {label}" for label, r in zip(labels, mismatched[0], strict=True)
+        )
+        warnings.append(
+            f"{len(mismatched)} matched layer(s) differ in shape across the checkpoints ({mismatched[0][0].name}: "
+            f"{shapes}): they cannot be aligned, and their ratios compare different matrices — are these "
+            "adapters of the same base model?"
+        )
     unmatched = {}
     for label, names in zip(labels, by_label, strict=True):
         extra = sorted(set(names) - common, key=model_order_key)
         if extra:
             unmatched[label] = extra
-    return Comparison(labels, list(analyses), layers, unmatched)
+    return Comparison(labels, list(analyses), layers, unmatched, warnings)
 
 
 def _mean(values: list[float | None]) -> float | None:

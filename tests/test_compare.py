@@ -125,3 +125,26 @@ def test_same_checkpoint_twice_is_perfectly_aligned(pair):
     assert summary["alignment"]["mean_cosine"] == pytest.approx(1.0)
     assert summary["alignment"]["mean_left_overlap"] == pytest.approx(1.0)
     assert summary["ratios_to_first"]["y"]["mean_erank"] == pytest.approx(1.0)
+
+
+def test_layers_of_different_shapes_are_warned_about_and_not_aligned(tmp_path):
+    """Two adapters of different base models that happen to share layer names."""
+    small = write_lora(tmp_path / "small", {"model.layers.0.q": random_factors(8, 8, 2, 1)}, lora_config(r=2))
+    large = write_lora(tmp_path / "large", {"model.layers.0.q": random_factors(16, 8, 2, 2)}, lora_config(r=2))
+    comparison = compare([rankscope.analyze(rankscope.load(p)) for p in (small, large)])
+    assert comparison.layers[0].alignment is None
+    assert len(comparison.warnings) == 1 and "differ in shape" in comparison.warnings[0]
+    assert "8×8 in small, 16×8 in large" in comparison.warnings[0]
+    result = CliRunner().invoke(main, ["compare", str(small), str(large), "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "differ in shape" in result.stderr
+    assert json.loads(result.stdout)["warnings"] == comparison.warnings
+
+
+def test_no_alignment_keeps_the_metrics_and_skips_the_alignment(pair):
+    first, second, _, _ = pair
+    result = CliRunner().invoke(main, ["compare", str(first), str(second), "--no-alignment", "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["layers"] and all(layer["alignment"] is None for layer in document["layers"])
+    assert all(layer["values"] for layer in document["layers"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .app import distinct_outputs, handle_errors, write_outputs
+from .app import distinct_outputs, handle_errors, warn, write_outputs
 from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
 
@@ -18,9 +18,16 @@ from .options import CommaList, analysis_options, checkpoint_options, load_and_s
 @click.option("--markdown", "markdown_out", metavar="FILE", help="Write Markdown tables to FILE ('-': stdout).")
 @checkpoint_options
 @analysis_options
+@click.option(
+    "--no-alignment",
+    is_flag=True,
+    help="Side-by-side metrics only: skip the alignment of the updates (faster on large models).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No table or progress bar.")
 @handle_errors
-def compare(paths: tuple[str, ...], labels, json_out, csv_out, markdown_out, quiet: bool, **options) -> None:
+def compare(
+    paths: tuple[str, ...], labels, json_out, csv_out, markdown_out, no_alignment: bool, quiet: bool, **options
+) -> None:
     """Compare the adapters at PATHS (two or more, same base model) layer by layer: spectra, effective ranks,
     rank per parameter, and whether they learn the same directions."""
     from ..compare import compare as compare_analyses
@@ -34,7 +41,9 @@ def compare(paths: tuple[str, ...], labels, json_out, csv_out, markdown_out, qui
     for path in paths:
         checkpoint, settings = load_and_settings(path, options)
         analyses.append(run_analysis(checkpoint, settings, quiet=quiet))
-    comparison = compare_analyses(analyses, labels)
+    comparison = compare_analyses(analyses, labels, alignment=not no_alignment)
+    for message in comparison.warnings:
+        warn(message)
     from ..report.csv import comparison_csv
     from ..report.json import comparison_document, dumps
     from ..report.markdown import comparison_markdown

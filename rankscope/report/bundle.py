@@ -230,7 +230,7 @@ def write_report(
         if isinstance(exc, OSError):
             raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
         raise
-    return warnings
+    return (comparison.warnings if comparison is not None else []) + warnings
 
 
 def _permissions(path: Path, mode: int = 0o777) -> None:

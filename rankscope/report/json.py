@@ -123,5 +123,6 @@ def comparison_document(comparison: Comparison) -> dict:
             for layer in comparison.layers
         ],
         "unmatched": comparison.unmatched,
+        "warnings": comparison.warnings,
         "summary": comparison.summary(),
     }
