@@ -194,3 +194,12 @@ def test_version_and_help_import_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_threshold_gets_a_column(runner, adapter):
+    result = spectrum(runner, adapter, "--threshold", "0.005", "--threshold", "1e9")
+    assert result.exit_code == 0, result.output
+    header, _, first = result.stdout.splitlines()[:3]
+    assert "#σ>0.005" in header and "#σ>1e+09" in header
+    cells = first.split()
+    assert cells[header.split().index("#σ>1e+09")] == "0"  # no σ is that large

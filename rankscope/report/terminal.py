@@ -32,10 +32,10 @@ def _threshold(analysis: Analysis) -> float:
     return analysis.options.thresholds[0]
 
 
-def _row(record: LayerRecord, tau: float) -> list[str]:
+def _row(record: LayerRecord, taus: tuple[float, ...]) -> list[str]:
     shape = "×".join(map(str, record.matrix_shape)) if record.matrix_shape else "?"
     if not record.valid:
-        return [record.name, shape, str(record.rank_bound or "—"), "invalid", "", "", "", "", ""]
+        return [record.name, shape, str(record.rank_bound or "—"), "invalid", *[""] * (len(taus) + 4)]
     m = record.metrics or {}
     return [
         record.name,
@@ -43,7 +43,7 @@ def _row(record: LayerRecord, tau: float) -> list[str]:
         str(record.rank_bound),
         _number(m["sigma_max"], ".4g"),
         _number(m["frobenius"], ".4g"),
-        str(m["count_above"][parameter_key(tau)]),
+        *(str(m["count_above"][parameter_key(tau)]) for tau in taus),
         _number(m["erank"], ".2f"),
         _number(m["stable_rank"], ".2f"),
         _number(m["utilization"], ".0%"),
@@ -51,10 +51,11 @@ def _row(record: LayerRecord, tau: float) -> list[str]:
 
 
 def spectrum_table(analysis: Analysis) -> str:
-    """One row per layer: name, shape, rank bound, σ₁, ‖ΔW‖_F, count above τ, erank, stable rank, utilization."""
-    tau = _threshold(analysis)
-    header = ["layer", "m×n", "r≤", "σ₁", "‖ΔW‖_F", f"#σ>{tau:g}", "erank", "stable", "util"]
-    return _table(header, [_row(r, tau) for r in analysis.layers])
+    """One row per layer: name, shape, rank bound, σ₁, ‖ΔW‖_F, the count above each τ, erank, stable rank,
+    utilization."""
+    taus = analysis.options.thresholds
+    header = ["layer", "m×n", "r≤", "σ₁", "‖ΔW‖_F", *(f"#σ>{tau:g}" for tau in taus), "erank", "stable", "util"]
+    return _table(header, [_row(r, taus) for r in analysis.layers])
 
 
 def spectrum_summary(analysis: Analysis) -> str:
