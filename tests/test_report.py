@@ -602,3 +602,14 @@ def test_command_usage_and_input_errors(quick_figures, adapters, tmp_path):
     assert not (tmp_path / "r").exists()
     line = one_error_line(cli(adapters["lora"], "-o", adapters["lora"].parent, "--force"))
     assert "refusing" in line and adapters["lora"].is_dir()
+
+
+def test_checkpoints_that_share_no_layer_are_each_reported(tmp_path):
+    one = write_lora(tmp_path / "one", {"model.layers.0.q": random_factors(8, 8, 2, 1)}, lora_config(r=2))
+    two = write_lora(tmp_path / "two", {"encoder.block.0.k": random_factors(8, 8, 2, 2)}, lora_config(r=2))
+    result = CliRunner().invoke(main, ["report", str(one), str(two), "-o", str(tmp_path / "r"), "--figures", "none"])
+    assert result.exit_code == 0, result.output
+    assert "no layer is shared by all of one, two" in result.stderr
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "model.layers.0.q" in page and "encoder.block.0.k" in page
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["labels"] == ["one", "two"]

@@ -66,9 +66,9 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
 
 def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None) -> dict:
     """One checkpoint: its ``rankscope.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
-    ``rankscope.compare/1`` document under ``comparison`` and each checkpoint's spectrum document under
-    ``spectra`` (keyed by label)."""
-    if comparison is None:
+    ``rankscope.compare/1`` document under ``comparison`` (null where they share no layer) and each checkpoint's
+    spectrum document under ``spectra`` (keyed by label)."""
+    if len(analyses) == 1:
         return spectrum_document(analyses[0])
     return {
         "schema": REPORT_SCHEMA,
@@ -76,7 +76,7 @@ def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], compar
         "contents": "comparison: the rankscope.compare/1 document of the checkpoints; spectra: each checkpoint's "
         "rankscope.spectrum/1 document, keyed by label, in the order of labels",
         "labels": list(labels),
-        "comparison": comparison_document(comparison),
+        "comparison": comparison_document(comparison) if comparison is not None else None,
         "spectra": {label: spectrum_document(a) for label, a in zip(labels, analyses, strict=True)},
     }
 
@@ -204,7 +204,13 @@ def write_report(
     if len(labels) != len(analyses) or len(set(labels)) != len(labels):
         raise RankscopeError(f"need {len(analyses)} distinct labels, got {labels}")
     target = check_target(out_dir, [a.checkpoint.path for a in analyses], force=force)
-    comparison = compare(analyses, labels) if len(analyses) > 1 else None
+    comparison, unshared = None, []
+    if len(analyses) > 1:
+        shared = set.intersection(*({record.name for record in a} for a in analyses))
+        if shared:
+            comparison = compare(analyses, labels)
+        else:  # adapters of different models: each is still reported
+            unshared = [f"no layer is shared by all of {', '.join(labels)}: each is reported on its own, no comparison"]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -230,7 +236,7 @@ def write_report(
         if isinstance(exc, OSError):
             raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
         raise
-    return (comparison.warnings if comparison is not None else []) + warnings
+    return (comparison.warnings if comparison is not None else unshared) + warnings
 
 
 def _permissions(path: Path, mode: int = 0o777) -> None:
