@@ -447,9 +447,14 @@ def test_an_existing_folder_is_replaced_only_when_rankscope_wrote_it(quick_figur
         write_report([analyses["lora"]], foreign, formats=())
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     write_report([analyses["lora"]], foreign, formats=(), force=True)
-    assert not (foreign / "notes.txt").exists() and (foreign / "index.html").is_file()
+    # --force replaces what rankscope writes and nothing else: the user's own file stays
+    assert (foreign / "notes.txt").read_text() == "keep me" and (foreign / "index.html").is_file()
     write_report([analyses["other"]], foreign, formats=())  # ours now: replaced without --force
     assert json.loads((foreign / "summary.json").read_text())["layers"][0]["rank_bound"] == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in foreign.iterdir()) == [
+        MARKER, "index.html", "layers.csv", "notes.txt", "summary.json", "summary.md"
+    ]  # fmt: skip
     empty = tmp_path / "empty"
     empty.mkdir()
     write_report([analyses["lora"]], empty, formats=())
@@ -563,7 +568,7 @@ def test_command_compares_several_with_labels(quick_figures, adapters, tmp_path)
     assert result.exit_code == 0, result.output
     assert result.stderr == "" and result.stdout == ""
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["labels"] == ["a", "b"]
-    assert not list((tmp_path / "r" / "figures").iterdir())
+    assert not (tmp_path / "r" / "figures").exists()  # --figures none: no empty folder
 
 
 def test_default_labels_tell_alike_directories_apart():

@@ -226,8 +226,11 @@ def write_report(
             "layers.csv": report_csv(analyses, labels),
             "summary.md": report_markdown(analyses, comparison),
             "index.html": report_html(analyses, labels, comparison, svgs, figure_formats=formats, companions=True),
-            MARKER: f"written by rankscope {__version__} report; `rankscope report … -o` may replace this folder\n",
         }
+        if not any((staging / "figures").iterdir()):  # --figures none, or nothing to draw: no empty folder
+            (staging / "figures").rmdir()
+        written = sorted([*files, *(["figures"] if (staging / "figures").exists() else [])])
+        files[MARKER] = _marker_text(written)
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8", newline="")
         _swap(staging, target)
@@ -246,8 +249,28 @@ def _permissions(path: Path, mode: int = 0o777) -> None:
     path.chmod(mode & ~mask)
 
 
+_MARKER_HEAD = "written by rankscope {version} report; `rankscope report … -o` may replace these entries:"
+# what reports wrote before the marker listed its entries
+_EARLIER_ENTRIES = frozenset({"index.html", "summary.json", "summary.md", "layers.csv", "figures"})
+
+
+def _marker_text(entries: Sequence[str]) -> str:
+    return _MARKER_HEAD.format(version=__version__) + "\n" + "".join(f"{entry}\n" for entry in entries)
+
+
+def _rankscope_entries(folder: Path) -> frozenset[str]:
+    """The top-level entries of ``folder`` that a rankscope report wrote (its marker lists them)."""
+    try:
+        lines = (folder / MARKER).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return frozenset()
+    listed = frozenset(line for line in lines[1:] if line and "/" not in line)
+    return (listed or _EARLIER_ENTRIES) | {MARKER}
+
+
 def _swap(staging: Path, target: Path) -> None:
-    """Put ``staging`` where ``target`` is; the old folder is restored if the rename fails."""
+    """Put ``staging`` where ``target`` is; the old folder is restored if the rename fails. Entries of the old
+    folder that rankscope did not write (a user's own notes beside the report) move into the new one."""
     if not target.exists():
         os.rename(staging, target)
         return
@@ -258,4 +281,14 @@ def _swap(staging: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
+    ours = _rankscope_entries(old)
+    kept = []
+    for entry in old.iterdir():
+        if entry.name not in ours:
+            if (target / entry.name).exists():
+                kept.append(entry.name)  # a name the new report writes too: --force replaces it
+                continue
+            os.rename(entry, target / entry.name)
+    if kept:
+        logger.info("replaced %s in %s (--force)", ", ".join(sorted(kept)), target)
     shutil.rmtree(old, ignore_errors=True)
