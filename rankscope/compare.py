@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .analysis import Analysis, LayerRecord
 from .components import off_diagonal_mean, pairwise_alignment
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageProblem
 from .metrics import parameter_key
 from .naming import checkpoint_labels, model_order_key, module_type
 
@@ -81,14 +81,27 @@ def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | 
     }
 
 
-def compare(analyses: Sequence[Analysis], labels: Sequence[str] | None = None, *, alignment: bool = True) -> Comparison:
+def compare(
+    analyses: Sequence[Analysis],
+    labels: Sequence[str] | None = None,
+    *,
+    alignment: bool = True,
+    baseline: str | None = None,
+) -> Comparison:
     """Match the layers of ``analyses`` by name and align each matched layer's updates across them
-    (``alignment=False`` skips that: the side-by-side metrics only)."""
+    (``alignment=False`` skips that: the side-by-side metrics only). Ratios are to ``baseline`` (a label; default
+    the first checkpoint), which is put first."""
     if len(analyses) < 2:
         raise CheckpointError("compare needs at least two checkpoints")
     labels = list(labels) if labels else checkpoint_labels([a.checkpoint.path for a in analyses])
     if len(labels) != len(analyses) or len(set(labels)) != len(labels):
         raise CheckpointError(f"need {len(analyses)} distinct labels, got {labels}")
+    if baseline is not None:
+        if baseline not in labels:
+            raise UsageProblem(f"baseline {baseline!r} is none of the labels {', '.join(labels)}")
+        first = labels.index(baseline)
+        order = [first, *(i for i in range(len(labels)) if i != first)]
+        labels, analyses = [labels[i] for i in order], [analyses[i] for i in order]
     by_label = [{record.name: record for record in analysis} for analysis in analyses]
     updates = [{layer.name: layer.update for layer in analysis.checkpoint.layers} for analysis in analyses]
     common = set(by_label[0]).intersection(*by_label[1:])

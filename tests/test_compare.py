@@ -148,3 +148,17 @@ def test_no_alignment_keeps_the_metrics_and_skips_the_alignment(pair):
     document = json.loads(result.stdout)
     assert document["layers"] and all(layer["alignment"] is None for layer in document["layers"])
     assert all(layer["values"] for layer in document["layers"])
+
+
+def test_baseline_picks_what_the_ratios_are_to(pair):
+    small_dir, big_dir, _, _ = pair
+    result = CliRunner().invoke(
+        main, ["compare", str(small_dir), str(big_dir), "--baseline", "big", "--json", "-", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["labels"] == ["big", "small"]
+    ratios = document["summary"]["ratios_to_first"]
+    assert list(ratios) == ["small"] and ratios["small"]["params"] < 1  # small has fewer parameters than big
+    wrong = CliRunner().invoke(main, ["compare", str(small_dir), str(big_dir), "--baseline", "nope"])
+    assert wrong.exit_code == 2 and "baseline 'nope' is none of the labels small, big" in wrong.stderr

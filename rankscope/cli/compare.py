@@ -18,6 +18,7 @@ from .options import CommaList, analysis_options, checkpoint_options, load_and_s
 @click.option("--markdown", "markdown_out", metavar="FILE", help="Write Markdown tables to FILE ('-': stdout).")
 @checkpoint_options
 @analysis_options
+@click.option("--baseline", metavar="LABEL", help="The checkpoint the ratios are to (a label; default: the first).")
 @click.option(
     "--no-alignment",
     is_flag=True,
@@ -26,7 +27,15 @@ from .options import CommaList, analysis_options, checkpoint_options, load_and_s
 @click.option("-q", "--quiet", is_flag=True, help="No table or progress bar.")
 @handle_errors
 def compare(
-    paths: tuple[str, ...], labels, json_out, csv_out, markdown_out, no_alignment: bool, quiet: bool, **options
+    paths: tuple[str, ...],
+    labels,
+    json_out,
+    csv_out,
+    markdown_out,
+    no_alignment: bool,
+    baseline,
+    quiet: bool,
+    **options,
 ) -> None:
     """Compare the adapters at PATHS (two or more, same base model) layer by layer: spectra, effective ranks,
     rank per parameter, and whether they learn the same directions."""
@@ -41,7 +50,7 @@ def compare(
     for path in paths:
         checkpoint, settings = load_and_settings(path, options)
         analyses.append(run_analysis(checkpoint, settings, quiet=quiet))
-    comparison = compare_analyses(analyses, labels, alignment=not no_alignment)
+    comparison = compare_analyses(analyses, labels, alignment=not no_alignment, baseline=baseline)
     for message in comparison.warnings:
         warn(message)
     from ..report.csv import comparison_csv
