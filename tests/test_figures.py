@@ -293,6 +293,23 @@ def test_heatmap_cells_are_the_metric(data):
         figures.erank_heatmap_figure(data.tiny, metric="nonsense")
 
 
+def test_heatmap_colours_are_fixed_by_meaning_and_shareable(data):
+    """utilisation spans 0–1 and erank 0 … the rank bound, whatever the data's spread; a report passes one range."""
+
+    def limits(fig):
+        (mesh,) = [c for c in fig.axes[0].collections if isinstance(c, QuadMesh)]
+        return mesh.get_clim()
+
+    assert limits(figures.erank_heatmap_figure(data.tiny, metric="utilization")) == (0.0, 1.0)
+    assert limits(figures.erank_heatmap_figure(data.lora4)) == (0.0, 4.0)
+    assert limits(figures.erank_heatmap_figure(data.lora8)) == (0.0, 8.0)
+    shared = figures.heatmap_limits([data.lora4, data.lora8])
+    assert shared == (0.0, 8.0)
+    assert limits(figures.erank_heatmap_figure(data.lora4, vmin=shared[0], vmax=shared[1])) == shared
+    with pytest.raises(FigureInputError, match="colour range"):
+        figures.erank_heatmap_figure(data.lora4, vmin=3, vmax=2)
+
+
 def test_heatmap_marks_missing_layers(tmp_path):
     factors = {f"model.layers.{i}.self_attn.q_proj": random_factors(8, 8, 2, i) for i in range(3)}
     factors["model.layers.0.self_attn.v_proj"] = random_factors(8, 8, 2, 9)

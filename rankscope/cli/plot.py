@@ -95,7 +95,7 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
     return subspace_similarity_figure(grid, labels, width=width or "column", title=title)
 
 
-def _figure(kind, analyses, labels, layer_names, metric, width, threshold):
+def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limits=(None, None)):
     from .. import figures
     from ..errors import RankscopeError
 
@@ -111,7 +111,7 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold):
     if kind == "count-above":
         return figures.count_above_figure(analyses, labels, threshold=threshold, width=width)
     if kind == "erank-heatmap":
-        return figures.erank_heatmap_figure(analysis, metric=metric, width=width)
+        return figures.erank_heatmap_figure(analysis, metric=metric, width=width, vmin=limits[0], vmax=limits[1])
     composed = [r for r in analysis.layers if r.components is not None]
     if not composed:
         raise RankscopeError(
@@ -159,6 +159,13 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold):
     metavar="NAME",
     help="erank-heatmap and growth: the metric drawn (erank, utilization, stable_rank, count_above[0.005], …). Default erank.",
 )
+@click.option("--vmin", type=float, metavar="X", help="erank-heatmap: the colour scale's low end (default 0).")
+@click.option(
+    "--vmax",
+    type=float,
+    metavar="X",
+    help="erank-heatmap: the colour scale's high end (default: 1 for utilization, the largest rank bound for rank-like metrics, else the largest value).",
+)
 @click.option(
     "--side",
     type=click.Choice(["right", "left"]),
@@ -170,7 +177,7 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold):
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; errors and warnings only.")
 @handle_errors
-def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_names, metric, side, quiet: bool, **options) -> None:  # fmt: skip
+def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_names, metric, vmin, vmax, side, quiet: bool, **options) -> None:  # fmt: skip
     """Draw one figure of the adapters at PATHS into FILE (-o), paper-ready: vector PDF with embedded TrueType
     fonts, 7–9 pt text, colour-blind-safe colours with line styles that survive black-and-white print.
 
@@ -198,6 +205,8 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
         raise click.UsageError(f"{kind} draws one checkpoint, got {len(paths)}")
     if metric is not None and kind not in ("erank-heatmap", "growth"):
         raise click.UsageError(f"--metric applies to erank-heatmap and growth, not {kind}")
+    if (vmin is not None or vmax is not None) and kind != "erank-heatmap":
+        raise click.UsageError(f"--vmin/--vmax apply to erank-heatmap, not {kind}")
     if layer_names and kind not in ("spectrum", "energy", "alignment", "subspace-similarity"):
         raise click.UsageError(f"--layer applies to spectrum, energy, alignment and subspace-similarity, not {kind}")
     from ..figures import save_figure
@@ -210,7 +219,7 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
             checkpoint, settings = load_and_settings(path, options)
             analyses.append(run_analysis(checkpoint, settings, quiet=quiet))
         threshold = options["thresholds"][0] if options["thresholds"] else None
-        fig = _figure(kind, analyses, labels, layer_names, metric or "erank", width, threshold)
+        fig = _figure(kind, analyses, labels, layer_names, metric or "erank", width, threshold, (vmin, vmax))
         for analysis in analyses:
             report_problems(analysis, quiet=True)
     written = save_figure(fig, output, formats=(suffix[1:],))

@@ -66,9 +66,42 @@ def _columns(positions: dict[str, int]) -> list[int]:
     return span if len(span) <= 2 * len(present) else present
 
 
-def erank_heatmap_figure(analysis: Analysis, *, metric: str = "erank", width: str | float = "column") -> Figure:
+# metrics on a rank scale: their colours run from 0 to the largest rank bound drawn, so equal colours mean equal
+# ranks in every panel; utilisation is a share (0–1); the others (σ₁, ‖ΔW‖_F, Σσ²) run from 0 to their largest value
+_RANK_SCALED = frozenset(
+    {"erank", "erank_energy", "stable_rank", "participation_ratio", "numerical_rank", "count_above",
+     "count_above_rel", "energy_rank"}
+)  # fmt: skip
+
+
+def heatmap_limits(analyses: Sequence[Analysis], metric: str = "erank") -> tuple[float, float]:
+    """The colour range of ``metric`` by its meaning, shared by every analysis given: utilisation 0–1; rank-like
+    metrics 0 … the largest rank bound; others 0 … the largest value. Pass it to every panel of one report."""
+    key, parameter, _ = parse_metric(metric, analyses[0])
+    if key == "utilization":
+        return 0.0, 1.0
+    valid = [record for analysis in analyses for record in analysis.layers if record.valid]
+    if not valid:
+        return 0.0, 1.0
+    if key in _RANK_SCALED:
+        high = float(max(record.rank_bound for record in valid))
+    else:
+        high = max(float(metric_value(record, key, parameter)) for record in valid)
+    return 0.0, high if high > 0 else 1.0
+
+
+def erank_heatmap_figure(
+    analysis: Analysis,
+    *,
+    metric: str = "erank",
+    width: str | float = "column",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
     """One cell per layer: ``metric`` (``erank``, ``utilization``, ``stable_rank``, ``count_above[0.005]``, …)
-    with the layer index across and the module type down; grey cells have no (valid) layer."""
+    with the layer index across and the module type down; grey cells have no (valid) layer. Colours run over
+    ``vmin``…``vmax`` (default :func:`heatmap_limits` of this analysis: fixed by the metric's meaning, so that
+    a 0.3 % spread does not fill the whole scale)."""
     key, parameter, name = parse_metric(metric, analysis)
     records = list(analysis.layers)
     if not any(r.valid for r in records):
@@ -84,9 +117,11 @@ def erank_heatmap_figure(analysis: Analysis, *, metric: str = "erank", width: st
             matrix[modules.index(record.module_type)][column] = metric_value(record, key, parameter)
     missing = any(v is None for row in matrix for v in row)
     values = [v for row in matrix for v in row if v is not None]
-    low, high = min(values), max(values)
-    if high - low < 1e-12:
-        low, high = low - 0.5, high + 0.5
+    default_low, default_high = heatmap_limits([analysis], metric)
+    low = default_low if vmin is None else float(vmin)
+    high = default_high if vmax is None else float(vmax)
+    if not high > low:
+        raise FigureInputError(f"the colour range {low:g}…{high:g} is empty: vmax must be above vmin")
     inches = figure_width(width)
     label_room = 0.12 + 0.055 * max(len(m) for m in modules)
     # a vertical colour bar's label needs the height of several rows; with few rows it goes underneath

@@ -112,7 +112,9 @@ def _figure(slot: FigureSlot, analyses: Sequence[Analysis], labels: Sequence[str
     from .. import figures as F
 
     if slot.kind == "erank-heatmap":
-        return F.erank_heatmap_figure(analyses[slot.checkpoint])
+        # one colour scale for every checkpoint's heatmap: the same colour is the same erank in each panel
+        low, high = F.heatmap_limits(analyses)
+        return F.erank_heatmap_figure(analyses[slot.checkpoint], vmin=low, vmax=high)
     if slot.kind == "count-above":
         return F.count_above_figure(analyses, labels)
     if slot.kind == "energy":
