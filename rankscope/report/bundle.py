@@ -73,10 +73,11 @@ def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], compar
     return {
         "schema": REPORT_SCHEMA,
         "rankscope": __version__,
-        "contents": "comparison: the rankscope.compare/1 document of the checkpoints; spectra: each checkpoint's "
-        "rankscope.spectrum/1 document, keyed by label, in the order of labels",
+        "contents": "comparison: the rankscope.compare/1 document of the checkpoints, without the per-layer "
+        "records (they are in spectra); spectra: each checkpoint's rankscope.spectrum/1 document, keyed by label, "
+        "in the order of labels",
         "labels": list(labels),
-        "comparison": comparison_document(comparison) if comparison is not None else None,
+        "comparison": comparison_document(comparison, records=False) if comparison is not None else None,
         "spectra": {label: spectrum_document(a) for label, a in zip(labels, analyses, strict=True)},
     }
 

@@ -86,9 +86,10 @@ def components_document(analysis: Analysis) -> dict:
 COMPARISON_SCHEMA = "rankscope.compare/1"
 
 
-def comparison_document(comparison: Comparison) -> dict:
-    """Matched layers side by side (each checkpoint's compared values, full records under ``records``), the
-    alignment across checkpoints, the unmatched layers and the summary with its headlines."""
+def comparison_document(comparison: Comparison, *, records: bool = True) -> dict:
+    """Matched layers side by side (each checkpoint's compared values, full records under ``records`` unless
+    ``records=False``, for a document that holds them elsewhere), the alignment across checkpoints, the
+    unmatched layers and the summary with its headlines."""
     checkpoints = []
     for label, analysis in zip(comparison.labels, comparison.analyses, strict=True):
         document = spectrum_document(analysis)
@@ -116,9 +117,16 @@ def comparison_document(comparison: Comparison) -> dict:
                     for label, record in zip(comparison.labels, layer.records, strict=True)
                 },
                 "alignment": layer.alignment,
-                "records": {
-                    label: record.to_dict() for label, record in zip(comparison.labels, layer.records, strict=True)
-                },
+                **(
+                    {
+                        "records": {
+                            label: record.to_dict()
+                            for label, record in zip(comparison.labels, layer.records, strict=True)
+                        }
+                    }
+                    if records
+                    else {}
+                ),
             }
             for layer in comparison.layers
         ],
