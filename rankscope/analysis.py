@@ -220,7 +220,9 @@ def _record(
     if layer.bias_update is not None:
         # lora_B.bias is applied with the layer's scale, like B·A
         bias_scale = 1.0 if options.unscaled or layer.scale is None else layer.scale
-        bias = {"size": int(layer.bias_update.numel()), "norm": float(layer.bias_update.norm()) * bias_scale}
+        # the norm in float64, like the singular values (a float32 norm is off by ~1e-8 relative)
+        norm = float(layer.bias_update.double().norm())
+        bias = {"size": int(layer.bias_update.numel()), "norm": norm * bias_scale}
     if metrics is None:
         metrics = M.spectrum_metrics(
             sigma,

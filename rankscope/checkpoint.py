@@ -88,6 +88,13 @@ _ADAPTER_SEGMENTS = frozenset(
 
 
 MODULES_TO_SAVE = "a full copy of a module in modules_to_save, not a low-rank update"
+# PEFT's save_embedding_layers (on by itself after a vocabulary resize) saves whole embedding tables under the
+# module's own name; PEFT loads them over the base model's
+SAVED_WEIGHT = (
+    "a full weight saved with the adapter (PEFT's save_embedding_layers, e.g. after resizing the vocabulary): "
+    "it replaces the base model's when PEFT loads the adapter, not a low-rank update"
+)
+FULL_COPIES = (MODULES_TO_SAVE, SAVED_WEIGHT)
 
 
 def adapter_module(key: str) -> str | None:
@@ -110,8 +117,9 @@ def not_analysed(skipped: list[Skipped]) -> list[NotAnalysed]:
     """The unexpected skipped tensors that look like adapter weights, grouped by module (in key order)."""
     modules: dict[str, list[Skipped]] = {}
     for entry in skipped:
-        # PEFT saves a modules_to_save copy under the module's own name (``head.weight``): only the reason tells
-        copy = entry.reason == MODULES_TO_SAVE and "." in entry.key
+        # PEFT saves a modules_to_save copy (or a saved embedding) under the module's own name (``head.weight``):
+        # only the reason tells
+        copy = entry.reason in FULL_COPIES and "." in entry.key
         module = (
             None if entry.expected else adapter_module(entry.key) or (entry.key.rpartition(".")[0] if copy else None)
         )

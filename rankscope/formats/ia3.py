@@ -27,7 +27,7 @@ from ..errors import CheckpointError
 from ..naming import layer_name
 from ..update import DenseUpdate, upcast
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem
+from .peft_common import nonfinite_problem, skip_reason
 from .source import AdapterSource
 
 _KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
@@ -179,7 +179,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     for key in source.tensors:
         match = _KEY.match(key)
         if match is None:
-            skipped.append(Skipped(key, "not an (IA)³ vector (ia3_l)"))
+            skipped.append(Skipped(key, skip_reason(key, config, "(IA)³")))  # a modules_to_save head, …
         else:
             layers.append(_layer(source, key, match["module"], options.base, config))
     warnings = []

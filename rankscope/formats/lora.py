@@ -20,6 +20,7 @@ from .diffusers import AliasKey
 from .diffusers import partner_key as diffusers_partner
 from .diffusers import split_key as split_diffusers_key
 from .lora_init import apply_init
+from .lora_layout import orient
 from .lora_mha import double_applied_warning, pattern_name
 from .peft_common import (
     alpha_config,
@@ -260,10 +261,11 @@ def parse(
     layers = [(module, _layer(source, module, config, config_has_r)) for module in modules.values()]
     # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
     inits = {layer.name: layer_config(config, layer.name)[0].get("init_lora_weights") for _, layer in layers}
-    init_layers, init_warnings = apply_init([layer for _, layer in layers], inits, options.base)
+    oriented, layout = orient([layer for _, layer in layers], options.base)  # Conv1D beside Linear targets
+    init_layers, init_warnings = apply_init(oriented, inits, options.base)
     layers = [(module, layer) for (module, _), layer in zip(layers, init_layers, strict=True)]
     mha = double_applied_warning([module.stored for module in modules.values()], source.config)
-    warnings += init_warnings + ([mha] if mha else [])
+    warnings += init_warnings + ([mha] if mha else []) + ([layout] if layout else [])
     uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
     return Parsed(
         modules=layers,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import MODULES_TO_SAVE
+from ..checkpoint import MODULES_TO_SAVE, SAVED_WEIGHT, adapter_module
 from ..errors import CheckpointError
 from .diffusers import split_key as split_diffusers_key
 
@@ -234,4 +234,8 @@ def skip_reason(key: str, config: Mapping | None, family: str) -> str:
         return f"a second {alias.role} factor of module {alias.module!r} (the file also names it in PEFT's layout)"
     if key.endswith(".bias") and (".base_layer." in key or config.get("bias", "none") != "none"):
         return f"a trained bias of the base model (bias={config.get('bias', 'none')!r}), not part of ΔW"
+    if key.endswith(".base_layer.weight"):
+        return "the base weight of a targeted input/output embedding, saved beside its LoRA (save_embedding_layers)"
+    if key.endswith(".weight") and config.get("peft_type") and adapter_module(key) is None:
+        return SAVED_WEIGHT  # the only plain weights PEFT itself writes into an adapter file
     return f"not a tensor of a {family} adapter"

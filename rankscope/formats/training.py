@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import BaseWeights
-from ..checkpoint import MODULES_TO_SAVE, Checkpoint, Skipped
+from ..checkpoint import FULL_COPIES, MODULES_TO_SAVE, Checkpoint, Skipped
 from ..errors import CheckpointError
 from . import Format, ReadOptions, dora, lora, register_format
 from .peft_common import truthy
@@ -74,6 +74,9 @@ def _reason(skipped: Skipped, adapter: str | None) -> Skipped:
         return skipped
     if ".modules_to_save." in skipped.key:
         return Skipped(skipped.key, MODULES_TO_SAVE)
+    if adapter is None and skipped.reason in FULL_COPIES:
+        # a saved adapter (names stripped) with save_embedding_layers' base weights: its head copies are not base
+        return skipped
     return Skipped(skipped.key, BASE_WEIGHT)
 
 
