@@ -30,6 +30,18 @@ _EXPORTS = {
     "UnsupportedAdapterError": "errors",
     "UsageProblem": "errors",
     "load": "formats",
+    "compare": "comparison",
+    "Comparison": "comparison",
+    "write_report": "report.bundle",
+    "alignment_figure": "figures",
+    "count_above_figure": "figures",
+    "energy_figure": "figures",
+    "erank_heatmap_figure": "figures",
+    "growth_figure": "figures",
+    "save_figure": "figures",
+    "spectrum_figure": "figures",
+    "subspace_similarity_figure": "figures",
+    "weights_figure": "figures",
     "DenseUpdate": "update",
     "FactoredUpdate": "update",
 }
@@ -37,8 +49,21 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .analysis import Analysis, AnalysisOptions, LayerRecord, analyze
     from .checkpoint import Checkpoint, Layer, Skipped
+    from .comparison import Comparison, compare
     from .errors import CheckpointError, RankscopeError, UnsupportedAdapterError, UsageProblem
+    from .figures import (
+        alignment_figure,
+        count_above_figure,
+        energy_figure,
+        erank_heatmap_figure,
+        growth_figure,
+        save_figure,
+        spectrum_figure,
+        subspace_similarity_figure,
+        weights_figure,
+    )
     from .formats import load
+    from .report.bundle import write_report
     from .update import DenseUpdate, FactoredUpdate
 
 
@@ -60,6 +85,7 @@ __all__ = [
     "AnalysisOptions",
     "Checkpoint",
     "CheckpointError",
+    "Comparison",
     "DenseUpdate",
     "FactoredUpdate",
     "Layer",
@@ -69,6 +95,17 @@ __all__ = [
     "UnsupportedAdapterError",
     "UsageProblem",
     "__version__",
+    "alignment_figure",
     "analyze",
+    "compare",
+    "count_above_figure",
+    "energy_figure",
+    "erank_heatmap_figure",
+    "growth_figure",
     "load",
+    "save_figure",
+    "spectrum_figure",
+    "subspace_similarity_figure",
+    "weights_figure",
+    "write_report",
 ]

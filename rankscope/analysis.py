@@ -13,7 +13,7 @@ import torch
 from . import metrics as M
 from .checkpoint import Checkpoint, Layer
 from .components import composition_fields, off_diagonal_mean, pairwise_alignment, weight_fields
-from .errors import CheckpointError, UsageProblem
+from .errors import CheckpointError, RankscopeError, UsageProblem
 from .naming import layer_index, module_type
 from .spectrum import DEFAULT_MEMORY_BUDGET, single_threaded_ops, singular_values
 from .update import DenseUpdate, Update, weighted_sum
@@ -188,6 +188,36 @@ class Analysis:
         from .report.json import spectrum_document
 
         return spectrum_document(self)
+
+    def to_pandas(self):
+        """One row per layer (name, family, kind, module type, block index, m, n, rank bound, params, scale, exact,
+        valid, error) with one column per metric, flattened (``count_above[0.005]``, ``erank``, …); needs pandas."""
+        try:
+            import pandas
+        except ImportError as exc:
+            raise RankscopeError("to_pandas needs pandas: pip install 'rankscope[pandas]'") from exc
+        rows = []
+        for record in self.layers:
+            m, n = record.matrix_shape if len(record.matrix_shape) == 2 else (None, None)
+            rows.append(
+                {
+                    "name": record.name,
+                    "family": record.family,
+                    "kind": record.kind,
+                    "module_type": record.module_type,
+                    "layer_index": record.layer_index,
+                    "m": m,
+                    "n": n,
+                    "rank_bound": record.rank_bound,
+                    "params": record.params,
+                    "scale": record.scale,
+                    "exact": record.exact,
+                    "valid": record.valid,
+                    "error": record.error,
+                    **flat_metrics(record),
+                }
+            )
+        return pandas.DataFrame(rows)
 
 
 def _invalid_record(layer: Layer, error: str) -> LayerRecord:

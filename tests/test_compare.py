@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import rankscope
 from rankscope.cli import main
-from rankscope.compare import compare
+from rankscope.comparison import compare
 
 from .factories import lora_config, random_factors, write_lora
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import rankscope
@@ -41,3 +43,25 @@ def test_a_single_threshold_is_a_tuple_and_missing_parameters_are_named(analysis
         record.metric("erankk")
     with pytest.raises(KeyError, match="needs a parameter"):
         record.metric("count_above")
+
+
+def test_to_pandas_one_row_per_layer_with_flat_metrics(analysis):
+    frame = analysis.to_pandas()
+    assert list(frame["name"]) == [record.name for record in analysis]
+    assert frame.loc[0, "count_above[0.01]"] == analysis[0].metric("count_above", 0.01)
+    assert frame.loc[3, "erank"] == pytest.approx(analysis[3].metric("erank"))
+    assert set(frame["module_type"]) == {"q_proj", "v_proj"} and frame["valid"].all()
+
+
+def test_top_level_functions_and_no_name_shared_with_a_submodule(analysis, tmp_path):
+    """With a lazy façade, ``rankscope.compare`` would turn into the module ``rankscope/compare.py`` once anything
+    imported it: no public name may be a submodule's."""
+    package = Path(rankscope.__file__).parent
+    for name in rankscope.__all__:
+        assert not (package / f"{name}.py").exists() and not (package / name).is_dir(), name
+    comparison = rankscope.compare([analysis, analysis], ["a", "b"])
+    assert isinstance(comparison, rankscope.Comparison) and len(comparison.layers) == len(analysis)
+    assert rankscope.write_report([analysis], tmp_path / "r", formats=()) == []
+    assert (tmp_path / "r" / "index.html").is_file()
+    figure = rankscope.spectrum_figure([analysis], ["a"])
+    assert type(figure).__name__ == "Figure"

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 import rankscope
 from rankscope.cli import main
-from rankscope.compare import compare
+from rankscope.comparison import compare
 from rankscope.errors import RankscopeError
 from rankscope.report import bundle
 from rankscope.report.bundle import MARKER, check_target, write_report

@@ -31,7 +31,7 @@ from .markdown import comparison_markdown, spectrum_markdown
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
-    from ..compare import Comparison
+    from ..comparison import Comparison
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def write_report(
     ``formats``: the figure files to write under ``figures/`` (any of pdf, png, svg; empty for none — the page
     has its figures inline either way). Returns warnings (figures that could not be drawn).
     """
-    from ..compare import compare
+    from ..comparison import compare
 
     if not analyses:
         raise RankscopeError("a report needs at least one checkpoint")

@@ -10,7 +10,7 @@ from ..analysis import flat_metrics
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
-    from ..compare import Comparison
+    from ..comparison import Comparison
 
 _IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shape", "rank_bound", "params", "scale")
 _STATUS = ("scaled", "exact", "valid", "error")
@@ -96,7 +96,7 @@ def components_csv(analysis: Analysis) -> str:
 def comparison_csv(comparison: Comparison) -> str:
     """One row per matched layer: each checkpoint's compared values (``<label>:<quantity>``), then the mean
     off-diagonal alignment across checkpoints."""
-    from ..compare import COMPARED
+    from ..comparison import COMPARED
     from ..components import off_diagonal_mean
 
     buffer = io.StringIO()

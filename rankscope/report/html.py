@@ -26,7 +26,7 @@ from ..naming import model_order_key
 
 if TYPE_CHECKING:
     from ..analysis import Analysis, LayerRecord
-    from ..compare import Comparison
+    from ..comparison import Comparison
 
 # Okabe–Ito (colour-blind safe), each with a dash pattern so series survive grey-scale printing
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")

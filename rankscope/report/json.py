@@ -10,7 +10,7 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
-    from ..compare import Comparison
+    from ..comparison import Comparison
 
 SCHEMA = "rankscope.spectrum/1"
 

@@ -8,7 +8,7 @@ from ..metrics import parameter_key
 
 if TYPE_CHECKING:
     from ..analysis import Analysis
-    from ..compare import Comparison
+    from ..comparison import Comparison
 
 _MARKDOWN_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>|~"})
 

@@ -8,7 +8,7 @@ from ..metrics import parameter_key
 
 if TYPE_CHECKING:
     from ..analysis import Analysis, LayerRecord
-    from ..compare import Comparison
+    from ..comparison import Comparison
 
 
 def _number(value: float | None, spec: str) -> str:
