@@ -87,7 +87,10 @@ _ADAPTER_SEGMENTS = frozenset(
 )
 
 
-MODULES_TO_SAVE = "a full copy of a module in modules_to_save, not a low-rank update"
+MODULES_TO_SAVE = (
+    "a full copy of a module in modules_to_save (PEFT adds a classifier head there by itself for sequence and "
+    "token classification), trained in full: not a low-rank update"
+)
 # PEFT's save_embedding_layers (on by itself after a vocabulary resize) saves whole embedding tables under the
 # module's own name; PEFT loads them over the base model's
 SAVED_WEIGHT = (

@@ -6,7 +6,9 @@ the original base re-runs the init, so against W₀ the model applies
 
     ΔW = s·(B′A′ − B₀A₀)        rank ≤ 2r: FactoredUpdate([B′, −B₀], [A′; A₀], scale=s)
 
-s·B₀A₀ is recomputed from W₀ (``--base``) as PEFT 0.21's ``pissa_init`` / ``olora_init`` do, in float32:
+s·B₀A₀ is recomputed from W₀ (``--base``) as PEFT 0.21's ``pissa_init`` / ``olora_init`` do, in float32 (exact
+where the user's init ran the same float32 LAPACK routine, as on a CPU; an init on a GPU may differ by about
+eps₃₂·σ₁(W₀)):
 
 - PiSSA: W₀ = V·S·Uᴴ (the analysed (out, in) matrix), B₀ = V_r·diag(√(S_r/s)), A₀ = diag(√(S_r/s))·Uᴴ_r, so
   s·B₀A₀ = V_r·S_r·Uᴴ_r whatever s; unique only when σ_r > σ_{r+1} (a near tie is warned and not exact).
