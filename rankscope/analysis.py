@@ -248,8 +248,9 @@ def _record(
         return _invalid_record(layer, "the singular values are not finite (the factors overflow in float64)")
     bias = None
     if layer.bias_update is not None:
-        # lora_B.bias is applied with the layer's scale, like B·A
-        bias_scale = 1.0 if options.unscaled or layer.scale is None else layer.scale
+        # lora_B.bias is applied with the layer's scale, like B·A; a diff_b beside LoRA factors is not
+        scaled = layer.bias_scaled and not options.unscaled and layer.scale is not None
+        bias_scale = layer.scale if scaled else 1.0
         # the norm in float64, like the singular values (a float32 norm is off by ~1e-8 relative)
         norm = float(layer.bias_update.double().norm())
         bias = {"size": int(layer.bias_update.numel()), "norm": norm * bias_scale}

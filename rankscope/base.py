@@ -67,7 +67,8 @@ class BaseWeights:
         self._components: dict[str, BaseWeights | None] | None = None
         self._key_to_file: dict[str, Path] = {}
         if files is None and _is_pipeline(self.path):
-            self._components = dict.fromkeys(c for c in COMPONENTS if (self.path / c).is_dir())
+            # a component folder with only its config.json (a text encoder left out of the download) holds nothing
+            self._components = dict.fromkeys(c for c in COMPONENTS if _has_weights(self.path / c))
         else:
             self._key_to_file = files or self._index()
         # a folder named after a component serves only that component's prefixed names
@@ -220,10 +221,16 @@ def _is_pipeline(path: Path) -> bool:
         return False
     if (path / "model_index.json").is_file():
         return True
-    own = any((path / name).is_file() for name in (*_INDEX_NAMES, *_SINGLE_NAMES)) or any(
+    return not _has_weights(path) and any((path / c).is_dir() for c in COMPONENTS)
+
+
+def _has_weights(path: Path) -> bool:
+    """A directory with weights of its own: an index of shards, one of the usual weight files, or a tensor file."""
+    if not path.is_dir():
+        return False
+    return any((path / name).is_file() for name in (*_INDEX_NAMES, *_SINGLE_NAMES)) or any(
         p.suffix in TENSOR_SUFFIXES for p in path.iterdir()
     )
-    return not own and any((path / c).is_dir() for c in COMPONENTS)
 
 
 def _components_of(layer: str, present: tuple[str, ...]) -> tuple[list[str], str]:

@@ -39,6 +39,8 @@ class Layer:
     family: str = "lora"
     error: str | None = None
     bias_update: torch.Tensor | None = None  # unscaled (lora_B.bias), applied with ``scale`` like B·A
+    # False where ``bias_update`` is the bias change itself, applied without ``scale`` (ComfyUI's diff_b)
+    bias_scaled: bool = True
     # the parts this layer's update is composed of (HydraLoRA heads, composition components), each a Layer
     # whose name is its label
     components: list[Layer] | None = None

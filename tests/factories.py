@@ -62,3 +62,28 @@ def llama_like(directory: Path, layers: int = 3, hidden: int = 32, rank: int = 4
         for j, module in enumerate(("q_proj", "v_proj")):
             factors[f"model.layers.{i}.self_attn.{module}"] = random_factors(hidden, hidden, rank, seed + 10 * i + j)
     return write_lora(directory, factors, lora_config(r=rank))
+
+
+def tiny_clip_config(hidden: int):
+    """A 2-layer CLIP text encoder's config (transformers), small enough to build in a test."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=50,
+        max_position_embeddings=16,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
+def tiny_clip(hidden: int, cls=None):
+    """A randomly initialised tiny CLIP text encoder of class ``cls`` (``CLIPTextModel`` by default)."""
+    if cls is None:
+        from transformers import CLIPTextModel as cls
+    return cls(tiny_clip_config(hidden))

@@ -197,7 +197,7 @@ def test_invalid_rank_pattern_regex(template, tmp_path):
         ({"r": None}, "r"),
         ({"rank_pattern": {"up": "two"}}, "up"),
         ({"rank_pattern": ["up"]}, "rank_pattern"),
-        ({"alpha_pattern": {"up": None}}, "lora_alpha"),
+        ({"alpha_pattern": {"up": None}}, "alpha_pattern value for up"),
     ],
     ids=["alpha_text", "alpha_zero", "r_text", "r_null", "rank_pattern_value", "rank_pattern_list", "alpha_null"],
 )
@@ -476,13 +476,15 @@ def test_bare_file_with_alpha_option(template, tmp_path):
     assert_scaled_by(document, tensors, dict.fromkeys(LAYERS, 16 / R))
 
 
-def test_kohya_metadata_gives_alpha(template, tmp_path):
+def test_kohya_metadata_alpha_is_not_read_for_peft_layout(template, tmp_path):
+    # diffusers, PEFT, LyCORIS and ComfyUI never read ss_network_alpha for lora_A/lora_B keys: α = r, and the
+    # disagreement is said (kohya_scale's rule)
     tensors = tensors_of(template)
     bare = tmp_path / "kohya.safetensors"
     save_file(tensors, str(bare), metadata={"ss_network_alpha": "12.0", "ss_network_dim": str(R)})
     result, document = json_run(bare)
-    assert any("ss_network_alpha" in line and str(bare) in line for line in stderr_lines(result))
-    assert_scaled_by(document, tensors, dict.fromkeys(LAYERS, 12 / R))
+    assert any("disagrees: ss_network_alpha = 12" in line and str(bare) in line for line in stderr_lines(result))
+    assert_scaled_by(document, tensors, dict.fromkeys(LAYERS, 1.0))
 
 
 def test_diffusers_metadata_gives_alpha_and_patterns(template, tmp_path):

@@ -3,6 +3,9 @@ and kohya/LyCORIS's flattened names resolved to the base's own tensors (saved he
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,23 +17,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-
-def _clip(hidden: int, cls):
-    config = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=50,
-        max_position_embeddings=16,
-        projection_dim=hidden,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return cls(config)
+from .factories import tiny_clip, tiny_clip_config
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +36,7 @@ def pipeline(tmp_path_factory):
         norm_num_groups=4,
         attention_head_dim=2,
     )
-    te, te2 = _clip(12, CLIPTextModel), _clip(16, CLIPTextModelWithProjection)
+    te, te2 = tiny_clip(12, CLIPTextModel), tiny_clip(16, CLIPTextModelWithProjection)
     root = tmp_path_factory.mktemp("pipe")
     unet.save_pretrained(root / "unet", max_shard_size="20KB")
     te.save_pretrained(root / "text_encoder")
@@ -109,6 +98,21 @@ def test_component_folder_serves_its_own_names(pipeline):
     assert te2.key_for("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") is None
     assert te2.key_for("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") is None
     assert te2.key_for("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj") is not None
+
+
+def test_a_component_folder_without_weights_is_passed_over(pipeline, tmp_path):
+    """text_encoder/ with only its config.json (saved by transformers): names without a component prefix and
+    LyCORIS names are looked up in every component and found in unet/ instead of failing on the empty one."""
+    root, weights = pipeline
+    partial = tmp_path / "partial"
+    shutil.copytree(root / "unet", partial / "unet")
+    tiny_clip_config(12).save_pretrained(partial / "text_encoder")
+    (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    base = BaseWeights(partial)
+    expected = weights["unet"][f"{UNET_MODULE}.weight"]
+    assert torch.equal(base.get(UNET_MODULE), expected)
+    assert torch.equal(base.get("lycoris_" + UNET_MODULE.replace(".", "_")), expected)
+    assert base.key_for("lora_te_text_model_encoder_layers_0_self_attn_q_proj") is None
 
 
 def test_single_file_and_lycoris_names(tmp_path):

@@ -35,7 +35,9 @@ from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_l
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from transformers import CLIPTextModelWithProjection  # noqa: E402
+
+from .factories import tiny_clip  # noqa: E402
 
 REL_TOL = 1e-10  # float32 factors, float64 on both sides: only rounding of the float64 arithmetic differs
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
@@ -67,22 +69,6 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
-def _clip(hidden: int, cls=CLIPTextModel):
-    config = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=50,
-        max_position_embeddings=16,
-        projection_dim=hidden,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return cls(config)
-
-
 def _vae() -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(4,),
@@ -98,7 +84,8 @@ class Models:
 
     def __init__(self, root):
         torch.manual_seed(0)
-        self.unet, self.te, self.te2, self.vae = _unet(), _clip(12), _clip(16, CLIPTextModelWithProjection), _vae()
+        self.unet, self.te = _unet(), tiny_clip(12)
+        self.te2, self.vae = tiny_clip(16, CLIPTextModelWithProjection), _vae()
         self.pipeline_dir = root / "pipeline"
         self.pipe(self.unet, self.te, self.te2).save_pretrained(self.pipeline_dir)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -256,6 +257,24 @@ def test_dora_with_base(tmp_path, algo, on_output):
 
     without = {record.name: record for record in rankscope.analyze(rankscope.load(built.path))}
     assert all(not record.valid and "pass --base BASE" in record.error for record in without.values())
+
+
+def test_dora_against_a_pipeline_whose_text_encoder_has_no_weights(tmp_path):
+    """A pipeline folder (model_index.json, unet/) whose text_encoder/ holds only its config.json, as a download
+    that left the encoder's weights out: LyCORIS names are looked up in every component, and a component folder
+    without weights is passed over instead of failing the lookup."""
+    pytest.importorskip("transformers")
+    from .factories import tiny_clip_config
+
+    built = Built(tmp_path, "dora-pipeline", lycoris("locon", dora_wd=True))
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "unet").mkdir(parents=True)
+    shutil.copy(built.base, pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    tiny_clip_config(8).save_pretrained(pipeline / "text_encoder")
+    assert sorted(p.name for p in (pipeline / "text_encoder").iterdir()) == ["config.json"]
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    records = check_all(built, rankscope.load(built.path, base=pipeline), "lora")
+    assert records[CONV].shape == [8, 4, 3, 3] and records[CONV].kind == "conv2d"
 
 
 def test_dora_directional_only_and_a_wrong_base(tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import RankscopeError
-from ..naming import MODULE_ORDER, checkpoint_labels
+from ..naming import MODULE_ORDER, block_of, checkpoint_labels
 from .style import GUIDE_COLOR, figure_size, series_style
 
 if TYPE_CHECKING:
@@ -71,17 +71,6 @@ def by_module(records: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:
     known = {name: i for i, name in enumerate(MODULE_ORDER)}
     order = sorted(groups, key=lambda m: (known.get(m, len(known)), list(groups).index(m)))
     return {module: groups[module] for module in order}
-
-
-def block_of(name: str) -> str:
-    """The block a layer belongs to: its name up to its layer index (``model.layers.7.self_attn.q_proj`` →
-    ``model.layers.7``; kohya's ``…_layers_7_self_attn_q_proj`` → ``…_layers_7``); the name itself without one."""
-    separator = "." if "." in name or "_" not in name else "_"
-    segments = name.split(separator)
-    for position in range(len(segments) - 1, -1, -1):
-        if segments[position].isdigit():
-            return separator.join(segments[: position + 1])
-    return name
 
 
 def block_positions(records: Sequence[LayerRecord]) -> tuple[dict[str, int], str]:

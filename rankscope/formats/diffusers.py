@@ -7,11 +7,13 @@ diffusers still loads three older layouts, each a pair (down = A (r, in[, *k]), 
 - ``<module>.lora_linear_layer.down.weight`` / ``.up.weight`` — the same for a text encoder's projections;
 - ``<block>.processor.to_q_lora.down.weight`` (``to_k_lora``, ``to_v_lora``, ``to_out_lora``,
   ``add_k_proj_lora``, ``add_v_proj_lora``) — the attention processors of diffusers ≤ 0.20, whose module is
-  ``<block>.to_q`` (``to_out_lora`` → ``<block>.to_out.0``, as diffusers' ``UNET_TO_DIFFUSERS`` maps it).
+  ``<block>.to_q`` (``to_out_lora`` → ``<block>.to_out.0``, as diffusers' ``UNET_TO_DIFFUSERS`` maps it); in a
+  text encoder (keys under ``text_encoder…``) ``<block>.q_proj`` (``k_proj``, ``v_proj``, ``to_out_lora`` →
+  ``out_proj``), as ``DIFFUSERS_OLD_TO_PEFT`` maps it.
 
-ΔW = s·up·down as for PEFT's LoRA; α from an ``.alpha`` tensor beside the pair (``<module>.alpha``, diffusers'
-name for it, or ``<block>.processor.to_q_lora.alpha``) or
-the file's metadata, else s = 1 (diffusers loads such files with α = r).
+ΔW = s·up·down as for PEFT's LoRA; α from the file's ``lora_adapter_metadata`` where it gives one, else from an
+``.alpha`` tensor beside the pair (``<module>.alpha``, diffusers' name for it, or
+``<block>.processor.to_q_lora.alpha``), else s = 1 (diffusers loads such files with α = r).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ _PROCESSOR = re.compile(
     r"\.(?P<side>down|up)\.weight$"
 )
 _ROLE = {"down": "A", "up": "B"}
+_UNET_TARGET = {"to_out": "to_out.0"}  # diffusers' UNET_TO_DIFFUSERS
+_TEXT_ENCODER_TARGET = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}  # …OLD_TO_PEFT
+_TEXT_ENCODER = re.compile(r"^text_encoder(_\d+)?\.")  # diffusers routes keys to a text encoder by this prefix
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,13 @@ def split_key(key: str) -> AliasKey | None:
 
     >>> split_key("unet.mid.attn1.processor.to_out_lora.up.weight")
     AliasKey(module='unet.mid.attn1.to_out.0', role='B', stored='unet.mid.attn1.processor.to_out_lora')
+    >>> split_key("text_encoder.layers.0.self_attn.to_q_lora.down.weight").module
+    'text_encoder.layers.0.self_attn.q_proj'
     """
     match = _PROCESSOR.match(key)
     if match is not None:
-        target = "to_out.0" if match["target"] == "to_out" else match["target"]
+        targets = _TEXT_ENCODER_TARGET if _TEXT_ENCODER.match(key) else _UNET_TARGET
+        target = targets.get(match["target"], match["target"])
         return AliasKey(f"{match['block']}.{target}", _ROLE[match["side"]], key.rsplit(".", 2)[0])
     match = _PAIR.match(key)
     if match is not None:

@@ -15,7 +15,11 @@ own names). Per module, one of
 - **LoHa** (``hada_w1_a`` …, optional ``hada_t1``/``hada_t2``) and **LoKr** (``lokr_w1`` …, optional
   ``lokr_t2``): the maths of :mod:`.lycoris_math`, shared with PEFT's LoHa/LoKr.
 - **full** (``diff``, ``diff_b``) and **GLoRA** (``a1``, ``a2``, ``b1``, ``b2``; needs ``--base``): the maths of
-  :mod:`.lycoris_dense`.
+  :mod:`.lycoris_dense`. A 1-D ``diff`` (a norm layer's weight difference: LyCORIS full on a norm, ComfyUI's
+  LoraSave) and a ``diff_b`` without a weight update are vector updates, listed in ``skipped``.
+- **a bias difference beside factors**: ComfyUI's "Extract and Save Lora" (``LoraSave``, ``bias_diff`` on by
+  default) writes ``<name>.diff_b`` beside ``lora_up``/``lora_down``, and ComfyUI's loader adds it to the bias
+  unscaled (a ``diff`` patch, not multiplied by alpha/r): the layer's bias update, ‖diff_b‖ as stored.
 - **DoRA** (``dora_scale`` beside LoRA/LoHa/LoKr factors, LyCORIS ``weight_decompose``): ΔW = W' − W0 as
   LyCORIS's forward applies it (:mod:`.lycoris_dense`); needs ``--base``, else the layer is invalid.
 
@@ -41,7 +45,6 @@ from .lycoris_dense import (
     full_update,
     glora_factors,
     glora_update,
-    kind_of,
     weight_decompose_update,
 )
 from .lycoris_math import (
@@ -51,6 +54,7 @@ from .lycoris_math import (
     Stored,
     check_finite,
     group_modules,
+    kind_of,
     layer_shape,
     loha_factors,
     loha_update,
@@ -78,12 +82,15 @@ _ALGORITHMS = {
     "glora": GLORA_ROLES,
     **_OTHER_ROLES,
 }
+_BIAS_BESIDE = {"full", "lora", "loha", "lokr"}  # the algorithms a diff_b may stand beside (see _algorithm)
 _ROLES = tuple(role for roles in _ALGORITHMS.values() for role in roles) + _EXTRA_ROLES
 # kohya writes lora_down/lora_up/lora_mid with ``.weight`` and LyCORIS its other tensors without; accept either
 _KEY = re.compile(rf"^(?P<module>.+)\.(?P<role>{'|'.join(_ROLES)})(?:\.weight)?$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_")
 _METADATA_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version")
 _BASE_HINT = "pass --base BASE (the base model the adapter was trained on)"
+_VECTOR_DIFF = "a vector (norm) weight difference: a vector update, not read yet"
+_LONE_BIAS = "a bias difference (diff_b) without a weight update: a vector update, not read yet"
 _NOT_READ = {
     "ia3": "a LyCORIS (IA)³ module (weight, on_input): rescales the base weight; not read yet",
     "diag-oft": "a LyCORIS diag-OFT module (oft_blocks): rotates the base weight; not read yet",
@@ -131,6 +138,9 @@ def _group(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
 def _algorithm(roles: dict[str, str], stored: Stored) -> str | None:
     """Which LyCORIS algorithm a module's tensors belong to; None for a module without factors (only alpha …)."""
     present = [name for name, names in _ALGORITHMS.items() if any(role in roles for role in names)]
+    # only a diff_b beside LoRA/LoHa/LoKr factors: that layer's bias update (ComfyUI's LoraSave), not a full module
+    if "diff" not in roles and "full" in present and len(present) > 1 and set(present) <= _BIAS_BESIDE:
+        present.remove("full")
     if len(present) > 1:
         key = next(key for role, key in sorted(roles.items()) if role not in _EXTRA_ROLES)
         raise FactorError(f"{key}: its module mixes {' and '.join(present)} tensors")
@@ -210,12 +220,12 @@ def _factored_layer(
     algorithm: str, stored: Stored, module: str, scaling: Scaling, options: ReadOptions, alpha: float | None
 ) -> tuple[object, tuple[int, ...], str]:
     """(scaled update, stored weight shape, kind) of a LoRA/LoCon, LoHa or LoKr module."""
-    factors_only = {role: value for role, value in stored.items() if role not in ("alpha", "dora_scale")}
+    factors_only = {role: value for role, value in stored.items() if role not in ("alpha", "dora_scale", "diff_b")}
     if algorithm == "lora":
         product, rank, kernel, out, width = _lora_update(factors_only, module)
         scale = scaling.scale(module, alpha, rank, kernel, algorithm)
         update = FactoredUpdate(product.left, product.right, scale=scale)
-        return update, (out, width, *kernel), (f"conv{len(kernel)}d" if kernel else "linear")
+        return update, (out, width, *kernel), kind_of((out, width, *kernel))
     if algorithm == "loha":
         factors = loha_factors(factors_only, module)
         update = loha_update(factors, scaling.scale(module, alpha, factors.rank, factors.kernel, algorithm))
@@ -241,6 +251,10 @@ def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: S
             return _NOT_READ[algorithm]
         family = "locon" if "lora_mid" in roles else algorithm
         if algorithm == "full":
+            if "diff" not in stored:
+                return _LONE_BIAS
+            if stored["diff"][1].ndim == 1:
+                return _VECTOR_DIFF
             if "alpha" in stored or "dora_scale" in stored:
                 extra = stored.get("alpha", stored.get("dora_scale"))[0]
                 raise FactorError(f"{extra}: a full (diff) module has no alpha or dora_scale in LyCORIS")
@@ -263,9 +277,21 @@ def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: S
         if "dora_scale" in stored and not options.directional_only:
             update, shape = _dora(update, stored, module, options)
             kind = kind_of(shape)
+        bias = _bias_difference(stored, update.shape[0])
     except FactorError as exc:
         return Layer(module, None, (), params, family=family, error=str(exc))
-    return Layer(module, update, shape, params, kind=kind, family=family)
+    return Layer(module, update, shape, params, kind=kind, family=family, bias_update=bias, bias_scaled=False)
+
+
+def _bias_difference(stored: Stored, rows: int):
+    """The ``diff_b`` beside a module's factors (one per output), or None: ComfyUI adds it to the bias as is."""
+    if "diff_b" not in stored:
+        return None
+    key, bias = stored["diff_b"]
+    check_finite({"diff_b": stored["diff_b"]})
+    if tuple(bias.shape) != (rows,):
+        raise FactorError(f"{key}: expected shape [{rows}] (one per output), found {list(bias.shape)}")
+    return bias
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from .lycoris_math import FactorError, Stored
+from .peft_common import alpha_tensor
 
 _LOADERS = "as kohya's, diffusers' and ComfyUI's loaders apply it"
 
@@ -129,9 +130,7 @@ def stored_alpha(stored: Stored) -> float | None:
     if "alpha" not in stored:
         return None
     key, alpha = stored["alpha"]
-    if alpha.numel() != 1 or alpha.ndim > 1:
-        raise FactorError(f"{key}: alpha must be a scalar, found shape {list(alpha.shape)}")
-    value = float(alpha.reshape(()).double())
-    if not math.isfinite(value):
-        raise FactorError(f"{key}: alpha is {value}")
+    value, problem = alpha_tensor(alpha, key)
+    if problem is not None:
+        raise FactorError(problem)
     return value

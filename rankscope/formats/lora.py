@@ -4,6 +4,10 @@
 ``alpha_pattern``. Linear, GPT-2 Conv1D (``fan_in_fan_out``: the stored weight is (in, out)), Embedding
 (``lora_embedding_A`` (r, V), ``lora_embedding_B`` (d, r); the weight update is (B·A)ᵀ) and Conv1d/2d/3d
 (A (r, in, *k) flattened to (r, in·∏k); B (out, r, 1, …)). The analysed matrix is always (out, in…).
+
+α as the loaders read it: where a config gives it (adapter_config.json, diffusers' ``lora_adapter_metadata``) it
+wins and a stray ``<module>.alpha`` is skipped (PEFT and diffusers never read it); elsewhere a module's ``.alpha``
+gives s = alpha/r and a module without one α = r, whatever ``ss_network_alpha`` says (kohya_scale's rules).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from . import Format, ReadOptions, register_format
 from .diffusers import AliasKey
 from .diffusers import partner_key as diffusers_partner
 from .diffusers import split_key as split_diffusers_key
+from .kohya_scale import Scaling
+from .kohya_scale import scaling as kohya_scaling
 from .lora_init import apply_init
 from .lora_layout import orient
 from .lora_mha import double_applied_warning, pattern_name
 from .peft_common import (
+    COMPONENTS,
     alpha_config,
     alpha_tensor,
     any_config,
@@ -174,7 +181,9 @@ def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) ->
     return []  # base-rewriting inits (PiSSA, OLoRA, …) are handled per layer: lora_init.apply_init
 
 
-def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: bool) -> Layer:
+def _layer(
+    source: AdapterSource, module: _Module, config: dict, config_has_r: bool, scaling: Scaling, origin: str
+) -> Layer:
     tensors = source.tensors
     name = layer_name(module.stored)
     embedding = module.embedding
@@ -199,6 +208,8 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
         bad_key, bad = (a_key, a) if a.ndim < 2 else (b_key, b)
         return invalid(f"{bad_key}: expected a matrix, found shape {list(bad.shape)}")
     rank = a.shape[0]
+    if rank == 0:  # no scale to take (alpha/0) and nothing to analyse, as the kohya and LyCORIS readers say
+        return invalid(f"{a_key}: rank 0 (an empty factor)")
     if b.shape[1] != rank:
         return invalid(f"{b_key}: rank mismatch: {a_key} has r={rank} rows but {b_key} has {b.shape[1]} columns")
     if a.ndim > 2 and any(d != 1 for d in b.shape[2:]):
@@ -208,16 +219,19 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
     config, relative = layer_config(config, name)  # a diffusers pipeline file: the layer's component's config
     relative = pattern_name(module.stored, relative)  # MultiheadAttention's out_proj: the attention module's r, α
     config_r = pattern_value(
-        config.get("rank_pattern"), relative, config.get("r", rank), config_path=where, field="rank_pattern"
+        config.get("rank_pattern"), relative, config.get("r", rank), config_path=where, field="rank_pattern" + origin
     )
     if config_has_r and positive_integer(config_r, f"r of layer {name}", config_path=where) != rank:
         return invalid(f"{a_key}: the config gives r={config_r} for this layer but the tensor has {rank} rows")
-    scale = layer_scale(config, relative, rank, config_path=where)
-    if "alpha" in module.keys:  # a per-module α (musubi-tuner, ComfyUI): s = alpha/r, α = 0 read as r (kohya's rule)
-        alpha, problem = alpha_tensor(tensors.get(module.keys["alpha"]), module.keys["alpha"])
-        if problem:
-            return invalid(problem)
-        scale = 1.0 if alpha == 0 else alpha / rank
+    if "lora_alpha" in config:  # a config gives α: PEFT's and diffusers' rule (parse skipped any .alpha beside it)
+        scale = layer_scale(config, relative, rank, config_path=where, origin=origin)
+    else:  # none does: the module's .alpha (musubi-tuner, ComfyUI), else α = r, as the loaders apply them (kohya_scale)
+        alpha_key, alpha = module.keys.get("alpha"), None
+        if alpha_key is not None:
+            alpha, problem = alpha_tensor(tensors.get(alpha_key), alpha_key)
+            if problem:
+                return invalid(problem)
+        scale = scaling.scale(module.stored, alpha, rank, tuple(a.shape[2:]), "lora")
 
     left = b.reshape(b.shape[0], rank)
     right = a.reshape(rank, -1)
@@ -254,11 +268,19 @@ def parse(
         for module in modules.values():
             if "alpha" in module.keys:
                 skipped.append(Skipped(module.keys.pop("alpha"), "a per-module α, replaced by --alpha", True))
-    own_alpha = [module for module in modules.values() if "alpha" in module.keys]
+    own_alpha = any("alpha" in module.keys for module in modules.values())
+    scaling = kohya_scaling(source.tensors.metadata(), None)  # for modules whose α no config gives
+    every_module = own_alpha or scaling.metadata_alpha is not None  # then kohya_scale says how they are read
     config, config_has_r, scale_warnings = alpha_config(
-        source.config, source.tensors.metadata(), options.alpha, every_module=len(own_alpha) == len(modules) > 0
+        source.config, source.tensors.metadata(), options.alpha, every_module=every_module
     )
-    layers = [(module, _layer(source, module, config, config_has_r)) for module in modules.values()]
+    ignored, ignored_warning = _ignore_alphas(source, modules.values(), config)
+    skipped += ignored
+    from_metadata = source.config is None and options.alpha is None
+    origin = " (in the file's lora_adapter_metadata)" if from_metadata else ""
+    layers = [(module, _layer(source, module, config, config_has_r, scaling, origin)) for module in modules.values()]
+    if COMPONENTS in config or not (config or every_module):
+        scaling.no_alpha.clear()  # said below (uncovered components) or above (alpha_config's "α is unknown")
     # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
     inits = {layer.name: layer_config(config, layer.name)[0].get("init_lora_weights") for _, layer in layers}
     oriented, layout = orient([layer for _, layer in layers], options.base)  # Conv1D beside Linear targets
@@ -271,16 +293,26 @@ def parse(
         modules=layers,
         skipped=skipped + [Skipped(key, skip_reason(key, config, "LoRA")) for key in unused],
         config=config,
-        warnings=warnings + scale_warnings + ([uncovered] if uncovered else []) + _alpha_warnings(source, own_alpha),
+        warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
     )
 
 
-def _alpha_warnings(source: AdapterSource, modules: list[_Module]) -> list[str]:
-    """Say where a per-module ``.alpha`` of 0 was read as α = r (kohya's and musubi-tuner's rule)."""
-    zero = [m.stored for m in modules if alpha_tensor(source.tensors.get(m.keys["alpha"]), m.keys["alpha"])[0] == 0]
-    if not zero:
-        return []
-    return [f"{len(zero)} module(s) with alpha = 0, read as α = r (scale 1) as kohya and musubi-tuner do ({zero[0]} …)"]
+def _ignore_alphas(source: AdapterSource, modules, config: dict) -> tuple[list[Skipped], list[str]]:
+    """Take the ``.alpha`` tensor off every module whose α a config gives: PEFT and diffusers then never read it
+    (a ComfyUI-converted file may carry both); skipped as expected, said once."""
+    keys = [
+        module.keys.pop("alpha")
+        for module in modules
+        if "alpha" in module.keys and "lora_alpha" in layer_config(config, layer_name(module.stored))[0]
+    ]
+    if not keys:
+        return [], []
+    where = "adapter_config.json" if source.config is not None else "the file's lora_adapter_metadata"
+    reason = f"a per-module α, ignored: {where} gives α (as PEFT and diffusers load the file)"
+    warning = (
+        f"{len(keys)} .alpha tensor(s) ignored: {where} gives α, and PEFT and diffusers read only that ({keys[0]} …)"
+    )
+    return [Skipped(key, reason, True) for key in keys], [warning]
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:

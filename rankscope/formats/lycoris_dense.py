@@ -33,23 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from ..update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
-from .lycoris_math import FactorError, Stored, check_finite, tucker_right
+from .lycoris_math import FactorError, Stored, check_finite, dense_matrix, tucker_right
 
 GLORA_ROLES = ("a1", "a2", "b1", "b2", "bm")
 FULL_ROLES = ("diff", "diff_b")
 
 Update = FactoredUpdate | DenseUpdate | KroneckerUpdate
-
-
-def kind_of(shape: tuple[int, ...]) -> str:
-    """``linear`` for a 2-D weight, ``conv{n}d`` for (out, in, *k) — the module kinds LyCORIS adapts."""
-    return "linear" if len(shape) == 2 else f"conv{len(shape) - 2}d"
-
-
-def _dense(matrix: torch.Tensor, scale: float | None = 1.0) -> DenseUpdate:
-    return DenseUpdate(
-        shape=tuple(matrix.shape), build=lambda dtype, device: upcast(matrix, dtype, device), scale=scale
-    )
 
 
 # -- full ------------------------------------------------------------------------------------------------------
@@ -70,7 +59,7 @@ def full_update(stored: Stored) -> tuple[DenseUpdate, torch.Tensor | None, tuple
             raise FactorError(
                 f"{bias_key}: expected shape [{diff.shape[0]}] (one per output), found {list(bias.shape)}"
             )
-    return _dense(diff.reshape(diff.shape[0], -1)), bias, tuple(diff.shape)
+    return dense_matrix(diff, scale=1.0), bias, tuple(diff.shape)
 
 
 # -- GLoRA -----------------------------------------------------------------------------------------------------

@@ -229,10 +229,13 @@ class LokrFactors:
     second_full: torch.Tensor | None
 
 
-def _full_matrix(tensor: torch.Tensor) -> DenseUpdate:
+def dense_matrix(tensor: torch.Tensor, scale: float | None = None) -> DenseUpdate:
+    """A tensor stored in full (out, in[, *k]) as the dense update of its (out, in·∏k) matrix."""
     rows = int(tensor.shape[0])
     matrix = tensor.reshape(rows, -1)
-    return DenseUpdate(shape=(rows, int(matrix.shape[1])), build=lambda dtype, device: upcast(matrix, dtype, device))
+    return DenseUpdate(
+        shape=(rows, int(matrix.shape[1])), build=lambda dtype, device: upcast(matrix, dtype, device), scale=scale
+    )
 
 
 def _lokr_first(stored: Stored, module: str) -> tuple[FactoredUpdate | DenseUpdate, int | None]:
@@ -242,7 +245,7 @@ def _lokr_first(stored: Stored, module: str) -> tuple[FactoredUpdate | DenseUpda
         key, w1 = stored["lokr_w1"]
         if w1.ndim != 2:
             raise FactorError(f"{key}: expected a matrix, found shape {list(w1.shape)}")
-        return _full_matrix(w1), None
+        return dense_matrix(w1), None
     a_key, a = _need(stored, "lokr_w1_a", module)
     b_key, b = _need(stored, "lokr_w1_b", module)
     if a.ndim != 2 or b.ndim != 2:
@@ -263,7 +266,7 @@ def _lokr_second(
         key, w2 = stored["lokr_w2"]
         if w2.ndim < 2:
             raise FactorError(f"{key}: expected a matrix or a conv kernel, found shape {list(w2.shape)}")
-        return _full_matrix(w2), None, tuple(w2.shape[2:]), int(w2.shape[1]), w2
+        return dense_matrix(w2), None, tuple(w2.shape[2:]), int(w2.shape[1]), w2
     a_key, a = _need(stored, "lokr_w2_a", module)
     b_key, b = _need(stored, "lokr_w2_b", module)
     if a.ndim != 2 or b.ndim < 2:
@@ -335,6 +338,11 @@ def lokr_update(
 # -- what a reader reports -----------------------------------------------------------------------------------
 
 
+def kind_of(shape: tuple[int, ...]) -> str:
+    """``linear`` for a 2-D weight, ``conv{n}d`` for (out, in, *k) — the module kinds LyCORIS adapts."""
+    return "linear" if len(shape) == 2 else f"conv{len(shape) - 2}d"
+
+
 def layer_shape(
     base: BaseWeights | None, name: str, out_features: int, in_features: int, kernel: tuple[int, ...], width: int
 ) -> tuple[tuple[int, ...], str]:
@@ -347,12 +355,12 @@ def layer_shape(
     if base is not None and base.key_for(name) is not None:
         shape = tuple(base.get(name).shape)
         if len(shape) >= 2 and shape[0] == out_features and math.prod(shape[1:]) == width:
-            return shape, "linear" if len(shape) == 2 else f"conv{len(shape) - 2}d"
+            return shape, kind_of(shape)
         raise FactorError(
             f"the base weight has shape {list(shape)}, which does not fit ΔW of shape [{out_features}, {width}]"
         )
     if kernel:
-        return (out_features, in_features, *kernel), f"conv{len(kernel)}d"
+        return (out_features, in_features, *kernel), kind_of((out_features, in_features, *kernel))
     return (out_features, width), "matrix"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -36,7 +35,7 @@ def pattern_value(
                 return value
         except re.error as exc:
             raise CheckpointError(
-                f"pattern {key!r} is not a valid regular expression ({exc})", path=config_path
+                f"{field} pattern {key!r} is not a valid regular expression ({exc})", path=config_path
             ) from exc
     return default
 
@@ -86,8 +85,9 @@ def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str 
     diffusers writes the LoraConfig as JSON under ``lora_adapter_metadata``: unprefixed from a model's
     ``save_lora_adapter``, and from a pipeline's ``save_lora_weights`` with every key prefixed by its component
     (``"unet.lora_alpha": 8``, ``"text_encoder.r": 4``), returned as ``{"components": {"unet": {...}, ...}}``
-    (see :func:`layer_config`); kohya writes ``ss_network_alpha`` and ``ss_network_dim``. Returns (config or None,
-    where it came from).
+    (see :func:`layer_config`). kohya's ``ss_network_alpha`` is not one: diffusers, PEFT, LyCORIS and ComfyUI never
+    read it for a LoRA-style file (kohya_scale warns where it disagrees with α = r). Returns (config or None, where
+    it came from).
     """
     if "lora_adapter_metadata" in metadata:
         try:
@@ -100,15 +100,6 @@ def config_from_metadata(metadata: Mapping[str, str]) -> tuple[dict | None, str 
         if components:
             names = ", ".join(components)
             return {COMPONENTS: components}, f"the file's lora_adapter_metadata (one config per component: {names})"
-    if "ss_network_alpha" in metadata:
-        try:
-            alpha = float(metadata["ss_network_alpha"])
-        except ValueError:
-            return None, None
-        config = {"lora_alpha": alpha}
-        with contextlib.suppress(KeyError, ValueError):
-            config["r"] = int(float(metadata["ss_network_dim"]))
-        return config, "the file's ss_network_alpha"
     return None, None
 
 
@@ -128,7 +119,7 @@ def layer_config(config: Mapping, name: str) -> tuple[Mapping, str]:
 
     A diffusers pipeline file has one config per component: layer ``unet.down_blocks.0…`` gets the unet's,
     matched as ``down_blocks.0…`` (diffusers applies each config to its component model); a layer of a component
-    the metadata does not describe gets an empty config (α unknown: scale 1, as diffusers loads it with α = r).
+    the metadata does not describe gets an empty config (no α from it: the module's ``.alpha``, else scale 1).
     """
     components = config.get(COMPONENTS)
     if not isinstance(components, Mapping):
@@ -156,7 +147,8 @@ def uncovered_components(config: Mapping, names: list[str]) -> str | None:
         return None
     return (
         f"the file's lora_adapter_metadata has no config for {', '.join(missing)}: α unknown for those layers, "
-        "scale 1 (α = r, as diffusers loads them; pass --alpha to set it)"
+        "scale 1 assumed (α = r, as diffusers loads a component saved without metadata; diffusers 0.42 itself "
+        "fails to load a file whose metadata leaves a component out); pass --alpha to set it"
     )
 
 
@@ -177,17 +169,19 @@ def rank_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
-def layer_scale(config: Mapping, name: str, rank: int, *, config_path: Path | None) -> float:
+def layer_scale(config: Mapping, name: str, rank: int, *, config_path: Path | None, origin: str = "") -> float:
     """The scale of layer ``name``: α from ``alpha_pattern`` (PEFT's rule) or ``lora_alpha``, over r or √r;
     1 where α is unknown (no ``lora_alpha``: the caller has warned). A per-component config (diffusers) gives
-    the layer its component's config, see :func:`layer_config`."""
+    the layer its component's config, see :func:`layer_config`. ``origin`` (" (in the file's
+    lora_adapter_metadata)") tells a bad value's message where the config came from."""
     config, name = layer_config(config, name)
     if "lora_alpha" not in config:
         return 1.0
-    alpha = pattern_value(
-        config.get("alpha_pattern"), name, config["lora_alpha"], config_path=config_path, field="alpha_pattern"
-    )
-    alpha = positive_number(config, "lora_alpha", config_path=config_path, value=alpha)
+    patterns = config.get("alpha_pattern")
+    alpha = pattern_value(patterns, name, _FROM_CONFIG, config_path=config_path, field="alpha_pattern" + origin)
+    field = "lora_alpha" if alpha is _FROM_CONFIG else f"alpha_pattern value for {name}"
+    alpha = config["lora_alpha"] if alpha is _FROM_CONFIG else alpha
+    alpha = positive_number(config, field + origin, config_path=config_path, value=alpha)
     return rank_scale(alpha, rank, bool(config.get("use_rslora")))
 
 
@@ -197,8 +191,9 @@ def alpha_config(
     """The config that gives a LoRA-style reader its α, whether it is authoritative for r, and warnings.
 
     In order: adapter_config.json (``--alpha`` overrides its ``lora_alpha`` and ``alpha_pattern``); ``--alpha``
-    alone; α from the safetensors metadata where tools write it; else α unknown and scale 1, said loudly —
-    unless ``every_module`` carries its own ``.alpha`` scalar (musubi-tuner, ComfyUI).
+    alone; diffusers' ``lora_adapter_metadata``; else α unknown and scale 1, said loudly — unless
+    ``every_module`` is set: the caller scales each module itself (its ``.alpha`` scalar, kohya_scale's rules)
+    and says so.
     """
     if config is not None:
         config = dict(config)
