@@ -87,3 +87,21 @@ def tiny_clip(hidden: int, cls=None):
     if cls is None:
         from transformers import CLIPTextModel as cls
     return cls(tiny_clip_config(hidden))
+
+
+def tiny_unet():
+    """A randomly initialised tiny diffusers UNet2DConditionModel (two blocks, cross-attention width 12)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )

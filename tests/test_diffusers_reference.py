@@ -37,7 +37,7 @@ from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from transformers import CLIPTextModelWithProjection  # noqa: E402
 
-from .factories import tiny_clip  # noqa: E402
+from .factories import tiny_clip, tiny_unet  # noqa: E402
 
 REL_TOL = 1e-10  # float32 factors, float64 on both sides: only rounding of the float64 arithmetic differs
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
@@ -55,18 +55,7 @@ def _quiet():
 
 
 def _unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
+    return tiny_unet()
 
 
 def _vae() -> AutoencoderKL:

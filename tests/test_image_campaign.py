@@ -38,7 +38,6 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -46,9 +45,11 @@ from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_t
 from lycoris.kohya import LycorisNetworkKohya, create_network
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from rankscope.figures._common import block_positions
+
+from .factories import tiny_clip, tiny_unet
 
 TOL = 1e-10
 FILE = "pytorch_lora_weights.safetensors"
@@ -148,19 +149,7 @@ def assert_clean(checkpoint) -> None:
 
 
 def _clip(hidden: int, cls=CLIPTextModel):
-    config = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=50,
-        max_position_embeddings=16,
-        projection_dim=hidden,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return cls(config)
+    return tiny_clip(hidden, cls)
 
 
 # -- Flux: save_lora_weights with per-module patterns; DoRA against --base ----------------------------------------
@@ -328,18 +317,7 @@ def test_wan_conv3d_and_numbered_module_parts(tmp_path):
 def sd(tmp_path_factory):
     """A float32 UNet and CLIP text encoder, and a pipeline folder (model_index.json, unet/, text_encoder/)."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
+    unet = tiny_unet()
     te = _clip(12)
     root = tmp_path_factory.mktemp("sd") / "pipeline"
     unet.save_pretrained(root / "unet")
