@@ -159,3 +159,26 @@ def test_a_bias_difference_that_does_not_fit(extracted, tmp_path):
     assert layers["diffusion_model.blocks.1.qkv"].error is None
     missing = {item.module: item.reason for item in checkpoint.not_analysed}
     assert missing["diffusion_model.head"].startswith("a bias difference (diff_b) without a weight update")
+
+
+def test_full_diff_files_are_detected_and_read_exactly(tmp_path):
+    """``lora_type="full_diff"``: every weight of ≥ 2 dims is stored whole as ``<module>.diff`` (its ``diff_b``
+    beside it), 1-D ones as ``.diff`` too; ComfyUI adds them to the model as they are."""
+    torch.manual_seed(3)
+    qkv, conv = torch.randn(12, 8, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    tensors = {
+        "diffusion_model.blocks.0.qkv.diff": qkv,
+        "diffusion_model.blocks.0.qkv.diff_b": torch.randn(12, dtype=torch.float64),
+        "diffusion_model.blocks.0.conv.diff": conv,
+        "diffusion_model.blocks.0.norm.diff": torch.randn(8, dtype=torch.float64),
+    }
+    path = tmp_path / "full_diff.safetensors"
+    save_file(tensors, str(path))
+    analysis = rankscope.analyze(rankscope.load(path))
+    records = {record.name: record for record in analysis}
+    assert set(records) == {"diffusion_model.blocks.0.qkv", "diffusion_model.blocks.0.conv"}
+    for name, weight in (("diffusion_model.blocks.0.qkv", qkv), ("diffusion_model.blocks.0.conv", conv)):
+        expected = torch.linalg.svdvals(weight.reshape(weight.shape[0], -1))
+        got = torch.tensor(records[name].singular_values, dtype=torch.float64)
+        assert torch.allclose(got, expected, rtol=TOL, atol=TOL * float(expected[0]))
+    assert [item.module for item in analysis.checkpoint.not_analysed] == ["diffusion_model.blocks.0.norm"]

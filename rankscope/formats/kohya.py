@@ -102,6 +102,9 @@ _NOT_READ = {
 }
 
 
+_COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
+
+
 def detect(source: AdapterSource) -> bool:
     """kohya names: ``.lora_down.weight``/``.lora_up.weight``, or LyCORIS LoHa/LoKr/full/GLoRA keys next to an
     ``alpha`` tensor (PEFT never saves one) or under a kohya module name (``lora_unet_…``) — and no
@@ -118,6 +121,9 @@ def detect(source: AdapterSource) -> bool:
         if match["role"] in ("hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "a1"):
             module = match["module"]
             if f"{module}.alpha" in keys or module.startswith(_KOHYA_PREFIXES):
+                return True
+            # ComfyUI's Extract and Save Lora with lora_type "full_diff": only diff/diff_b, ComfyUI's own names
+            if match["role"] == "diff" and module.startswith(_COMFYUI_PREFIXES):
                 return True
     return False
 
