@@ -175,7 +175,7 @@ class Checkpoint:
         by_reason: dict[str, list[str]] = {}
         for item in missing:
             by_reason.setdefault(item.reason, []).append(item.module)
-        parts = [f"{_listed(modules)} ({reason})" for reason, modules in by_reason.items()]
+        parts = [f"{listed(modules)} ({reason})" for reason, modules in by_reason.items()]
         return (
             f"{len(missing)} module(s) with adapter weights NOT analysed: {'; '.join(parts)}; "
             "listed under 'not_analysed' in --json, and --strict fails on them"
@@ -194,6 +194,8 @@ class Checkpoint:
         return replace(self, layers=[layer for layer in self.layers if regex.search(layer.name)])
 
 
-def _listed(names: list[str], most: int = 3) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+def listed(names: list[str], most: int = 3, *, counted: str | None = None) -> str:
+    """Names for a message: the first ``most`` and how many more (``a, b, c and 4 more``); with ``counted``
+    ("layer(s)"), the count first (``7 layer(s): a, b, c and 4 more``)."""
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+    return f"{len(names)} {counted}: {shown}" if counted else shown

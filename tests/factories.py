@@ -105,3 +105,27 @@ def tiny_unet():
         norm_num_groups=4,
         attention_head_dim=2,
     )
+
+
+def records(path, **kwargs) -> dict:
+    """rankscope's records of the adapter at ``path`` by layer name (``kwargs`` go to ``rankscope.load``)."""
+    import rankscope
+
+    return {record.name: record for record in rankscope.analyze(rankscope.load(path, **kwargs))}
+
+
+def assert_matches(got: dict, deltas: dict[str, torch.Tensor], tol: float = 1e-10) -> None:
+    """The same layers as the reference ΔWs; each valid and exact, its σ within ``tol``·σ₁ of svdvals(ΔW) in
+    float64, and the rest of ΔW's σ (beyond the record's rank bound) together below ``tol``·σ₁."""
+    assert set(got) == set(deltas)
+    for name, delta in deltas.items():
+        record = got[name]
+        assert record.valid, f"{name}: {record.error}"
+        assert record.exact is True, name
+        expected = torch.linalg.svdvals(delta.double().reshape(delta.shape[0], -1))
+        sigma = torch.tensor(record.singular_values, dtype=torch.float64)
+        k = min(sigma.numel(), expected.numel())
+        assert k > 0 and expected[0] > 0
+        rel = ((sigma[:k] - expected[:k]).abs() / expected[0]).max().item()
+        assert rel <= tol, f"{name}: relative error {rel:.2e}\n got {sigma}\n ref {expected[:k]}"
+        assert expected[k:].sum().item() <= tol * expected[0].item(), f"{name}: rank beyond the bound"

@@ -37,7 +37,7 @@ from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from transformers import CLIPTextModelWithProjection  # noqa: E402
 
-from .factories import tiny_clip, tiny_unet  # noqa: E402
+from .factories import assert_matches, records, tiny_clip, tiny_unet  # noqa: E402
 
 REL_TOL = 1e-10  # float32 factors, float64 on both sides: only rounding of the float64 arithmetic differs
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
@@ -155,26 +155,6 @@ def peft_deltas(model, prefix: str) -> dict[str, torch.Tensor]:
             delta = module.get_delta_weight(module.active_adapters[0])
             out[f"{prefix}{name}"] = delta.reshape(delta.shape[0], -1)
     return out
-
-
-def records(path, **kwargs) -> dict:
-    return {record.name: record for record in rankscope.analyze(rankscope.load(path, **kwargs))}
-
-
-def assert_matches(got: dict, deltas: dict[str, torch.Tensor]) -> None:
-    """Every reference layer is a valid record whose σ equal svdvals(ΔW) in float64, and no record is extra."""
-    assert set(got) == set(deltas)
-    for name, delta in deltas.items():
-        record = got[name]
-        assert record.valid, f"{name}: {record.error}"
-        expected = torch.linalg.svdvals(delta.double())
-        sigma = torch.tensor(record.singular_values, dtype=torch.float64)
-        k = min(sigma.numel(), expected.numel())
-        assert k > 0 and expected[0] > 0
-        rel = ((sigma[:k] - expected[:k]).abs() / expected[0]).max().item()
-        assert rel <= REL_TOL, f"{name}: relative error {rel:.2e}\n got {sigma}\n ref {expected[:k]}"
-        tail = expected[k:]
-        assert tail.numel() == 0 or tail.max().item() <= REL_TOL * expected[0].item(), f"{name}: rank beyond the bound"
 
 
 # -- item 1: save_lora_weights with per-component lora_adapter_metadata -------------------------------------------

@@ -49,7 +49,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from rankscope.figures._common import block_positions
 
-from .factories import tiny_clip, tiny_unet
+from .factories import assert_matches, records, tiny_clip, tiny_unet
 
 TOL = 1e-10
 FILE = "pytorch_lora_weights.safetensors"
@@ -120,26 +120,6 @@ def with_lora(model, config: LoraConfig, seed: int, magnitude: bool = False):
                 if "lora_magnitude_vector" in name:
                     parameter.mul_(1 + 0.2 * torch.rand_like(parameter))
     return model, get_peft_model_state_dict(model), config.to_dict()
-
-
-def records(path, **kwargs) -> dict:
-    return {record.name: record for record in rankscope.analyze(rankscope.load(path, **kwargs))}
-
-
-def assert_matches(got: dict, deltas: dict[str, torch.Tensor]) -> None:
-    """The same layers; each valid, exact, and its σ within TOL of svdvals(ΔW) (the rest of ΔW's σ ~ 0)."""
-    assert set(got) == set(deltas)
-    for name, delta in deltas.items():
-        record = got[name]
-        assert record.valid, f"{name}: {record.error}"
-        assert record.exact is True
-        expected = torch.linalg.svdvals(delta.double())
-        sigma = torch.tensor(record.singular_values, dtype=torch.float64)
-        k = min(sigma.numel(), expected.numel())
-        assert expected[0] > 0
-        rel = ((sigma[:k] - expected[:k]).abs() / expected[0]).max().item()
-        assert rel <= TOL, f"{name}: relative error {rel:.2e}\n got {sigma}\n ref {expected[:k]}"
-        assert expected[k:].numel() == 0 or expected[k:].max() <= TOL * expected[0], f"{name}: rank beyond the bound"
 
 
 def assert_clean(checkpoint) -> None:

@@ -32,7 +32,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextModelWithProjection
 
-from .factories import tiny_clip
+from .factories import assert_matches, records, tiny_clip
 
 REL_TOL = 1e-10
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -43,24 +43,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def records(path, **kwargs) -> dict:
-    return {record.name: record for record in rankscope.analyze(rankscope.load(path, **kwargs))}
-
-
-def assert_matches(got: dict, deltas: dict[str, torch.Tensor], tol: float = REL_TOL) -> None:
-    """Every reference layer is a valid record whose σ equal svdvals(ΔW) in float64, and no record is extra."""
-    assert set(got) == set(deltas)
-    for name, delta in deltas.items():
-        record = got[name]
-        assert record.valid, f"{name}: {record.error}"
-        expected = torch.linalg.svdvals(delta.double().reshape(delta.shape[0], -1))
-        sigma = torch.tensor(record.singular_values, dtype=torch.float64)
-        assert 0 < sigma.numel() <= expected.numel() and expected[0] > 0
-        rel = ((sigma - expected[: sigma.numel()]).abs() / expected[0]).max().item()
-        assert rel <= tol, f"{name}: relative error {rel:.2e}\n got {sigma}\n ref {expected}"
-        assert expected[sigma.numel() :].sum().item() <= tol * expected[0].item(), f"{name}: rank beyond the bound"
 
 
 def peft_deltas(model, prefix: str) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..base import BaseWeights, as_matrix
-from ..checkpoint import Layer
+from ..checkpoint import Layer, listed
 from ..errors import CheckpointError
 from ..update import FactoredUpdate, upcast
 
@@ -130,11 +130,6 @@ def _with_init(layer: Layer, init: Init, base: BaseWeights, outcome: _Outcome) -
     return replace(layer, update=FactoredUpdate(left, right, scale=update.scale), exact=exact)
 
 
-def _listed(names: list[str], most: int = 3) -> str:
-    shown = ", ".join(names[:most])
-    return f"{len(names)} layer(s): {shown}" + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
 def apply_init(
     layers: list[Layer], init_of: dict[str, object], base: BaseWeights | None
 ) -> tuple[list[Layer], list[str]]:
@@ -168,25 +163,29 @@ def _warning(init: Init, outcome: _Outcome, with_base: bool) -> str:
         if not with_base:
             return (
                 f"{head}; s·B₀A₀ comes from the base weight: pass --base BASE to recompute it as PEFT does. Without it "
-                f"s·B′A′ alone is analysed and marked exact: false ({_listed(outcome.estimated)})"
+                f"s·B′A′ alone is analysed and marked exact: false ({_layers(outcome.estimated)})"
             )
         parts = [head]
         if outcome.recomputed:
-            parts.append(f"s·B₀A₀ recomputed from --base as PEFT does, in float32 ({_listed(outcome.recomputed)})")
+            parts.append(f"s·B₀A₀ recomputed from --base as PEFT does, in float32 ({_layers(outcome.recomputed)})")
         if init.name not in ("pissa", "olora"):
             parts.append(
                 "its randomised SVD (torch.svd_lowrank) is redrawn on every load: the exact top-r SVD part is "
-                f"subtracted instead, and the layers are marked exact: false ({_listed(outcome.estimated)})"
+                f"subtracted instead, and the layers are marked exact: false ({_layers(outcome.estimated)})"
             )
         elif outcome.ties:
             parts.append(
                 f"σ_r and σ_(r+1) of W nearly tie (gap ≤ {TIE:g}·σ₁), so the top-r part PEFT subtracts is not unique "
-                f"and its float32 SVD may differ from this one: marked exact: false ({_listed(outcome.ties)})"
+                f"and its float32 SVD may differ from this one: marked exact: false ({_layers(outcome.ties)})"
             )
         return "; ".join(parts)
     source = {"loftq": "a quantised copy of W", "lora_ga": "gradients"}.get(init.name, "activation statistics")
     return (
         f"{head}B′, A′ trained from an init computed from {source}, which the files do not hold: ΔW against the "
         f"original base cannot be recomputed, so s·B′A′ is analysed and marked exact: false "
-        f"({_listed(outcome.estimated)}; PEFT's path_initial_model_for_weight_conversion saves the true update)"
+        f"({_layers(outcome.estimated)}; PEFT's path_initial_model_for_weight_conversion saves the true update)"
     )
+
+
+def _layers(names: list[str]) -> str:
+    return listed(names, counted="layer(s)")

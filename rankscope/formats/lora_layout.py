@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..base import BaseWeights
-from ..checkpoint import Layer
+from ..checkpoint import Layer, listed
 
 _FLIP = {"linear": "conv1d_gpt2", "conv1d_gpt2": "linear"}
 
@@ -35,17 +35,16 @@ def orient(layers: list[Layer], base: BaseWeights | None) -> tuple[list[Layer], 
         return result, None
     square = [layer.name for layer in result if layer.kind in _FLIP and len(set(layer.shape)) == 1]
     warning = (
-        f"the adapter records one fan_in_fan_out for every layer, but --base stores {_listed(flipped)} the other "
+        f"the adapter records one fan_in_fan_out for every layer, but --base stores {_layers(flipped)} the other "
         "way round (GPT-2 Conv1D (in, out) beside nn.Linear (out, in) targets): their layout is taken from --base"
     )
     if square:
         warning += (
-            f"; square layers cannot be told apart by shape and keep the recorded layout ({_listed(square)}): their "
+            f"; square layers cannot be told apart by shape and keep the recorded layout ({_layers(square)}): their "
             "singular values are right, but DoRA, PiSSA or OLoRA on a square Conv1D recorded as Linear are not"
         )
     return result, warning
 
 
-def _listed(names: list[str], most: int = 3) -> str:
-    shown = ", ".join(names[:most])
-    return f"{len(names)} layer(s): {shown}" + (f" and {len(names) - most} more" if len(names) > most else "")
+def _layers(names: list[str]) -> str:
+    return listed(names, counted="layer(s)")
