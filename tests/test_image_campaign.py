@@ -51,7 +51,6 @@ from rankscope.figures._common import block_positions
 
 from .factories import assert_matches, records, tiny_clip, tiny_unet
 
-TOL = 1e-10
 FILE = "pytorch_lora_weights.safetensors"
 TE_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 

@@ -34,7 +34,6 @@ from transformers import CLIPTextModelWithProjection
 
 from .factories import assert_matches, records, tiny_clip
 
-REL_TOL = 1e-10
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
