@@ -156,7 +156,7 @@ def weightwatcher(path: str) -> dict:
 def methods(path: str) -> dict:
     """How many factors took CholeskyQR and how many the Householder fallback."""
     import rankscope
-    from rankscope.spectrum import r_factors
+    from rankscope.core.spectrum import r_factors
 
     layers = [layer for layer in rankscope.load(path).layers if layer.update is not None]
     factors = [f for layer in layers for f in (layer.update.left, layer.update.right.mT)]

@@ -35,8 +35,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 SEED = 0
-CONFIG = {"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_seq_len": 128,
-          "norm": "rmsnorm", "activation": "gelu", "positions": "learned", "tokenizer": "utf-8 bytes"}
+CONFIG = {
+    "vocab_size": 256,
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "d_ff": 128,
+    "max_seq_len": 128,
+    "norm": "rmsnorm",
+    "activation": "gelu",
+    "positions": "learned",
+    "tokenizer": "utf-8 bytes",
+}
 CODE_PACKAGES = ("json", "http", "email")  # top-level .py files of these stdlib packages (3.10+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -50,8 +60,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (proj(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, h, t, d/h)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, h, t, d/h)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal self-attention
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -185,8 +197,10 @@ def main() -> int:
     prose_train, prose_val = split(prose_corpus())
     code_text, code_files = code_corpus()
     code_train, code_val = split(code_text)
-    print(f"prose: {len(prose_train)}+{len(prose_val)} bytes; code: {len(code_train)}+{len(code_val)} bytes "
-          f"from {len(code_files)} files in {', '.join(CODE_PACKAGES)}")
+    print(
+        f"prose: {len(prose_train)}+{len(prose_val)} bytes; code: {len(code_train)}+{len(code_val)} bytes "
+        f"from {len(code_files)} files in {', '.join(CODE_PACKAGES)}"
+    )
 
     # Phase 1: pre-train the base model from scratch on prose.
     model = TinyLM(CONFIG)
@@ -206,13 +220,17 @@ def main() -> int:
     peft_model = get_peft_model(model, lora_cfg)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    print(f"phase 2: LoRA fine-tune on stdlib code ({n_trainable} trainable params); "
-          f"code val loss before: {code_val_before:.4f}")
+    print(
+        f"phase 2: LoRA fine-tune on stdlib code ({n_trainable} trainable params); "
+        f"code val loss before: {code_val_before:.4f}"
+    )
     lora_train = train(peft_model, trainable, code_train, code_val, lora_steps, 1e-2, bs, n_eval, "lora")
     code_val_after = evaluate(peft_model, code_val, n_eval)
     prose_val_after = evaluate(peft_model, prose_val, n_eval)
-    print(f"code val loss: {code_val_before:.4f} -> {code_val_after:.4f}  (prose val: {base_val:.4f} -> "
-          f"{prose_val_after:.4f})")
+    print(
+        f"code val loss: {code_val_before:.4f} -> {code_val_after:.4f}  (prose val: {base_val:.4f} -> "
+        f"{prose_val_after:.4f})"
+    )
     # PEFT stores target_modules as a set (saved in hash-seed order); sort it so the JSON is stable.
     peft_model.peft_config["default"].target_modules = sorted(lora_cfg.target_modules)
     peft_model.save_pretrained(lora_dir)  # adapter_config.json + adapter_model.safetensors + README.md
@@ -229,14 +247,22 @@ def main() -> int:
     print(f"reload check: max |logits(reloaded) - logits(trained)| = {max_diff:.3g}")
 
     results = {
-        "seed": SEED, "quick": args.quick, "config": CONFIG,
+        "seed": SEED,
+        "quick": args.quick,
+        "config": CONFIG,
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS},
         "steps": {"base_pretrain": pre_steps, "lora_finetune": lora_steps, "batch_size": bs},
         "base_pretrain": {"final_train_loss": base_train, "val_loss_prose": base_val},
-        "lora_finetune": {"final_train_loss": lora_train, "val_loss_code_before": code_val_before,
-                          "val_loss_code_after": code_val_after, "val_loss_prose_after": prose_val_after},
-        "trainable_params": n_trainable, "reload_max_abs_logit_diff": max_diff,
-        "code_files": code_files, "wall_time_s": round(train_seconds, 2),
+        "lora_finetune": {
+            "final_train_loss": lora_train,
+            "val_loss_code_before": code_val_before,
+            "val_loss_code_after": code_val_after,
+            "val_loss_prose_after": prose_val_after,
+        },
+        "trainable_params": n_trainable,
+        "reload_max_abs_logit_diff": max_diff,
+        "code_files": code_files,
+        "wall_time_s": round(train_seconds, 2),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "peft": peft.__version__},
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rankscope
-from rankscope.errors import RankscopeError
+from rankscope.core.errors import RankscopeError
 
 
 @dataclass(frozen=True)

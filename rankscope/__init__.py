@@ -22,16 +22,16 @@ _EXPORTS = {
     "AnalysisOptions": "analysis",
     "LayerRecord": "analysis",
     "analyze": "analysis",
-    "Checkpoint": "checkpoint",
-    "Layer": "checkpoint",
-    "Skipped": "checkpoint",
-    "CheckpointError": "errors",
-    "RankscopeError": "errors",
-    "UnsupportedAdapterError": "errors",
-    "UsageProblem": "errors",
+    "Checkpoint": "core.checkpoint",
+    "Layer": "core.checkpoint",
+    "Skipped": "core.checkpoint",
+    "CheckpointError": "core.errors",
+    "RankscopeError": "core.errors",
+    "UnsupportedAdapterError": "core.errors",
+    "UsageProblem": "core.errors",
     "load": "formats",
-    "compare": "comparison",
-    "Comparison": "comparison",
+    "compare": "analysis",
+    "Comparison": "analysis",
     "write_report": "report.bundle",
     "alignment_figure": "figures",
     "count_above_figure": "figures",
@@ -42,15 +42,15 @@ _EXPORTS = {
     "spectrum_figure": "figures",
     "subspace_similarity_figure": "figures",
     "weights_figure": "figures",
-    "DenseUpdate": "update",
-    "FactoredUpdate": "update",
+    "DenseUpdate": "core.update",
+    "FactoredUpdate": "core.update",
 }
 
 if TYPE_CHECKING:
-    from .analysis import Analysis, AnalysisOptions, LayerRecord, analyze
-    from .checkpoint import Checkpoint, Layer, Skipped
-    from .comparison import Comparison, compare
-    from .errors import CheckpointError, RankscopeError, UnsupportedAdapterError, UsageProblem
+    from .analysis import Analysis, AnalysisOptions, Comparison, LayerRecord, analyze, compare
+    from .core.checkpoint import Checkpoint, Layer, Skipped
+    from .core.errors import CheckpointError, RankscopeError, UnsupportedAdapterError, UsageProblem
+    from .core.update import DenseUpdate, FactoredUpdate
     from .figures import (
         alignment_figure,
         count_above_figure,
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     )
     from .formats import load
     from .report.bundle import write_report
-    from .update import DenseUpdate, FactoredUpdate
 
 
 def __getattr__(name: str) -> object:

@@ -9,10 +9,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from rankscope import alignment
-from rankscope.components import pairwise_alignment
-from rankscope.spectrum import singular_vectors
-from rankscope.update import DenseUpdate, FactoredUpdate, KroneckerUpdate
+from rankscope.core.spectrum import singular_vectors
+from rankscope.core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate
+from rankscope.measures import alignment
+from rankscope.measures.components import pairwise_alignment
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:

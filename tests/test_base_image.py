@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rankscope.base import BaseWeights
-from rankscope.errors import CheckpointError
+from rankscope.core.base import BaseWeights
+from rankscope.core.errors import CheckpointError
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

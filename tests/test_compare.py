@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 import rankscope
+from rankscope.analysis.comparison import compare
 from rankscope.cli import main
-from rankscope.comparison import compare
 
 from .factories import lora_config, random_factors, write_lora
 

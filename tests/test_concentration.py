@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankscope import concentration as C
+from rankscope.measures import concentration as C
 
 MEASURES = ("normalized_entropy", "effective_number", "gini", "max_share", "kl_from_uniform")
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import rankscope
-from rankscope.components import subspace_similarity_grid
-from rankscope.errors import RankscopeError
+from rankscope.core.errors import RankscopeError
+from rankscope.measures.components import subspace_similarity_grid
 
 from .factories import llama_like, lora_config, random_factors, write_lora
 

@@ -230,14 +230,14 @@ def test_dora_reads_only_the_base_tensors_it_needs(dora_mixed, tmp_path, monkeyp
     directory, base, _ = dora_mixed
     base_path = write_base(base, tmp_path / "base", "sharded")
     read = []
-    original = rankscope.tensorfile.TensorFile.get
+    original = rankscope.core.tensorfile.TensorFile.get
 
     def spy(self, key):
         if Path(self.path).parent == base_path:
             read.append(key)
         return original(self, key)
 
-    monkeypatch.setattr(rankscope.tensorfile.TensorFile, "get", spy)
+    monkeypatch.setattr(rankscope.core.tensorfile.TensorFile, "get", spy)
     checkpoint = rankscope.load(directory, base=base_path)
     assert read == []  # nothing is read before the spectrum needs it
     rankscope.analyze(checkpoint)

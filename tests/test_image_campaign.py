@@ -565,7 +565,7 @@ class _Record:
     ],
 )
 def test_numbered_module_parts_are_not_layer_indices(name, index, module):
-    from rankscope.naming import block_of, layer_index, module_type
+    from rankscope.core.naming import block_of, layer_index, module_type
 
     assert (layer_index(name), module_type(name)) == (index, module)
     assert block_of(name).endswith(f"{index}") and module.replace("_", ".") not in block_of(name).replace("_", ".")

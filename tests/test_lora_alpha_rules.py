@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import rankscope
-from rankscope.errors import CheckpointError
+from rankscope.core.errors import CheckpointError
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")

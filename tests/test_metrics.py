@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankscope import metrics as M
+from rankscope.measures import metrics as M
 
 
 def test_flat_spectrum_has_every_rank_equal_to_its_length():

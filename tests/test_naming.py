@@ -1,4 +1,4 @@
-from rankscope.naming import layer_index, layer_name, module_type, natural_key
+from rankscope.core.naming import layer_index, layer_name, module_type, natural_key
 
 
 def test_layer_names_are_base_model_module_paths():
@@ -32,7 +32,7 @@ def test_kohya_names_give_index_and_module_type():
 
 
 def test_model_order_is_block_then_the_blocks_own_module_order():
-    from rankscope.naming import model_order_key
+    from rankscope.core.naming import model_order_key
 
     names = [
         "model.layers.10.self_attn.q_proj",

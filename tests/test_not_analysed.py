@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from rankscope.checkpoint import adapter_module
 from rankscope.cli import main
+from rankscope.core.checkpoint import adapter_module
 from rankscope.formats import load
 
 

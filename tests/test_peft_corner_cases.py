@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import rankscope
-from rankscope.base import BaseWeights
 from rankscope.cli import main
-from rankscope.naming import layer_name
+from rankscope.core.base import BaseWeights
+from rankscope.core.naming import layer_name
 
 EXACT_TOL = 1e-12  # against a float64 reference with no float32 step (measured ≤ 2e-15)
 MERGE_TOL = 1e-6  # against PEFT's reload, whose rewritten base is float32 (measured ≤ 4e-8)

@@ -24,9 +24,9 @@ import torch
 from click.testing import CliRunner
 
 import rankscope
+from rankscope.analysis.comparison import compare
 from rankscope.cli import main
-from rankscope.comparison import compare
-from rankscope.errors import RankscopeError
+from rankscope.core.errors import RankscopeError
 from rankscope.report import bundle
 from rankscope.report.bundle import MARKER, check_target, write_report
 from rankscope.report.html import figure_slots, inline_svg, layer_svg, report_html
@@ -388,7 +388,7 @@ def test_report_folder_files(analyses, tmp_path):
     assert write_report([analysis], out, labels=["lora"], formats=("pdf", "png")) == []
     assert (out / MARKER).is_file()
     document = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert document["schema"] == "rankscope.spectrum/1" and len(document["layers"]) == 6
+    assert document["schema"] == "rankscope.core.spectrum/1" and len(document["layers"]) == 6
     assert document["layers"][0]["singular_values"] == analysis.layers[0].singular_values
     rows = list(csv.DictReader(io.StringIO((out / "layers.csv").read_text())))
     assert [r["name"] for r in rows] == [r.name for r in analysis.layers]
@@ -424,7 +424,7 @@ def test_several_checkpoints_summary_csv_and_figures(analyses, tmp_path):
     document = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert document["schema"] == "rankscope.report/1" and document["labels"] == ["=cmd", "r2"]
     assert document["comparison"]["schema"] == "rankscope.compare/1"
-    assert [d["schema"] for d in document["spectra"].values()] == ["rankscope.spectrum/1"] * 2
+    assert [d["schema"] for d in document["spectra"].values()] == ["rankscope.core.spectrum/1"] * 2
     assert "comparison" in document["contents"] and "spectra" in document["contents"]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "layers.csv").read_text())))
     assert len(rows) == 12 and next(iter(rows[0])) == "checkpoint"
@@ -573,7 +573,7 @@ def test_command_compares_several_with_labels(quick_figures, adapters, tmp_path)
 
 def test_default_labels_tell_alike_directories_apart():
     """The shortest path suffix that tells checkpoints apart; one rule for compare, report and plot."""
-    from rankscope.naming import checkpoint_labels
+    from rankscope.core.naming import checkpoint_labels
 
     assert checkpoint_labels(["runs/a/final", "runs/b/final"]) == ["a/final", "b/final"]
     assert checkpoint_labels(["x/a/final", "y/a/final"]) == ["x/a/final", "y/a/final"]

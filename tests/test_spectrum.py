@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankscope import spectrum
-from rankscope.spectrum import (
+from rankscope.core import spectrum
+from rankscope.core.spectrum import (
     CHOLESKY_QR_TOLERANCE,
     cholesky_qr_limit,
     dense_singular_values,
@@ -16,7 +16,7 @@ from rankscope.spectrum import (
     r_factors,
     singular_values,
 )
-from rankscope.update import DenseUpdate, FactoredUpdate
+from rankscope.core.update import DenseUpdate, FactoredUpdate
 
 
 def conditioned(rows: int, cols: int, condition: float, generator: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import one_line
+from ..core.errors import one_line
 from .compare import compare
 from .components import components
 from .formats import list_formats

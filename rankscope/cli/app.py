@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import click
 
-from ..errors import RankscopeError, UsageProblem, one_line
+from ..core.errors import RankscopeError, UsageProblem, one_line
 
 EXIT_INPUT = 1
 EXIT_USAGE = 2

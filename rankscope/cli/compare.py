@@ -39,7 +39,7 @@ def compare(
 ) -> None:
     """Compare the adapters at PATHS (two or more, same base model) layer by layer: spectra, effective ranks,
     rank per parameter, and whether they learn the same directions."""
-    from ..comparison import compare as compare_analyses
+    from ..analysis.comparison import compare as compare_analyses
 
     if len(paths) < 2:
         raise click.UsageError("compare needs at least two checkpoints")

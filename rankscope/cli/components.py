@@ -25,7 +25,7 @@ def components(path: str, json_out, csv_out, quiet: bool, **options) -> None:
     checkpoint, settings = load_and_settings(path, options)
     analysis = run_analysis(checkpoint, settings, quiet=quiet)
     if not any(record.components is not None for record in analysis.layers):
-        from ..errors import RankscopeError
+        from ..core.errors import RankscopeError
 
         raise RankscopeError(f"{checkpoint.path}: no composed layers: this is a {checkpoint.adapter_type} checkpoint")
     from ..report.csv import components_csv

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import click
 
-from ..errors import UsageProblem
+from ..core.errors import UsageProblem
 from .app import note, warn
 
 
@@ -128,8 +128,8 @@ def load_checkpoint(path: str, *, adapter, alpha, format_name, base, directional
 
 def analysis_settings(*, thresholds, energies, rel_thresholds, layers, unscaled, dense, dense_dtype, device,
                       collapse_threshold, max_memory):  # fmt: skip
-    from .. import metrics
-    from ..analysis import AnalysisOptions
+    from ..analysis.analyze import AnalysisOptions
+    from ..measures import metrics
 
     return AnalysisOptions(
         thresholds=tuple(thresholds) or metrics.DEFAULT_THRESHOLDS,
@@ -147,8 +147,8 @@ def analysis_settings(*, thresholds, energies, rel_thresholds, layers, unscaled,
 
 def run_analysis(checkpoint, options, *, quiet: bool):
     """Analyse with a progress bar; fail (exit 1) when no layer can be analysed; then say what was read."""
-    from ..analysis import analyze
-    from ..errors import RankscopeError
+    from ..analysis.analyze import analyze
+    from ..core.errors import RankscopeError
     from ..report.progress import ProgressBar
 
     bar = ProgressBar("analysing", enabled=not quiet)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..core.naming import checkpoint_labels
 from ..figures import KINDS
-from ..naming import checkpoint_labels
 from .app import handle_errors, note
 from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
@@ -41,7 +41,7 @@ def _labels(paths: tuple[str, ...], labels) -> list[str] | None:
 
 def _one_layer(names: list[str], wanted: tuple[str, ...], what: str, where: str) -> str:
     """The single layer a figure of one layer draws: --layer, or the only candidate."""
-    from ..errors import RankscopeError
+    from ..core.errors import RankscopeError
 
     if len(wanted) > 1:
         raise click.UsageError(f"{what} draws one layer; --layer was given {len(wanted)} times")
@@ -57,10 +57,10 @@ def _one_layer(names: list[str], wanted: tuple[str, ...], what: str, where: str)
 
 def _subspace_figure(paths, labels, layer_names, side, width, options):
     """φ(i, j) between the same layer of two checkpoints: needs only the factors, no full analysis."""
-    from ..components import subspace_similarity_grid
-    from ..errors import RankscopeError
+    from ..core.errors import RankscopeError
+    from ..core.naming import model_order_key
     from ..figures import subspace_similarity_figure
-    from ..naming import model_order_key
+    from ..measures.components import subspace_similarity_grid
 
     if len(paths) != 2:
         raise click.UsageError(f"subspace-similarity compares exactly two checkpoints, got {len(paths)}")
@@ -97,7 +97,7 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
 
 def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limits=(None, None)):
     from .. import figures
-    from ..errors import RankscopeError
+    from ..core.errors import RankscopeError
 
     width = width or ("full" if kind == "weights" else "column")
 

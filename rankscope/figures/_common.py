@@ -12,15 +12,15 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import RankscopeError
-from ..naming import MODULE_ORDER, block_of, checkpoint_labels
+from ..core.errors import RankscopeError
+from ..core.naming import MODULE_ORDER, block_of, checkpoint_labels
 from .style import GUIDE_COLOR, figure_size, series_style
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis import Analysis, LayerRecord
+    from ..analysis.analyze import Analysis, LayerRecord
 
 MAX_LINES = 8  # more lines than this in one panel are summarised (median and quartiles) by module type
 MAX_FACETS = 8  # more module types than this are not given one panel each
@@ -114,7 +114,7 @@ def metric_from(metrics: dict | None, key: str, parameter: float | None) -> floa
         return None
     if parameter is None:
         return metrics[key]
-    from ..metrics import parameter_key
+    from ..measures.metrics import parameter_key
 
     values = metrics[key]
     if parameter_key(parameter) not in values:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis import Analysis, LayerRecord
+    from ..analysis.analyze import Analysis, LayerRecord
 
 MIN_ANNOTATED_CELL = 0.22  # inches: a cell this wide holds "0.12" at 7 pt
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import RankscopeError
+from ..core.errors import RankscopeError
 from .style import paper_style
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis import Analysis, LayerRecord
+    from ..analysis.analyze import Analysis, LayerRecord
 
 BAND_ALPHA = 0.18
 MAX_BANDS = 3  # quartile bands are shaded only when at most this many curves share a panel

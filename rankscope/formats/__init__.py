@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..base import BaseWeights
-from ..checkpoint import Checkpoint, Skipped
-from ..errors import CheckpointError, UnsupportedAdapterError, UsageProblem
+from ..core.base import BaseWeights
+from ..core.checkpoint import Checkpoint, Skipped
+from ..core.errors import CheckpointError, UnsupportedAdapterError, UsageProblem
 from .source import AdapterSource, locate
 
 
@@ -125,7 +125,7 @@ def load(
     path = Path(path)
     if path.name == "adapter_config.json" and path.is_file():
         path = path.parent  # the config names its adapter directory
-    from ..spectrum import single_threaded_ops
+    from ..core.spectrum import single_threaded_ops
 
     with single_threaded_ops():  # per-tensor checks are small ops: torch's fork-join costs more than it gains
         if compose:

@@ -18,11 +18,11 @@ import re
 from collections import defaultdict
 from dataclasses import replace
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..compose import MODES, NORMALIZATIONS, compose_layer
-from ..errors import CheckpointError
-from ..naming import layer_name
-from ..update import FactoredUpdate
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.compose import MODES, NORMALIZATIONS, compose_layer
+from ..core.errors import CheckpointError
+from ..core.naming import layer_name
+from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .peft_common import nonfinite_problem, positive_number, rank_scale
 from .source import AdapterSource

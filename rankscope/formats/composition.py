@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..compose import MODES, NORMALIZATIONS, compose_layer, layer_weights, normalize_weights
-from ..errors import CheckpointError
-from ..naming import model_order_key
-from ..tensorfile import read_json
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.compose import MODES, NORMALIZATIONS, compose_layer, layer_weights, normalize_weights
+from ..core.errors import CheckpointError
+from ..core.naming import model_order_key
+from ..core.tensorfile import read_json
 
 MANIFEST_NAME = "composition.json"
 SCHEMA = "rankscope.composition/1"

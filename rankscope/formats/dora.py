@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import torch
 
-from ..base import BaseWeights, as_matrix
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..errors import CheckpointError
-from ..update import DenseUpdate, FactoredUpdate, upcast
+from ..core.base import BaseWeights, as_matrix
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.errors import CheckpointError
+from ..core.update import DenseUpdate, FactoredUpdate, upcast
 from . import Format, ReadOptions, lora, register_format
 from .peft_common import COMPONENTS, layer_config, nonfinite_problem, truthy
 from .source import AdapterSource

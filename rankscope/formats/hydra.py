@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..naming import layer_name
-from ..update import FactoredUpdate
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.naming import layer_name
+from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .peft_common import nonfinite_problem, pattern_value, positive_number
 from .source import AdapterSource

@@ -21,11 +21,11 @@ import re
 
 import torch
 
-from ..base import BaseWeights, as_matrix
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..errors import CheckpointError
-from ..naming import layer_name
-from ..update import DenseUpdate, upcast
+from ..core.base import BaseWeights, as_matrix
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.errors import CheckpointError
+from ..core.naming import layer_name
+from ..core.update import DenseUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .peft_common import nonfinite_problem, skip_reason
 from .source import AdapterSource

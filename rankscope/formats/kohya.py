@@ -33,9 +33,9 @@ from __future__ import annotations
 import math
 import re
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..errors import CheckpointError
-from ..update import FactoredUpdate
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.errors import CheckpointError
+from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .kohya_scale import Scaling, scaling, stored_alpha
 from .lycoris_dense import (

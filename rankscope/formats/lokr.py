@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..naming import layer_name
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.naming import layer_name
 from . import Format, ReadOptions, register_format
 from .lycoris_math import (
     LOKR_ROLES,

@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..errors import UnsupportedAdapterError
-from ..naming import layer_name
-from ..update import FactoredUpdate
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.errors import UnsupportedAdapterError
+from ..core.naming import layer_name
+from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .diffusers import AliasKey
 from .diffusers import partner_key as diffusers_partner

@@ -3,7 +3,7 @@
 PEFT's ``lora.MultiheadAttention`` keeps in_proj's factors on the attention module itself
 (``attn.lora_A.weight`` (r, E), ``attn.lora_B.weight`` (3E, r), merged into ``attn.in_proj_weight``: q, k and v
 stacked) and wraps the out-projection inside its own wrapper (``attn.base_layer.out_proj.lora_A.weight``): that
-layer is the base model's ``attn.out_proj`` (:func:`rankscope.naming.layer_name`). Both take r and α from the
+layer is the base model's ``attn.out_proj`` (:func:`rankscope.core.naming.layer_name`). Both take r and α from the
 attention module's ``rank_pattern``/``alpha_pattern`` key (``attn``), not from one for ``out_proj``.
 
 PEFT up to 0.21 adds the out-projection's s·B·A twice, in ``merge``/``merge_and_unload`` and in its forward
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ..naming import layer_name
+from ..core.naming import layer_name
 
 _OUT_PROJ = re.compile(r"\.base_layer\.out_proj$")
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from ..base import BaseWeights
-from ..errors import CheckpointError
-from ..update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
+from ..core.base import BaseWeights
+from ..core.errors import CheckpointError
+from ..core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
 from .peft_common import nonfinite_problem, pattern_value, skip_reason
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..errors import CheckpointError
-from ..naming import layer_name
-from ..update import FactoredUpdate
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.errors import CheckpointError
+from ..core.naming import layer_name
+from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .peft_common import nonfinite_problem, positive_integer, positive_number
 from .source import AdapterSource

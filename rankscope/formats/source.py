@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError
-from ..tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
+from ..core.errors import CheckpointError
+from ..core.tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")

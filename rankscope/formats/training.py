@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..base import BaseWeights
-from ..checkpoint import FULL_COPIES, MODULES_TO_SAVE, Checkpoint, Skipped
-from ..errors import CheckpointError
+from ..core.base import BaseWeights
+from ..core.checkpoint import FULL_COPIES, MODULES_TO_SAVE, Checkpoint, Skipped
+from ..core.errors import CheckpointError
 from . import Format, ReadOptions, dora, lora, register_format
 from .peft_common import truthy
 from .source import AdapterSource

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import Checkpoint, Layer, Skipped
-from ..errors import CheckpointError
-from ..naming import layer_name
-from ..update import FactoredUpdate, upcast
+from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.errors import CheckpointError
+from ..core.naming import layer_name
+from ..core.update import FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .peft_common import nonfinite_problem, positive_integer, skip_reason
 from .source import AdapterSource

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..errors import RankscopeError
-from ..naming import checkpoint_labels
+from ..core.errors import RankscopeError
+from ..core.naming import checkpoint_labels
 from .csv import layers_csv
 from .csv import text_cell as csv_text
 from .html import FigureSlot, figure_slots, report_html
@@ -30,8 +30,8 @@ from .json import comparison_document, dumps, spectrum_document
 from .markdown import comparison_markdown, spectrum_markdown
 
 if TYPE_CHECKING:
-    from ..analysis import Analysis
-    from ..comparison import Comparison
+    from ..analysis.analyze import Analysis
+    from ..analysis.comparison import Comparison
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
 
 
 def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None) -> dict:
-    """One checkpoint: its ``rankscope.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
+    """One checkpoint: its ``rankscope.core.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
     ``rankscope.compare/1`` document under ``comparison`` (null where they share no layer) and each checkpoint's
     spectrum document under ``spectra`` (keyed by label)."""
     if len(analyses) == 1:
@@ -74,7 +74,7 @@ def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], compar
         "schema": REPORT_SCHEMA,
         "rankscope": __version__,
         "contents": "comparison: the rankscope.compare/1 document of the checkpoints, without the per-layer "
-        "records (they are in spectra); spectra: each checkpoint's rankscope.spectrum/1 document, keyed by label, "
+        "records (they are in spectra); spectra: each checkpoint's rankscope.core.spectrum/1 document, keyed by label, "
         "in the order of labels",
         "labels": list(labels),
         "comparison": comparison_document(comparison, records=False) if comparison is not None else None,
@@ -128,7 +128,7 @@ def _figure(slot: FigureSlot, analyses: Sequence[Analysis], labels: Sequence[str
         record = next(r for r in analyses[slot.checkpoint].layers if r.name == slot.layer)
         return F.alignment_figure(record)
     if slot.kind == "subspace-similarity":
-        from ..components import subspace_similarity_grid
+        from ..measures.components import subspace_similarity_grid
 
         updates = [
             next(layer.update for layer in a.checkpoint.layers if layer.name == slot.layer) for a in analyses[:2]
@@ -195,7 +195,7 @@ def write_report(
     ``formats``: the figure files to write under ``figures/`` (any of pdf, png, svg; empty for none — the page
     has its figures inline either way). Returns warnings (figures that could not be drawn).
     """
-    from ..comparison import compare
+    from ..analysis.comparison import compare
 
     if not analyses:
         raise RankscopeError("a report needs at least one checkpoint")

@@ -6,11 +6,11 @@ import csv
 import io
 from typing import TYPE_CHECKING
 
-from ..analysis import flat_metrics
+from ..analysis.analyze import flat_metrics
 
 if TYPE_CHECKING:
-    from ..analysis import Analysis
-    from ..comparison import Comparison
+    from ..analysis.analyze import Analysis
+    from ..analysis.comparison import Comparison
 
 _IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shape", "rank_bound", "params", "scale")
 _STATUS = ("scaled", "exact", "valid", "error")
@@ -96,8 +96,8 @@ def components_csv(analysis: Analysis) -> str:
 def comparison_csv(comparison: Comparison) -> str:
     """One row per matched layer: each checkpoint's compared values (``<label>:<quantity>``), then the mean
     off-diagonal alignment across checkpoints."""
-    from ..comparison import COMPARED
-    from ..components import off_diagonal_mean
+    from ..analysis.comparison import COMPARED
+    from ..measures.components import off_diagonal_mean
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..components import off_diagonal_mean
-from ..metrics import parameter_key
-from ..naming import model_order_key
+from ..core.naming import model_order_key
+from ..measures.components import off_diagonal_mean
+from ..measures.metrics import parameter_key
 
 if TYPE_CHECKING:
-    from ..analysis import Analysis, LayerRecord
-    from ..comparison import Comparison
+    from ..analysis.analyze import Analysis, LayerRecord
+    from ..analysis.comparison import Comparison
 
 # Okabe–Ito (colour-blind safe), each with a dash pattern so series survive grey-scale printing
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")

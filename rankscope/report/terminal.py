@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..metrics import parameter_key
+from ..measures.metrics import parameter_key
 
 if TYPE_CHECKING:
-    from ..analysis import Analysis, LayerRecord
-    from ..comparison import Comparison
+    from ..analysis.analyze import Analysis, LayerRecord
+    from ..analysis.comparison import Comparison
 
 
 def _number(value: float | None, spec: str) -> str:

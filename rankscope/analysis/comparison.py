@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .analysis import Analysis, LayerRecord
-from .components import off_diagonal_mean, pairwise_alignment
-from .errors import CheckpointError, UsageProblem
-from .metrics import parameter_key
-from .naming import checkpoint_labels, model_order_key, module_type
+from ..core.errors import CheckpointError, UsageProblem
+from ..core.naming import checkpoint_labels, model_order_key, module_type
+from ..measures.components import off_diagonal_mean, pairwise_alignment
+from ..measures.metrics import parameter_key
+from .analyze import Analysis, LayerRecord
 
 # the per-layer quantities compared side by side
 COMPARED = ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam")
@@ -55,7 +55,7 @@ class Comparison:
         return summarize(self)
 
     def to_dict(self) -> dict:
-        from .report.json import comparison_document
+        from ..report.json import comparison_document
 
         return comparison_document(self)
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .update import FactoredUpdate, KroneckerUpdate, Update, upcast
+from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast
 
 
 def principal_cosines(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import metrics as M
-from .checkpoint import Checkpoint, Layer
-from .components import composition_fields, off_diagonal_mean, pairwise_alignment, weight_fields
-from .errors import CheckpointError, RankscopeError, UsageProblem
-from .naming import layer_index, module_type
-from .spectrum import DEFAULT_MEMORY_BUDGET, single_threaded_ops, singular_values
-from .update import DenseUpdate, Update, weighted_sum
+from ..core.checkpoint import Checkpoint, Layer
+from ..core.errors import CheckpointError, RankscopeError, UsageProblem
+from ..core.naming import layer_index, module_type
+from ..core.spectrum import DEFAULT_MEMORY_BUDGET, single_threaded_ops, singular_values
+from ..core.update import DenseUpdate, Update, weighted_sum
+from ..measures import metrics as M
+from ..measures.components import composition_fields, off_diagonal_mean, pairwise_alignment, weight_fields
 
 
 def default_max_memory() -> int | None:
@@ -185,7 +185,7 @@ class Analysis:
         return {**summarize(self.layers), "not_analysed_modules": len(self.checkpoint.not_analysed)}
 
     def to_dict(self) -> dict:
-        from .report.json import spectrum_document
+        from ..report.json import spectrum_document
 
         return spectrum_document(self)
 

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.spectrum import singular_vectors
+from ..core.update import Update
 from . import alignment
 from .concentration import concentration
 from .metrics import numerical_rank
-from .spectrum import singular_vectors
-from .update import Update
 
 
 def _degrees(radians: torch.Tensor) -> list[float]:

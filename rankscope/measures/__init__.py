@@ -1,0 +1,1 @@
+"""Pure functions of spectra and factors: effective-rank metrics, subspace alignment, weight concentration."""
