@@ -52,7 +52,7 @@ def test_json_contract(runner, adapter, tmp_path):
     result = spectrum(runner, adapter, "--json", out, "--threshold", "0.005", "--threshold", "0.01", "-q")
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-finite {c} in JSON"))
-    assert doc["schema"] == "rankscope.core.spectrum/1"
+    assert doc["schema"] == "rankscope.spectrum/1"
     assert doc["checkpoint"]["family"] == "lora" and doc["checkpoint"]["adapter_type"] == "LORA"
     assert doc["skipped"] == []
     names = [layer["name"] for layer in doc["layers"]]

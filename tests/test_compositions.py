@@ -876,7 +876,7 @@ def test_components_command_json_and_csv(tmp_path):
     assert result.exit_code == 0, result.output
     assert "round1" in result.stdout  # the table names the components
     document = strict_json(out_json.read_text())
-    assert document["schema"] == "rankscope.measures.components/1"
+    assert document["schema"] == "rankscope.components/1"
     assert [layer["name"] for layer in document["layers"]] == list(MODULES)
     assert document["summary"]["layers"] == len(MODULES)
     rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))

@@ -388,7 +388,7 @@ def test_report_folder_files(analyses, tmp_path):
     assert write_report([analysis], out, labels=["lora"], formats=("pdf", "png")) == []
     assert (out / MARKER).is_file()
     document = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert document["schema"] == "rankscope.core.spectrum/1" and len(document["layers"]) == 6
+    assert document["schema"] == "rankscope.spectrum/1" and len(document["layers"]) == 6
     assert document["layers"][0]["singular_values"] == analysis.layers[0].singular_values
     rows = list(csv.DictReader(io.StringIO((out / "layers.csv").read_text())))
     assert [r["name"] for r in rows] == [r.name for r in analysis.layers]
@@ -424,7 +424,7 @@ def test_several_checkpoints_summary_csv_and_figures(analyses, tmp_path):
     document = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert document["schema"] == "rankscope.report/1" and document["labels"] == ["=cmd", "r2"]
     assert document["comparison"]["schema"] == "rankscope.compare/1"
-    assert [d["schema"] for d in document["spectra"].values()] == ["rankscope.core.spectrum/1"] * 2
+    assert [d["schema"] for d in document["spectra"].values()] == ["rankscope.spectrum/1"] * 2
     assert "comparison" in document["contents"] and "spectra" in document["contents"]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "layers.csv").read_text())))
     assert len(rows) == 12 and next(iter(rows[0])) == "checkpoint"

@@ -65,7 +65,7 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
 
 
 def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None) -> dict:
-    """One checkpoint: its ``rankscope.core.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
+    """One checkpoint: its ``rankscope.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
     ``rankscope.compare/1`` document under ``comparison`` (null where they share no layer) and each checkpoint's
     spectrum document under ``spectra`` (keyed by label)."""
     if len(analyses) == 1:
@@ -74,7 +74,7 @@ def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], compar
         "schema": REPORT_SCHEMA,
         "rankscope": __version__,
         "contents": "comparison: the rankscope.compare/1 document of the checkpoints, without the per-layer "
-        "records (they are in spectra); spectra: each checkpoint's rankscope.core.spectrum/1 document, keyed by label, "
+        "records (they are in spectra); spectra: each checkpoint's rankscope.spectrum/1 document, keyed by label, "
         "in the order of labels",
         "labels": list(labels),
         "comparison": comparison_document(comparison, records=False) if comparison is not None else None,

@@ -1,4 +1,4 @@
-"""The JSON contract (DESIGN.md, "Contracts"): ``rankscope.core.spectrum/1``."""
+"""The JSON contract (DESIGN.md, "Contracts"): ``rankscope.spectrum/1``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..analysis.analyze import Analysis
     from ..analysis.comparison import Comparison
 
-SCHEMA = "rankscope.core.spectrum/1"
+SCHEMA = "rankscope.spectrum/1"
 
 
 def _finite(value: object) -> object:
@@ -65,7 +65,7 @@ def dumps(document: dict) -> str:
     return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
 
 
-COMPONENTS_SCHEMA = "rankscope.measures.components/1"
+COMPONENTS_SCHEMA = "rankscope.components/1"
 
 
 def components_document(analysis: Analysis) -> dict:
