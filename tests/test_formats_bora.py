@@ -16,7 +16,7 @@ from torch import nn
 import rankscope
 from rankscope.cli import main
 from rankscope.formats import bora
-from rankscope.formats.source import locate
+from rankscope.formats.common.source import locate
 
 from .factories import llama_like
 

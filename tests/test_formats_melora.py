@@ -15,7 +15,7 @@ from torch.nn import functional as F
 import rankscope
 from rankscope.cli import main
 from rankscope.formats import melora
-from rankscope.formats.source import locate
+from rankscope.formats.common.source import locate
 
 PREFIX = "base_model.model."
 Q_PROJ = "model.layers.0.self_attn.q_proj"

@@ -22,7 +22,7 @@ from torch import nn
 import rankscope
 from rankscope.cli import main
 from rankscope.formats import detect
-from rankscope.formats.source import locate
+from rankscope.formats.common.source import locate
 
 REL_TOL = 1e-5
 FLOOR = 1e-6

@@ -1,10 +1,23 @@
-"""The formats registry: one reader per adapter family, each registered through :func:`register_format`.
+"""The formats registry: every readable thing is a registered :class:`Format`, each through :func:`register_format`.
 
-Adding a family means adding one module to this package with a ``detect`` and a ``read`` function and a
-``register_format(Format(...))`` call at its bottom: every module here is imported when the package is.
-(Model: PEFT's ``tuners/<method>/`` folders behind ``register_peft_method``.) Detection tries families by
-``priority`` (lower first), so a specific family (BoRA: LoRA keys plus ``lora_sigma``) is asked before the
-generic one it resembles.
+A built-in family is one module of this package with a ``detect`` and a ``read`` function and a
+``register_format(Format(...))`` call at its bottom; importing the package imports every module here (the
+registry's families), never the subpackage :mod:`.common`, which holds the steps the readers share (finding an
+adapter's files, grouping keys by module, PEFT's config rules, the LyCORIS maths). (Model: PEFT's
+``tuners/<method>/`` folders behind ``register_peft_method``.)
+
+Most formats read one adapter's tensor files (``reads="adapter"``): ``detect`` and ``read`` get the
+:class:`~.common.source.AdapterSource` that :func:`~.common.source.locate` found. A format whose input is
+another kind of file (``reads="path"``: a composition manifest) gets a :class:`PathSource` instead, and is asked
+first, before any adapter files are looked for. Within each kind detection tries formats by ``priority`` (lower
+first), so a specific family (BoRA: LoRA keys plus ``lora_sigma``) is asked before the generic one it resembles.
+
+Third-party formats: a distribution declares an entry point in the group ``rankscope.formats`` whose object is a
+:class:`Format` (``toy = "rankscope_toy:FORMAT"`` in ``[project.entry-points."rankscope.formats"]``); it is
+registered under the Format's own name. An entry point that names a module instead is imported, and that module
+registers itself with :func:`register_format` as the built-in families do. Discovery is lazy: it runs once, on
+the first listing, detection or format lookup, never on ``import rankscope``; an entry point that fails to load
+or register is skipped with a :class:`FormatWarning` naming it.
 """
 
 from __future__ import annotations
@@ -13,14 +26,24 @@ import importlib
 import math
 import pkgutil
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from ..core.base import BaseWeights
 from ..core.checkpoint import Checkpoint, Skipped
 from ..core.errors import CheckpointError, UnsupportedAdapterError, UsageProblem
-from .source import AdapterSource, locate
+from .common.source import AdapterSource, locate
+
+ENTRY_POINT_GROUP = "rankscope.formats"
+READS = ("adapter", "path")  # what a format's detect and read are given: an AdapterSource, or a PathSource
+
+
+class FormatWarning(UserWarning):
+    """A third-party format could not be registered (its entry point is named); the others still work."""
 
 
 @dataclass(frozen=True)
@@ -38,30 +61,82 @@ class ReadOptions:
 
 
 @dataclass(frozen=True)
+class PathSource:
+    """The input of a ``reads="path"`` format: the path itself, and how to load the adapters it names.
+
+    ``load(path, stack)`` reads any adapter (or nested input) with the same options; ``stack`` holds the inputs
+    being read above this one, so that a reader can refuse a cycle.
+    """
+
+    path: Path
+    load: Callable[[Path, tuple[Path, ...]], Checkpoint]
+    stack: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class Format:
-    """A registered adapter family: ``detect`` says whether the files are its, ``read`` turns them into layers."""
+    """A registered format: ``detect`` says whether the input is its, ``read`` turns it into layers.
+
+    ``reads`` says what both are given: "adapter" (an :class:`~.common.source.AdapterSource`, the default) or
+    "path" (a :class:`PathSource`, for inputs that are not an adapter's tensor files).
+    """
 
     name: str
     description: str
-    detect: Callable[[AdapterSource], bool]
-    read: Callable[[AdapterSource, ReadOptions], Checkpoint]
+    detect: Callable[[Any], bool]
+    read: Callable[[Any, ReadOptions], Checkpoint]
     priority: int = 50
+    reads: str = "adapter"
 
 
 _REGISTRY: dict[str, Format] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_discovered = False
 
 
 def register_format(fmt: Format) -> None:
-    """Add a family to the registry (a checked call: names are unique lower-case identifiers)."""
+    """Add a format to the registry: a checked call (unique lower-case names, callables, a known ``reads``)."""
+    if not isinstance(fmt, Format):
+        raise TypeError(f"register_format takes a rankscope.formats.Format, found {type(fmt).__name__}")
     if not _NAME.match(fmt.name):
         raise ValueError(f"format name {fmt.name!r} must be lower-case letters, digits, '-' or '_'")
     if fmt.name in _REGISTRY:
         raise ValueError(f"format {fmt.name!r} is registered already; pick another name")
+    if not (callable(fmt.detect) and callable(fmt.read)):
+        raise TypeError(f"format {fmt.name!r}: detect and read must be functions")
+    if fmt.reads not in READS:
+        raise ValueError(f"format {fmt.name!r}: reads must be one of {', '.join(READS)}, found {fmt.reads!r}")
     _REGISTRY[fmt.name] = fmt
 
 
+def _discover() -> None:
+    """Register the formats that installed distributions declare in the ``rankscope.formats`` group (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    from importlib.metadata import entry_points  # here, not at import: discovery must not slow ``--version``
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+            if isinstance(loaded, Format):
+                register_format(loaded)
+            elif not isinstance(loaded, ModuleType):  # a module registered its formats when it was imported
+                raise TypeError(f"it names a {type(loaded).__name__}, not a rankscope.formats.Format or a module")
+        except Exception as exc:  # a broken plug-in must not take the built-in formats down with it
+            message = f"format entry point {entry.name!r} ({entry.value}) skipped: {type(exc).__name__}: {exc}"
+            warnings.warn(message, FormatWarning, stacklevel=3)
+
+
+def detection_order() -> list[Format]:
+    """Every registered format in the order detection asks them: path formats first, then by priority."""
+    _discover()
+    return sorted(_REGISTRY.values(), key=lambda f: (f.reads != "path", f.priority, f.name))
+
+
 def format_names() -> list[str]:
+    _discover()
     return sorted(_REGISTRY)
 
 
@@ -73,12 +148,20 @@ def supported_summary() -> str:
     return ", ".join(format_names())
 
 
+def get_format(name: str) -> Format:
+    """The format registered as ``name``; a :class:`UsageProblem` naming the known ones otherwise."""
+    _discover()
+    if name not in _REGISTRY:
+        raise UsageProblem(f"format {name!r} is unknown (known: {supported_summary()})", argument="format")
+    return _REGISTRY[name]
+
+
 def detect(source: AdapterSource) -> Format:
-    """The first registered family whose detector accepts ``source``."""
-    for fmt in sorted(_REGISTRY.values(), key=lambda f: (f.priority, f.name)):
-        if fmt.detect(source):
+    """The first registered adapter format whose detector accepts ``source``."""
+    for fmt in detection_order():
+        if fmt.reads == "adapter" and fmt.detect(source):
             return fmt
-    where = source.config_path or source.weights_path
+    where = source.where
     if source.peft_type is not None:
         raise UnsupportedAdapterError(
             f"adapter type {source.peft_type!r} is not supported (supported: {supported_summary()})", path=where
@@ -103,19 +186,24 @@ def load(
     weights: Sequence[float] | None = None,
     normalize: str = "none",
     mode: str = "sum",
+    threads: int | None = None,
 ) -> Checkpoint:
     """Read the adapter at ``path`` into a :class:`Checkpoint` of per-layer updates.
 
     ``path`` is a PEFT adapter directory, a directory of several adapters (``adapter`` picks one by name), a bare
     ``.safetensors``/``.bin`` file, or a composition manifest (``composition.json``, or a directory holding one).
     ``compose`` names adapters of a multi-adapter directory to sum with ``weights`` (``normalize``: "none" or
-    "softmax"; ``mode``: "sum" or "sequential"). ``format`` forces a family instead of detecting it. ``base`` is
-    the base model (a Hugging Face model directory or a safetensors file) for updates that need it.
-    ``trust_pickle`` lets a ``.bin``/``.pt``/``.ckpt`` that ``weights_only`` refuses be unpickled in full:
-    only for the user's own files, since unpickling runs code.
+    "softmax"; ``mode``: "sum" or "sequential"). ``format`` forces a registered format instead of detecting one
+    (checked before any file is read). ``base`` is the base model (a Hugging Face model directory or a
+    safetensors file) for updates that need it. ``trust_pickle`` lets a ``.bin``/``.pt``/``.ckpt`` that
+    ``weights_only`` refuses be unpickled in full: only for the user's own files, since unpickling runs code.
+    ``threads=1`` reads under :func:`rankscope.single_threaded` (per-tensor checks are small ops, which torch's
+    fork-join slows on a busy machine; process-wide while it runs); the default changes no thread setting.
     """
+    if format is not None:
+        get_format(format)  # a misspelt name is a usage problem, whatever the path
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise UsageProblem(f"--alpha must be a finite positive number, found {alpha:g}")
+        raise UsageProblem(f"alpha must be a finite positive number, found {alpha:g}", argument="alpha")
     options = ReadOptions(
         alpha=alpha,
         base=BaseWeights(base) if base is not None else None,
@@ -125,9 +213,9 @@ def load(
     path = Path(path)
     if path.name == "adapter_config.json" and path.is_file():
         path = path.parent  # the config names its adapter directory
-    from ..core.spectrum import single_threaded_ops
+    from ..core.threads import thread_policy
 
-    with single_threaded_ops():  # per-tensor checks are small ops: torch's fork-join costs more than it gains
+    with thread_policy(threads):
         if compose:
             checkpoint = _compose(path, list(compose), weights, normalize, mode, options)
         else:
@@ -139,17 +227,20 @@ def load(
 
 
 def _load(path: Path, adapter: str | None, format: str | None, options: ReadOptions, stack: tuple) -> Checkpoint:
-    from .composition import manifest_path, read_manifest
-
-    if format is None and adapter is None and path.exists() and manifest_path(path) is not None:
-        return read_manifest(path, lambda p, inner: _load(p, None, None, options, inner), stack)
+    forced = get_format(format) if format is not None else None
+    nested = PathSource(path, lambda inner_path, inner: _load(inner_path, None, None, options, inner), stack)
+    if forced is not None and forced.reads == "path":
+        if adapter is not None:
+            raise UsageProblem(
+                f"adapter picks an adapter of a directory; a {forced.name} input names its own", argument="adapter"
+            )
+        return forced.read(nested, options)
+    if forced is None and adapter is None:  # a path format (a manifest) is asked before adapter files are sought
+        for fmt in detection_order():
+            if fmt.reads == "path" and fmt.detect(nested):
+                return fmt.read(nested, options)
     source = locate(path, adapter, trust_pickle=options.trust_pickle)
-    if format is not None:
-        if format not in _REGISTRY:
-            raise UsageProblem(f"unknown format {format!r} (known: {supported_summary()})")
-        fmt = _REGISTRY[format]
-    else:
-        fmt = detect(source)
+    fmt = forced or detect(source)
     checkpoint = fmt.read(source, options)
     checkpoint.other_adapters = checkpoint.other_adapters or list(source.other_adapters)
     checkpoint.skipped.extend(Skipped(key, reason) for key, reason in source.tensors.ignored.items())
@@ -166,7 +257,10 @@ def _compose(
     if weights is None:
         weights = [1.0] * len(names)
     if len(weights) != len(names):
-        raise UsageProblem(f"--weights gives {len(weights)} numbers for {len(names)} adapters in --compose")
+        raise UsageProblem(
+            f"weights gives {len(weights)} numbers for {len(names)} adapters in compose",
+            argument=("weights", "compose"),
+        )
     checkpoints = [_load(path, name, None, options, ()) for name in names]
     return compose_checkpoints(
         path,
@@ -180,12 +274,25 @@ def _compose(
 
 
 def _import_families() -> None:
-    """Import every module of this package; each family module registers itself at its bottom."""
+    """Import every family module of this package (each registers itself at its bottom); not :mod:`.common`."""
     for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_"):
+        if not module.ispkg and not module.name.startswith("_"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 
 _import_families()
 
-__all__ = ["Format", "ReadOptions", "detect", "format_names", "formats", "load", "register_format"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Format",
+    "FormatWarning",
+    "PathSource",
+    "ReadOptions",
+    "detect",
+    "detection_order",
+    "format_names",
+    "formats",
+    "get_format",
+    "load",
+    "register_format",
+]

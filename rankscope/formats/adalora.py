@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
-from ..core.errors import CheckpointError, UnsupportedAdapterError
-from ..core.naming import layer_name
+from ..core.checkpoint import Checkpoint, Layer
+from ..core.errors import CheckpointError
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_integer, skip_reason, truthy
-from .source import AdapterSource
+from .common import reader
+from .common.peft import positive_integer, skip_reason
+from .common.source import AdapterSource
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<attr>lora_A|lora_E|lora_B)$")
 _ROLES = {"lora_A": "A", "lora_E": "E", "lora_B": "B"}
@@ -46,10 +46,7 @@ _REFUSED_FLAGS = {
 }
 
 
-def detect(source: AdapterSource) -> bool:
-    if source.peft_type is not None:
-        return source.peft_type == "ADALORA"
-    return any(key.endswith(".lora_E") and _KEY.match(key) for key in source.tensors)
+detect = reader.detect_by("ADALORA", lambda key: key.endswith(".lora_E") and _KEY.match(key))
 
 
 def adalora_scale(alpha: float, init_r: int, rank: int) -> float:
@@ -77,25 +74,6 @@ class _Settings:
     fan_in_fan_out: bool
 
 
-@dataclass
-class _Module:
-    stored: str
-    keys: dict[str, str] = field(default_factory=dict)  # "A", "E", "B" → stored key
-
-
-def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
-    modules: dict[str, _Module] = {}
-    unused: list[str] = []
-    for key in keys:
-        match = _KEY.match(key)
-        if match is None:
-            unused.append(key)
-            continue
-        module = modules.setdefault(match["module"], _Module(match["module"]))
-        module.keys[_ROLES[match["attr"]]] = key
-    return modules, unused
-
-
 def _alpha(config: dict, where) -> float:
     """``lora_alpha``: any finite number (PEFT falls back to r where it is ≤ 0)."""
     raw = config.get("lora_alpha")
@@ -106,7 +84,7 @@ def _alpha(config: dict, where) -> float:
 
 def _settings(source: AdapterSource, options: ReadOptions) -> tuple[_Settings, list[str]]:
     """α, init_r and rank_pattern from the config (``--alpha`` overrides α), with warnings."""
-    where = source.config_path or source.weights_path
+    where = source.where
     config = source.config
     if config is None:
         alpha = options.alpha
@@ -118,9 +96,7 @@ def _settings(source: AdapterSource, options: ReadOptions) -> tuple[_Settings, l
             "(ΔW = B·diag(E)·A; pass --alpha to set α)"
         )
         return _Settings(alpha, None, {}, False), [warning]
-    for flag, reason in _REFUSED_FLAGS.items():
-        if truthy(config.get(flag)):
-            raise UnsupportedAdapterError(f"{reason} ({flag} is set)", path=where)
+    reader.refuse_flags(config, _REFUSED_FLAGS, where)
     init_r = positive_integer(config.get("init_r"), "AdaLoRA's init_r", config_path=where)
     warnings = []
     if options.alpha is not None:
@@ -166,25 +142,22 @@ def _base_shape(
     raise CheckpointError(f"the base weight has shape {list(shape)}, which does not fit ΔW of shape [{out}, {width}]")
 
 
-def _layer(source: AdapterSource, module: _Module, settings: _Settings, options: ReadOptions) -> Layer:
+def _layer(source: AdapterSource, module: reader.Module, settings: _Settings, options: ReadOptions) -> Layer:
     tensors = source.tensors
-    name = layer_name(module.stored)
-    missing = [role for role in ("A", "E", "B") if role not in module.keys]
+    name = module.name
+    missing = reader.missing_parts(module, ("A", "E", "B"), lambda role: f"lora_{role}", ", ")
     if missing:
-        have = next(iter(module.keys.values()))
-        wanted = ", ".join(f"lora_{role}" for role in missing)
-        return Layer(name, None, (), 0, family="adalora", error=f"{have}: has no matching {wanted}")
+        return reader.invalid_layer(name, missing, family="adalora")
     keys = module.keys
     a, e, b = (tensors.get(keys[role]) for role in ("A", "E", "B"))
     params = a.numel() + e.numel() + b.numel()
 
     def invalid(message: str) -> Layer:
-        return Layer(name, None, (), params, family="adalora", error=message)
+        return reader.invalid_layer(name, message, params, family="adalora")
 
-    for role, tensor in (("A", a), ("E", e), ("B", b)):
-        problem = nonfinite_problem(tensor, keys[role])
-        if problem:
-            return invalid(problem)
+    problem = reader.nonfinite_among((keys[role], tensor) for role, tensor in (("A", a), ("E", e), ("B", b)))
+    if problem:
+        return invalid(problem)
     if a.ndim != 2 or b.ndim != 2:
         role, bad = ("A", a) if a.ndim != 2 else ("B", b)
         return invalid(f"{keys[role]}: expected a matrix, found shape {list(bad.shape)}")
@@ -196,7 +169,7 @@ def _layer(source: AdapterSource, module: _Module, settings: _Settings, options:
     if b.shape[1] != k:
         return invalid(f"{keys['B']}: rank mismatch: {keys['A']} has {k} rows but {keys['B']} has {b.shape[1]} columns")
 
-    where = source.config_path or source.weights_path
+    where = source.where
     mask = _kept_mask(settings, name, where)
     init_r = settings.init_r
     if init_r is not None and mask is not None and len(mask) != init_r:
@@ -218,18 +191,14 @@ def _layer(source: AdapterSource, module: _Module, settings: _Settings, options:
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     settings, warnings = _settings(source, options)
-    modules, unused = _group(source.tensors.keys())
-    layers = [_layer(source, module, settings, options) for module in modules.values()]
-    config = dict(source.config or {})
-    return Checkpoint(
-        path=source.path,
+    modules, unused = reader.group_keys(source.tensors.keys(), _KEY, lambda match: _ROLES[match["attr"]])
+    return reader.build_checkpoint(
+        source,
         family="adalora",
         adapter_type="ADALORA",
-        config=config,
-        layers=layers,
-        skipped=[Skipped(key, skip_reason(key, config, "AdaLoRA")) for key in unused],
+        layers=[_layer(source, module, settings, options) for module in modules.values()],
+        skipped=reader.skipped_keys(unused, lambda key: skip_reason(key, source.config, "AdaLoRA")),
         warnings=warnings,
-        weights_file=source.weights_path,
     )
 
 

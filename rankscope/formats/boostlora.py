@@ -15,25 +15,25 @@ or by the presence of ``boost_weights``.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import replace
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.checkpoint import Checkpoint, Layer
 from ..core.compose import MODES, NORMALIZATIONS, compose_layer
 from ..core.errors import CheckpointError
-from ..core.naming import layer_name
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_number, rank_scale
-from .source import AdapterSource
+from .common import reader
+from .common.peft import positive_number, rank_scale
+from .common.source import AdapterSource
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<factor>[AB])\.(?P<index>\d+)\.weight|(?P<weights>boost_weights))$")
 
 
-def detect(source: AdapterSource) -> bool:
-    if source.peft_type is not None:
-        return source.peft_type == "BOOSTLORA"
-    return any(key.endswith(".boost_weights") for key in source.tensors)
+detect = reader.detect_by("BOOSTLORA", lambda key: key.endswith(".boost_weights"))
+
+
+def _role(match: re.Match) -> str | tuple[str, int]:
+    return "weights" if match["weights"] else (match["factor"], int(match["index"]))
 
 
 def _per_component(config: dict, field: str, count: int, where) -> list[float]:
@@ -51,19 +51,23 @@ def _choice(config: dict, field: str, allowed: tuple[str, ...], where) -> str:
     return value
 
 
-def _layer(source: AdapterSource, stored: str, keys: dict, count: int, settings: dict) -> Layer:
-    name = layer_name(stored)
+def _layer(source: AdapterSource, module: reader.Module, count: int, settings: dict) -> Layer:
+    name, stored = module.name, module.stored
     tensors = source.tensors
-    stored_keys = [*keys["A"].values(), *keys["B"].values(), *([keys["weights"]] if "weights" in keys else [])]
-    params = sum(tensors.get(k).numel() for k in stored_keys)
+    keys = {
+        "A": module.indexed("A"),
+        "B": module.indexed("B"),
+        **({"weights": module.keys["weights"]} if "weights" in module.keys else {}),
+    }
+    params = sum(tensors.get(k).numel() for k in module.keys.values())
 
     def invalid(message: str) -> Layer:
-        return Layer(name, None, (), params, family="composition", error=message)
+        return reader.invalid_layer(name, message, params, family="composition")
 
     if "weights" not in keys:
         return invalid(f"{stored}: components without {stored}.boost_weights")
     for factor in ("A", "B"):
-        if sorted(keys[factor]) != list(range(count)):
+        if list(keys[factor]) != list(range(count)):
             missing = sorted(set(range(count)) - set(keys[factor]))
             return invalid(f"{stored}: missing lora_{factor}.{missing[0] if missing else count}.weight "
                            f"(num_components={count})")  # fmt: skip
@@ -73,10 +77,9 @@ def _layer(source: AdapterSource, stored: str, keys: dict, count: int, settings:
     components = []
     for i in range(count):
         a, b = tensors.get(keys["A"][i]), tensors.get(keys["B"][i])
-        for key, tensor in ((keys["A"][i], a), (keys["B"][i], b), (keys["weights"], raw)):
-            problem = nonfinite_problem(tensor, key)
-            if problem:
-                return invalid(problem)
+        problem = reader.nonfinite_among(((keys["A"][i], a), (keys["B"][i], b), (keys["weights"], raw)))
+        if problem:
+            return invalid(problem)
         if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
             return invalid(f"{keys['B'][i]}: shape {list(b.shape)} does not fit {keys['A'][i]} {list(a.shape)}")
         rank = a.shape[0]
@@ -93,23 +96,13 @@ def _layer(source: AdapterSource, stored: str, keys: dict, count: int, settings:
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     config = dict(source.config or {})
-    where = source.config_path or source.weights_path
-    modules: dict[str, dict] = defaultdict(lambda: {"A": {}, "B": {}})
-    unused = []
-    for key in source.tensors:
-        match = _KEY.match(key)
-        if match is None:
-            unused.append(key)
-        elif match["weights"]:
-            modules[match["module"]]["weights"] = key
-        else:
-            modules[match["module"]][match["factor"]][int(match["index"])] = key
-    indices = {i for keys in modules.values() for i in (*keys["A"], *keys["B"])}
+    where = source.where
+    modules, unused = reader.group_keys(source.tensors, _KEY, _role)
+    indices = {role[1] for module in modules.values() for role in module.keys if isinstance(role, tuple)}
     count = config.get("num_components", max(indices, default=-1) + 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise CheckpointError(f"num_components must be a positive integer, found {count!r}", path=where)
-    if options.alpha is not None:
-        config["lora_alpha"] = options.alpha
+    warnings = reader.override_alpha(config, options.alpha)
     settings = {
         "alphas": _per_component(config, "lora_alpha", count, where) if "lora_alpha" in config else [None] * count,
         "ranks": _per_component(config, "r", count, where) if "r" in config else [None] * count,
@@ -117,20 +110,15 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         "normalize": _choice(config, "weight_normalization", NORMALIZATIONS, where),
         "mode": _choice(config, "mode", MODES, where),
     }
-    warnings = []
-    if "lora_alpha" not in config:
-        warnings.append("no lora_alpha in the config: α is unknown, scale 1 per unit of r assumed (pass --alpha)")
-    layers = [_layer(source, stored, keys, count, settings) for stored, keys in modules.items()]
-    return Checkpoint(
-        path=source.path,
+    layers = [_layer(source, module, count, settings) for module in modules.values()]
+    return reader.build_checkpoint(
+        source,
         family="composition",
         adapter_type="BOOSTLORA",
-        config=dict(source.config or {}),
         layers=layers,
-        skipped=[Skipped(key, "not a tensor of a BoostLoRA adapter") for key in unused],
+        skipped=reader.skipped_keys(unused, lambda key: "not a tensor of a BoostLoRA adapter"),
         warnings=warnings,
         notes=[f"{count} components, mode {settings['mode']}, weights normalised: {settings['normalize']}"],
-        weights_file=source.weights_path,
     )
 
 

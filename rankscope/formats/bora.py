@@ -34,25 +34,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
-from ..core.errors import CheckpointError, UnsupportedAdapterError
-from ..core.naming import layer_name
+from ..core.checkpoint import Checkpoint, Layer
+from ..core.errors import CheckpointError
 from ..core.update import FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
-from .peft_common import (
-    alpha_config,
-    layer_scale,
-    nonfinite_problem,
-    pattern_value,
-    positive_integer,
-    skip_reason,
-    truthy,
-)
-from .source import AdapterSource
+from .common import reader
+from .common.peft import alpha_config, layer_scale, pattern_value, positive_integer, skip_reason
+from .common.source import AdapterSource
 
 FAMILY = "bora"
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)\.weight$")
@@ -129,34 +121,12 @@ def block_core(diagonals: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(diagonals).permute(0, 2, 1, 3).reshape(blocks * rank, blocks * rank)
 
 
-# -- scale: α/r or α/√r ------------------------------------------------------------------------------------
-
-
 # -- keys --------------------------------------------------------------------------------------------------
-@dataclass
-class _Module:
-    """The stored keys of one adapted module: role ("A", "B", "sigma") → key, and any second spelling."""
-
-    stored: str
-    keys: dict[str, str] = field(default_factory=dict)
-    duplicates: list[str] = field(default_factory=list)
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<role>A|B)\.weight|lora_sigma(?:\.weight)?)$")  # either of the two
 
 
-def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
-    modules: dict[str, _Module] = {}
-    unused: list[str] = []
-    for key in keys:
-        match = _FACTOR_KEY.match(key) or _SIGMA_KEY.match(key)
-        if match is None:
-            unused.append(key)
-            continue
-        role = match.groupdict().get("role") or "sigma"
-        module = modules.setdefault(match["module"], _Module(match["module"]))
-        if role in module.keys:
-            module.duplicates.append(key)
-        else:
-            module.keys[role] = key
-    return modules, unused
+def _role(match: re.Match) -> str:
+    return match["role"] or "sigma"
 
 
 def _skip_reason(key: str, config: dict) -> str:
@@ -169,10 +139,9 @@ def _skip_reason(key: str, config: dict) -> str:
 def _shape_problem(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> str | None:
     """Why A (r, n), B (m, r), σ (b, b, r) do not fit together, or None."""
     a_key, b_key, s_key = keys["A"], keys["B"], keys["sigma"]
-    for key, tensor in ((a_key, a), (b_key, b), (s_key, sigma)):
-        problem = nonfinite_problem(tensor, key)
-        if problem:
-            return problem
+    problem = reader.nonfinite_among(((a_key, a), (b_key, b), (s_key, sigma)))
+    if problem:
+        return problem
     if a.ndim != 2 or b.ndim != 2:
         bad_key, bad = (a_key, a) if a.ndim != 2 else (b_key, b)
         return f"{bad_key}: BoRA's blocks are defined for linear layers: expected a matrix, found {list(bad.shape)}"
@@ -193,28 +162,26 @@ def _shape_problem(keys: dict[str, str], a: torch.Tensor, b: torch.Tensor, sigma
     return None
 
 
-def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: bool, sigma_of: SigmaMap) -> Layer:
-    name = layer_name(module.stored)
-    missing = [role for role in ("A", "B", "sigma") if role not in module.keys]
+def _layer(source: AdapterSource, module: reader.Module, config: dict, config_has_r: bool, sigma_of: SigmaMap) -> Layer:
+    name = module.name
+    missing = reader.missing_parts(module, ("A", "B", "sigma"), _SPELLING.get)
     if missing:
-        present = next(iter(module.keys.values()))
-        wanted = " and ".join(_SPELLING[role] for role in missing)
-        return Layer(name, None, (), 0, family=FAMILY, error=f"{present}: has no matching {wanted}")
+        return reader.invalid_layer(name, missing, family=FAMILY)
     if module.duplicates:
         error = f"{module.duplicates[0]}: stored twice, also as {module.keys['sigma']}; which one is meant is unclear"
-        return Layer(name, None, (), 0, family=FAMILY, error=error)
+        return reader.invalid_layer(name, error, family=FAMILY)
     tensors, keys = source.tensors, module.keys
     a, b, sigma = tensors.get(keys["A"]), tensors.get(keys["B"]), tensors.get(keys["sigma"])
     params = a.numel() + b.numel() + sigma.numel()
 
     def invalid(message: str) -> Layer:
-        return Layer(name, None, (), params, family=FAMILY, error=message)
+        return reader.invalid_layer(name, message, params, family=FAMILY)
 
     problem = _shape_problem(keys, a, b, sigma)
     if problem:
         return invalid(problem)
     (rank, n), m, blocks = a.shape, b.shape[0], sigma.shape[0]
-    where = source.config_path or source.weights_path
+    where = source.where
     config_r = pattern_value(
         config.get("rank_pattern"), name, config.get("r", rank), config_path=where, field="rank_pattern"
     )
@@ -238,21 +205,16 @@ def _layer(source: AdapterSource, module: _Module, config: dict, config_has_r: b
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     config, config_has_r, warnings = alpha_config(source.config, source.tensors.metadata(), options.alpha)
-    where = source.config_path or source.weights_path
-    for flag, reason in _REFUSED_FLAGS.items():
-        if truthy(config.get(flag)):
-            raise UnsupportedAdapterError(f"{reason} ({flag} is set)", path=where)
-    sigma_of = sigma_map(config, where)
-    modules, unused = _group(source.tensors.keys())
-    return Checkpoint(
-        path=source.path,
+    reader.refuse_flags(config, _REFUSED_FLAGS, source.where)
+    sigma_of = sigma_map(config, source.where)
+    modules, unused = reader.group_keys(source.tensors.keys(), _KEY, _role)
+    return reader.build_checkpoint(
+        source,
         family=FAMILY,
         adapter_type="BORA",
-        config=dict(source.config or {}),
         layers=[_layer(source, module, config, config_has_r, sigma_of) for module in modules.values()],
-        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        skipped=reader.skipped_keys(unused, lambda key: _skip_reason(key, config)),
         warnings=warnings,
-        weights_file=source.weights_path,
     )
 
 

@@ -11,6 +11,8 @@ Manifest, in a directory (``d/composition.json``) or given as the file itself::
 Per layer: ΔW = Σ_i w_i·ΔW_i over the components that adapt that layer. A component may itself be a manifest: it
 flattens (its components join the parent's with weights multiplied); a cycle is an error. ``--compose a,b,c
 --weights …`` builds the same from the adapters of a PEFT multi-adapter directory.
+
+Registered as the format ``composition`` (``reads="path"``): detection asks it before looking for adapter files.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..core.compose import MODES, NORMALIZATIONS, compose_layer, layer_weights, 
 from ..core.errors import CheckpointError
 from ..core.naming import model_order_key
 from ..core.tensorfile import read_json
+from . import Format, PathSource, ReadOptions, register_format
 
 MANIFEST_NAME = "composition.json"
 SCHEMA = "rankscope.composition/1"
@@ -61,7 +64,11 @@ def read_manifest(path: Path, loader: Loader, stack: tuple[Path, ...] = ()) -> C
     """Load the manifest at ``path`` and its components (through ``loader``) into a composed checkpoint."""
     manifest_file = manifest_path(path)
     if manifest_file is None:
-        raise CheckpointError(f"no {MANIFEST_NAME} here", path=path)
+        raise CheckpointError(
+            f"not a composition manifest: expected a {MANIFEST_NAME} file (or a .json manifest), or a directory "
+            f"holding {MANIFEST_NAME}",
+            path=path,
+        )
     key = _resolved(manifest_file)
     if key in stack:
         raise CheckpointError("composition cycle: this manifest includes itself", path=manifest_file)
@@ -177,3 +184,24 @@ def compose_checkpoints(
 def manifest_json(names: Sequence[str], weights: Sequence[float], normalize: str, mode: str) -> dict:
     """The manifest that ``--compose`` stands for (recorded as the composed checkpoint's config)."""
     return {"format": SCHEMA, "mode": mode, "components": list(names), "weights": list(weights), "normalize": normalize}
+
+
+def detect(source: PathSource) -> bool:
+    return manifest_path(source.path) is not None
+
+
+def read(source: PathSource, options: ReadOptions) -> Checkpoint:
+    """The manifest's components, each loaded with the same options, composed layer by layer."""
+    return read_manifest(source.path, source.load, source.stack)
+
+
+register_format(
+    Format(
+        "composition",
+        "a composition.json manifest (or a directory holding one): weighted sum of adapters",
+        detect,
+        read,
+        priority=0,
+        reads="path",
+    )
+)

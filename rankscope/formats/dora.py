@@ -24,8 +24,9 @@ from ..core.checkpoint import Checkpoint, Layer, Skipped
 from ..core.errors import CheckpointError
 from ..core.update import DenseUpdate, FactoredUpdate, upcast
 from . import Format, ReadOptions, lora, register_format
-from .peft_common import COMPONENTS, layer_config, nonfinite_problem, truthy
-from .source import AdapterSource
+from .common.peft import COMPONENTS, layer_config, nonfinite_problem, truthy
+from .common.reader import build_checkpoint
+from .common.source import AdapterSource
 
 ALLOW = frozenset({"use_dora", "lora_magnitude_vector"})
 DIRECTIONAL_WARNING = (
@@ -128,7 +129,7 @@ def read_dora(
         raise CheckpointError(
             "DoRA (use_dora) rescales W0 + s·B·A row by row, so its ΔW needs the base model's weights: pass "
             "--base PATH (the base model directory or safetensors file), or --directional-only to analyse s·B·A alone",
-            path=source.config_path or source.weights_path,
+            path=source.where,
         )
     parsed = lora.parse(source, options, adapter=adapter, allow=ALLOW)
     layers = [
@@ -144,15 +145,13 @@ def read_dora(
             for module, _ in parsed.modules
             if "magnitude" in module.keys
         ]
-    return Checkpoint(
-        path=source.path,
+    return build_checkpoint(
+        source,
         family="lora",
         adapter_type="DORA_DIRECTIONAL" if directional else "DORA",
-        config=dict(source.config or {}),
         layers=layers,
         skipped=skipped,
         warnings=warnings,
-        weights_file=source.weights_path,
     )
 
 

@@ -22,21 +22,16 @@ import re
 import torch
 
 from ..core.base import BaseWeights, as_matrix
-from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import CheckpointError
-from ..core.naming import layer_name
 from ..core.update import DenseUpdate, upcast
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, skip_reason
-from .source import AdapterSource
+from .common.peft import nonfinite_problem, skip_reason
+from .common.reader import Module, build_checkpoint, detect_by, group_keys, invalid_layer, skipped_keys
+from .common.source import AdapterSource
 
-_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
-
-
-def detect(source: AdapterSource) -> bool:
-    if source.peft_type is not None:
-        return source.peft_type == "IA3"
-    return any(_KEY.match(key) for key in source.tensors)
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>ia3_l)$")
+detect = detect_by("IA3", _KEY.match)
 
 
 def is_feedforward(rule: object, name: str) -> bool:
@@ -128,8 +123,8 @@ def _bias_change(base: BaseWeights, name: str, vector: torch.Tensor, feedforward
     return base.get(name, "bias").double() * (vector.reshape(-1).double() - 1)
 
 
-def _layer(source: AdapterSource, key: str, module: str, base: BaseWeights, config: dict) -> Layer:
-    name = layer_name(module)
+def _layer(source: AdapterSource, module: Module, base: BaseWeights, config: dict) -> Layer:
+    name, key = module.name, module.keys["ia3_l"]
     vector = source.tensors.get(key)
     params = vector.numel()
     kind = _kind(vector, bool(config.get("fan_in_fan_out")))
@@ -148,7 +143,7 @@ def _layer(source: AdapterSource, key: str, module: str, base: BaseWeights, conf
     if problem is None and base.key_for(name) is None:
         problem = f"{key}: the base model has no weight for layer {name!r} (looked for '{name}.weight' in {base.path})"
     if problem:
-        return Layer(name, None, (), params, kind=kind or "linear", family="ia3", error=problem)
+        return invalid_layer(name, problem, params, kind=kind or "linear", family="ia3")
     _check_base(base, name, key, vector, kind, feedforward)
     shape = tuple(base.shape(name))
     m, n = (shape[1], shape[0]) if kind == "conv1d_gpt2" else (shape[0], math.prod(shape[1:]))
@@ -172,32 +167,19 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         raise CheckpointError(
             "(IA)³ rescales the base weights (ΔW = W0 ⊙ (l − 1)), so its ΔW needs the base model's weights: pass "
             "--base PATH (the base model directory or safetensors file)",
-            path=source.config_path or source.weights_path,
+            path=source.where,
         )
     config = source.config or {}
-    layers, skipped = [], []
-    for key in source.tensors:
-        match = _KEY.match(key)
-        if match is None:
-            skipped.append(Skipped(key, skip_reason(key, config, "(IA)³")))  # a modules_to_save head, …
-        else:
-            layers.append(_layer(source, key, match["module"], options.base, config))
+    modules, unused = group_keys(source.tensors, _KEY)
+    layers = [_layer(source, module, options.base, config) for module in modules.values()]
+    skipped = skipped_keys(unused, lambda key: skip_reason(key, config, "(IA)³"))  # a modules_to_save head, …
     warnings = []
     if source.config is None:
         warnings.append(
             "no adapter_config.json: feedforward layers are told by their vector's layout ((1, in) against "
             "(out, 1)); a conv layer's cannot, and those layers are reported invalid"
         )
-    return Checkpoint(
-        path=source.path,
-        family="ia3",
-        adapter_type="IA3",
-        config=dict(source.config or {}),
-        layers=layers,
-        skipped=skipped,
-        warnings=warnings,
-        weights_file=source.weights_path,
-    )
+    return build_checkpoint(source, family="ia3", adapter_type="IA3", layers=layers, skipped=skipped, warnings=warnings)
 
 
 register_format(Format("ia3", "PEFT (IA)³ (Linear, Conv1D, Conv; needs --base)", detect, read, priority=50))

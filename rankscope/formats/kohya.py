@@ -13,17 +13,17 @@ own names). Per module, one of
   analysed matrix is up·M with M[i, (c, κ)] = Σ_j mid[i, j, κ]·down[j, c] (r × in·∏k):
   FactoredUpdate(up, M), exact, rank ≤ r.
 - **LoHa** (``hada_w1_a`` …, optional ``hada_t1``/``hada_t2``) and **LoKr** (``lokr_w1`` …, optional
-  ``lokr_t2``): the maths of :mod:`.lycoris_math`, shared with PEFT's LoHa/LoKr.
+  ``lokr_t2``): the maths of :mod:`.common.lycoris_math`, shared with PEFT's LoHa/LoKr.
 - **full** (``diff``, ``diff_b``) and **GLoRA** (``a1``, ``a2``, ``b1``, ``b2``; needs ``--base``): the maths of
-  :mod:`.lycoris_dense`. A 1-D ``diff`` (a norm layer's weight difference: LyCORIS full on a norm, ComfyUI's
+  :mod:`.common.lycoris_dense`. A 1-D ``diff`` (a norm layer's weight difference: LyCORIS full on a norm, ComfyUI's
   LoraSave) and a ``diff_b`` without a weight update are vector updates, listed in ``skipped``.
 - **a bias difference beside factors**: ComfyUI's "Extract and Save Lora" (``LoraSave``, ``bias_diff`` on by
   default) writes ``<name>.diff_b`` beside ``lora_up``/``lora_down``, and ComfyUI's loader adds it to the bias
   unscaled (a ``diff`` patch, not multiplied by alpha/r): the layer's bias update, ‖diff_b‖ as stored.
 - **DoRA** (``dora_scale`` beside LoRA/LoHa/LoKr factors, LyCORIS ``weight_decompose``): ΔW = W' − W0 as
-  LyCORIS's forward applies it (:mod:`.lycoris_dense`); needs ``--base``, else the layer is invalid.
+  LyCORIS's forward applies it (:mod:`.common.lycoris_dense`); needs ``--base``, else the layer is invalid.
 
-The scale s is alpha/r as the loaders apply it: :mod:`.kohya_scale`. Tensors of the other LyCORIS algorithms
+The scale s is alpha/r as the loaders apply it: :mod:`.common.kohya_scale`. Tensors of the other LyCORIS algorithms
 ((IA)³ ``weight``/``on_input``, diag-OFT/BOFT ``oft_blocks``, T-LoRA, norm ``w_norm``/``b_norm``) are listed in
 ``skipped`` with a reason naming the algorithm.
 """
@@ -37,8 +37,8 @@ from ..core.checkpoint import Checkpoint, Layer, Skipped
 from ..core.errors import CheckpointError
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .kohya_scale import Scaling, scaling, stored_alpha
-from .lycoris_dense import (
+from .common.kohya_scale import Scaling, scaling, stored_alpha
+from .common.lycoris_dense import (
     FULL_ROLES,
     GLORA_ROLES,
     dora_axis,
@@ -47,13 +47,12 @@ from .lycoris_dense import (
     glora_update,
     weight_decompose_update,
 )
-from .lycoris_math import (
+from .common.lycoris_math import (
     LOHA_ROLES,
     LOKR_ROLES,
     FactorError,
     Stored,
     check_finite,
-    group_modules,
     kind_of,
     layer_shape,
     loha_factors,
@@ -62,7 +61,8 @@ from .lycoris_math import (
     lokr_update,
     tucker_right,
 )
-from .source import AdapterSource
+from .common.reader import build_checkpoint, group_keys, second_spellings, skipped_keys
+from .common.source import AdapterSource
 
 FAMILY = "kohya"
 _LORA_ROLES = ("lora_down", "lora_up", "lora_mid")
@@ -128,9 +128,11 @@ def detect(source: AdapterSource) -> bool:
     return False
 
 
-def _group(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """{module: {role: key}} and the keys of no module; LyCORIS (IA)³'s ``<name>.weight`` joins its ``on_input``."""
-    modules, unused = group_modules(keys, _KEY)
+def _group(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str], list[Skipped]]:
+    """{module: {role: key}}, the keys of no module and the second spellings of a part; LyCORIS (IA)³'s
+    ``<name>.weight`` joins its ``on_input``."""
+    grouped, unused = group_keys(keys, _KEY)
+    modules = {stored: module.keys for stored, module in grouped.items()}
     rest = []
     for key in unused:
         module, _, role = key.rpartition(".")
@@ -138,7 +140,7 @@ def _group(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
             modules[module]["weight"] = key
         else:
             rest.append(key)
-    return modules, rest
+    return modules, rest, second_spellings(grouped.values())
 
 
 def _algorithm(roles: dict[str, str], stored: Stored) -> str | None:
@@ -303,8 +305,8 @@ def _bias_difference(stored: Stored, rows: int):
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     metadata = source.tensors.metadata()
     settings = scaling(metadata, options.alpha)
-    modules, unused = _group(list(source.tensors.keys()))
-    skipped = [Skipped(key, "not a tensor of any kohya/LyCORIS module") for key in unused]
+    modules, unused, twice = _group(list(source.tensors.keys()))
+    skipped = skipped_keys(unused, lambda key: "not a tensor of any kohya/LyCORIS module") + twice
     layers, dora = [], []
     for module, roles in modules.items():
         layer = _layer(source, module, roles, settings, options)
@@ -338,8 +340,8 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
             f"{len(dora)} DoRA (weight_decompose) module(s): ΔW = W' − W0 against --base, generally full rank "
             f"({dora[0]} …)"
         )
-    return Checkpoint(
-        path=source.path,
+    return build_checkpoint(
+        source,
         family=FAMILY,
         adapter_type="LYCORIS" if lycoris else "KOHYA_LORA",
         config={key: metadata[key] for key in _METADATA_KEYS if key in metadata},
@@ -347,7 +349,6 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         skipped=skipped,
         warnings=warnings,
         notes=notes,
-        weights_file=source.weights_path,
     )
 
 

@@ -3,7 +3,7 @@
 
 ΔW = s·((w1a·w1b) ⊙ (w2a·w2b)) reshaped to W0, s = α/r with r and α per layer through ``rank_pattern`` and
 ``alpha_pattern`` (config fields ``r`` and ``alpha``). The analysed (out, in·∏k) matrix is factored exactly
-(rank ≤ r²) through the face-splitting identity, see :mod:`.lycoris_math`:
+(rank ≤ r²) through the face-splitting identity, see :mod:`.common.lycoris_math`:
 
 - Linear, and convs in PEFT's flattened form (``w1a`` (out, r), ``w1b`` (r, in·∏k); PEFT always uses it for
   1×1 kernels): P_i = w_ia, Q_i = w_ib;
@@ -20,68 +20,36 @@ from __future__ import annotations
 
 import re
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
-from ..core.naming import layer_name
+from ..core.checkpoint import Checkpoint
 from . import Format, ReadOptions, register_format
-from .lycoris_math import (
-    LOHA_ROLES,
-    FactorError,
-    PeftScaling,
-    group_modules,
-    layer_shape,
-    loha_factors,
-    loha_update,
-    peft_scaling,
-    peft_skip_reason,
-)
-from .source import AdapterSource
+from .common.lycoris_math import LOHA_ROLES, FactorError, LohaFactors, Stored, loha_factors, loha_update
+from .common.lycoris_peft import PeftScaling, read_peft_lycoris
+from .common.reader import Module, detect_by
+from .common.source import AdapterSource
 
 FAMILY = "loha"
 _KEY = re.compile(rf"^(?P<module>.+)\.(?P<role>{'|'.join(LOHA_ROLES)})(?:\.weight)?$")
+detect = detect_by("LOHA", _KEY.match)
 
 
-def detect(source: AdapterSource) -> bool:
-    if source.peft_type is not None:
-        return source.peft_type == "LOHA"
-    return any(_KEY.match(key) for key in source.tensors)
-
-
-def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: PeftScaling, options: ReadOptions):
-    name = layer_name(module)
-    stored = {role: (key, source.tensors.get(key)) for role, key in roles.items()}
-    params = sum(tensor.numel() for _, tensor in stored.values())
-    try:
-        factors = loha_factors(stored, module)
-        config_r = scaling.rank(name)
-        if config_r is not None and config_r != factors.rank:
-            raise FactorError(
-                f"{stored['hada_w1_b'][0]}: the config gives r={config_r} for this layer but the factors have "
-                f"r={factors.rank}"
-            )
-        alpha = scaling.alpha(name)
-        update = loha_update(factors, 1.0 if alpha is None else alpha / factors.rank)
-        shape, kind = layer_shape(
-            options.base, name, factors.out_features, factors.in_features, factors.kernel, update.shape[1]
+def _build(stored: Stored, module: Module, scaling: PeftScaling) -> tuple[object, LohaFactors, bool]:
+    """s·((w1a·w1b) ⊙ (w2a·w2b)) with s = α/r, r checked against the config's."""
+    factors = loha_factors(stored, module.stored)
+    config_r = scaling.rank(module.name)
+    if config_r is not None and config_r != factors.rank:
+        raise FactorError(
+            f"{stored['hada_w1_b'][0]}: the config gives r={config_r} for this layer but the factors have "
+            f"r={factors.rank}"
         )
-    except FactorError as exc:
-        return Layer(name, None, (), params, family=FAMILY, error=str(exc))
-    return Layer(name, update, shape, params, kind=kind, family=FAMILY)
+    alpha = scaling.alpha(module.name)
+    return loha_update(factors, 1.0 if alpha is None else alpha / factors.rank), factors, False
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
-    scaling, warnings = peft_scaling(source.config, options.alpha, source.config_path or source.weights_path)
-    modules, unused = group_modules(source.tensors.keys(), _KEY)
-    layers = [_layer(source, module, roles, scaling, options) for module, roles in modules.items()]
-    return Checkpoint(
-        path=source.path,
-        family=FAMILY,
-        adapter_type="LOHA",
-        config=dict(source.config or {}),
-        layers=layers,
-        skipped=[Skipped(key, peft_skip_reason(key, source.config, "LoHa")) for key in unused],
-        warnings=warnings,
-        weights_file=source.weights_path,
+    checkpoint, _ = read_peft_lycoris(
+        source, options, family=FAMILY, adapter_type="LOHA", what="LoHa", pattern=_KEY, build=_build
     )
+    return checkpoint
 
 
 register_format(Format(FAMILY, "PEFT LoHa (Linear, Conv1d/2d, use_effective_conv2d)", detect, read, priority=50))

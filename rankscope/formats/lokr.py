@@ -17,30 +17,16 @@ from __future__ import annotations
 
 import re
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
-from ..core.naming import layer_name
+from ..core.checkpoint import Checkpoint
 from . import Format, ReadOptions, register_format
-from .lycoris_math import (
-    LOKR_ROLES,
-    FactorError,
-    PeftScaling,
-    group_modules,
-    layer_shape,
-    lokr_factors,
-    lokr_update,
-    peft_scaling,
-    peft_skip_reason,
-)
-from .source import AdapterSource
+from .common.lycoris_math import LOKR_ROLES, FactorError, LokrFactors, Stored, lokr_factors, lokr_update
+from .common.lycoris_peft import PeftScaling, read_peft_lycoris
+from .common.reader import Module, detect_by
+from .common.source import AdapterSource
 
 FAMILY = "lokr"
 _KEY = re.compile(rf"^(?P<module>.+)\.(?P<role>{'|'.join(LOKR_ROLES)})(?:\.weight)?$")
-
-
-def detect(source: AdapterSource) -> bool:
-    if source.peft_type is not None:
-        return source.peft_type == "LOKR"
-    return any(_KEY.match(key) for key in source.tensors)
+detect = detect_by("LOKR", _KEY.match)
 
 
 def _scale(scaling: PeftScaling, name: str, rank: int | None, rank_key: str | None) -> tuple[float, bool]:
@@ -57,45 +43,24 @@ def _scale(scaling: PeftScaling, name: str, rank: int | None, rank_key: str | No
     return alpha / r, False
 
 
-def _layer(
-    source: AdapterSource, module: str, roles: dict[str, str], scaling: PeftScaling, options: ReadOptions
-) -> tuple[Layer, bool]:
-    name = layer_name(module)
-    stored = {role: (key, source.tensors.get(key)) for role, key in roles.items()}
-    params = sum(tensor.numel() for _, tensor in stored.values())
-    try:
-        factors = lokr_factors(stored, module)
-        rank_key = roles.get("lokr_w1_b", roles.get("lokr_w2_b"))  # where the stored r shows, if anywhere
-        scale, assumed = _scale(scaling, name, factors.rank, rank_key)
-        update = lokr_update(factors, scale, peft_conv1d_layout=True)
-        shape, kind = layer_shape(
-            options.base, name, factors.out_features, factors.in_features, factors.kernel, update.shape[1]
-        )
-    except FactorError as exc:
-        return Layer(name, None, (), params, family=FAMILY, error=str(exc)), False
-    return Layer(name, update, shape, params, kind=kind, family=FAMILY), assumed
+def _build(stored: Stored, module: Module, scaling: PeftScaling) -> tuple[object, LokrFactors, bool]:
+    """s·(W1 ⊗ W2) in PEFT's layout, with s = α/r (r from the config where the factors do not show it)."""
+    factors = lokr_factors(stored, module.stored)
+    rank_key = module.keys.get("lokr_w1_b", module.keys.get("lokr_w2_b"))  # where the stored r shows, if anywhere
+    scale, assumed = _scale(scaling, module.name, factors.rank, rank_key)
+    return lokr_update(factors, scale, peft_conv1d_layout=True), factors, assumed
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
-    scaling, warnings = peft_scaling(source.config, options.alpha, source.config_path or source.weights_path)
-    modules, unused = group_modules(source.tensors.keys(), _KEY)
-    built = [_layer(source, module, roles, scaling, options) for module, roles in modules.items()]
-    assumed = [layer.name for layer, unknown in built if unknown]
+    checkpoint, assumed = read_peft_lycoris(
+        source, options, family=FAMILY, adapter_type="LOKR", what="LoKr", pattern=_KEY, build=_build
+    )
     if assumed:
-        warnings.append(
+        checkpoint.warnings.append(
             f"no adapter_config.json: r is not stored for LoKr layers with both factors in full, scale 1 is assumed "
             f"for {len(assumed)} layer(s) ({assumed[0]} …)"
         )
-    return Checkpoint(
-        path=source.path,
-        family=FAMILY,
-        adapter_type="LOKR",
-        config=dict(source.config or {}),
-        layers=[layer for layer, _ in built],
-        skipped=[Skipped(key, peft_skip_reason(key, source.config, "LoKr")) for key in unused],
-        warnings=warnings,
-        weights_file=source.weights_path,
-    )
+    return checkpoint
 
 
 register_format(

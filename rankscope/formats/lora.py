@@ -13,36 +13,36 @@ gives s = alpha/r and a module without one α = r, whatever ``ss_network_alpha``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..core.checkpoint import Checkpoint, Layer, Skipped
 from ..core.errors import UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .diffusers import AliasKey
-from .diffusers import partner_key as diffusers_partner
-from .diffusers import split_key as split_diffusers_key
-from .kohya_scale import Scaling
-from .kohya_scale import scaling as kohya_scaling
-from .lora_init import apply_init
-from .lora_layout import orient
-from .lora_mha import double_applied_warning, pattern_name
-from .peft_common import (
+from .common import reader
+from .common.diffusers import AliasKey
+from .common.diffusers import partner_key as diffusers_partner
+from .common.diffusers import split_key as split_diffusers_key
+from .common.kohya_scale import Scaling
+from .common.kohya_scale import scaling as kohya_scaling
+from .common.lora_init import apply_init
+from .common.lora_layout import orient
+from .common.lora_mha import double_applied_warning, pattern_name
+from .common.peft import (
     COMPONENTS,
     alpha_config,
     alpha_tensor,
     any_config,
     layer_config,
     layer_scale,
-    nonfinite_problem,
     pattern_value,
     positive_integer,
     skip_reason,
     truthy,
     uncovered_components,
 )
-from .source import AdapterSource
+from .common.source import AdapterSource
 
 # saved files strip the adapter name (``lin.lora_A.weight``); a whole model's state dict keeps it
 # (``lin.lora_A.default.weight``, ``emb.lora_embedding_A.default``): the optional ``adapter`` segment
@@ -99,15 +99,6 @@ def detect(source: AdapterSource) -> bool:
     return saved or any(split_diffusers_key(key) is not None for key in source.tensors)
 
 
-@dataclass
-class _Module:
-    """The stored keys of one adapted module."""
-
-    stored: str
-    keys: dict[str, str] = field(default_factory=dict)  # "A", "B", "bias", "magnitude" (DoRA), "alpha" → stored key
-    embedding: bool = False
-
-
 _ROLES = {
     "lora_A": "A",
     "lora_embedding_A": "A",
@@ -117,41 +108,47 @@ _ROLES = {
 }
 
 
-def _group(keys: list[str], adapter: str | None = None) -> tuple[dict[str, _Module], list[str]]:
+def is_embedding(module: reader.Module) -> bool:
+    """Whether the module's factors are an Embedding's (``lora_embedding_A``/``lora_embedding_B``)."""
+    parts = (split_key(module.keys[role]) for role in ("A", "B") if role in module.keys)
+    return any(part is not None and part.attr.startswith("lora_embedding") for part in parts)
+
+
+def _peft_role(adapter: str | None):
+    """The role of a PEFT-named key of ``adapter`` ("A", "B", "bias" for lora_B's, "magnitude"), else None."""
+
+    def role(match: re.Match) -> str | None:
+        if match["adapter"] != adapter:
+            return None
+        part = _ROLES[match["attr"]]
+        if match["param"] == ".bias":
+            return "bias" if part == "B" else None
+        return part
+
+    return role
+
+
+def _group(keys: list[str], adapter: str | None = None) -> tuple[dict[str, reader.Module], list[str]]:
     """Keys by module; only those of ``adapter`` (None: names stripped, as saved), the rest unused.
 
-    Saved files may also name factors in diffusers' layouts (:mod:`.diffusers`; PEFT's name wins where a module
-    has both) and carry a per-module ``<module>.alpha`` scalar (musubi-tuner, ComfyUI): role "alpha".
+    Saved files may also name factors in diffusers' layouts (:mod:`.common.diffusers`; PEFT's name wins where a
+    module has both) and carry a per-module ``<module>.alpha`` scalar (musubi-tuner, ComfyUI): role "alpha".
     """
-    modules: dict[str, _Module] = {}
-    unused: list[str] = []
     aliases: list[tuple[str, AliasKey]] = []
     alphas: list[str] = []
+    peft_named: list[str] = []
     for key in keys:
         alias = split_diffusers_key(key) if adapter is None else None
         if alias is not None:
             aliases.append((key, alias))
-            continue
-        if adapter is None and key.endswith(".alpha"):
+        elif adapter is None and key.endswith(".alpha"):
             alphas.append(key)
-            continue
-        match = _KEY.match(key)
-        if match is None or match["adapter"] != adapter:
-            unused.append(key)
-            continue
-        attr, param = match["attr"], match["param"] or ""
-        role = _ROLES[attr]
-        if role == "B" and param == ".bias":
-            role = "bias"
-        elif param == ".bias":
-            unused.append(key)
-            continue
-        module = modules.setdefault(match["module"], _Module(match["module"]))
-        module.keys[role] = key
-        module.embedding = module.embedding or attr.startswith("lora_embedding")
+        else:
+            peft_named.append(key)
+    modules, unused = reader.group_keys(peft_named, _KEY, _peft_role(adapter))
     owners = {stored: module for stored, module in modules.items()}
     for key, alias in aliases:
-        module = modules.setdefault(alias.module, _Module(alias.module))
+        module = modules.setdefault(alias.module, reader.Module(alias.module))
         owners.setdefault(alias.stored, module)
         if alias.role in module.keys:
             unused.append(key)
@@ -170,7 +167,7 @@ def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) ->
     """Refuse what this reader would misread (except the flags and tensors in ``allow``, which a variant's
     reader handles); return warnings for what it reads with a caveat."""
     config = source.config or {}
-    where = source.config_path or source.weights_path
+    where = source.where
     for flag, reason in _REFUSED_FLAGS.items():
         if flag not in allow and truthy(config.get(flag)):
             raise UnsupportedAdapterError(f"{reason} ({flag} is set)", path=where)
@@ -182,28 +179,27 @@ def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) ->
 
 
 def _layer(
-    source: AdapterSource, module: _Module, config: dict, config_has_r: bool, scaling: Scaling, origin: str
+    source: AdapterSource, module: reader.Module, config: dict, config_has_r: bool, scaling: Scaling, origin: str
 ) -> Layer:
     tensors = source.tensors
     name = layer_name(module.stored)
-    embedding = module.embedding
+    embedding = is_embedding(module)
     if "A" not in module.keys or "B" not in module.keys:
         have, missing = ("A", "B") if "A" in module.keys else ("B", "A")
         stored = module.keys.get(have) or module.keys.get("bias") or next(iter(module.keys.values()))
         partner = "lora_embedding_" + missing if embedding else f"lora_{missing}.weight"
-        return Layer(name, None, (), 0, error=f"{stored}: has no matching {diffusers_partner(stored) or partner}")
+        return reader.invalid_layer(name, f"{stored}: has no matching {diffusers_partner(stored) or partner}")
     a_key, b_key = module.keys["A"], module.keys["B"]
     a, b = tensors.get(a_key), tensors.get(b_key)
     bias = tensors.get(module.keys["bias"]) if "bias" in module.keys else None
     params = a.numel() + b.numel() + (bias.numel() if bias is not None else 0)
 
-    def invalid(message: str, kind: str = "linear") -> Layer:
-        return Layer(name, None, (), params, kind=kind, error=message)
+    def invalid(message: str) -> Layer:
+        return reader.invalid_layer(name, message, params)
 
-    for key, tensor in ((a_key, a), (b_key, b), (module.keys.get("bias"), bias)):
-        problem = nonfinite_problem(tensor, key) if tensor is not None else None
-        if problem:
-            return invalid(problem)
+    problem = reader.nonfinite_among(((a_key, a), (b_key, b), (module.keys.get("bias"), bias)))
+    if problem:
+        return invalid(problem)
     if a.ndim < 2 or b.ndim < 2:
         bad_key, bad = (a_key, a) if a.ndim < 2 else (b_key, b)
         return invalid(f"{bad_key}: expected a matrix, found shape {list(bad.shape)}")
@@ -215,7 +211,7 @@ def _layer(
     if a.ndim > 2 and any(d != 1 for d in b.shape[2:]):
         return invalid(f"{b_key}: a conv LoRA's B must be 1×…×1 in its kernel dims, found shape {list(b.shape)}")
 
-    where = source.config_path or source.weights_path
+    where = source.where
     config, relative = layer_config(config, name)  # a diffusers pipeline file: the layer's component's config
     relative = pattern_name(module.stored, relative)  # MultiheadAttention's out_proj: the attention module's r, α
     config_r = pattern_value(
@@ -250,7 +246,7 @@ def _layer(
 class Parsed:
     """A LoRA-style file read module by module: what variants (DoRA, training checkpoints) build on."""
 
-    modules: list[tuple[_Module, Layer]]  # each module's stored keys with its s·B·A layer
+    modules: list[tuple[reader.Module, Layer]]  # each module's stored keys with its s·B·A layer
     skipped: list[Skipped]
     config: dict  # the config that gave r and α (with --alpha applied)
     warnings: list[str]
@@ -291,7 +287,9 @@ def parse(
     uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
     return Parsed(
         modules=layers,
-        skipped=skipped + [Skipped(key, skip_reason(key, config, "LoRA")) for key in unused],
+        skipped=skipped
+        + reader.skipped_keys(unused, lambda key: skip_reason(key, config, "LoRA"))
+        + reader.second_spellings(modules.values()),
         config=config,
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
     )
@@ -316,16 +314,19 @@ def _ignore_alphas(source: AdapterSource, modules, config: dict) -> tuple[list[S
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
-    parsed = parse(source, options)
-    return Checkpoint(
-        path=source.path,
+    return parsed_checkpoint(source, parse(source, options))
+
+
+def parsed_checkpoint(source: AdapterSource, parsed: Parsed, adapter_type: str | None = None) -> Checkpoint:
+    """The checkpoint of a parsed LoRA file (``adapter_type`` "LORA", or "RSLORA" under ``use_rslora``)."""
+    rslora = any_config(parsed.config, "use_rslora")
+    return reader.build_checkpoint(
+        source,
         family="lora",
-        adapter_type="RSLORA" if any_config(parsed.config, "use_rslora") else "LORA",
-        config=dict(source.config or {}),
+        adapter_type=adapter_type or ("RSLORA" if rslora else "LORA"),
         layers=[layer for _, layer in parsed.modules],
         skipped=parsed.skipped,
         warnings=parsed.warnings,
-        weights_file=source.weights_path,
     )
 
 

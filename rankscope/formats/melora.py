@@ -26,17 +26,17 @@ a file without a config can be read with ``--format melora`` (and ``--alpha``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import CheckpointError
-from ..core.naming import layer_name
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_integer, positive_number
-from .source import AdapterSource
+from .common.peft import nonfinite_problem, positive_integer, positive_number
+from .common.reader import Module, build_checkpoint, group_keys, invalid_layer, skipped_keys
+from .common.source import AdapterSource
 
 FAMILY = "melora"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>[AB])\.(?P<index>\d+)\.weight$")
@@ -108,45 +108,22 @@ def _scales(minis: MiniConfig, ranks: list[int], a_keys: list[str]) -> tuple[lis
 
 
 # -- keys --------------------------------------------------------------------------------------------------
-@dataclass
-class _Module:
-    """The stored keys of one module: mini index → key of its A and of its B."""
-
-    stored: str
-    a: dict[int, str] = field(default_factory=dict)
-    b: dict[int, str] = field(default_factory=dict)
-    duplicates: list[str] = field(default_factory=list)
+def _role(match) -> tuple[str, int]:
+    return match["role"], int(match["index"])  # ("A", 1): "lora_A.1" and "lora_A.01" are the same mini
 
 
-def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
-    modules: dict[str, _Module] = {}
-    unused: list[str] = []
-    for key in keys:
-        match = _KEY.match(key)
-        if match is None:
-            unused.append(key)
-            continue
-        module = modules.setdefault(match["module"], _Module(match["module"]))
-        slots = module.a if match["role"] == "A" else module.b
-        index = int(match["index"])
-        if index in slots:
-            module.duplicates.append(key)  # "lora_A.1" and "lora_A.01"
-        else:
-            slots[index] = key
-    return modules, unused
-
-
-def _index_problem(module: _Module) -> str | None:
+def _index_problem(module: Module) -> str | None:
     """Every A needs its B and the other way round, and the indices must be 0 … n-1."""
     if module.duplicates:
         return f"{module.duplicates[0]}: a second tensor for the same mini index"
-    for i in sorted(set(module.a) - set(module.b)):
-        return f"{module.a[i]}: has no matching lora_B.{i}.weight"
-    for i in sorted(set(module.b) - set(module.a)):
-        return f"{module.b[i]}: has no matching lora_A.{i}.weight"
-    indices = sorted(module.a)
+    a, b = module.indexed("A"), module.indexed("B")
+    for i in sorted(set(a) - set(b)):
+        return f"{a[i]}: has no matching lora_B.{i}.weight"
+    for i in sorted(set(b) - set(a)):
+        return f"{b[i]}: has no matching lora_A.{i}.weight"
+    indices = list(a)
     if indices != list(range(len(indices))):
-        return f"{module.a[indices[-1]]}: mini indices {indices} are not 0…{len(indices) - 1}"
+        return f"{a[indices[-1]]}: mini indices {indices} are not 0…{len(indices) - 1}"
     return None
 
 
@@ -177,13 +154,12 @@ def _tiling_problem(a_keys: list[str], b_keys: list[str], a: list[torch.Tensor],
 
 
 # -- one layer ---------------------------------------------------------------------------------------------
-def _layer(source: AdapterSource, module: _Module, minis: MiniConfig, fan_in_fan_out: bool) -> Layer:
-    name = layer_name(module.stored)
+def _layer(source: AdapterSource, module: Module, minis: MiniConfig, fan_in_fan_out: bool) -> Layer:
+    name = module.name
     problem = _index_problem(module)
     if problem:
-        return Layer(name, None, (), 0, family=FAMILY, error=problem)
-    count = len(module.a)
-    a_keys, b_keys = [module.a[i] for i in range(count)], [module.b[i] for i in range(count)]
+        return invalid_layer(name, problem, family=FAMILY)
+    a_keys, b_keys = list(module.indexed("A").values()), list(module.indexed("B").values())
     a, b = [source.tensors.get(k) for k in a_keys], [source.tensors.get(k) for k in b_keys]
     params = sum(t.numel() for t in (*a, *b))
     problem = _tiling_problem(a_keys, b_keys, a, b)
@@ -191,7 +167,7 @@ def _layer(source: AdapterSource, module: _Module, minis: MiniConfig, fan_in_fan
         ranks = [int(t.shape[0]) for t in a]
         scales, problem = _scales(minis, ranks, a_keys)
     if problem:
-        return Layer(name, None, (), params, family=FAMILY, error=problem)
+        return invalid_layer(name, problem, params, family=FAMILY)
     scale = torch.tensor([s for s, rank in zip(scales, ranks, strict=True) for _ in range(rank)], dtype=torch.float64)
     update = FactoredUpdate(left=torch.block_diag(*b), right=torch.block_diag(*a), scale=scale)
     m, n = update.shape
@@ -208,7 +184,7 @@ def _skip_reason(key: str) -> str:
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     config = dict(source.config or {})
-    where = source.config_path or source.weights_path
+    where = source.where
     minis = MiniConfig.from_config(config, where)
     warnings = []
     if options.alpha is not None:
@@ -216,16 +192,14 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         warnings.append(f"--alpha {options.alpha:g} overrides every mini's lora_alpha")
     elif minis.alphas is None:
         warnings.append("no lora_alpha in the config: scale 1 is assumed for every mini (pass --alpha)")
-    modules, unused = _group(source.tensors.keys())
-    return Checkpoint(
-        path=source.path,
+    modules, unused = group_keys(source.tensors.keys(), _KEY, _role)
+    return build_checkpoint(
+        source,
         family=FAMILY,
         adapter_type="MELORA",
-        config=config,
         layers=[_layer(source, module, minis, bool(config.get("fan_in_fan_out"))) for module in modules.values()],
-        skipped=[Skipped(key, _skip_reason(key)) for key in unused],
+        skipped=skipped_keys(unused, _skip_reason),
         warnings=warnings,
-        weights_file=source.weights_path,
     )
 
 

@@ -19,8 +19,8 @@ from ..core.base import BaseWeights
 from ..core.checkpoint import FULL_COPIES, MODULES_TO_SAVE, Checkpoint, Skipped
 from ..core.errors import CheckpointError
 from . import Format, ReadOptions, dora, lora, register_format
-from .peft_common import truthy
-from .source import AdapterSource
+from .common.peft import truthy
+from .common.source import AdapterSource
 
 BASE_WEIGHT = "base model weight"
 
@@ -94,16 +94,8 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         checkpoint = dora.read_dora(source, options, base=base, adapter=adapter)
     else:
         parsed = lora.parse(source, options, adapter=adapter, allow=dora.ALLOW)
-        checkpoint = Checkpoint(
-            path=source.path,
-            family="lora",
-            adapter_type="RSLORA" if parsed.config.get("use_rslora") else "LORA",
-            config=dict(source.config or {}),
-            layers=[layer for _, layer in parsed.modules],
-            skipped=parsed.skipped,
-            warnings=parsed.warnings,
-            weights_file=source.weights_path,
-        )
+        rslora = parsed.config.get("use_rslora")  # a whole model's config is one LoraConfig, not per component
+        checkpoint = lora.parsed_checkpoint(source, parsed, "RSLORA" if rslora else "LORA")
     checkpoint.skipped = [_reason(s, adapter) for s in checkpoint.skipped]
     return checkpoint
 

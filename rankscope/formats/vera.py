@@ -29,27 +29,24 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import CheckpointError
-from ..core.naming import layer_name
 from ..core.update import FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
-from .peft_common import nonfinite_problem, positive_integer, skip_reason
-from .source import AdapterSource
+from .common import reader
+from .common.peft import nonfinite_problem, positive_integer, skip_reason
+from .common.source import AdapterSource
 
 _LAMBDA = re.compile(r"^(?P<module>.+)\.vera_lambda_(?P<which>[bd])$")
 _SHARED = {"A": ("base_model.vera_A", "vera_A"), "B": ("base_model.vera_B", "vera_B")}  # with and without prefix
 _PER_LAYER_COPY = re.compile(r"\.vera_[AB]$")
 
 
-def detect(source: AdapterSource) -> bool:
-    if source.peft_type is not None:
-        return source.peft_type == "VERA"
-    return any(_LAMBDA.match(key) for key in source.tensors)
+detect = reader.detect_by("VERA", _LAMBDA.match)
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -71,24 +68,6 @@ def regenerate_projections(seed: int, r: int, max_in: int, max_out: int) -> tupl
     a = _kaiming_uniform((r, max_in), generator)
     b = _kaiming_uniform((max_out, r), generator)
     return a, b
-
-
-@dataclass
-class _Module:
-    stored: str
-    keys: dict[str, str] = field(default_factory=dict)  # "b", "d" → stored key
-
-
-def _group(keys: list[str]) -> tuple[dict[str, _Module], list[str]]:
-    modules: dict[str, _Module] = {}
-    unused: list[str] = []
-    for key in keys:
-        match = _LAMBDA.match(key)
-        if match is None:
-            unused.append(key)
-            continue
-        modules.setdefault(match["module"], _Module(match["module"])).keys[match["which"]] = key
-    return modules, unused
 
 
 @dataclass(frozen=True)
@@ -129,11 +108,11 @@ def _stored_projection(source: AdapterSource, which: str) -> tuple[str, torch.Te
 
 
 def _regenerated(
-    source: AdapterSource, options: ReadOptions, modules: dict[str, _Module], r: int
+    source: AdapterSource, options: ReadOptions, modules: dict[str, reader.Module], r: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Redraw A and B from ``projection_prng_key``, sized by the largest adapted layer of the base model."""
     config = source.config or {}
-    where = source.config_path or source.weights_path
+    where = source.where
     if options.base is None:
         raise CheckpointError(
             f"the shared projection {_SHARED['A'][0]!r} is not in the file (save_projection=false): PEFT redraws "
@@ -152,7 +131,7 @@ def _regenerated(
     for module in modules.values():
         if "b" not in module.keys:
             continue  # an invalid layer (no λ_b): PEFT would not have built it either
-        name = layer_name(module.stored)
+        name = module.name
         out = source.tensors.shape(module.keys["b"])[0]
         try:
             orientation = _orientation(options, name, out, 0, fan_in_fan_out)
@@ -163,11 +142,11 @@ def _regenerated(
 
 
 def _projections(
-    source: AdapterSource, options: ReadOptions, modules: dict[str, _Module]
+    source: AdapterSource, options: ReadOptions, modules: dict[str, reader.Module]
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The shared (A, B), stored or redrawn, checked against each other and the config's r; with notes."""
     config = source.config or {}
-    where = source.config_path or source.weights_path
+    where = source.where
     stored_a, stored_b = _stored_projection(source, "A"), _stored_projection(source, "B")
     r = positive_integer(config["r"], "VeRA's r", config_path=where) if "r" in config else None
     if stored_a is None and stored_b is None and config.get("save_projection") is False:
@@ -210,24 +189,22 @@ def _projections(
 
 def _layer(
     source: AdapterSource,
-    module: _Module,
+    module: reader.Module,
     projections: tuple[torch.Tensor, torch.Tensor],
     options: ReadOptions,
     fan_in_fan_out: bool,
 ) -> Layer:
     tensors = source.tensors
-    name = layer_name(module.stored)
-    if "b" not in module.keys or "d" not in module.keys:
-        have, missing = ("b", "d") if "b" in module.keys else ("d", "b")
-        return Layer(
-            name, None, (), 0, family="vera", error=f"{module.keys[have]}: has no matching vera_lambda_{missing}"
-        )
+    name = module.name
+    missing = reader.missing_parts(module, ("b", "d"), lambda which: f"vera_lambda_{which}")
+    if missing:
+        return reader.invalid_layer(name, missing, family="vera")
     b_key, d_key = module.keys["b"], module.keys["d"]
     lambda_b, lambda_d = tensors.get(b_key), tensors.get(d_key)
     params = lambda_b.numel() + lambda_d.numel()
 
     def invalid(message: str) -> Layer:
-        return Layer(name, None, (), params, family="vera", error=message)
+        return reader.invalid_layer(name, message, params, family="vera")
 
     for key, tensor in ((b_key, lambda_b), (d_key, lambda_d)):
         if tensor.ndim != 1:
@@ -265,7 +242,7 @@ def _skip_reason(key: str, config: dict) -> str:
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     config = dict(source.config or {})
-    modules, unused = _group(source.tensors.keys())
+    modules, unused = reader.group_keys(source.tensors.keys(), _LAMBDA, lambda match: match["which"])
     if not modules:
         raise CheckpointError("no vera_lambda_b/vera_lambda_d tensors found", path=source.weights_path)
     proj_a, proj_b, warnings = _projections(source, options, modules)
@@ -283,15 +260,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
             f"{proj_a.shape[1]} columns of vera_A, which is right only where all adapted layers have the same "
             "fan-in; pass the base model (--base) to slice vera_A exactly"
         )
-    return Checkpoint(
-        path=source.path,
+    return reader.build_checkpoint(
+        source,
         family="vera",
         adapter_type="VERA",
-        config=config,
         layers=layers,
-        skipped=[Skipped(key, _skip_reason(key, config)) for key in unused],
+        skipped=reader.skipped_keys(unused, lambda key: _skip_reason(key, config)),
         warnings=warnings,
-        weights_file=source.weights_path,
         shared_params=0,
     )
 

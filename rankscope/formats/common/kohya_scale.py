@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from .lycoris_math import FactorError, Stored
-from .peft_common import alpha_tensor
+from .peft import alpha_tensor
 
 _LOADERS = "as kohya's, diffusers' and ComfyUI's loaders apply it"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import CheckpointError
-from ..core.tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
+from ...core.errors import CheckpointError
+from ...core.tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
@@ -14,7 +14,9 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model
 
 @dataclass
 class AdapterSource:
-    """The files of one adapter: its tensors, its config (None for a bare file without one) and siblings."""
+    """The files of one adapter: its tensors, its config (None for a bare file without one) and siblings.
+
+    What every ``reads="adapter"`` format's ``detect`` and ``read`` are given (:func:`locate` finds it)."""
 
     path: Path
     weights_path: Path
@@ -23,6 +25,11 @@ class AdapterSource:
     config: dict | None = None
     other_adapters: list[str] = field(default_factory=list)
     adapter: str | None = None  # --adapter for a single file: a name inside it (a training checkpoint's keys)
+
+    @property
+    def where(self) -> Path:
+        """The file a config problem is reported against: the config, else the tensor file."""
+        return self.config_path or self.weights_path
 
     @property
     def peft_type(self) -> str | None:

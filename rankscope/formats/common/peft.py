@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import MODULES_TO_SAVE, SAVED_WEIGHT, adapter_module
-from ..core.errors import CheckpointError
+from ...core.checkpoint import MODULES_TO_SAVE, SAVED_WEIGHT, adapter_module
+from ...core.errors import CheckpointError
 from .diffusers import split_key as split_diffusers_key
 
 

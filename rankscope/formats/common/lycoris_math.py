@@ -28,17 +28,14 @@ form, W2[p, c, κ] = Σ t2[a, b, κ]·w2_a[a, p]·w2_b[b, c] (einsum "ijkl,ip,jr
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..core.base import BaseWeights
-from ..core.errors import CheckpointError
-from ..core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
-from .peft_common import nonfinite_problem, pattern_value, skip_reason
+from ...core.base import BaseWeights
+from ...core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
+from .peft import nonfinite_problem
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -50,22 +47,6 @@ Stored = Mapping[str, tuple[str, torch.Tensor]]
 
 class FactorError(ValueError):
     """The stored factors of one module do not fit together; the message starts with the offending key."""
-
-
-# -- key grouping ------------------------------------------------------------------------------------------
-
-
-def group_modules(keys: Iterable[str], pattern: re.Pattern) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """Group keys by ``pattern``'s ``module`` and ``role`` groups: ({module: {role: key}}, unmatched keys)."""
-    modules: dict[str, dict[str, str]] = {}
-    unused: list[str] = []
-    for key in keys:
-        match = pattern.match(key)
-        if match is None:
-            unused.append(key)
-        else:
-            modules.setdefault(match["module"], {})[match["role"]] = key
-    return modules, unused
 
 
 def check_finite(stored: Stored) -> None:
@@ -362,53 +343,3 @@ def layer_shape(
     if kernel:
         return (out_features, in_features, *kernel), kind_of((out_features, in_features, *kernel))
     return (out_features, width), "matrix"
-
-
-# -- PEFT's LycorisConfig (LoHa and LoKr share it: r, alpha, rank_pattern, alpha_pattern) -----------------------
-
-
-@dataclass(frozen=True)
-class PeftScaling:
-    """r and α per layer from a PEFT LoHa/LoKr adapter_config.json (None without one), or from ``--alpha``."""
-
-    config: dict | None
-    alpha_override: float | None
-    where: Path | None
-
-    def rank(self, name: str) -> int | None:
-        """The config's r for this layer (``rank_pattern`` first), or None without a config."""
-        if self.config is None:
-            return None
-        raw = pattern_value(self.config.get("rank_pattern"), name, self.config.get("r", 8), config_path=self.where)
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
-            raise CheckpointError(f"r must be a positive integer, found {raw!r} for layer {name!r}", path=self.where)
-        return raw
-
-    def alpha(self, name: str) -> float | None:
-        """The layer's α (``alpha_pattern`` first, ``--alpha`` over both), or None where nothing gives one."""
-        if self.alpha_override is not None:
-            return self.alpha_override
-        if self.config is None:
-            return None
-        raw = pattern_value(self.config.get("alpha_pattern"), name, self.config.get("alpha", 8), config_path=self.where)
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-            raise CheckpointError(f"alpha must be a finite number, found {raw!r} for layer {name!r}", path=self.where)
-        return float(raw)
-
-
-def peft_scaling(
-    config: dict | None, alpha_override: float | None, where: Path | None
-) -> tuple[PeftScaling, list[str]]:
-    """The scaling settings of a PEFT LoHa/LoKr adapter, with warnings about what had to be assumed."""
-    warnings = []
-    if alpha_override is not None:
-        origin = "alpha and alpha_pattern of the config" if config is not None else "the unknown α"
-        warnings.append(f"--alpha {alpha_override:g} overrides {origin}")
-    elif config is None:
-        warnings.append("no adapter_config.json: α is unknown, scale 1 is assumed (pass --alpha to set it)")
-    return PeftScaling(config, alpha_override, where), warnings
-
-
-def peft_skip_reason(key: str, config: dict | None, family: str) -> str:
-    """Why a tensor of a PEFT LoHa/LoKr file is not part of any layer's ΔW."""
-    return skip_reason(key, config, family)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from ..core.naming import layer_name
+from ...core.naming import layer_name
 
 _OUT_PROJ = re.compile(r"\.base_layer\.out_proj$")
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..core.base import BaseWeights, as_matrix
-from ..core.checkpoint import Layer, listed
-from ..core.errors import CheckpointError
-from ..core.update import FactoredUpdate, upcast
+from ...core.base import BaseWeights, as_matrix
+from ...core.checkpoint import Layer, listed
+from ...core.errors import CheckpointError
+from ...core.update import FactoredUpdate, upcast
 
 # PiSSA's top-r subspace counts as unique when σ_r − σ_{r+1} > TIE·σ₁: a float32 SVD (~6e-8·σ₁ of error)
 # then moves it by ≲ 1e-3 relative; closer ties are warned about and marked not exact

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..core.base import BaseWeights
-from ..core.checkpoint import Layer, listed
+from ...core.base import BaseWeights
+from ...core.checkpoint import Layer, listed
 
 _FLIP = {"linear": "conv1d_gpt2", "conv1d_gpt2": "linear"}
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
+from ...core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
 from .lycoris_math import FactorError, Stored, check_finite, dense_matrix, tucker_right
 
 GLORA_ROLES = ("a1", "a2", "b1", "b2", "bm")
