@@ -281,7 +281,9 @@ def test_wan_conv3d_and_numbered_module_parts(tmp_path):
     for module in ("attn1.to_out.0", "ffn.net.2", "ffn.net.0.proj"):
         record = got[f"transformer.blocks.1.{module}"]
         assert record.layer_index == 1, module
-    assert got["transformer.blocks.1.attn1.to_out.0"].module_type == "to_out.0"
+    # the block repeats to_out.0 (self- and cross-attention): the type says which (issue 12; was "to_out.0")
+    assert got["transformer.blocks.1.attn1.to_out.0"].module_type == "attn1.to_out.0"
+    assert got["transformer.blocks.1.attn2.to_out.0"].module_type == "attn2.to_out.0"
     assert got["transformer.blocks.0.ffn.net.2"].module_type == "net.2"
     assert got["transformer.blocks.0.ffn.net.0.proj"].module_type == "net.0.proj"
     positions, label = block_positions(analysis.layers)

@@ -54,3 +54,35 @@ def test_model_order_is_block_then_the_blocks_own_module_order():
         "model.layers.2.mlp.down_proj",
         "model.layers.10.self_attn.q_proj",
     ]
+
+
+def test_the_issues_examples():
+    from rankscope.core.naming import expert_index, module_types
+
+    t5 = [f"{side}.block.5.layer.0.SelfAttention.q" for side in ("encoder", "decoder")]
+    t5.append("decoder.block.5.layer.1.EncDecAttention.q")
+    assert [layer_index(n) for n in t5] == [5, 5, 5]
+    assert list(module_types(t5).values()) == ["SelfAttention.q", "SelfAttention.q", "EncDecAttention.q"]
+    assert module_types(t5[:1]) == {t5[0]: "q"}  # an encoder alone repeats nothing
+    seq2seq = ["decoder.layers.3.self_attn.q_proj", "decoder.layers.3.encoder_attn.q_proj"]
+    assert list(module_types(seq2seq).values()) == ["self_attn.q_proj", "encoder_attn.q_proj"]
+    assert module_types(["model.layers.3.self_attn.q_proj"]) == {"model.layers.3.self_attn.q_proj": "q_proj"}
+    moe = "model.layers.4.mlp.experts.3.down_proj"
+    assert (layer_index(moe), module_type(moe), expert_index(moe)) == (4, "down_proj", 3)
+    fused = "model.layers.4.mlp.experts.gate_up_proj[7]"
+    assert (layer_index(fused), module_type(fused), expert_index(fused)) == (4, "gate_up_proj", 7)
+    assert expert_index("model.layers.4.mlp.down_proj") is None
+
+
+def test_kohya_t5_names_drop_the_sub_layer():
+    name = "lora_te3_encoder_block_5_layer_1_DenseReluDense_wo"
+    assert (layer_index(name), module_type(name)) == (5, "DenseReluDense_wo")
+
+
+def test_the_same_types_whatever_the_blocks_are_numbered():
+    from rankscope.core.naming import module_types
+
+    block = ["self_attn.q_proj", "encoder_attn.q_proj", "fc1"]
+    one = module_types(f"model.decoder.layers.0.{m}" for m in block)
+    many = module_types(f"model.decoder.layers.{i}.{m}" for i in range(12) for m in block)
+    assert set(one.values()) == set(many.values()) == {"self_attn.q_proj", "encoder_attn.q_proj", "fc1"}
