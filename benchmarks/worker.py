@@ -5,7 +5,8 @@ other task's imports, caches or freed memory). Tasks:
 
 - ``inproc``: for ``repeats`` rounds, interleaved: the I/O floor (safetensors reads every tensor, nothing else),
   the floor (read + upcast to float32 + one pass over every element; at 1 thread and at torch's default, the
-  faster taken) and the library call ``rankscope.analyze(rankscope.load(path))`` (with load and analyse apart).
+  faster taken) and the library call ``rankscope.analyze(rankscope.load(path))`` inside ``rankscope.single_threaded()``
+  as the CLI runs it (with load and analyse apart).
 - ``dense``: ΔW = s·B·A materialised in float64 and ``torch.linalg.svdvals``, per listed module, timed; the
   spectra come back for the σ₁ check against rankscope's.
 - ``dense_path``: rankscope's own dense path (``analyze(..., dense=True)``) on the listed modules, per shape.
@@ -56,6 +57,14 @@ def _timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
+def _opted_in(rankscope):
+    """The library's single-threaded mode, as the CLI runs it (a rankscope that predates the opt-in, measured with
+    --before, always ran so)."""
+    import contextlib
+
+    return rankscope.single_threaded() if hasattr(rankscope, "single_threaded") else contextlib.nullcontext()
+
+
 def inproc(path: str, repeats: int, threads: int | None = None) -> dict:
     import rankscope
 
@@ -72,11 +81,12 @@ def inproc(path: str, repeats: int, threads: int | None = None) -> dict:
         rows["floor_1"].append(_timed(_floor_pass, files))
         torch.set_num_threads(default_threads)
         rows["floor_default"].append(_timed(_floor_pass, files))
-        start = time.perf_counter()
-        checkpoint = rankscope.load(path)
-        loaded = time.perf_counter()
-        analysis = rankscope.analyze(checkpoint)
-        done = time.perf_counter()
+        with _opted_in(rankscope):
+            start = time.perf_counter()
+            checkpoint = rankscope.load(path)
+            loaded = time.perf_counter()
+            analysis = rankscope.analyze(checkpoint)
+            done = time.perf_counter()
         rows["library"].append(done - start)
         rows["load"].append(loaded - start)
         rows["analyze"].append(done - loaded)
@@ -130,7 +140,8 @@ def dense_path(path: str, modules: list[str], device: str) -> dict:
     out = {}
     for module in modules:
         start = time.perf_counter()
-        (record,) = rankscope.analyze(checkpoint, dense=True, device=device, layers=f"^{re.escape(module)}$")
+        with _opted_in(rankscope):
+            (record,) = rankscope.analyze(checkpoint, dense=True, device=device, layers=f"^{re.escape(module)}$")
         out[module] = {"seconds": time.perf_counter() - start, "shape": record.matrix_shape, "exact": record.exact}
     return out
 
@@ -156,7 +167,7 @@ def weightwatcher(path: str) -> dict:
 def methods(path: str) -> dict:
     """How many factors took CholeskyQR and how many the Householder fallback."""
     import rankscope
-    from rankscope.core.spectrum import r_factors
+    from rankscope.core.factored import r_factors
 
     layers = [layer for layer in rankscope.load(path).layers if layer.update is not None]
     factors = [f for layer in layers for f in (layer.update.left, layer.update.right.mT)]

@@ -29,6 +29,7 @@ _EXPORTS = {
     "RankscopeError": "core.errors",
     "UnsupportedAdapterError": "core.errors",
     "UsageProblem": "core.errors",
+    "single_threaded": "core.threads",
     "load": "formats",
     "compare": "analysis",
     "Comparison": "analysis",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .analysis import Analysis, AnalysisOptions, Comparison, LayerRecord, analyze, compare
     from .core.checkpoint import Checkpoint, Layer, Skipped
     from .core.errors import CheckpointError, RankscopeError, UnsupportedAdapterError, UsageProblem
+    from .core.threads import single_threaded
     from .core.update import DenseUpdate, FactoredUpdate
     from .figures import (
         alignment_figure,
@@ -103,6 +105,7 @@ __all__ = [
     "growth_figure",
     "load",
     "save_figure",
+    "single_threaded",
     "spectrum_figure",
     "subspace_similarity_figure",
     "weights_figure",

@@ -112,7 +112,45 @@ def test_inequality_chain(values):
     assert chain[0] >= 1 - 1e-9
 
 
-# -- the batched form used by the analysis, held to the per-spectrum functions ----------------------------------
+# -- many spectra at once (the one implementation), held to a plain-Python reference -------------------------------
+def reference_metrics(sigma, shape, bound, thresholds, energies, rel_thresholds) -> dict:
+    """Every metric from its formula, on Python floats, written independently of rankscope's tensor code."""
+    s = sorted((abs(float(v)) for v in sigma), reverse=True)
+    top = s[0] if s else 0.0
+    ratios = [v / top for v in s] if top > 0 else []
+    squares = [r * r for r in ratios]
+    total = float(sum(squares))
+
+    def entropy_exp(shares):
+        return math.exp(-sum(p * math.log(p) for p in shares if p > 0)) if shares else 0.0
+
+    def energy_rank(p):
+        if not squares:
+            return 0
+        running, below = 0.0, 0
+        for e in squares:
+            running += e
+            below += running < p * total * (1 - 4 * 2.0**-52)
+        return min(below + 1, sum(e > 0 for e in squares))
+
+    effective = entropy_exp([r / sum(ratios) for r in ratios])
+    energy = float(sum(v * v for v in s))
+    return {
+        "count_above": {str(float(t)): sum(v > t for v in s) for t in thresholds},
+        "count_above_rel": {str(float(r)): sum(x > r for x in ratios) for r in rel_thresholds},
+        "energy_rank": {str(float(p)): energy_rank(p) for p in energies},
+        "erank": effective,
+        "erank_energy": entropy_exp([e / total for e in squares]),
+        "stable_rank": total,
+        "participation_ratio": total**2 / sum(e * e for e in squares) if squares else 0.0,
+        "numerical_rank": sum(x > max(shape) * float(np.finfo(np.float32).eps) for x in ratios),
+        "utilization": effective / bound if bound > 0 else 0.0,
+        "frobenius": math.sqrt(energy),
+        "sigma_max": top,
+        "energy": energy,
+    }
+
+
 def assert_same_metrics(batched: dict, single: dict) -> None:
     assert list(batched) == list(single)  # the JSON contract's key order
     for key, expected in single.items():
@@ -142,7 +180,7 @@ spectra = st.lists(
     st.lists(st.floats(0, 0.5), min_size=1, max_size=2),
     st.integers(1, 5000),
 )
-def test_batched_metrics_equal_the_per_spectrum_functions(values, thresholds, energies, rel_thresholds, dim):
+def test_batched_and_single_metrics_equal_the_reference(values, thresholds, energies, rel_thresholds, dim):
     sigmas = [torch.tensor(v, dtype=torch.float64) for v in values]
     shapes = [(dim + i, max(len(v), 1)) for i, v in enumerate(values)]
     bounds = [len(v) for v in values]
@@ -150,7 +188,9 @@ def test_batched_metrics_equal_the_per_spectrum_functions(values, thresholds, en
     batched = M.spectrum_metrics_batch(sigmas, shapes, bounds, **options)
     assert len(batched) == len(sigmas)
     for got, sigma, shape, bound in zip(batched, sigmas, shapes, bounds, strict=True):
-        assert_same_metrics(got, M.spectrum_metrics(sigma, shape, bound, **options))
+        expected = reference_metrics(sigma.tolist(), shape, bound, thresholds, energies, rel_thresholds)
+        assert_same_metrics(got, expected)
+        assert_same_metrics(M.spectrum_metrics(sigma, shape, bound, **options), expected)
 
 
 def test_batched_metrics_edge_cases():
@@ -160,7 +200,7 @@ def test_batched_metrics_edge_cases():
     options = {"thresholds": (0.0, 0.005, 1.0), "energies": (0.5, 0.75, 1.0), "rel_thresholds": (0.0, 0.5)}
     for got, sigma, shape, bound in zip(M.spectrum_metrics_batch(sigmas, shapes, bounds, **options), sigmas,
                                         shapes, bounds, strict=True):  # fmt: skip
-        assert_same_metrics(got, M.spectrum_metrics(sigma, shape, bound, **options))
+        assert_same_metrics(got, reference_metrics(sigma.tolist(), shape, bound, **options))
     with pytest.raises(ValueError):
         M.spectrum_metrics_batch([torch.ones(2)], [(2, 2)], [2], energies=(1.5,))
 

@@ -65,3 +65,23 @@ def test_top_level_functions_and_no_name_shared_with_a_submodule(analysis, tmp_p
     assert (tmp_path / "r" / "index.html").is_file()
     figure = rankscope.spectrum_figure([analysis], ["a"])
     assert type(figure).__name__ == "Figure"
+
+
+def test_library_errors_name_arguments_and_the_cli_respells_them(analysis, tmp_path):
+    """A library error speaks of ``analyze``'s arguments (``layers``), not of flags; ``spelled`` lets a front end
+    write them its way (the CLI: ``--layers``), and never touches the file name in front of the message."""
+    with pytest.raises(rankscope.UsageProblem) as bad_regex:
+        rankscope.analyze(analysis.checkpoint, layers="(")
+    assert str(bad_regex.value).startswith("layers '(' is not a valid regular expression")
+    assert "--" not in str(bad_regex.value) and bad_regex.value.arguments == ("layers",)
+    with pytest.raises(rankscope.UsageProblem, match=r"^rel_thresholds: ratio -1 must be") as negative:
+        rankscope.analyze(analysis.checkpoint, rel_thresholds=(-1,))
+    assert negative.value.spelled(lambda name: "--rel-threshold").startswith("--rel-threshold: ratio -1 must")
+    layers_dir = llama_like(tmp_path / "layers", layers=1, hidden=8, rank=2)  # the argument's name in the path
+    with pytest.raises(rankscope.CheckpointError) as nothing:
+        rankscope.analyze(rankscope.load(layers_dir), layers="zzz")
+    assert str(nothing.value) == f"{layers_dir}: layers 'zzz' matches no layer name"
+    assert nothing.value.spelled(lambda name: f"--{name}") == f"{layers_dir}: --layers 'zzz' matches no layer name"
+    with pytest.raises(rankscope.UsageProblem, match="threads must be None") as threads:
+        rankscope.analyze(analysis.checkpoint, threads=2)
+    assert threads.value.arguments == ("threads",)

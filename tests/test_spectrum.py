@@ -7,15 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankscope.core import spectrum
-from rankscope.core.spectrum import (
-    CHOLESKY_QR_TOLERANCE,
-    cholesky_qr_limit,
-    dense_singular_values,
-    factored_singular_values,
-    r_factors,
-    singular_values,
-)
+from rankscope.core import dense, factored
+from rankscope.core.dense import dense_singular_values
+from rankscope.core.factored import CHOLESKY_QR_TOLERANCE, cholesky_qr_limit, factored_singular_values, r_factors
+from rankscope.core.spectrum import singular_values
+from rankscope.core.threads import single_threaded, thread_budget
 from rankscope.core.update import DenseUpdate, FactoredUpdate
 
 
@@ -187,7 +183,7 @@ def test_plain_cholesky_qr_would_be_inaccurate_where_the_gate_refuses_it(monkeyp
     expected = reference(left, right, scale=0.5)
     (gated,) = factored_singular_values([FactoredUpdate(left, right, scale=0.5)])
     assert_spectrum_matches(gated, expected, 16)
-    monkeypatch.setattr(spectrum, "CHOLESKY_QR_TOLERANCE", 1e30)  # accept every Cholesky factor
+    monkeypatch.setattr(factored, "CHOLESKY_QR_TOLERANCE", 1e30)  # accept every Cholesky factor
     (ungated,) = factored_singular_values([FactoredUpdate(left, right, scale=0.5)])
     significant = expected[:16] >= 1e-6 * expected[0]
     error = ((ungated - expected[:16]).abs() / expected[:16])[significant].max().item()
@@ -271,33 +267,31 @@ def test_factors_stored_transposed_or_strided_read_the_same():
 
 
 # -- threads: the factor work in parallel gives what it gives on one thread --------------------------------------
-def test_parallel_factor_work_matches_and_restores_torch_threads(monkeypatch):
+def test_parallel_factor_work_matches_the_serial_work_exactly(monkeypatch):
     g = torch.Generator().manual_seed(15)
-    shapes = [(300, 200, 8), (200, 300, 8), (120, 50, 4), (300, 200, 8), (64, 64, 16), (10, 400, 12)]
+    shapes = [(300, 200, 8), (200, 300, 8), (120, 50, 4), (300, 200, 8), (64, 64, 16), (10, 400, 12), (500, 90, 24)]
     updates = [
         FactoredUpdate(torch.randn(m, k, generator=g).to(torch.bfloat16), torch.randn(k, n, generator=g), scale=0.3)
         for m, n, k in shapes
     ]
     before = torch.get_num_threads()
+    monkeypatch.setattr(factored, "PARALLEL_MIN_ELEMENTS", 0)
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(spectrum, "PARALLEL_MIN_ELEMENTS", 0)
-        parallel = factored_singular_values(updates)
-        assert torch.get_num_threads() == 2
-        blas = spectrum._openblas_thread_controls()  # numpy's OpenBLAS, where this platform shows it
-        blas_before = [get() for get, _ in blas]
-        with spectrum.single_threaded_ops():
-            assert torch.get_num_threads() == 1 and spectrum.thread_budget() == 2
-            assert all(get() == 1 for get, _ in blas)
-            with spectrum.single_threaded_ops():  # nested: no change
-                assert torch.get_num_threads() == 1
+        serial = factored_singular_values(updates)  # outside single_threaded: the calling thread, torch's threads
+        assert thread_budget() == 1 and torch.get_num_threads() == 2
+        with single_threaded():
+            assert torch.get_num_threads() == 1 and thread_budget() == 2  # two Python threads, one torch thread each
+            parallel = factored_singular_values(updates)
+            with single_threaded():  # nested: no change
+                assert torch.get_num_threads() == 1 and thread_budget() == 2
             assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        assert [get() for get, _ in blas] == blas_before
+        assert torch.get_num_threads() == 2 and thread_budget() == 1
     finally:
         torch.set_num_threads(before)
-    for update, sigma in zip(updates, parallel, strict=True):
+    for update, sigma, same in zip(updates, parallel, serial, strict=True):
         assert_spectrum_matches(sigma, reference(update.left, update.right, scale=0.3), update.rank_bound)
+        assert torch.equal(sigma, same)
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 1])  # two at once on two threads / one at a time
@@ -308,14 +302,20 @@ def test_large_dense_matrices_one_at_a_time_match_and_keep_their_order(monkeypat
         for i in range(5)
     ]
     broken = FactoredUpdate(torch.full((30, 3), float("inf")), torch.randn(3, 20, generator=g))
-    monkeypatch.setattr(spectrum, "DENSE_BATCH_MAX_ELEMENTS", 0)  # 30×20 counts as large here
+    monkeypatch.setattr(dense, "DENSE_BATCH_MAX_ELEMENTS", 0)  # 30×20 counts as large here
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        results = dense_singular_values([*updates, broken], memory_budget=budget)
+        with single_threaded():
+            results = dense_singular_values([*updates, broken], memory_budget=budget)
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        serial = dense_singular_values([*updates, broken], memory_budget=budget)  # outside: one at a time
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    for got, same in zip(results[:-1], serial[:-1], strict=True):
+        assert torch.allclose(got, same, rtol=0, atol=1e-13 * same[0].item())
     for update, sigma in zip(updates, results[:-1], strict=True):
         expected = reference(update.left, update.right, scale=update.scale)
         assert sigma.shape == (20,)

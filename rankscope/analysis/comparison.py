@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.errors import CheckpointError, UsageProblem
-from ..core.naming import checkpoint_labels, model_order_key, module_type
-from ..measures.components import off_diagonal_mean, pairwise_alignment
+from ..core.naming import checkpoint_labels, model_order_key
+from ..measures.components import pairwise_alignment
 from ..measures.metrics import parameter_key
-from .analyze import Analysis, LayerRecord
+from .records import Analysis, LayerRecord
+from .summary import ALIGNMENT_OVERLAPS, alignment_means, mean
 
 # the per-layer quantities compared side by side
 COMPARED = ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam")
@@ -30,7 +31,7 @@ class LayerComparison:
 
     @property
     def module_type(self) -> str:
-        return module_type(self.name)
+        return self.records[0].module_type  # the first checkpoint's, decided over its layers
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Comparison:
         return summarize(self)
 
     def to_dict(self) -> dict:
-        from ..report.json import comparison_document
+        from .documents import comparison_document
 
         return comparison_document(self)
 
@@ -138,11 +139,6 @@ def compare(
     return Comparison(labels, list(analyses), layers, unmatched, warnings)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
 def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
     per_label = {}
     for index, label in enumerate(comparison.labels):
@@ -150,7 +146,7 @@ def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
         per_label[label] = {
             "layers": len(layers),
             "params": sum(row["params"] or 0 for row in rows),
-            **{f"mean_{key}": _mean([row[key] for row in rows]) for key in COMPARED if key != "params"},
+            **{f"mean_{key}": mean([row[key] for row in rows]) for key in COMPARED if key != "params"},
         }
     first = per_label[comparison.labels[0]]
     ratios = {}
@@ -160,13 +156,7 @@ def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
             for key in ("params", "mean_count_above", "mean_energy", "mean_erank", "mean_stable_rank")
         }
     aligned = [layer.alignment for layer in layers if layer.alignment]
-    alignment = {
-        "mean_cosine": _mean([off_diagonal_mean(a["cosine"]) for a in aligned]),
-        "mean_left_overlap": _mean([off_diagonal_mean(a["left_overlap"]) for a in aligned]),
-        "mean_left_baseline": _mean([off_diagonal_mean(a["left_baseline"]) for a in aligned]),
-        "mean_right_overlap": _mean([off_diagonal_mean(a["right_overlap"]) for a in aligned]),
-        "mean_right_baseline": _mean([off_diagonal_mean(a["right_baseline"]) for a in aligned]),
-    }
+    alignment = alignment_means(aligned, ("cosine", *ALIGNMENT_OVERLAPS))
     return {"per_label": per_label, "ratios_to_first": ratios, "alignment": alignment}
 
 

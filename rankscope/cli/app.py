@@ -14,6 +14,14 @@ from ..core.errors import RankscopeError, UsageProblem, one_line
 EXIT_INPUT = 1
 EXIT_USAGE = 2
 
+# The library's argument names whose flag is not ``--`` + the name with dashes (repeatable options are singular).
+FLAGS = {"thresholds": "--threshold", "energies": "--energy", "rel_thresholds": "--rel-threshold"}
+
+
+def flag(argument: str) -> str:
+    """The command-line spelling of a library argument: ``max_memory`` → ``--max-memory``."""
+    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
 
 def error(message: str) -> None:
     click.echo(f"rankscope: error: {one_line(message)}", err=True)
@@ -28,17 +36,22 @@ def note(message: str) -> None:
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Turn rankscope's errors (and anything unexpected) into one line on stderr and exit code 1 (2 for usage)."""
+    """Run a command under :func:`~rankscope.core.threads.single_threaded` (the CLI owns its process: see
+    ``core.threads`` for why one thread per op is faster); turn rankscope's errors (and anything unexpected) into
+    one line on stderr, with the library's argument names written as flags, and exit code 1 (2 for usage)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            from ..core.threads import single_threaded
+
+            with single_threaded():
+                return command(*args, **kwargs)
         except UsageProblem as exc:
-            error(str(exc))
+            error(exc.spelled(flag))
             sys.exit(EXIT_USAGE)
         except RankscopeError as exc:
-            error(str(exc))
+            error(exc.spelled(flag))
         except KeyboardInterrupt:
             click.echo("rankscope: interrupted; nothing written", err=True)
             sys.exit(130)

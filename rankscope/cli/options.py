@@ -91,6 +91,7 @@ ANALYSIS_KEYS = frozenset(
     {"thresholds", "energies", "rel_thresholds", "layers", "unscaled", "dense", "dense_dtype", "device",
      "collapse_threshold", "max_memory"}
 )  # fmt: skip
+COMPOSE_ONLY = ("weights", "normalize", "mode")  # options that mean something only with --compose
 
 
 def load_and_settings(path: str, options: dict):
@@ -100,49 +101,29 @@ def load_and_settings(path: str, options: dict):
     return checkpoint, settings
 
 
-def load_checkpoint(path: str, *, adapter, alpha, format_name, base, directional_only, trust_pickle, compose, weights,
-                    normalize, mode):  # fmt: skip
-    """The checkpoint the options describe (warnings about pickles first)."""
+def load_checkpoint(path: str, *, format_name, normalize, mode, **options):
+    """The checkpoint the options describe (warnings about pickles first); the other options are ``load``'s."""
     from ..formats import load
 
-    if trust_pickle:
+    if options["trust_pickle"]:
         warn("--trust-pickle: pickled files are loaded in full, which runs any code they hold")
-    if not compose:
-        given = [name for name, value in (("weights", weights), ("normalize", normalize), ("mode", mode)) if value]
+    if not options["compose"]:
+        given = [name for name, value in zip(COMPOSE_ONLY, (options["weights"], normalize, mode), strict=True) if value]
         if given:
             raise UsageProblem(f"--{given[0]} applies only with --compose A,B,…")
-    return load(
-        path,
-        adapter=adapter,
-        alpha=alpha,
-        format=format_name,
-        base=base,
-        directional_only=directional_only,
-        trust_pickle=trust_pickle,
-        compose=compose,
-        weights=weights,
-        normalize=normalize or "none",
-        mode=mode or "sum",
-    )
+    return load(path, format=format_name, normalize=normalize or "none", mode=mode or "sum", **options)
 
 
-def analysis_settings(*, thresholds, energies, rel_thresholds, layers, unscaled, dense, dense_dtype, device,
-                      collapse_threshold, max_memory):  # fmt: skip
-    from ..analysis.analyze import AnalysisOptions
-    from ..measures import metrics
+def analysis_settings(*, max_memory, **options):
+    """The :class:`AnalysisOptions` the options ask for: a metric parameter not given takes its defaults."""
+    from ..analysis.options import AnalysisOptions
+    from ..measures import metrics as M
 
-    return AnalysisOptions(
-        thresholds=tuple(thresholds) or metrics.DEFAULT_THRESHOLDS,
-        energies=tuple(energies) or metrics.DEFAULT_ENERGIES,
-        rel_thresholds=tuple(rel_thresholds) or metrics.DEFAULT_REL_THRESHOLDS,
-        unscaled=unscaled,
-        dense=dense,
-        dense_dtype=dense_dtype,
-        device=device,
-        layers=layers,
-        collapse_threshold=collapse_threshold,
-        **({"max_memory": max_memory} if max_memory is not None else {}),
-    )
+    defaults = {"thresholds": M.DEFAULT_THRESHOLDS, "energies": M.DEFAULT_ENERGIES,
+                "rel_thresholds": M.DEFAULT_REL_THRESHOLDS}  # fmt: skip
+    for name, default in defaults.items():
+        options[name] = tuple(options[name]) or default
+    return AnalysisOptions(**options, **({"max_memory": max_memory} if max_memory is not None else {}))
 
 
 def run_analysis(checkpoint, options, *, quiet: bool):
@@ -184,3 +165,8 @@ def report_problems(analysis, *, quiet: bool) -> None:
     if checkpoint.other_adapters:
         names = ", ".join(checkpoint.other_adapters)
         note(f"this checkpoint also holds adapters: {names} (pick one with --adapter NAME)")
+
+
+def output_option(flag: str, help: str) -> Callable:
+    """An output destination, ``--json FILE`` → parameter ``json_out`` (``-``: stdout)."""
+    return click.option(flag, f"{flag.lstrip('-')}_out", metavar="FILE", help=help)

@@ -2,12 +2,18 @@
 
 Every function takes σ (any order, any float dtype; computed in float64) and returns a Python number.
 A zero spectrum (an untrained LoRA has B = 0) gives 0 for every metric, never NaN.
+
+Each metric is implemented once, on a batch of spectra of one length (:class:`Spectra`: the rows of a B × k
+tensor): an adapter has hundreds of layers, and the analysis takes the metrics of all its spectra of one length
+in one pass of tensor ops (:func:`spectrum_metrics_batch`). The per-spectrum functions are that implementation
+on a batch of one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
 
 import torch
 
@@ -17,95 +23,178 @@ DEFAULT_ENERGIES = (0.9, 0.95, 0.99)
 DEFAULT_REL_THRESHOLDS = (0.001,)
 
 
-def _sorted(sigma: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    values = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
-    return torch.sort(values.abs(), descending=True).values
+Sigma = torch.Tensor | Sequence[float]
+_SLACK = 1 - 4 * torch.finfo(torch.float64).eps  # energy_rank: p = 1 must not miss the last term through rounding
 
 
-def _normalized(sigma: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """σ/σ₁ (empty for a zero spectrum): ratios are scale-free and keep σ⁴ away from under/overflow."""
-    values = _sorted(sigma)
-    if values.numel() == 0 or values[0] == 0:
-        return values[:0]
-    return values / values[0]
+class Spectra:
+    """Spectra of one length k ≥ 0 as the rows of a B × k float64 tensor of |σ| sorted descending, with the
+    quantities several metrics share. Ratios to σ₁ (``normalized``) are scale-free and keep σ⁴ away from
+    under/overflow; a zero row stays zero."""
+
+    def __init__(self, sigmas: Sequence[Sigma]) -> None:
+        rows = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in sigmas]
+        stacked = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
+        self.values = torch.sort(stacked.abs(), dim=1, descending=True).values
+        self.top = self.values[:, 0] if self.values.shape[1] else self.values.new_zeros(len(rows))
+        self.nonzero = self.top > 0
+
+    @cached_property
+    def normalized(self) -> torch.Tensor:
+        """σ/σ₁ per row."""
+        return self.values / torch.where(self.nonzero, self.top, 1.0)[:, None]
+
+    @cached_property
+    def squares(self) -> torch.Tensor:
+        """(σ/σ₁)² per row."""
+        return self.normalized**2
+
+    @cached_property
+    def square_sums(self) -> torch.Tensor:
+        """Σ(σ/σ₁)² per row: the stable rank."""
+        return self.squares.sum(dim=1)
+
+    @cached_property
+    def cumulative(self) -> torch.Tensor:
+        """Σ_{j≤i}(σ_j/σ₁)² per row (k ≥ 1)."""
+        return torch.cumsum(self.squares, dim=1)
+
+    def masked(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` where the spectrum is nonzero, else 0 (a zero spectrum has every metric 0)."""
+        return torch.where(self.nonzero, values, 0.0)
 
 
-def _entropy_exp(shares: torch.Tensor) -> float:
-    """exp(−Σ p ln p) over the positive shares."""
-    positive = shares[shares > 0]
-    if positive.numel() == 0:
-        return 0.0
-    return math.exp(float(-(positive * positive.log()).sum()))
+def _entropy_exp(shares: torch.Tensor) -> torch.Tensor:
+    """exp(−Σ p ln p) per row (0·ln 0 = 0)."""
+    return torch.exp(-torch.xlogy(shares, shares).sum(dim=1))
 
 
-def count_above(sigma: torch.Tensor | Sequence[float], threshold: float = 0.005) -> int:
-    """#{σ_i > τ}, τ absolute (the BoRA/HiRA convention, τ = 0.005)."""
-    return int((_sorted(sigma) > threshold).sum())
+def _row_shares(values: torch.Tensor, spectra: Spectra) -> torch.Tensor:
+    """Each row divided by its sum (a zero row stays zero)."""
+    return values / torch.where(spectra.nonzero, values.sum(dim=1), 1.0)[:, None]
 
 
-def count_above_rel(sigma: torch.Tensor | Sequence[float], ratio: float = 0.001) -> int:
-    """#{σ_i > ρ·σ₁}."""
-    return int((_normalized(sigma) > ratio).sum())
-
-
-def energy_rank(sigma: torch.Tensor | Sequence[float], fraction: float = 0.9) -> int:
-    """Smallest k with Σ_{i≤k} σ_i² ≥ p·Σσ²."""
+def _check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
-    energies = _normalized(sigma) ** 2
-    if energies.numel() == 0:
-        return 0
-    cumulative = torch.cumsum(energies, 0)
-    total = float(cumulative[-1])
-    # a relative slack of a few ulps, so p = 1 does not miss the last term through rounding
-    below = int((cumulative < fraction * total * (1 - 4 * torch.finfo(torch.float64).eps)).sum())
-    return min(below + 1, int((energies > 0).sum()))
 
 
-def erank(sigma: torch.Tensor | Sequence[float]) -> float:
+# -- the metrics, each over the rows of a Spectra ----------------------------------------------------------------
+def batch_count_above(spectra: Spectra, threshold: float) -> torch.Tensor:
+    """#{σ_i > τ}, τ absolute (the BoRA/HiRA convention, τ = 0.005)."""
+    return (spectra.values > threshold).sum(dim=1)
+
+
+def batch_count_above_rel(spectra: Spectra, ratio: float) -> torch.Tensor:
+    """#{σ_i > ρ·σ₁}."""
+    return ((spectra.normalized > ratio) & spectra.nonzero[:, None]).sum(dim=1)
+
+
+def batch_energy_rank(spectra: Spectra, fraction: float) -> torch.Tensor:
+    """Smallest k with Σ_{i≤k} σ_i² ≥ p·Σσ²."""
+    _check_fraction(fraction)
+    if spectra.values.shape[1] == 0:
+        return spectra.values.new_zeros(len(spectra.values), dtype=torch.int64)
+    cumulative = spectra.cumulative
+    below = (cumulative < (fraction * cumulative[:, -1] * _SLACK)[:, None]).sum(dim=1)
+    positive = (spectra.squares > 0).sum(dim=1)
+    return torch.where(spectra.nonzero, torch.minimum(below + 1, positive), 0)
+
+
+def batch_erank(spectra: Spectra) -> torch.Tensor:
     """Roy & Vetterli (2007): exp(−Σ p_i ln p_i) with p_i = σ_i/Σσ."""
-    values = _normalized(sigma)
-    return 0.0 if values.numel() == 0 else _entropy_exp(values / values.sum())
+    return spectra.masked(_entropy_exp(_row_shares(spectra.normalized, spectra)))
 
 
-def erank_energy(sigma: torch.Tensor | Sequence[float]) -> float:
+def batch_erank_energy(spectra: Spectra) -> torch.Tensor:
     """exp(−Σ e_i ln e_i) with energy shares e_i = σ_i²/Σσ²."""
-    squares = _normalized(sigma) ** 2
-    return 0.0 if squares.numel() == 0 else _entropy_exp(squares / squares.sum())
+    return spectra.masked(_entropy_exp(_row_shares(spectra.squares, spectra)))
 
 
-def stable_rank(sigma: torch.Tensor | Sequence[float]) -> float:
+def batch_stable_rank(spectra: Spectra) -> torch.Tensor:
     """Σσ²/σ₁²."""
-    return float((_normalized(sigma) ** 2).sum())
+    return spectra.square_sums
 
 
-def participation_ratio(sigma: torch.Tensor | Sequence[float]) -> float:
+def batch_participation_ratio(spectra: Spectra) -> torch.Tensor:
     """(Σσ²)²/Σσ⁴."""
-    squares = _normalized(sigma) ** 2
-    if squares.numel() == 0:
-        return 0.0
-    return float(squares.sum() ** 2 / (squares**2).sum())
+    fourth = torch.where(spectra.nonzero, (spectra.squares**2).sum(dim=1), 1.0)
+    return spectra.masked(spectra.square_sums**2 / fourth)
 
 
-def numerical_rank(sigma: torch.Tensor | Sequence[float], shape: Sequence[int]) -> int:
-    """#{σ_i > σ₁·max(m, n)·eps(float32)}: numpy's ``matrix_rank`` rule for a float32 matrix of ``shape``."""
-    return int((_normalized(sigma) > max(shape) * FLOAT32_EPS).sum())
+def batch_numerical_rank(spectra: Spectra, max_dims: torch.Tensor) -> torch.Tensor:
+    """#{σ_i > σ₁·max(m, n)·eps(float32)}: numpy's ``matrix_rank`` rule for float32 matrices of max(m, n) per row."""
+    return (spectra.normalized > (max_dims * FLOAT32_EPS)[:, None]).sum(dim=1)  # a zero row stays 0
 
 
-def energy(sigma: torch.Tensor | Sequence[float]) -> float:
+def batch_energy(spectra: Spectra) -> torch.Tensor:
     """Σσ² = ‖ΔW‖_F²."""
-    return float((_sorted(sigma) ** 2).sum())
+    return (spectra.values**2).sum(dim=1)
 
 
-def frobenius(sigma: torch.Tensor | Sequence[float]) -> float:
+def batch_sigma_max(spectra: Spectra) -> torch.Tensor:
+    """σ₁ (0 for an empty spectrum)."""
+    return spectra.top
+
+
+# -- one spectrum: the same implementation on a batch of one -----------------------------------------------------
+def _one(metric: Callable[..., torch.Tensor], sigma: Sigma, *args) -> float:
+    return metric(Spectra([sigma]), *args)[0].item()
+
+
+def count_above(sigma: Sigma, threshold: float = 0.005) -> int:
+    """#{σ_i > τ}, τ absolute (the BoRA/HiRA convention, τ = 0.005)."""
+    return int(_one(batch_count_above, sigma, threshold))
+
+
+def count_above_rel(sigma: Sigma, ratio: float = 0.001) -> int:
+    """#{σ_i > ρ·σ₁}."""
+    return int(_one(batch_count_above_rel, sigma, ratio))
+
+
+def energy_rank(sigma: Sigma, fraction: float = 0.9) -> int:
+    """Smallest k with Σ_{i≤k} σ_i² ≥ p·Σσ²."""
+    return int(_one(batch_energy_rank, sigma, fraction))
+
+
+def erank(sigma: Sigma) -> float:
+    """Roy & Vetterli (2007): exp(−Σ p_i ln p_i) with p_i = σ_i/Σσ."""
+    return _one(batch_erank, sigma)
+
+
+def erank_energy(sigma: Sigma) -> float:
+    """exp(−Σ e_i ln e_i) with energy shares e_i = σ_i²/Σσ²."""
+    return _one(batch_erank_energy, sigma)
+
+
+def stable_rank(sigma: Sigma) -> float:
+    """Σσ²/σ₁²."""
+    return _one(batch_stable_rank, sigma)
+
+
+def participation_ratio(sigma: Sigma) -> float:
+    """(Σσ²)²/Σσ⁴."""
+    return _one(batch_participation_ratio, sigma)
+
+
+def numerical_rank(sigma: Sigma, shape: Sequence[int]) -> int:
+    """#{σ_i > σ₁·max(m, n)·eps(float32)}: numpy's ``matrix_rank`` rule for a float32 matrix of ``shape``."""
+    return int(_one(batch_numerical_rank, sigma, torch.tensor([float(max(shape))], dtype=torch.float64)))
+
+
+def energy(sigma: Sigma) -> float:
+    """Σσ² = ‖ΔW‖_F²."""
+    return _one(batch_energy, sigma)
+
+
+def frobenius(sigma: Sigma) -> float:
     """‖ΔW‖_F = √(Σσ²)."""
     return math.sqrt(energy(sigma))
 
 
-def sigma_max(sigma: torch.Tensor | Sequence[float]) -> float:
+def sigma_max(sigma: Sigma) -> float:
     """σ₁ (0 for an empty spectrum)."""
-    values = _sorted(sigma)
-    return float(values[0]) if values.numel() else 0.0
+    return _one(batch_sigma_max, sigma)
 
 
 def utilization(effective_rank: float, rank_bound: int) -> float:
@@ -118,8 +207,9 @@ def parameter_key(value: float) -> str:
     return str(float(value))
 
 
+# -- every metric of many spectra ----------------------------------------------------------------------------------
 def spectrum_metrics(
-    sigma: torch.Tensor | Sequence[float],
+    sigma: Sigma,
     shape: Sequence[int],
     rank_bound: int,
     *,
@@ -128,74 +218,12 @@ def spectrum_metrics(
     rel_thresholds: Iterable[float] = DEFAULT_REL_THRESHOLDS,
 ) -> dict:
     """Every metric of DESIGN.md's table under its key; parametrised ones keyed by ``str(float)``."""
-    effective = erank(sigma)
-    return {
-        "count_above": {parameter_key(t): count_above(sigma, t) for t in thresholds},
-        "count_above_rel": {parameter_key(r): count_above_rel(sigma, r) for r in rel_thresholds},
-        "energy_rank": {parameter_key(p): energy_rank(sigma, p) for p in energies},
-        "erank": effective,
-        "erank_energy": erank_energy(sigma),
-        "stable_rank": stable_rank(sigma),
-        "participation_ratio": participation_ratio(sigma),
-        "numerical_rank": numerical_rank(sigma, shape),
-        "utilization": utilization(effective, rank_bound),
-        "frobenius": frobenius(sigma),
-        "sigma_max": sigma_max(sigma),
-        "energy": energy(sigma),
-    }
-
-
-# -- the same metrics for many spectra at once ---------------------------------------------------------------
-# An adapter has hundreds of layers and each per-spectrum function costs a few tensor calls: the analysis takes
-# the metrics of all its spectra of one length in one pass of tensor ops instead. The functions above stay the
-# definition (and the public API); tests hold this batched form to them.
-def _batch_entropy_exp(shares: torch.Tensor) -> torch.Tensor:
-    """exp(−Σ p ln p) per row (0·ln 0 = 0)."""
-    return torch.exp(-torch.xlogy(shares, shares).sum(dim=1))
-
-
-def _batch_columns(
-    values: torch.Tensor,
-    max_dims: torch.Tensor,
-    thresholds: Sequence[float],
-    energies: Sequence[float],
-    rel_thresholds: Sequence[float],
-) -> dict[str, list]:
-    """Each metric as a list over the rows of ``values`` (B × k, |σ| sorted descending, float64, k ≥ 1)."""
-    top = values[:, 0]
-    nonzero = top > 0
-    normalized = values / torch.where(nonzero, top, 1.0)[:, None]  # a zero row stays 0
-    squares = normalized**2
-    square_sums = squares.sum(dim=1)
-    safe = torch.where(nonzero, 1.0, 0.0)
-    cumulative = torch.cumsum(squares, dim=1)
-    total = cumulative[:, -1]
-    positive = (squares > 0).sum(dim=1)
-    slack = 1 - 4 * torch.finfo(torch.float64).eps
-    columns: dict[str, list] = {}
-    for t in thresholds:
-        columns[f"count_above:{t}"] = (values > t).sum(dim=1).tolist()
-    for r in rel_thresholds:
-        columns[f"count_above_rel:{r}"] = ((normalized > r) & nonzero[:, None]).sum(dim=1).tolist()
-    for p in energies:
-        below = (cumulative < (p * total * slack)[:, None]).sum(dim=1)
-        columns[f"energy_rank:{p}"] = torch.where(nonzero, torch.minimum(below + 1, positive), 0).tolist()
-    ones = torch.where(nonzero, normalized.sum(dim=1), 1.0)[:, None]
-    columns["erank"] = (_batch_entropy_exp(normalized / ones) * safe).tolist()
-    columns["erank_energy"] = (
-        _batch_entropy_exp(squares / torch.where(nonzero, square_sums, 1.0)[:, None]) * safe
-    ).tolist()
-    columns["stable_rank"] = square_sums.tolist()
-    fourth = torch.where(nonzero, (squares**2).sum(dim=1), 1.0)
-    columns["participation_ratio"] = (square_sums**2 / fourth * safe).tolist()
-    columns["numerical_rank"] = (normalized > (max_dims * FLOAT32_EPS)[:, None]).sum(dim=1).tolist()
-    columns["energy"] = (values**2).sum(dim=1).tolist()
-    columns["sigma_max"] = top.tolist()
-    return columns
+    options = {"thresholds": thresholds, "energies": energies, "rel_thresholds": rel_thresholds}
+    return spectrum_metrics_batch([sigma], [shape], [rank_bound], **options)[0]
 
 
 def spectrum_metrics_batch(
-    sigmas: Sequence[torch.Tensor | Sequence[float]],
+    sigmas: Sequence[Sigma],
     shapes: Sequence[Sequence[int]],
     rank_bounds: Sequence[int],
     *,
@@ -203,49 +231,54 @@ def spectrum_metrics_batch(
     energies: Iterable[float] = DEFAULT_ENERGIES,
     rel_thresholds: Iterable[float] = DEFAULT_REL_THRESHOLDS,
 ) -> list[dict]:
-    """``[spectrum_metrics(σ, shape, bound, …) for each]``, vectorised over the spectra of equal length.
+    """``[spectrum_metrics(σ, shape, bound, …) for each]``, one pass of tensor ops per length of spectrum.
 
-    Same keys in the same order, integers equal, floats equal to rounding (the reductions may add in another order).
+    Same keys in the same order (the JSON contract's); counts and ranks as ints, the rest as floats.
     """
     thresholds, energies, rel_thresholds = tuple(thresholds), tuple(energies), tuple(rel_thresholds)
     for p in energies:
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"energy fraction must be in (0, 1], got {p}")
+        _check_fraction(p)
     flat = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in sigmas]
-    results: list[dict | None] = [None] * len(flat)
     by_length: dict[int, list[int]] = {}
     for i, values in enumerate(flat):
         by_length.setdefault(values.numel(), []).append(i)
-    for length, indices in by_length.items():
-        if length == 0:
-            for i in indices:
-                results[i] = spectrum_metrics(flat[i], shapes[i], rank_bounds[i], thresholds=thresholds,
-                                              energies=energies, rel_thresholds=rel_thresholds)  # fmt: skip
-            continue
-        values = torch.sort(torch.stack([flat[i] for i in indices]).abs(), dim=1, descending=True).values
+    results: list[dict | None] = [None] * len(flat)
+    for indices in by_length.values():
+        spectra = Spectra([flat[i] for i in indices])
         max_dims = torch.tensor([float(max(shapes[i])) for i in indices], dtype=torch.float64)
-        columns = _batch_columns(values, max_dims, thresholds, energies, rel_thresholds)
+        counts = {parameter_key(t): batch_count_above(spectra, t).tolist() for t in thresholds}
+        relative = {parameter_key(r): batch_count_above_rel(spectra, r).tolist() for r in rel_thresholds}
+        ranks = {parameter_key(p): batch_energy_rank(spectra, p).tolist() for p in energies}
+        columns = {
+            "erank": batch_erank(spectra).tolist(),
+            "erank_energy": batch_erank_energy(spectra).tolist(),
+            "stable_rank": batch_stable_rank(spectra).tolist(),
+            "participation_ratio": batch_participation_ratio(spectra).tolist(),
+            "numerical_rank": batch_numerical_rank(spectra, max_dims).tolist(),
+            "energy": batch_energy(spectra).tolist(),
+            "sigma_max": batch_sigma_max(spectra).tolist(),
+        }
         for row, i in enumerate(indices):
-            effective = columns["erank"][row]
-            bound = rank_bounds[i]
+            value = {key: column[row] for key, column in columns.items()}
             results[i] = {
-                "count_above": {parameter_key(t): columns[f"count_above:{t}"][row] for t in thresholds},
-                "count_above_rel": {parameter_key(r): columns[f"count_above_rel:{r}"][row] for r in rel_thresholds},
-                "energy_rank": {parameter_key(p): columns[f"energy_rank:{p}"][row] for p in energies},
-                "erank": effective,
-                "erank_energy": columns["erank_energy"][row],
-                "stable_rank": columns["stable_rank"][row],
-                "participation_ratio": columns["participation_ratio"][row],
-                "numerical_rank": columns["numerical_rank"][row],
-                "utilization": effective / bound if bound > 0 else 0.0,
-                "frobenius": math.sqrt(columns["energy"][row]),
-                "sigma_max": columns["sigma_max"][row],
-                "energy": columns["energy"][row],
+                "count_above": {key: column[row] for key, column in counts.items()},
+                "count_above_rel": {key: column[row] for key, column in relative.items()},
+                "energy_rank": {key: column[row] for key, column in ranks.items()},
+                "erank": value["erank"],
+                "erank_energy": value["erank_energy"],
+                "stable_rank": value["stable_rank"],
+                "participation_ratio": value["participation_ratio"],
+                "numerical_rank": value["numerical_rank"],
+                "utilization": utilization(value["erank"], rank_bounds[i]),
+                "frobenius": math.sqrt(value["energy"]),
+                "sigma_max": value["sigma_max"],
+                "energy": value["energy"],
             }
     return results  # type: ignore[return-value]
 
 
 __all__ = [
+    "Spectra",
     "count_above",
     "count_above_rel",
     "energy",

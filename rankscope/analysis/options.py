@@ -1,0 +1,58 @@
+"""How to analyse: :class:`AnalysisOptions`, checked when made (a bad value is a :class:`UsageProblem`)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..core.dense import DEFAULT_MEMORY_BUDGET
+from ..core.errors import UsageProblem
+from ..measures import metrics as M
+
+
+def default_max_memory() -> int | None:
+    """Half of the machine's physical memory (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How to analyse: metric parameters, scaling, the dense path and a layer filter."""
+
+    thresholds: tuple[float, ...] = M.DEFAULT_THRESHOLDS
+    energies: tuple[float, ...] = M.DEFAULT_ENERGIES
+    rel_thresholds: tuple[float, ...] = M.DEFAULT_REL_THRESHOLDS
+    unscaled: bool = False
+    dense: bool = False
+    dense_dtype: str = "float64"
+    device: str = "auto"
+    layers: str | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    collapse_threshold: float = 0.9
+    max_memory: int | None = field(default_factory=lambda: default_max_memory())
+
+    def __post_init__(self) -> None:
+        for name in ("thresholds", "energies", "rel_thresholds"):  # a single number is a one-item tuple
+            value = getattr(self, name)
+            object.__setattr__(self, name, (float(value),) if isinstance(value, (int, float)) else tuple(value))
+        for p in self.energies:
+            if not 0.0 < p <= 1.0:
+                raise UsageProblem(f"energies: energy fraction {p} is not in (0, 1]", argument="energies")
+        for name, what in (("thresholds", "threshold"), ("rel_thresholds", "ratio")):
+            for value in getattr(self, name):
+                if not math.isfinite(value) or value < 0:
+                    raise UsageProblem(f"{name}: {what} {value} must be a finite number ≥ 0", argument=name)
+        if self.layers:
+            try:
+                re.compile(self.layers)
+            except re.error as exc:
+                message = f"layers {self.layers!r} is not a valid regular expression ({exc})"
+                raise UsageProblem(message, argument="layers") from exc
+
+
+__all__ = ["AnalysisOptions", "default_max_memory"]

@@ -1,0 +1,282 @@
+"""The exact factored path: singular values of ΔW = L·C·R from the R factors of L and Rᵀ.
+
+For ΔW = L·C·R (L m×K, R K×n) take thin QR factors L = Q_L·R_L and Rᵀ = Q_R·R_R; then
+ΔW = Q_L·(R_L·C·R_Rᵀ)·Q_Rᵀ and the nonzero singular values of ΔW are those of the small core
+R_L·C·R_Rᵀ. Cost O((m+n)K² + K³) instead of O(mn·min(m, n)). All of it in float64. Only the R factors are
+needed: they come from CholeskyQR where that is provably accurate (see ``r_factors``), else Householder QR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+import torch
+
+from .dense import DEFAULT_MEMORY_BUDGET, Progress, svdvals_or_nan
+from .threads import thread_budget
+from .update import FactoredUpdate, upcast
+
+# -- triangular factors of tall-skinny factors ---------------------------------------------------------------
+# Every factor F (rows × K, K ≤ rows) needs only an R with RᵀR = FᵀF: then F = Q·R for an orthonormal Q, and the
+# core built from the R factors has the singular values of ΔW. CholeskyQR (R = chol(FᵀF)) takes one BLAS-3 pass
+# over F, about half the work of Householder QR, but it loses accuracy as κ(F)² does; so each R is checked:
+#
+#   with D = diag(‖f_j‖) and ε(rows, K) = K·(rows + K + 1)·u (u = 2⁻⁵³), the computed Gram and its Cholesky factor
+#   satisfy R̂ᵀR̂ = FᵀF + E with ‖D⁻¹ E D⁻¹‖₂ ≤ ε (Higham, Accuracy and Stability, thms 3.5 and 10.3: γ_rows for
+#   the dot products, γ_{K+1} for Cholesky). Hence R̂ = O·(I + H)·R with O orthogonal, H symmetric and
+#   ‖H‖ ≤ ε·κ²/2, κ = κ(F·D⁻¹) the condition number of the column-equilibrated factor: a multiplicative
+#   perturbation, so every singular value of the core — the small ones included — moves by at most ε·κ²/2
+#   relative per factor (Eisenstat & Ipsen 1995).
+#
+# R̂ is accepted when ε·κ̂² ≤ CHOLESKY_QR_TOLERANCE, κ̂ measured on R̂·D⁻¹ itself (an upper bound first, an SVD
+# of the K×K matrix where the bound is not enough); otherwise, and wherever the Cholesky factorisation does not
+# complete, the factor takes Householder QR, which is backward stable for any κ. The threshold is a worst-case
+# bound (typical rounding is √rows smaller): κ ≲ 63 for a 14336×16 factor, 117 for 4096×16. Random and
+# freshly trained A factors sit near κ = 1; a trained B may not, and pays for Householder QR (about twice the
+# Gram's cost). CholeskyQR2 (a second pass over F) would reach κ ≈ 10⁷, at about Householder's cost here.
+UNIT_ROUNDOFF = torch.finfo(torch.float64).eps / 2
+CHOLESKY_QR_TOLERANCE = 1e-7
+
+
+def cholesky_qr_limit(rows: int, cols: int) -> float:
+    """The largest κ(F·D⁻¹) at which CholeskyQR's R of a rows×cols factor F is accepted: √(tolerance / ε)."""
+    return math.sqrt(CHOLESKY_QR_TOLERANCE / (cols * (rows + cols + 1) * UNIT_ROUNDOFF))
+
+
+def _stored(factor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The factor as laid out in memory, and whether that is its transpose (LoRA's A is stored K×n)."""
+    if not factor.is_contiguous() and factor.mT.is_contiguous():
+        return factor.mT, True
+    return factor, False
+
+
+class _Workspace:
+    """One float64 buffer reused for every factor: converting in place avoids an allocation per factor (which
+    glibc tends to keep, fragmented, after it is freed)."""
+
+    def __init__(self, numel: int, device: torch.device | str) -> None:
+        self.buffer = torch.empty(numel, dtype=torch.float64, device=device)
+
+    def float64(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype == torch.float64 and tensor.device == self.buffer.device:
+            return tensor
+        out = self.buffer[: tensor.numel()].view(tensor.shape)
+        out.copy_(tensor)
+        return out
+
+
+# numpy's ``dot(x.T, x)`` calls BLAS ``syrk``: one triangle, half the flops of torch's general product (measured
+# 1.7–2.2× faster on LoRA-shaped factors). numpy's OpenBLAS runs syrk of ≤ 16 columns on one thread but wider ones
+# on its own threads, which stall on a busy machine like torch's and serialise concurrent calls: wider factors
+# take torch's product.
+NUMPY_GRAM_MAX_COLUMNS = 16
+
+
+def _gram(factor: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
+    """FᵀF in float64 (K × K), upcast through the workspace, from whichever orientation F is stored in: the one
+    pass over every element of the factored path."""
+    stored, flipped = _stored(factor)
+    x = workspace.float64(stored)
+    if x.device.type == "cpu" and x.is_contiguous() and factor.shape[1] <= NUMPY_GRAM_MAX_COLUMNS:
+        array = x.numpy()
+        return torch.from_numpy(numpy.dot(array, array.T) if flipped else numpy.dot(array.T, array))
+    return x @ x.mT if flipped else x.mT @ x
+
+
+def _householder_r(factor: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
+    """R (min(rows, K) × K) of a Householder QR of F, in float64."""
+    stored, flipped = _stored(factor)
+    x = workspace.float64(stored)
+    return torch.linalg.qr(x.mT if flipped else x, mode="r").R
+
+
+def _cholesky_r(grams: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched CholeskyQR R factors of N Gram matrices (N × K × K), and which ones are accurate enough.
+
+    A zero factor has R = 0 exactly (accepted); a factor with a zero column, a non-finite Gram, a Cholesky that
+    does not complete or ε·κ̂² above the tolerance is refused (its R must come from Householder QR).
+    """
+    k = grams.shape[-1]
+    norms = torch.diagonal(grams, dim1=-2, dim2=-1).sqrt()
+    zero = (norms == 0).all(dim=-1)
+    usable = (norms > 0).all(dim=-1) & torch.isfinite(grams).flatten(1).all(dim=-1)
+    safe = torch.where(usable[:, None], norms, torch.ones_like(norms))
+    scaled = grams / (safe[:, :, None] * safe[:, None, :])
+    scaled = torch.where(usable[:, None, None], scaled, torch.eye(k, dtype=grams.dtype, device=grams.device))
+    lower, info = torch.linalg.cholesky_ex(scaled)
+    equilibrated = lower.mT
+    limits = torch.tensor([cholesky_qr_limit(r, k) for r in rows], dtype=grams.dtype, device=grams.device)
+    # κ ≤ ‖R‖_F·‖R⁻¹‖_F (at most K times too big) settles most factors for one triangular inverse; the exact κ —
+    # an SVD of R — only where that bound exceeds the limit
+    identity = torch.eye(k, dtype=grams.dtype, device=grams.device).expand_as(equilibrated)
+    inverse = torch.linalg.solve_triangular(equilibrated, identity, upper=True)
+    condition = torch.linalg.matrix_norm(equilibrated) * torch.linalg.matrix_norm(inverse)
+    doubtful = usable & (info == 0) & ~(condition <= limits)
+    if bool(doubtful.any()):
+        sigma = torch.linalg.svdvals(equilibrated[doubtful])
+        condition[doubtful] = sigma[:, 0] / sigma[:, -1]
+    accepted = usable & (info == 0) & torch.isfinite(condition) & (condition <= limits)
+    r_factors = torch.where(zero[:, None, None], torch.zeros_like(equilibrated), equilibrated * safe[:, None, :])
+    return r_factors, accepted | zero
+
+
+PARALLEL_MIN_ELEMENTS = 1 << 20  # below this a factor set is done on the calling thread
+
+
+def _balanced(indices: list[int], sizes: list[int], parts: int) -> list[list[int]]:
+    """``indices`` split into ``parts`` lists of about equal total size (largest first, onto the lightest)."""
+    bins: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for i in sorted(indices, key=lambda i: -sizes[i]):
+        lightest = loads.index(min(loads))
+        bins[lightest].append(i)
+        loads[lightest] += sizes[i]
+    return [b for b in bins if b]
+
+
+def _map_factors(
+    function: Callable[[torch.Tensor, _Workspace], torch.Tensor],
+    factors: Sequence[torch.Tensor],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """``function(factor, workspace)`` for every factor: on the CPU, for large sets, spread over the threads of
+    :func:`~rankscope.core.threads.thread_budget` (inside ``single_threaded``; else on the calling thread)."""
+    if not factors:
+        return []
+    sizes = [f.numel() for f in factors]
+    on_cpu = torch.device(device).type == "cpu"
+    workers = min(thread_budget(), len(factors)) if on_cpu and sum(sizes) >= PARALLEL_MIN_ELEMENTS else 1
+
+    def run(part: list[int]) -> list[tuple[int, torch.Tensor]]:
+        workspace = _Workspace(max(sizes[i] for i in part), device)
+        return [(i, function(factors[i], workspace)) for i in part]
+
+    first, *others = _balanced(list(range(len(factors))), sizes, workers)
+    if not others:
+        pairs = run(first)
+    else:
+        with ThreadPoolExecutor(len(others)) as pool:
+            futures = [pool.submit(run, part) for part in others]
+            pairs = run(first)  # the calling thread takes a share too
+            for future in futures:
+                pairs += future.result()
+    results: list[torch.Tensor | None] = [None] * len(factors)
+    for i, value in pairs:
+        results[i] = value
+    return results  # type: ignore[return-value]
+
+
+def r_factors(
+    factors: Sequence[torch.Tensor], *, device: torch.device | str = "cpu"
+) -> tuple[list[torch.Tensor], list[str]]:
+    """For each factor F (rows × K, any float dtype, either memory layout) a float64 R with RᵀR = FᵀF up to the
+    error bound above — K × K, or min(rows, K) × K — and the method that produced it ("cholesky", "householder",
+    "empty").
+
+    Factors are streamed one at a time through a reused float64 buffer per thread (one upcast per element, no
+    copy of the whole set); the K × K work is batched.
+    """
+    results: list[torch.Tensor | None] = [None] * len(factors)
+    methods = ["householder"] * len(factors)
+    tall: list[int] = []
+    householder: list[int] = []
+    for i, factor in enumerate(factors):
+        rows, cols = factor.shape
+        if rows == 0 or cols == 0:
+            results[i] = torch.zeros(min(rows, cols), cols, dtype=torch.float64, device=device)
+            methods[i] = "empty"
+        elif rows >= cols:
+            tall.append(i)
+        else:
+            householder.append(i)  # wide: FᵀF is singular, CholeskyQR does not apply
+    grams = _map_factors(_gram, [factors[i] for i in tall], device)
+    by_width: dict[int, list[int]] = defaultdict(list)
+    for position, i in enumerate(tall):
+        by_width[factors[i].shape[1]].append(position)
+    for positions in by_width.values():
+        stacked = torch.stack([grams[p] for p in positions])
+        cholesky, accepted = _cholesky_r(stacked, [factors[tall[p]].shape[0] for p in positions])
+        for row, (p, ok) in enumerate(zip(positions, accepted.tolist(), strict=True)):
+            if ok:
+                results[tall[p]], methods[tall[p]] = cholesky[row], "cholesky"
+            else:
+                householder.append(tall[p])
+    computed = _map_factors(_householder_r, [factors[i] for i in householder], device)
+    for i, r in zip(householder, computed, strict=True):
+        results[i] = r
+    return results, methods  # type: ignore[return-value]
+
+
+# -- factored updates: cores and their singular values ---------------------------------------------------------
+def _scale_vector(update: FactoredUpdate, device: torch.device | str) -> torch.Tensor:
+    if isinstance(update.scale, torch.Tensor):
+        return upcast(update.scale.reshape(-1), device=device)
+    return torch.full((update.inner_dim,), float(update.scale), dtype=torch.float64, device=device)
+
+
+def _cores(
+    updates: Sequence[FactoredUpdate], r_left: Sequence[torch.Tensor], r_right: Sequence[torch.Tensor], device
+) -> torch.Tensor:
+    """R_L·diag(scale)·C·R_Rᵀ for updates whose R factors share their shapes, stacked (B × a × b).
+
+    The scale acts on the K×K level: L·diag(s) = Q_L·(R_L·diag(s)), so the factors themselves are never rescaled.
+    """
+    if any(isinstance(u.scale, torch.Tensor) for u in updates):
+        scales = torch.stack([_scale_vector(u, device) for u in updates])[:, None, :]
+    else:
+        scales = torch.tensor([float(u.scale) for u in updates], dtype=torch.float64, device=device)[:, None, None]
+    left = torch.stack(list(r_left)) * scales
+    if updates[0].core is not None:
+        left = left @ torch.stack([upcast(u.core, device=device) for u in updates])
+    return left @ torch.stack(list(r_right)).mT
+
+
+def _core_key(update: FactoredUpdate, r_left: torch.Tensor, r_right: torch.Tensor) -> tuple:
+    return (tuple(r_left.shape), tuple(r_right.shape), update.core is not None)
+
+
+def factored_cores(updates: Sequence[FactoredUpdate], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The stacked float64 cores R_L·diag(scale)·C·R_Rᵀ of same-shaped updates (B × min(m,K) × min(n,K))."""
+    r_left, _ = r_factors([u.left for u in updates], device=device)
+    r_right, _ = r_factors([u.right.mT for u in updates], device=device)
+    return _cores(updates, r_left, r_right, device)
+
+
+def factored_singular_values(
+    updates: Sequence[FactoredUpdate],
+    *,
+    device: torch.device | str = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Progress | None = None,
+) -> list[torch.Tensor]:
+    """Exact singular values (descending, float64, ``rank_bound`` of them) of each factored update.
+
+    The factors stream through one float64 buffer of the largest factor's size (``memory_budget`` bounds only
+    the dense path); the K×K cores are batched by shape.
+    """
+    results: list[torch.Tensor | None] = [None] * len(updates)
+    live = [i for i, u in enumerate(updates) if u.rank_bound > 0]
+    for i, update in enumerate(updates):
+        if update.rank_bound == 0:
+            results[i] = torch.zeros(0, dtype=torch.float64)
+    both, _ = r_factors([updates[i].left for i in live] + [updates[i].right.mT for i in live], device=device)
+    r_left, r_right = both[: len(live)], both[len(live) :]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for position, i in enumerate(live):
+        groups[_core_key(updates[i], r_left[position], r_right[position])].append(position)
+    for positions in groups.values():
+        chosen = [updates[live[p]] for p in positions]
+        cores = _cores(chosen, [r_left[p] for p in positions], [r_right[p] for p in positions], device)
+        values = svdvals_or_nan(cores).cpu()
+        for row, p in enumerate(positions):
+            results[live[p]] = values[row]
+        if progress:
+            progress(len(positions))
+    return results  # type: ignore[return-value]
+
+
+__all__ = ["cholesky_qr_limit", "factored_cores", "factored_singular_values", "r_factors"]

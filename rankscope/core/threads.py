@@ -1,0 +1,96 @@
+"""The thread policy: by default rankscope changes no process-wide thread setting; the caller opts in.
+
+Reading and the factored path are many small tensor ops. torch runs each op above ~32k elements as an OpenMP
+fork-join over all its threads; on a machine whose cores are busy with other work every join waits for a
+descheduled thread — measured: reading an 8B-shaped LoRA took 3 s on 2 threads against 0.02 s on one. Inside
+:func:`single_threaded` torch (and every BLAS/OpenMP pool threadpoolctl finds: numpy's OpenBLAS, which the Gram's
+``syrk`` uses) runs on one thread, and rankscope parallelises where the work is large and independent — the
+factors, the large dense SVDs — over Python threads (ATen releases the GIL), with no join per op. A BLAS with
+more than one thread runs concurrent calls of one routine one after the other (measured: no speed-up at all);
+at one, they scale. Single dense SVDs, large enough to amortise the joins, get torch's threads back
+(:func:`all_threads`).
+
+These settings are process-wide by nature (torch's, OpenBLAS's and threadpoolctl's limits alike): work in other
+threads runs single-threaded too while the block runs. So library calls enter it only when asked
+(``load(..., threads=1)``, ``analyze(..., threads=1)``, ``with rankscope.single_threaded():``); the CLI, which owns
+its process, always does. Outside it rankscope's loops run on the calling thread and torch's ops use torch's
+threads: the same results, without the parallel speed-up on a busy machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from .errors import UsageProblem
+
+_lock = threading.Lock()
+_depth = 0  # how many single_threaded blocks are open, in any thread
+_budget: int | None = None  # torch's thread count when the outermost block was entered
+_limits = None  # threadpoolctl's limiter of the outermost block (restores the BLAS/OpenMP pools)
+
+
+def thread_budget() -> int:
+    """How many Python threads rankscope's own loops may spread independent work over: inside
+    :func:`single_threaded`, the torch thread count it found; outside, 1 (torch's ops use its threads themselves,
+    and ops on several Python threads at once would oversubscribe the cores)."""
+    return _budget if _budget is not None else 1
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch's intra-op threads, and the threads of every BLAS/OpenMP library loaded (threadpoolctl), at 1 for the
+    duration; restored when the outermost block ends (nested blocks, in any thread, change nothing more).
+
+    It changes process-wide settings: torch and numpy work in other threads meanwhile runs single-threaded too.
+    """
+    global _depth, _budget, _limits
+    with _lock:
+        if _depth == 0:
+            from threadpoolctl import threadpool_limits
+
+            _budget = torch.get_num_threads()
+            _limits = threadpool_limits(limits=1)
+            torch.set_num_threads(1)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                budget, limits, _budget, _limits = _budget, _limits, None, None
+                limits.restore_original_limits()
+                torch.set_num_threads(budget)
+
+
+def thread_policy(threads: int | None) -> contextlib.AbstractContextManager[None]:
+    """The block a library call runs its work in: ``threads=None`` changes nothing, ``threads=1`` is
+    :func:`single_threaded`."""
+    if threads is None:
+        return contextlib.nullcontext()
+    if threads == 1 and not isinstance(threads, bool):
+        return single_threaded()
+    raise UsageProblem(f"threads must be None (leave the thread settings alone) or 1, found {threads!r}",
+                       argument="threads")  # fmt: skip
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Inside :func:`single_threaded`: torch's threads back, for one op big enough to use them (a dense SVD).
+    Outside it, nothing to give back."""
+    budget = _budget
+    if budget is None or budget == torch.get_num_threads():
+        yield
+        return
+    torch.set_num_threads(budget)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+__all__ = ["all_threads", "single_threaded", "thread_budget", "thread_policy"]
