@@ -156,7 +156,7 @@ def test_installed_command_runs_as_a_process(adapter, tmp_path):
         (["--layers", "("], "--layers '(' is not a valid regular expression"),
         (["--threshold", "-1"], "threshold -1.0 must be a finite number ≥ 0"),
         (["--energy", "2"], "energy fraction 2.0 is not in (0, 1]"),
-        (["--format", "nope"], "unknown format 'nope'"),
+        (["--format", "nope"], "--format 'nope' is unknown"),
         (["--alpha", "-1"], "--alpha must be a finite positive number"),
         (["--mode", "sequential"], "--mode applies only with --compose"),
         (["--weights", "1,2"], "--weights applies only with --compose"),

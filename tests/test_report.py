@@ -27,9 +27,11 @@ import rankscope
 from rankscope.analysis.comparison import compare
 from rankscope.cli import main
 from rankscope.core.errors import RankscopeError
+from rankscope.figures.style import PALETTE
 from rankscope.report import bundle
 from rankscope.report.bundle import MARKER, check_target, write_report
 from rankscope.report.html import figure_slots, inline_svg, layer_svg, report_html
+from rankscope.report.model import SeriesView, cumulative_energy
 
 from .factories import llama_like, lora_config, random_factors, write_lora
 
@@ -257,6 +259,10 @@ def test_invalid_and_zero_layers_are_shown_for_what_they_are(analyses):
     assert rows["model.layers.1.self_attn.v_proj"][8][1]["data-v"] == "0.0"
 
 
+def series(label: str, sigma: list[float], rank_bound: int, style: int = 0) -> SeriesView:
+    return SeriesView(label, style, tuple(sigma), tuple(cumulative_energy(sigma)), rank_bound)
+
+
 def _polylines(svg: str) -> list[list[tuple[float, float]]]:
     return [[tuple(map(float, p.split(","))) for p in points.split()]
             for points in re.findall(r'<polyline points="([^"]+)"', svg)]  # fmt: skip
@@ -270,9 +276,7 @@ def test_layer_plot_places_spectrum_thresholds_bound_and_cumulative_energy(adapt
     record = analyses["lora"].layers[0]
     assert record.name == "model.layers.0.self_attn.q_proj"
     tau = float((sigma[1] + sigma[2]) / 2)  # a threshold inside the spectrum
-    from rankscope.report.html import _Series
-
-    svg = layer_svg([_Series("x", record.singular_values, 4, "#000", "")], [tau], [0.9])
+    svg = layer_svg([series("x", record.singular_values, 4)], [tau], [0.9])
     spectrum, energy = _polylines(svg)
     ys = torch.tensor([y for _, y in spectrum], dtype=torch.float64)
     logs = torch.log10(sigma)
@@ -288,17 +292,21 @@ def test_layer_plot_places_spectrum_thresholds_bound_and_cumulative_energy(adapt
     top, bottom = 14, 190 - 34
     expected = bottom - (bottom - top) * cumulative
     assert torch.allclose(torch.tensor([y for _, y in energy], dtype=torch.float64), expected, atol=0.06)
-    assert len(re.findall(r"M[\d.]+ [\d.]+h\.01", svg)) == 4  # one dot per σ
+    # the first series' style of the paper figures (figures.style): its colour, solid, its marker on every point
+    line = re.search(r"<polyline [^>]*>", svg).group(0)
+    assert f'stroke="{PALETTE[0]}"' in line and "stroke-dasharray" not in line
+    assert all(f'marker-{at}="url(#mk-0)"' in line for at in ("start", "mid", "end"))
+    assert re.search(r'<marker id="mk-0"[^>]*><path d="M4 0A4 4', svg)  # MARKERS[0] is "o": a circle
 
 
 def test_dense_spectra_are_drawn_from_a_bounded_number_of_points():
-    from rankscope.report.html import _sample, _Series
+    from rankscope.report.html.svg import _sample
 
     sigma = [1.0 / (i + 1) for i in range(4096)]
     indices = _sample(len(sigma))
     assert len(indices) <= 256 and indices[0] == 0 and indices[-1] == 4095 and indices == sorted(set(indices))
-    svg = layer_svg([_Series("d", sigma, 4096, "#000", "")], [0.005], [0.9])
-    assert len(_polylines(svg)[0]) == len(indices) and "h.01" not in svg and len(svg) < 12_000
+    svg = layer_svg([series("d", sigma, 4096)], [0.005], [0.9])
+    assert len(_polylines(svg)[0]) == len(indices) and "marker-mid" not in svg and len(svg) < 12_000
 
 
 def test_figures_inline_with_their_own_ids_and_scoped_styles(analyses):
@@ -327,8 +335,9 @@ def test_inline_svg_prefixes_ids_and_references():
 def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     slots = figure_slots([analyses["hostile"]], ["h"])
     modules = [s for s in slots if s.section == "modules"]
-    # model order: by block, then q, k, v, o … before other module types
-    assert [s.module for s in modules] == ["q_proj", HOSTILE[0], "v_proj", HOSTILE[1], "k_proj"]
+    # the canonical order of module types (core.naming.MODULE_ORDER: q, k, v, o …), other types after them in
+    # order of first appearance — the same order as the figures' panels and every table
+    assert [s.module for s in modules] == ["q_proj", "k_proj", "v_proj", HOSTILE[0], HOSTILE[1]]
     assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
     pair = [analyses["lora"], analyses["other"]]
     several = figure_slots(pair, ["a/b", "c d"], None)

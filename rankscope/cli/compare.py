@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from .app import distinct_outputs, handle_errors, warn, write_outputs
-from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
+from .options import (
+    CommaList,
+    analysis_options,
+    checkpoint_options,
+    load_and_settings,
+    output_option,
+    report_problems,
+    run_analysis,
+)
 
 
 @click.command()
@@ -13,9 +21,9 @@ from .options import CommaList, analysis_options, checkpoint_options, load_and_s
 @click.option(
     "--labels", type=CommaList(), metavar="A,B,…", help="Display names, one per checkpoint (default: directory names)."
 )
-@click.option("--json", "json_out", metavar="FILE", help="Write the comparison JSON to FILE ('-': stdout).")
-@click.option("--csv", "csv_out", metavar="FILE", help="Write one CSV row per matched layer to FILE ('-': stdout).")
-@click.option("--markdown", "markdown_out", metavar="FILE", help="Write Markdown tables to FILE ('-': stdout).")
+@output_option("--json", "Write the comparison JSON to FILE ('-': stdout).")
+@output_option("--csv", "Write one CSV row per matched layer to FILE ('-': stdout).")
+@output_option("--markdown", "Write Markdown tables to FILE ('-': stdout).")
 @checkpoint_options
 @analysis_options
 @click.option("--baseline", metavar="LABEL", help="The checkpoint the ratios are to (a label; default: the first).")
@@ -53,8 +61,9 @@ def compare(
     comparison = compare_analyses(analyses, labels, alignment=not no_alignment, baseline=baseline)
     for message in comparison.warnings:
         warn(message)
+    from ..analysis.documents import comparison_document
     from ..report.csv import comparison_csv
-    from ..report.json import comparison_document, dumps
+    from ..report.json import dumps
     from ..report.markdown import comparison_markdown
 
     write_outputs(

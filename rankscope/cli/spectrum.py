@@ -7,15 +7,20 @@ import sys
 import click
 
 from .app import EXIT_INPUT, distinct_outputs, error, handle_errors, write_outputs
-from .options import analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
+from .options import (
+    analysis_options,
+    checkpoint_options,
+    load_and_settings,
+    output_option,
+    report_problems,
+    run_analysis,
+)
 
 
 @click.command()
 @click.argument("path")
-@click.option(
-    "--json", "json_out", metavar="FILE", help="Write the JSON report to FILE ('-': stdout; the table goes to stderr)."
-)
-@click.option("--csv", "csv_out", metavar="FILE", help="Write one CSV row per layer to FILE ('-': stdout).")
+@output_option("--json", "Write the JSON report to FILE ('-': stdout; the table goes to stderr).")
+@output_option("--csv", "Write one CSV row per layer to FILE ('-': stdout).")
 @checkpoint_options
 @analysis_options
 @click.option(
@@ -34,8 +39,9 @@ def spectrum(path: str, json_out, csv_out, strict: bool, quiet: bool, **options)
     distinct_outputs(json=json_out, csv=csv_out)
     checkpoint, settings = load_and_settings(path, options)
     analysis = run_analysis(checkpoint, settings, quiet=quiet)
+    from ..analysis.documents import spectrum_document
     from ..report.csv import layers_csv
-    from ..report.json import dumps, spectrum_document
+    from ..report.json import dumps
 
     write_outputs([(json_out, lambda: dumps(spectrum_document(analysis))), (csv_out, lambda: layers_csv(analysis))])
     if not quiet:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from ..core.errors import RankscopeError
 from ..core.naming import MODULE_ORDER, block_of, checkpoint_labels
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis.analyze import Analysis, LayerRecord
+    from ..analysis.records import Analysis, LayerRecord
+
+T = TypeVar("T")
 
 MAX_LINES = 8  # more lines than this in one panel are summarised (median and quartiles) by module type
 MAX_FACETS = 8  # more module types than this are not given one panel each
@@ -62,15 +64,40 @@ def selected(analysis: Analysis, layers: Sequence[str] | None) -> list[LayerReco
     return [by_name[name] for name in layers]
 
 
+_KNOWN = {name: rank for rank, name in enumerate(MODULE_ORDER)}
+
+
+def module_order(types: Iterable[str]) -> list[str]:
+    """Module types in the canonical order (``core.naming.MODULE_ORDER``: q, k, v, o, gate, up, down …), other
+    types after them in order of first appearance."""
+    seen = list(dict.fromkeys(types))
+    return sorted(seen, key=lambda m: (_KNOWN.get(m, len(_KNOWN)), seen.index(m)))
+
+
+def group_by_module(items: Iterable[T], module_of: Callable[[T], str]) -> dict[str, list[T]]:
+    """Items grouped by module type, the types in :func:`module_order`, items in their given order."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(module_of(item), []).append(item)
+    return {module: groups[module] for module in module_order(groups)}
+
+
 def by_module(records: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:
-    """Records grouped by module type (``q_proj`` …): the usual transformer order first (q, k, v, o, gate, up,
-    down), other types in order of first appearance."""
-    groups: dict[str, list[LayerRecord]] = {}
-    for record in records:
-        groups.setdefault(record.module_type, []).append(record)
-    known = {name: i for i, name in enumerate(MODULE_ORDER)}
-    order = sorted(groups, key=lambda m: (known.get(m, len(known)), list(groups).index(m)))
-    return {module: groups[module] for module in order}
+    """Records grouped by module type in :func:`module_order` — the order of every table of the report too."""
+    return group_by_module(records, lambda record: record.module_type)
+
+
+def cumulative_energy(sigma: Sequence[float]) -> list[float]:
+    """Σ_{i≤k} σ_i² / Σσ² for k = 1..K (empty for a zero update, whose energy fractions are undefined)."""
+    squares = [v * v for v in sigma]
+    total = sum(squares)
+    if total <= 0:
+        return []
+    out, running = [], 0.0
+    for square in squares:
+        running += square
+        out.append(running / total)
+    return out
 
 
 def block_positions(records: Sequence[LayerRecord]) -> tuple[dict[str, int], str]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis.analyze import Analysis, LayerRecord
+    from ..analysis.records import Analysis, LayerRecord
 
 MAX_BARS = 48  # more composed layers than this are drawn as stacked areas instead of bars
 MAX_NAMED_TICKS = 24  # up to this many layers are named one by one on the axis

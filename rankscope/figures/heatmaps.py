@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis.analyze import Analysis, LayerRecord
+    from ..analysis.records import Analysis, LayerRecord
 
 MIN_ANNOTATED_CELL = 0.22  # inches: a cell this wide holds "0.12" at 7 pt
 
@@ -175,11 +175,6 @@ ALIGNMENT_PANELS = (
 )
 
 
-def _off_diagonal_mean(matrix) -> float | None:
-    values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def alignment_figure(
     record: LayerRecord, *, width: str | float = "column", labels: Sequence[str] | None = None
 ) -> Figure:
@@ -189,6 +184,8 @@ def alignment_figure(
 
     Rows are named ``1: name``; columns, in the same order, by number.
     """
+    from ..measures.components import off_diagonal_mean
+
     alignment = getattr(record, "alignment", None)
     if not alignment:
         raise FigureInputError(f"layer {record.name} has no alignment: it is not a composition of components")
@@ -224,7 +221,7 @@ def alignment_figure(
                 side.set_visible(False)
             if panel / k >= MIN_ANNOTATED_CELL:
                 _annotate(ax, matrix, mesh, fmt=".2f", xs=range(k), ys=range(k))
-            baseline = _off_diagonal_mean(alignment[baseline_key]) if baseline_key else None
+            baseline = off_diagonal_mean(alignment[baseline_key]) if baseline_key else None
             if baseline is not None:
                 ax.set_xlabel(f"random ≈ {baseline:.2g}", fontsize=7)
         colorbar = fig.colorbar(mesh, ax=list(axes), orientation="horizontal", fraction=0.06, aspect=40, pad=0.03)

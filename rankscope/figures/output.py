@@ -3,6 +3,7 @@
 PDF and SVG carry no metadata that changes between runs, so the same figure gives the same bytes; PNG is drawn
 by Agg at 300 dpi without a ``Software`` chunk. Every requested format is rendered in memory first and then
 each file is written to a temporary name beside its target and renamed into place: an error leaves no file.
+:func:`write_atomically` and :func:`set_usual_mode` are the one way rankscope writes files (the report too).
 """
 
 from __future__ import annotations
@@ -63,21 +64,39 @@ def output_paths(path: str | Path, formats: Sequence[str]) -> list[Path]:
     return out
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def usual_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` would give a new file (0o777 for a folder)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def set_usual_mode(path: Path, mode: int = 0o666) -> None:
+    """mkdtemp and mkstemp make private (0700, 0600) paths; an output gets the usual ones."""
+    path.chmod(usual_mode(mode))
+
+
+def write_atomically(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, renamed into place (``str`` as UTF-8, newlines
+    as given): an error leaves the old file or none. Raises ``OSError``."""
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise RankscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        set_usual_mode(Path(temporary))
         os.replace(temporary, path)
-    except BaseException as exc:
+    except BaseException:
         Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise RankscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
         raise
+
+
+def _write_figure(path: Path, data: bytes) -> None:
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        raise RankscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("pdf", "png")) -> list[Path]:
@@ -90,8 +109,8 @@ def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("pdf", 
     targets = output_paths(path, formats)
     rendered = [(target, figure_bytes(fig, fmt)) for target, fmt in zip(targets, formats, strict=True)]
     for target, data in rendered:
-        _write_atomically(target, data)
+        _write_figure(target, data)
     return targets
 
 
-__all__ = ["FORMATS", "figure_bytes", "output_paths", "save_figure", "svg_text"]
+__all__ = ["FORMATS", "figure_bytes", "output_paths", "save_figure", "set_usual_mode", "svg_text", "write_atomically"]

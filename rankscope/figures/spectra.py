@@ -24,6 +24,7 @@ from ._common import (
     block_positions,
     by_module,
     check_labels,
+    cumulative_energy,
     empty_note,
     facet_grid,
     guide_hline,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..analysis.analyze import Analysis, LayerRecord
+    from ..analysis.records import Analysis, LayerRecord
 
 BAND_ALPHA = 0.18
 MAX_BANDS = 3  # quartile bands are shaded only when at most this many curves share a panel
@@ -283,14 +284,9 @@ def spectrum_figure(
 
 # -- cumulative energy ------------------------------------------------------------------------------------
 def _cumulative_energy(record: LayerRecord) -> list[float]:
-    """0, then Σ_{j≤k} σ_j² / Σσ² for k = 1..K, K the numerical rank (just 0 for a zero update)."""
-    squares = [v * v for v in significant(record)]
-    total = sum(squares)
-    out, running = [0.0], 0.0
-    for square in squares:
-        running += square
-        out.append(running / total if total > 0 else 0.0)
-    return out
+    """0, then Σ_{j≤k} σ_j² / Σσ² for k = 1..K, K the numerical rank (all 0 for a zero update)."""
+    sigma = significant(record)
+    return [0.0, *(cumulative_energy(sigma) or [0.0] * len(sigma))]
 
 
 def energy_figure(
@@ -357,7 +353,7 @@ def count_above_figure(
 
     ``threshold``: τ, which the analyses must have computed (default: their first threshold, 0.005).
     """
-    from ._common import block_of
+    from ..core.naming import block_of
     from .style import figure_width
 
     labels = check_labels(analyses, labels)

@@ -133,11 +133,19 @@ def series_style(index: int, *, marker: bool = True) -> dict:
     return style
 
 
+def dash_pattern(index: int) -> tuple[float, ...]:
+    """The ``index``-th series' dash pattern as on/off lengths in line widths (empty: solid) — matplotlib scales
+    ``LINESTYLES`` by the line width, and so must any other drawing of the same series (the HTML's SVG)."""
+    style = LINESTYLES[index % len(LINESTYLES)]
+    return () if isinstance(style, str) else tuple(style[1])
+
+
 __all__ = [
     "COLUMN_WIDTH",
     "FULL_WIDTH",
     "PALETTE",
     "PAPER_RC",
+    "dash_pattern",
     "figure_size",
     "figure_width",
     "paper_style",

@@ -21,23 +21,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..analysis.documents import report_document
 from ..core.errors import RankscopeError
 from ..core.naming import checkpoint_labels
+from .build import build_report
 from .csv import layers_csv
 from .csv import text_cell as csv_text
-from .html import FigureSlot, figure_slots, report_html
-from .json import comparison_document, dumps, spectrum_document
+from .html import render_page
+from .json import dumps
 from .markdown import comparison_markdown, spectrum_markdown
+from .model import FigureSpec
+from .output import set_usual_mode
 
 if TYPE_CHECKING:
-    from ..analysis.analyze import Analysis
     from ..analysis.comparison import Comparison
+    from ..analysis.records import Analysis
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".rankscope-report"
 FIGURE_FORMATS = ("pdf", "png", "svg")
-REPORT_SCHEMA = "rankscope.report/1"
 
 
 def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, force: bool = False) -> Path:
@@ -62,24 +65,6 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
             f"{target}: the folder exists and was not written by rankscope report; pass --force to replace it"
         )
     return target
-
-
-def summary_document(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None) -> dict:
-    """One checkpoint: its ``rankscope.spectrum/1`` document itself. Several: ``rankscope.report/1`` holding the
-    ``rankscope.compare/1`` document under ``comparison`` (null where they share no layer) and each checkpoint's
-    spectrum document under ``spectra`` (keyed by label)."""
-    if len(analyses) == 1:
-        return spectrum_document(analyses[0])
-    return {
-        "schema": REPORT_SCHEMA,
-        "rankscope": __version__,
-        "contents": "comparison: the rankscope.compare/1 document of the checkpoints, without the per-layer "
-        "records (they are in spectra); spectra: each checkpoint's rankscope.spectrum/1 document, keyed by label, "
-        "in the order of labels",
-        "labels": list(labels),
-        "comparison": comparison_document(comparison, records=False) if comparison is not None else None,
-        "spectra": {label: spectrum_document(a) for label, a in zip(labels, analyses, strict=True)},
-    }
 
 
 def report_csv(analyses: Sequence[Analysis], labels: Sequence[str]) -> str:
@@ -108,7 +93,7 @@ def report_markdown(analyses: Sequence[Analysis], comparison: Comparison | None)
     return "\n".join(parts)
 
 
-def _figure(slot: FigureSlot, analyses: Sequence[Analysis], labels: Sequence[str]):
+def _figure(slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str]):
     """Draw one slot with rankscope.figures (None when there is nothing to draw)."""
     from .. import figures as F
 
@@ -152,7 +137,7 @@ def _figure(slot: FigureSlot, analyses: Sequence[Analysis], labels: Sequence[str
 def render_figures(
     analyses: Sequence[Analysis],
     labels: Sequence[str],
-    slots: Sequence[FigureSlot],
+    slots: Sequence[FigureSpec],
     folder: Path | None,
     formats: Sequence[str],
     *,
@@ -169,8 +154,7 @@ def render_figures(
             if fig is not None:
                 svgs[slot.id] = svg_text(fig)
                 if folder is not None and formats:
-                    for path in save_figure(fig, folder / slot.id, formats):
-                        _permissions(path, 0o666)  # save_figure's temporary files are private (0600)
+                    save_figure(fig, folder / slot.id, formats)
         except RankscopeError as exc:
             warnings.append(f"figure {slot.id} left out: {exc}")
         except Exception as exc:  # a drawing bug costs one figure, not the report; the warning says so
@@ -220,15 +204,16 @@ def write_report(
     except OSError as exc:
         raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
     try:
-        _permissions(staging)
+        set_usual_mode(staging, 0o777)
         (staging / "figures").mkdir()
-        slots = figure_slots(analyses, labels, comparison)
-        svgs, warnings = render_figures(analyses, labels, slots, staging / "figures", formats, progress=progress)
+        report = build_report(analyses, labels, comparison)
+        svgs, warnings = render_figures(analyses, labels, report.figures, staging / "figures", formats,
+                                        progress=progress)  # fmt: skip
         files = {
-            "summary.json": dumps(summary_document(analyses, labels, comparison)),
+            "summary.json": dumps(report_document(analyses, labels, comparison)),
             "layers.csv": report_csv(analyses, labels),
             "summary.md": report_markdown(analyses, comparison),
-            "index.html": report_html(analyses, labels, comparison, svgs, figure_formats=formats, companions=True),
+            "index.html": render_page(report, svgs, figure_formats=formats, companions=True),
         }
         if not any((staging / "figures").iterdir()):  # --figures none, or nothing to draw: no empty folder
             (staging / "figures").rmdir()
@@ -243,13 +228,6 @@ def write_report(
             raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
         raise
     return (comparison.warnings if comparison is not None else unshared) + warnings
-
-
-def _permissions(path: Path, mode: int = 0o777) -> None:
-    """mkdtemp and mkstemp make private (0700, 0600) paths; a report gets the usual ones (``mode`` less umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    path.chmod(mode & ~mask)
 
 
 _MARKER_HEAD = "written by rankscope {version} report; `rankscope report … -o` may replace these entries:"

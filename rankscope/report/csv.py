@@ -6,11 +6,11 @@ import csv
 import io
 from typing import TYPE_CHECKING
 
-from ..analysis.analyze import flat_metrics
+from ..analysis.summary import flat_metrics
 
 if TYPE_CHECKING:
-    from ..analysis.analyze import Analysis
     from ..analysis.comparison import Comparison
+    from ..analysis.records import Analysis
 
 _IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shape", "rank_bound", "params", "scale")
 _STATUS = ("scaled", "exact", "valid", "error")
@@ -97,7 +97,7 @@ def comparison_csv(comparison: Comparison) -> str:
     """One row per matched layer: each checkpoint's compared values (``<label>:<quantity>``), then the mean
     off-diagonal alignment across checkpoints."""
     from ..analysis.comparison import COMPARED
-    from ..measures.components import off_diagonal_mean
+    from .tables import mean_alignment
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -105,13 +105,9 @@ def comparison_csv(comparison: Comparison) -> str:
     writer.writerow(["name", "module_type", *columns, "mean_cosine", "mean_left_overlap", "mean_right_overlap"])
     for layer in comparison.layers:
         values = [comparison.values(record) for record in layer.records]
-        alignment = layer.alignment or {}
         writer.writerow(
             [text_cell(layer.name), text_cell(layer.module_type)]
             + [_cell(v[key]) for v in values for key in COMPARED]
-            + [
-                _cell(off_diagonal_mean(alignment[k])) if alignment else ""
-                for k in ("cosine", "left_overlap", "right_overlap")
-            ]
+            + [_cell(value) for value in mean_alignment(layer.alignment).values()]
         )
     return buffer.getvalue()

@@ -1,63 +1,19 @@
-"""The JSON contract (DESIGN.md, "Contracts"): ``rankscope.spectrum/1``."""
+"""JSON output: the documents of ``rankscope.analysis.documents``, serialised (no NaN, no Infinity)."""
 
 from __future__ import annotations
 
 import json
-import math
-from typing import TYPE_CHECKING
 
-from .. import __version__
-
-if TYPE_CHECKING:
-    from ..analysis.analyze import Analysis
-    from ..analysis.comparison import Comparison
-
-SCHEMA = "rankscope.spectrum/1"
-
-
-def _finite(value: object) -> object:
-    """Replace non-finite floats (which JSON cannot hold) by their string, recursively (configs may hold NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def spectrum_document(analysis: Analysis) -> dict:
-    """The whole analysis of one checkpoint as the contract's JSON object."""
-    ckpt, options = analysis.checkpoint, analysis.options
-    return {
-        "schema": SCHEMA,
-        "rankscope": __version__,
-        "checkpoint": {
-            "path": str(ckpt.path),
-            "weights_file": str(ckpt.weights_file) if ckpt.weights_file else None,
-            "family": ckpt.family,
-            "adapter_type": ckpt.adapter_type,
-            "config": _finite(ckpt.config),
-            "params": ckpt.params,
-            "other_adapters": ckpt.other_adapters,
-        },
-        "scaled": not options.unscaled,
-        "scaling": "B·A without α/r (--unscaled)" if options.unscaled else "ΔW as the model applies it (α/r included)",
-        "options": {
-            "thresholds": list(options.thresholds),
-            "energies": list(options.energies),
-            "rel_thresholds": list(options.rel_thresholds),
-            "dense": options.dense,
-            "dense_dtype": options.dense_dtype if options.dense else None,
-            "layers": options.layers,
-        },
-        "warnings": list(ckpt.warnings) + list(analysis.warnings),
-        "notes": list(ckpt.notes),
-        "skipped": [{"key": s.key, "reason": s.reason} for s in ckpt.skipped],
-        "not_analysed": [{"module": m.module, "keys": list(m.keys), "reason": m.reason} for m in ckpt.not_analysed],
-        "layers": [record.to_dict() for record in analysis.layers],
-        "summary": analysis.summary(),
-    }
+from ..analysis.documents import (
+    COMPARISON_SCHEMA,
+    COMPONENTS_SCHEMA,
+    REPORT_SCHEMA,
+    SCHEMA,
+    comparison_document,
+    components_document,
+    report_document,
+    spectrum_document,
+)
 
 
 def dumps(document: dict) -> str:
@@ -65,72 +21,14 @@ def dumps(document: dict) -> str:
     return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
 
 
-COMPONENTS_SCHEMA = "rankscope.components/1"
-
-
-def components_document(analysis: Analysis) -> dict:
-    """The composed layers only: components, weights, energy shares, alignment, gain (the spectrum contract's
-    per-layer composition keys), plus the composition summary."""
-    document = spectrum_document(analysis)
-    return {
-        "schema": COMPONENTS_SCHEMA,
-        "rankscope": document["rankscope"],
-        "checkpoint": document["checkpoint"],
-        "scaled": document["scaled"],
-        "scaling": document["scaling"],
-        "layers": [layer for layer in document["layers"] if "components" in layer],
-        "summary": document["summary"].get("composition"),
-    }
-
-
-COMPARISON_SCHEMA = "rankscope.compare/1"
-
-
-def comparison_document(comparison: Comparison, *, records: bool = True) -> dict:
-    """Matched layers side by side (each checkpoint's compared values, full records under ``records`` unless
-    ``records=False``, for a document that holds them elsewhere), the alignment across checkpoints, the
-    unmatched layers and the summary with its headlines."""
-    checkpoints = []
-    for label, analysis in zip(comparison.labels, comparison.analyses, strict=True):
-        document = spectrum_document(analysis)
-        checkpoints.append(
-            {
-                "label": label,
-                **document["checkpoint"],
-                "scaled": document["scaled"],
-                "warnings": document["warnings"],
-                "not_analysed": document["not_analysed"],
-            }
-        )
-    return {
-        "schema": COMPARISON_SCHEMA,
-        "rankscope": __version__,
-        "labels": comparison.labels,
-        "threshold": comparison.threshold,
-        "checkpoints": checkpoints,
-        "layers": [
-            {
-                "name": layer.name,
-                "module_type": layer.module_type,
-                "values": {
-                    label: comparison.values(record)
-                    for label, record in zip(comparison.labels, layer.records, strict=True)
-                },
-                "alignment": layer.alignment,
-                **(
-                    {
-                        "records": {
-                            label: record.to_dict()
-                            for label, record in zip(comparison.labels, layer.records, strict=True)
-                        }
-                    }
-                    if records
-                    else {}
-                ),
-            }
-            for layer in comparison.layers
-        ],
-        "unmatched": comparison.unmatched,
-        "warnings": comparison.warnings,
-        "summary": comparison.summary(),
-    }
+__all__ = [
+    "COMPARISON_SCHEMA",
+    "COMPONENTS_SCHEMA",
+    "REPORT_SCHEMA",
+    "SCHEMA",
+    "comparison_document",
+    "components_document",
+    "dumps",
+    "report_document",
+    "spectrum_document",
+]

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..measures.metrics import parameter_key
+from .model import Table
+from .model import number as _fmt
+from .tables import alignment_summary, comparison_module_table, module_table
 
 if TYPE_CHECKING:
-    from ..analysis.analyze import Analysis
     from ..analysis.comparison import Comparison
+    from ..analysis.records import Analysis
 
 _MARKDOWN_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>|~"})
 
@@ -19,10 +22,6 @@ def escape(text: object) -> str:
     return "\\" + flat if flat[:1] in ("#", "-", "+", "=") else flat
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
     align = ["---" if i < right_from else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
@@ -30,11 +29,21 @@ def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str
     return "\n".join(lines)
 
 
+def render(table: Table) -> str:
+    """A report-model table in Markdown: checkpoint text escaped, the overall row in bold, empty rows left out."""
+    header = [column.short or column.title for column in table.columns]
+    rows = [
+        [("**all**" if row.total and i == 0 else escape(cell.text)) for i, cell in enumerate(row.cells)]
+        for row in table.rows
+        if not row.empty
+    ]
+    return _table(header, rows, right_from=sum(not column.numeric for column in table.columns))
+
+
 def spectrum_markdown(analysis: Analysis) -> str:
     """The checkpoint's summary by module type, then every layer."""
     ckpt = analysis.checkpoint
     tau = analysis.options.thresholds[0]
-    key = f"count_above[{parameter_key(tau)}]"
     summary = analysis.summary()
     scaled = "B·A without α/r (`--unscaled`)" if analysis.options.unscaled else "the scaled update ΔW (α/r applied)"
     lines = [
@@ -49,25 +58,7 @@ def spectrum_markdown(analysis: Analysis) -> str:
         ),
         "",
     ]
-    rows = []
-    for name, block in [*summary["by_module"].items(), ("all", summary)]:
-        stats = block["metrics"]
-        if not stats:
-            continue
-        rows.append(
-            [
-                escape(name) if name != "all" else "**all**",
-                str(block["layers"]),
-                f"{block['params']:,}",
-                _fmt(stats[key]["mean"], ".2f"),
-                _fmt(stats["energy"]["mean"], ".4g"),
-                _fmt(stats["erank"]["mean"], ".2f"),
-                _fmt(stats["stable_rank"]["mean"], ".2f"),
-                _fmt(stats["utilization"]["mean"], ".0%"),
-            ]
-        )
-    header = ["module", "layers", "params", f"#σ>{tau:g}", "Σσ²", "erank", "stable rank", "utilisation"]
-    lines += [_table(header, rows), "", "<details><summary>Every layer</summary>", ""]
+    lines += [render(module_table(analysis)), "", "<details><summary>Every layer</summary>", ""]
     layer_rows = []
     for record in analysis.layers:
         m = record.metrics
@@ -93,33 +84,12 @@ def spectrum_markdown(analysis: Analysis) -> str:
 def comparison_markdown(comparison: Comparison) -> str:
     """Per module type and overall, each label's means side by side, ratios to the first, and the headlines."""
     summary = comparison.summary()
-    tau = comparison.threshold
     labels = comparison.labels
     lines = [f"## Comparison: {', '.join(escape(label) for label in labels)}", ""]
     lines += [f"- {escape(line)}" for line in summary["headlines"]] + [""]
-    header = ["module", "checkpoint", "params", f"#σ>{tau:g}", "Σσ²", "erank", "stable rank", "utilisation",
-              "erank / 1k params"]  # fmt: skip
-    rows = []
-    for name, block in [*summary["by_module"].items(), ("all", summary)]:
-        for label in labels:
-            values = block["per_label"][label]
-            rows.append(
-                [
-                    escape(name) if name != "all" else "**all**",
-                    escape(label),
-                    f"{values['params']:,}",
-                    _fmt(values["mean_count_above"], ".2f"),
-                    _fmt(values["mean_energy"], ".4g"),
-                    _fmt(values["mean_erank"], ".2f"),
-                    _fmt(values["mean_stable_rank"], ".2f"),
-                    _fmt(values["mean_utilization"], ".0%"),
-                    _fmt(values["mean_erank_per_kparam"], ".3g"),
-                ]
-            )
-    lines += [_table(header, rows, right_from=2), ""]
-    alignment = summary["alignment"]
-    if alignment["mean_left_overlap"] is not None:
-        a = {key: _fmt(value, ".3f") for key, value in alignment.items()}
+    lines += [render(comparison_module_table(comparison)), ""]
+    a = alignment_summary(summary["alignment"])
+    if a is not None:
         lines.append(
             f"Alignment across checkpoints (mean over layers and pairs): update cosine {a['mean_cosine']}; "
             f"left-subspace overlap {a['mean_left_overlap']} (random {a['mean_left_baseline']}); "

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..measures.metrics import parameter_key
+from .model import Table
+from .model import number as _number
+from .tables import alignment_summary, by_module_blocks, comparison_layer_table, comparison_module_table, mean_alignment
 
 if TYPE_CHECKING:
-    from ..analysis.analyze import Analysis, LayerRecord
     from ..analysis.comparison import Comparison
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
+    from ..analysis.records import Analysis, LayerRecord
 
 
 def _table(header: list[str], rows: list[list[str]], left_aligned: int = 1) -> str:
@@ -26,6 +25,13 @@ def _table(header: list[str], rows: list[list[str]], left_aligned: int = 1) -> s
 
     rule = "  ".join("─" * w for w in widths)
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def render(table: Table) -> str:
+    """A report-model table as aligned text: text columns left, numbers right (text columns come first)."""
+    left = sum(not column.numeric for column in table.columns)
+    header = [column.short or column.title for column in table.columns]
+    return _table(header, [[cell.text for cell in row.cells] for row in table.rows], left_aligned=left)
 
 
 def _threshold(analysis: Analysis) -> float:
@@ -78,8 +84,7 @@ def spectrum_summary(analysis: Analysis) -> str:
     ]
     header = ["module", "layers", "params", f"#σ>{_threshold(analysis):g} mean", "erank mean [min–max]", "util mean"]
     rows = []
-    groups = [*list(summary["by_module"].items()), ("all", summary)]
-    for name, block in groups:
+    for name, block, _ in by_module_blocks(summary):
         stats = block["metrics"]
         if not stats:
             rows.append([name, str(block["layers"]), f"{block['params']:,}", "—", "—", "—"])
@@ -106,13 +111,6 @@ def _share(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
 
-def _mean_off_diagonal(matrix: list[list[float | None]] | None) -> float | None:
-    if not matrix:
-        return None
-    values = [v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def composition_summary(analysis: Analysis) -> str:
     """For composed checkpoints: collapse, effective components, overlap vs baseline and rank gain per module."""
     stats = analysis.summary().get("composition")
@@ -120,7 +118,7 @@ def composition_summary(analysis: Analysis) -> str:
         return ""
     header = ["module", "composed", "collapsed", "eff. comps", "gain", "overlap L (base)", "overlap R (base)"]
     rows = []
-    for name, block in [*stats["by_module"].items(), ("all", stats)]:
+    for name, block, _ in by_module_blocks(stats):
         if not block["layers"]:
             continue
         rows.append(
@@ -161,8 +159,8 @@ def components_table(analysis: Analysis) -> str:
                 str(metrics.get("count_above", {}).get(key, "—")),
                 _number(metrics.get("erank"), ".2f") + (f" ({gain:.2f}×)" if gain else ""),
                 str(record.rank_bound),
-                _number(_mean_off_diagonal((record.alignment or {}).get("left_overlap")), ".3f"),
-                _number(_mean_off_diagonal((record.alignment or {}).get("right_overlap")), ".3f"),
+                _number(mean_alignment(record.alignment)["left_overlap"], ".3f"),
+                _number(mean_alignment(record.alignment)["right_overlap"], ".3f"),
             ]
         )
         for component, weight, share in zip(record.components, weights, shares, strict=True):
@@ -184,58 +182,16 @@ def components_table(analysis: Analysis) -> str:
 
 def comparison_table(comparison: Comparison) -> str:
     """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment."""
-    tau = comparison.threshold
-    header = ["layer"]
-    for label in comparison.labels:
-        header += [f"{label} #σ>{tau:g}", f"{label} erank", f"{label} util"]
-    header += ["cos", "overlap L", "overlap R"]
-    rows = []
-    for layer in comparison.layers:
-        row = [layer.name]
-        for record in layer.records:
-            values = comparison.values(record)
-            row += [
-                "—" if values["count_above"] is None else str(values["count_above"]),
-                _number(values["erank"], ".2f"),
-                _number(values["utilization"], ".0%"),
-            ]
-        alignment = layer.alignment or {}
-        row += [
-            _number(_mean_off_diagonal(alignment.get("cosine")), ".3f"),
-            _number(_mean_off_diagonal(alignment.get("left_overlap")), ".3f"),
-            _number(_mean_off_diagonal(alignment.get("right_overlap")), ".3f"),
-        ]
-        rows.append(row)
-    return _table(header, rows)
+    return render(comparison_layer_table(comparison))
 
 
 def comparison_summary(comparison: Comparison) -> str:
     """Means per module type and checkpoint, then the headlines and the unmatched layers."""
     summary = comparison.summary()
-    tau = comparison.threshold
-    header = ["module", "checkpoint", "params", f"#σ>{tau:g}", "Σσ²", "erank", "stable", "util", "erank/1k"]
-    rows = []
-    for name, block in [*summary["by_module"].items(), ("all", summary)]:
-        for label in comparison.labels:
-            v = block["per_label"][label]
-            rows.append(
-                [
-                    name,
-                    label,
-                    f"{v['params']:,}",
-                    _number(v["mean_count_above"], ".2f"),
-                    _number(v["mean_energy"], ".4g"),
-                    _number(v["mean_erank"], ".2f"),
-                    _number(v["mean_stable_rank"], ".2f"),
-                    _number(v["mean_utilization"], ".0%"),
-                    _number(v["mean_erank_per_kparam"], ".3g"),
-                ]
-            )
-    parts = [_table(header, rows, left_aligned=2), ""]
+    parts = [render(comparison_module_table(comparison)), ""]
     parts += summary["headlines"]
-    alignment = summary["alignment"]
-    if alignment["mean_left_overlap"] is not None:
-        a = {key: _number(value, ".3f") for key, value in alignment.items()}
+    a = alignment_summary(summary["alignment"])
+    if a is not None:
         parts.append(
             f"alignment across checkpoints: cosine {a['mean_cosine']}, overlap left {a['mean_left_overlap']} "
             f"(random {a['mean_left_baseline']}), right {a['mean_right_overlap']} (random {a['mean_right_baseline']})"

@@ -1,0 +1,431 @@
+"""From records to the report model: :func:`build_report` decides, once, what a report shows — the checkpoint cards,
+the tables, which figures exist (:func:`figure_specs`), the per-layer details and the notes — and every renderer
+(the HTML page, the report folder's figure files) reads that."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..measures.components import off_diagonal_mean
+from ..measures.metrics import parameter_key
+from .model import (
+    Cell,
+    CheckpointView,
+    ComparisonView,
+    CompositionView,
+    FigureSpec,
+    Kpi,
+    LayerDetail,
+    LayerEntry,
+    Note,
+    Report,
+    SeriesView,
+    Shares,
+    cumulative_energy,
+    layer_names_by_module,
+)
+from .tables import (
+    Column,
+    Row,
+    Table,
+    by_module_blocks,
+    comparison_layer_table,
+    comparison_module_table,
+    components_table,
+    mean_alignment,
+    module_table,
+)
+
+if TYPE_CHECKING:
+    from ..analysis.comparison import Comparison
+    from ..analysis.records import Analysis, LayerRecord
+
+
+def slug(text: str) -> str:
+    """A file-name-safe id fragment (checkpoint strings may hold anything)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:48] or "x"
+
+
+class _Ids:
+    """Unique ids: two module types or labels that slug alike get ``-2``, ``-3`` …"""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, base: str) -> str:
+        candidate, n = base, 1
+        while candidate in self.used:
+            n += 1
+            candidate = f"{base}-{n}"
+        self.used.add(candidate)
+        return candidate
+
+
+def composed(analysis: Analysis) -> list[LayerRecord]:
+    return [record for record in analysis.layers if record.composition is not None]
+
+
+def _most_aligned(records: list[LayerRecord]) -> LayerRecord | None:
+    """The composed layer whose components overlap most (mean off-diagonal |cosine|), for the alignment figure."""
+    scored = []
+    for record in records:
+        if record.alignment:
+            score = off_diagonal_mean(
+                [[abs(v) if v is not None else None for v in row] for row in record.alignment["cosine"]]
+            )
+            if score is not None:
+                scored.append((score, record))
+    return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def figure_specs(
+    analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None = None
+) -> list[FigureSpec]:
+    """The figures a report holds, in page order. A checkpoint's figures carry its label in the id when there
+    are several. One spectrum figure per module type (not per layer), so a 224-layer report stays small."""
+    ids = _Ids()
+    several = len(analyses) > 1
+    tau = analyses[0].options.thresholds[0]
+
+    def tag(label: str) -> tuple[str, str]:
+        return (f"-{slug(label)}", f" — {label}") if several else ("", "")
+
+    specs = []
+    for index, label in enumerate(labels):
+        suffix, of = tag(label)
+        specs.append(
+            FigureSpec(
+                ids(f"erank-heatmap{suffix}"),
+                "erank-heatmap",
+                "overview",
+                f"Effective rank (erank) by layer index and module type{of}",
+                checkpoint=index,
+            )
+        )
+    specs += [
+        FigureSpec(
+            ids("spectrum"),
+            "spectrum",
+            "overview",
+            "Singular values by module type (log scale), thresholds τ and rank bounds marked",
+        ),
+        FigureSpec(ids("count-above"), "count-above", "overview", f"Singular values above τ = {tau:g} per layer"),
+        FigureSpec(ids("energy"), "energy", "overview", "Cumulative energy Σ_{i≤k} σ_i² / Σ σ² by module type"),
+    ]
+    for index, (analysis, label) in enumerate(zip(analyses, labels, strict=True)):
+        records = composed(analysis)
+        if not records:
+            continue
+        suffix, of = tag(label)
+        specs.append(
+            FigureSpec(
+                ids(f"weights{suffix}"),
+                "weights",
+                "composition",
+                f"Composition weights and energy shares per composed layer{of}",
+                checkpoint=index,
+                wide=True,
+            )
+        )
+        if any("growth" in record.composition for record in records):
+            specs.append(
+                FigureSpec(
+                    ids(f"growth{suffix}"),
+                    "growth",
+                    "composition",
+                    f"Effective rank as components are added (sequential){of}",
+                    checkpoint=index,
+                )
+            )
+        shown = [records[0]]
+        most = _most_aligned(records)
+        if most is not None and most is not records[0]:
+            shown.append(most)
+        for record in shown:
+            if record.alignment:
+                specs.append(
+                    FigureSpec(
+                        ids(f"alignment-{slug(record.name)}{suffix}"),
+                        "alignment",
+                        "composition",
+                        f"Alignment of the components of {record.name}{of}",
+                        checkpoint=index,
+                        layer=record.name,
+                    )
+                )
+    if comparison is not None:
+        matched = next((layer for layer in comparison.layers if layer.alignment), None)
+        if matched is not None:
+            first, second = comparison.labels[:2]
+            specs.append(
+                FigureSpec(
+                    ids("subspace-similarity"),
+                    "subspace-similarity",
+                    "comparison",
+                    f"Subspace similarity φ(i, j) of the input (right) singular vectors of "
+                    f"{matched.name}: top-i of {first} against top-j of {second}",
+                    layer=matched.name,
+                )
+            )
+    for module, names in layer_names_by_module(analyses).items():
+        specs.append(
+            FigureSpec(
+                ids(f"spectrum-{slug(module)}"),
+                "spectrum",
+                "modules",
+                f"Singular values of the {module} layers",
+                module=module,
+                layers=tuple(names),
+            )
+        )
+    return specs
+
+
+# -- checkpoint cards ---------------------------------------------------------------------------------------
+def _stat(block: dict, key: str) -> float | None:
+    entry = block["metrics"].get(key)
+    return entry["mean"] if entry else None
+
+
+def _bounds(analysis: Analysis) -> str:
+    bounds = sorted({r.rank_bound for r in analysis.layers if r.valid})
+    if not bounds:
+        return "—"
+    return str(bounds[0]) if len(bounds) == 1 else f"{bounds[0]}–{bounds[-1]}"
+
+
+def scaling_text(analysis: Analysis) -> str:
+    return "B·A without α/r (--unscaled)" if analysis.options.unscaled else "ΔW as the model applies it (α/r included)"
+
+
+def checkpoint_notes(analysis: Analysis, index: int | None = None) -> list[Note]:
+    """A checkpoint's warnings (its own and the analysis'), its invalid layers and its notes, in that order."""
+    ckpt = analysis.checkpoint
+    notes = [Note(message, "warning", index) for message in [*ckpt.warnings, *analysis.warnings]]
+    notes += [Note(record.error or "", "invalid", index, record.name) for record in analysis.invalid]
+    notes += [Note(message, "note", index) for message in ckpt.notes]
+    return notes
+
+
+def _checkpoint_view(analysis: Analysis, label: str, index: int, several: bool) -> CheckpointView:
+    ckpt = analysis.checkpoint
+    summary = analysis.summary()
+    tau = analysis.options.thresholds[0]
+    erank, util = _stat(summary, "erank"), _stat(summary, "utilization")
+    exact = sum(r.exact for r in analysis.layers if r.valid)
+    valid = summary["valid_layers"]
+    kpis = [
+        Kpi(Cell(f"{valid}/{summary['layers']}"), "layers analysed"),
+        Kpi(Cell(ckpt.params, ","), "adapter parameters"),
+        Kpi(Cell(_bounds(analysis)), "rank bound r"),
+        Kpi(Cell(_stat(summary, f"count_above[{parameter_key(tau)}]"), ".2f"), f"mean #σ > {tau:g}"),
+        Kpi(Cell(erank, ".2f"), "mean erank", f"{util:.0%} of the bound" if util is not None else ""),
+        Kpi(Cell(_stat(summary, "stable_rank"), ".2f"), "mean stable rank"),
+    ]
+    used = [(name, _stat(block, "utilization")) for name, block, total in by_module_blocks(summary) if not total]
+    used = [(name, u) for name, u in used if u is not None]
+    usage = None
+    if erank is not None and util is not None and len(used) > 1:
+        usage = (util, min(used, key=lambda m: m[1]), max(used, key=lambda m: m[1]))
+    config = [
+        (str(key), value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))
+        for key, value in (ckpt.config or {}).items()
+        if value not in (None, {}, [], "")
+    ]
+    caption = f"By module type — {label}" if several else "By module type"
+    return CheckpointView(
+        label=label,
+        path=str(ckpt.path),
+        adapter_type=ckpt.adapter_type,
+        family=ckpt.family,
+        scaling=scaling_text(analysis),
+        exactness="all spectra exact" if exact == valid else f"{exact} of {valid} exact",
+        kpis=kpis,
+        usage=usage,
+        notes=checkpoint_notes(analysis, index),
+        skipped=[(s.key, s.reason) for s in ckpt.skipped],
+        config=config,
+        modules=module_table(analysis, f"modules-{index}", caption),
+    )
+
+
+# -- the layers table and the per-layer details ------------------------------------------------------------
+def _status(record: LayerRecord) -> str:
+    if not record.valid:
+        return "invalid"
+    return "ok" if record.exact else "approximate"
+
+
+def layer_table(analyses: Sequence[Analysis], labels: Sequence[str]) -> Table:
+    several = len(analyses) > 1
+    tau = analyses[0].options.thresholds[0]
+    columns = [Column("layer", False), Column("module", False), Column("index")]
+    if several:
+        columns.insert(0, Column("checkpoint", False))
+    columns += [
+        Column("m×n"),
+        Column("r≤"),
+        Column("σ₁"),
+        Column("‖ΔW‖_F"),
+        Column(f"#σ>{tau:g}"),
+        Column("erank"),
+        Column("stable rank"),
+        Column("90% energy"),
+        Column("utilisation"),
+        Column("status", False),
+    ]
+    rows = []
+    for analysis, label in zip(analyses, labels, strict=True):
+        for record in analysis.layers:
+            m = record.metrics or {}
+            shape = record.matrix_shape
+            size = shape[0] * shape[1] if len(shape) == 2 else None
+            cells = [Cell(label)] if several else []
+            cells += [
+                Cell(record.name),
+                Cell(record.module_type),
+                Cell(record.layer_index, "d"),
+                Cell(size, "d", shown="×".join(map(str, shape)) or "—"),
+                Cell(record.rank_bound, "d"),
+                Cell(m.get("sigma_max"), ".4g"),
+                Cell(m.get("frobenius"), ".4g"),
+                Cell((m.get("count_above") or {}).get(parameter_key(tau)), "d"),
+                Cell(m.get("erank"), ".2f"),
+                Cell(m.get("stable_rank"), ".2f"),
+                Cell((m.get("energy_rank") or {}).get("0.9"), "d"),
+                Cell(m.get("utilization"), ".0%"),
+                Cell(_status(record)),
+            ]
+            search = " ".join(x for x in (record.name, record.module_type, label if several else "") if x).lower()
+            rows.append(Row(cells, layer=record.name, search=search))
+    return Table("layer-table", columns, rows)
+
+
+def _detail(name: str, anchor: str, module: str, analyses: Sequence[Analysis], labels: Sequence[str]) -> LayerDetail:
+    entries, series = [], []
+    for index, (analysis, label) in enumerate(zip(analyses, labels, strict=True)):
+        record = next((r for r in analysis.layers if r.name == name), None)
+        if record is None:
+            continue
+        entry = LayerEntry(label, index, record)
+        if record.valid:
+            sigma = tuple(record.singular_values)
+            series.append(SeriesView(label, index, sigma, tuple(cumulative_energy(sigma)), record.rank_bound))
+            if record.components:
+                entry.components = components_table(record)
+                cosine = (record.alignment or {}).get("cosine")
+                if cosine:
+                    names = [c.name for c in record.components]
+                    entry.cosine = Table(
+                        "cosine",
+                        [Column(n) for n in names],
+                        [Row([Cell(v, ".2f") for v in row], layer=n) for n, row in zip(names, cosine, strict=True)],
+                        "Update cosine",
+                    )
+        entries.append(entry)
+    return LayerDetail(name, anchor, module, entries, series)
+
+
+# -- composition and comparison ----------------------------------------------------------------------------
+def _composition_view(analysis: Analysis, label: str, index: int) -> CompositionView | None:
+    records = composed(analysis)
+    if not records:
+        return None
+    stats = analysis.summary()["composition"]
+    kpis = [
+        Kpi(Cell(stats["layers"], "d"), "composed layers", f"{stats['collapsed']} collapsed"),
+        Kpi(Cell(stats["mean_components"], ".3g"), "components per layer"),
+        Kpi(Cell(stats["mean_effective_components"], ".2f"), "effective components", "by energy share"),
+        Kpi(Cell(stats["mean_rank_gain"], ".2f"), "rank gain", "erank / best component's"),
+        Kpi(Cell(stats["mean_interference"], ".3f"), "interference", "0 when orthogonal"),
+        *(
+            Kpi(
+                Cell(stats[f"mean_{side}_overlap"], ".3f"),
+                f"{side} overlap",
+                f"random {Cell(stats[f'mean_{side}_baseline'], '.3f').text}",
+            )
+            for side in ("left", "right")
+        ),
+    ]
+    columns = [
+        Column("layer", False),
+        Column("k"),
+        Column("weights", False),
+        Column("energy shares", False),
+        Column("effective components"),
+        Column("rank gain"),
+        Column("interference"),
+        Column("collapsed", False),
+        Column("mean cos"),
+        Column("overlap L"),
+        Column("overlap R"),
+        Column("erank by round", False),
+    ]
+    rows = []
+    for record in records:
+        fields = record.composition
+        members = tuple(c.name for c in record.components or [])
+        growth = fields.get("growth")
+        path = " → ".join(Cell(g["metrics"]["erank"], ".2f").text for g in growth) if growth else "—"
+        cells = [
+            Cell(record.name),
+            Cell(len(members), "d"),
+            Cell(Shares(tuple(fields["weights"]["normalized"]), members, "weight")),
+            Cell(Shares(tuple(fields["energy_shares"]["values"]), members, "energy share")),
+            Cell(fields["energy_shares"]["concentration"]["effective_number"], ".2f"),
+            Cell(fields["rank_gain"], ".2f"),
+            Cell(fields["interference"], ".3f"),
+            Cell("yes" if fields["collapsed"] else "no"),
+            *(Cell(value, ".3f") for value in mean_alignment(record.alignment).values()),
+            Cell(path),
+        ]
+        rows.append(Row(cells, layer=record.name, search=record.name.lower()))
+    names = [c.name for c in records[0].components or []]
+    return CompositionView(label, index, stats, kpis, names, Table(f"composition-table-{index}", columns, rows))
+
+
+def _comparison_view(comparison: Comparison) -> ComparisonView:
+    summary = comparison.summary()
+    return ComparisonView(
+        headlines=list(summary["headlines"]),
+        alignment=summary["alignment"],
+        unmatched=dict(comparison.unmatched),
+        modules=comparison_module_table(comparison),
+        layers=comparison_layer_table(comparison),
+    )
+
+
+def build_report(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None = None) -> Report:
+    """The report model of ``analyses`` (one checkpoint, or several with their ``comparison``)."""
+    analyses, labels = list(analyses), list(labels)
+    several = len(analyses) > 1
+    modules = layer_names_by_module(analyses)
+    names = [name for group in modules.values() for name in group]
+    anchors = {name: f"layer-{n}" for n, name in enumerate(names, 1)}
+    compositions = [_composition_view(a, label, i) for i, (a, label) in enumerate(zip(analyses, labels, strict=True))]
+    options = analyses[0].options
+    return Report(
+        labels=labels,
+        analyses=analyses,
+        comparison=comparison,
+        title=" vs ".join(labels) if several else labels[0],
+        checkpoints=[
+            _checkpoint_view(a, label, i, several) for i, (a, label) in enumerate(zip(analyses, labels, strict=True))
+        ],
+        figures=figure_specs(analyses, labels, comparison),
+        modules=modules,
+        anchors=anchors,
+        layers=layer_table(analyses, labels),
+        details=[
+            _detail(name, anchors[name], module, analyses, labels)
+            for module, group in modules.items()
+            for name in group
+        ],
+        compositions=[view for view in compositions if view is not None],
+        comparison_view=_comparison_view(comparison) if comparison is not None else None,
+        energies=tuple(options.energies),
+        thresholds=tuple(options.thresholds),
+    )

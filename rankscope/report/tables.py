@@ -1,0 +1,171 @@
+"""The tables several outputs show (terminal, Markdown, HTML): built here once from the records, as
+:class:`~rankscope.report.model.Table` data; each renderer only lays them out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..measures.components import off_diagonal_mean
+from ..measures.metrics import parameter_key
+from .model import Cell, Column, Row, Table, group_by_module, module_order
+
+if TYPE_CHECKING:
+    from ..analysis.comparison import Comparison
+    from ..analysis.records import Analysis, LayerRecord
+
+ALIGNMENT_KEYS = ("cosine", "left_overlap", "right_overlap")
+
+
+def mean_alignment(alignment: dict | None) -> dict[str, float | None]:
+    """The mean off-diagonal update cosine and left/right subspace overlaps of a k×k alignment (None without one)."""
+    return {key: off_diagonal_mean(alignment[key]) if alignment else None for key in ALIGNMENT_KEYS}
+
+
+def _mean_columns(tau: float) -> list[Column]:
+    """The means every summary table shows: count above τ, Σσ², erank, stable rank, utilisation."""
+    titles = ((f"#σ>{tau:g}"), "Σσ²", "erank", "stable rank", "utilisation")
+    return [Column(f"mean {title}", short=title) for title in titles]
+
+
+def alignment_summary(alignment: dict) -> dict[str, str] | None:
+    """A comparison's mean alignment (``summary()["alignment"]``) to 3 decimals; None when nothing was aligned."""
+    if alignment["mean_left_overlap"] is None:
+        return None
+    return {key: Cell(value, ".3f").text for key, value in alignment.items()}
+
+
+def _stat(block: dict, key: str) -> float | None:
+    entry = block["metrics"].get(key)
+    return entry["mean"] if entry else None
+
+
+def by_module_blocks(summary: dict) -> list[tuple[str, dict, bool]]:
+    """A summary's per-module blocks in the canonical module order, then the overall one: (name, block, total)."""
+    blocks = summary["by_module"]
+    return [*((name, blocks[name], False) for name in module_order(blocks)), ("all", summary, True)]
+
+
+def module_table(analysis: Analysis, table_id: str = "modules", caption: str = "") -> Table:
+    """Means of the main metrics by module type, then over all layers."""
+    summary = analysis.summary()
+    tau = analysis.options.thresholds[0]
+    key = f"count_above[{parameter_key(tau)}]"
+    columns = [
+        Column("module", numeric=False),
+        Column("layers"),
+        Column("params"),
+        *_mean_columns(tau),
+    ]
+    rows = [
+        Row(
+            [
+                Cell(name),
+                Cell(block["layers"], "d"),
+                Cell(block["params"], ","),
+                Cell(_stat(block, key), ".2f"),
+                Cell(_stat(block, "energy"), ".4g"),
+                Cell(_stat(block, "erank"), ".2f"),
+                Cell(_stat(block, "stable_rank"), ".2f"),
+                Cell(_stat(block, "utilization"), ".0%"),
+            ],
+            total=total,
+            empty=not block["metrics"],
+        )
+        for name, block, total in by_module_blocks(summary)
+    ]
+    return Table(table_id, columns, rows, caption)
+
+
+def comparison_module_table(comparison: Comparison) -> Table:
+    """Per module type and overall, each checkpoint's means side by side."""
+    summary = comparison.summary()
+    tau = comparison.threshold
+    columns = [
+        Column("module", numeric=False),
+        Column("checkpoint", numeric=False),
+        Column("params"),
+        *_mean_columns(tau),
+        Column("erank per 1k params", short="erank / 1k params"),
+    ]
+    rows = []
+    for name, block, total in by_module_blocks(summary):
+        for label in comparison.labels:
+            v = block["per_label"][label]
+            cells = [Cell(name), Cell(label), Cell(v["params"], ",")]
+            cells += [Cell(v[f"mean_{key}"], spec) for key, spec in _COMPARED_SPECS]
+            rows.append(Row(cells, total=total))
+    return Table("comparison-modules", columns, rows, "Means by module type")
+
+
+_COMPARED_SPECS = (
+    ("count_above", ".2f"),
+    ("energy", ".4g"),
+    ("erank", ".2f"),
+    ("stable_rank", ".2f"),
+    ("utilization", ".0%"),
+    ("erank_per_kparam", ".3g"),
+)
+
+
+def comparison_layer_table(comparison: Comparison) -> Table:
+    """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment."""
+    tau = comparison.threshold
+    columns = [Column("layer", numeric=False)]
+    for label in comparison.labels:
+        columns += [Column(f"{label} #σ>{tau:g}"), Column(f"{label} erank"), Column(f"{label} util")]
+    columns += [Column("cos"), Column("overlap L"), Column("overlap R")]
+    rows = []
+    for layer in comparison.layers:
+        cells = [Cell(layer.name)]
+        for record in layer.records:
+            values = comparison.values(record)
+            cells += [
+                Cell(values["count_above"], "d"),
+                Cell(values["erank"], ".2f"),
+                Cell(values["utilization"], ".0%"),
+            ]
+        cells += [Cell(value, ".3f") for value in mean_alignment(layer.alignment).values()]
+        rows.append(Row(cells, layer=layer.name, search=layer.name.lower()))
+    return Table("comparison-layers", columns, rows)
+
+
+def components_table(record: LayerRecord) -> Table:
+    """A composed layer's components: weight, energy share, rank bound, erank, σ₁."""
+    fields = record.composition or {}
+    components = record.components or []
+    weights = (fields.get("weights") or {}).get("normalized") or [None] * len(components)
+    shares = (fields.get("energy_shares") or {}).get("values") or [None] * len(components)
+    columns = [
+        Column("component", numeric=False),
+        Column("weight"),
+        Column("energy share"),
+        Column("r≤"),
+        Column("erank"),
+        Column("σ₁"),
+    ]
+    rows = [
+        Row(
+            [
+                Cell(c.name),
+                Cell(w, ".3g"),
+                Cell(s, ".1%"),
+                Cell(c.rank_bound, "d"),
+                Cell((c.metrics or {}).get("erank"), ".2f"),
+                Cell((c.metrics or {}).get("sigma_max"), ".4g"),
+            ]
+        )
+        for c, w, s in zip(components, weights, shares, strict=True)
+    ]
+    return Table("components", columns, rows, "Components")
+
+
+__all__ = [
+    "alignment_summary",
+    "by_module_blocks",
+    "comparison_layer_table",
+    "comparison_module_table",
+    "components_table",
+    "group_by_module",
+    "mean_alignment",
+    "module_table",
+]
