@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.errors import CheckpointError, UsageProblem
-from ..core.naming import checkpoint_labels, model_order_key
+from ..core.naming import checkpoint_labels, group_by_module, model_order_key
 from ..measures.components import pairwise_alignment
 from ..measures.metrics import parameter_key
 from .records import Analysis, LayerRecord
@@ -163,9 +163,7 @@ def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
 def summarize(comparison: Comparison) -> dict:
     """Per label: means of the compared quantities; ratios to the first label; mean alignment — overall and by
     module type; and one headline sentence per later label."""
-    groups: dict[str, list[LayerComparison]] = {}
-    for layer in comparison.layers:
-        groups.setdefault(layer.module_type, []).append(layer)
+    groups = group_by_module(comparison.layers, lambda layer: layer.name, lambda layer: layer.module_type)
     overall = _block(comparison, comparison.layers)
     return {
         **overall,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ..core.naming import group_by_module
 from ..measures.components import off_diagonal_mean
 
 if TYPE_CHECKING:
@@ -50,9 +51,7 @@ def _stats(records: list[LayerRecord]) -> dict:
 
 def summarize(records: list[LayerRecord]) -> dict:
     """Counts, parameters and mean/min/max of each metric, overall and by module type (``q_proj`` …)."""
-    groups: dict[str, list[LayerRecord]] = {}
-    for record in records:
-        groups.setdefault(record.module_type, []).append(record)
+    groups = group_by_module(records, lambda record: record.name, lambda record: record.module_type)
 
     def block(rs: list[LayerRecord]) -> dict:
         return {

@@ -9,10 +9,11 @@ then by the module's place in its block as the model declares it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 _PEFT_PREFIX = "base_model.model."
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.")
@@ -288,3 +289,18 @@ def module_type_order(types: Mapping[str, str]) -> list[str]:
         if kind not in first or key < first[kind]:
             first[kind] = key
     return sorted(first, key=lambda kind: (first[kind], kind))
+
+
+T = TypeVar("T")
+
+
+def group_by_module(items: Iterable[T], name_of: Callable[[T], str], type_of: Callable[[T], str]) -> dict[str, list[T]]:
+    """Items grouped by module type, the types in :func:`module_type_order`, items in their given order — the one
+    grouping that summaries, tables and figures share."""
+    groups: dict[str, list[T]] = {}
+    names: dict[str, str] = {}
+    for item in items:
+        kind = type_of(item)
+        groups.setdefault(kind, []).append(item)
+        names.setdefault(name_of(item), kind)
+    return {kind: groups[kind] for kind in module_type_order(names)}

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..core.errors import RankscopeError
-from ..core.naming import MODULE_ORDER, block_of, checkpoint_labels
+from ..core.naming import block_of, checkpoint_labels, group_by_module
 from .style import GUIDE_COLOR, figure_size, series_style
 
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
     from ..analysis.records import Analysis, LayerRecord
 
-T = TypeVar("T")
 
 MAX_LINES = 8  # more lines than this in one panel are summarised (median and quartiles) by module type
 MAX_FACETS = 8  # more module types than this are not given one panel each
@@ -64,27 +63,9 @@ def selected(analysis: Analysis, layers: Sequence[str] | None) -> list[LayerReco
     return [by_name[name] for name in layers]
 
 
-_KNOWN = {name: rank for rank, name in enumerate(MODULE_ORDER)}
-
-
-def module_order(types: Iterable[str]) -> list[str]:
-    """Module types in the canonical order (``core.naming.MODULE_ORDER``: q, k, v, o, gate, up, down …), other
-    types after them in order of first appearance."""
-    seen = list(dict.fromkeys(types))
-    return sorted(seen, key=lambda m: (_KNOWN.get(m, len(_KNOWN)), seen.index(m)))
-
-
-def group_by_module(items: Iterable[T], module_of: Callable[[T], str]) -> dict[str, list[T]]:
-    """Items grouped by module type, the types in :func:`module_order`, items in their given order."""
-    groups: dict[str, list[T]] = {}
-    for item in items:
-        groups.setdefault(module_of(item), []).append(item)
-    return {module: groups[module] for module in module_order(groups)}
-
-
 def by_module(records: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:
-    """Records grouped by module type in :func:`module_order` — the order of every table of the report too."""
-    return group_by_module(records, lambda record: record.module_type)
+    """Records grouped by module type in the model's order (``core.naming.group_by_module``), as every table."""
+    return group_by_module(records, lambda record: record.name, lambda record: record.module_type)
 
 
 def cumulative_energy(sigma: Sequence[float]) -> list[float]:

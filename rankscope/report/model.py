@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..core.naming import model_order_key
-from ..figures._common import cumulative_energy, group_by_module, module_order
+from ..core.naming import group_by_module, model_order_key
+from ..figures._common import cumulative_energy
 
 if TYPE_CHECKING:
     from ..analysis.comparison import Comparison
@@ -219,7 +219,7 @@ def layer_names_by_module(analyses: Sequence[Analysis]) -> dict[str, list[str]]:
     for analysis in analyses:
         for record in analysis.layers:
             module_of.setdefault(record.name, record.module_type)
-    return group_by_module(sorted(module_of, key=model_order_key), module_of.__getitem__)
+    return group_by_module(sorted(module_of, key=model_order_key), str, module_of.__getitem__)
 
 
-__all__ = ["cumulative_energy", "group_by_module", "layer_names_by_module", "module_order", "number"]
+__all__ = ["cumulative_energy", "layer_names_by_module", "number"]

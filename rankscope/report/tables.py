@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..measures.components import off_diagonal_mean
 from ..measures.metrics import parameter_key
-from .model import Cell, Column, Row, Table, group_by_module, module_order
+from .model import Cell, Column, Row, Table
 
 if TYPE_CHECKING:
     from ..analysis.comparison import Comparison
@@ -40,9 +40,8 @@ def _stat(block: dict, key: str) -> float | None:
 
 
 def by_module_blocks(summary: dict) -> list[tuple[str, dict, bool]]:
-    """A summary's per-module blocks in the canonical module order, then the overall one: (name, block, total)."""
-    blocks = summary["by_module"]
-    return [*((name, blocks[name], False) for name in module_order(blocks)), ("all", summary, True)]
+    """A summary's per-module blocks (in the model's order already), then the overall one: (name, block, total)."""
+    return [*((name, block, False) for name, block in summary["by_module"].items()), ("all", summary, True)]
 
 
 def module_table(analysis: Analysis, table_id: str = "modules", caption: str = "") -> Table:
@@ -165,7 +164,6 @@ __all__ = [
     "comparison_layer_table",
     "comparison_module_table",
     "components_table",
-    "group_by_module",
     "mean_alignment",
     "module_table",
 ]
