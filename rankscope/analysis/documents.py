@@ -1,4 +1,4 @@
-"""The JSON documents (DESIGN.md, "Contracts"): ``rankscope.spectrum/1``, ``rankscope.components/1``,
+"""The JSON documents (docs/architecture.md, "Contracts"): ``rankscope.spectrum/1``, ``rankscope.components/1``,
 ``rankscope.compare/1`` and ``rankscope.report/1``, as plain dicts built from the records.
 
 These are data, not renderings: ``Analysis.to_dict`` and ``Comparison.to_dict`` return them, and

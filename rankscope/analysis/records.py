@@ -15,7 +15,7 @@ from .summary import flat_metrics, summarize
 
 @dataclass
 class LayerRecord:
-    """The analysis of one layer (DESIGN.md, "Contracts")."""
+    """The analysis of one layer (docs/architecture.md, "Contracts")."""
 
     name: str
     family: str

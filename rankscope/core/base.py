@@ -6,7 +6,7 @@
 ``transformer/``, ``text_encoder/``, ``text_encoder_2/``… subfolders), or one tensor file.
 
 A layer ``model.layers.0.self_attn.q_proj`` finds its weight under ``model.layers.0.self_attn.q_proj.weight``
-(DESIGN.md, "Names of layers"). Image-generation adapters name layers in two more ways, both resolved here:
+(docs/architecture.md, "Names of layers"). Image-generation adapters name layers in two more ways, both resolved here:
 
 - with a component prefix (``unet.down_blocks.0…``, ``text_encoder_2.…``, ComfyUI's ``diffusion_model.…``): a
   pipeline directory picks that component's folder; a component directory or file serves the name without the

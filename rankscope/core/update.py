@@ -1,6 +1,6 @@
 """The update types every reader produces and every analysis consumes.
 
-Almost every adapter's ΔW is a low-rank product ``ΔW = L · diag(scale) · C · R`` (DESIGN.md); updates that
+Almost every adapter's ΔW is a low-rank product ``ΔW = L · diag(scale) · C · R`` (docs/architecture.md); updates that
 are not (DoRA, IA3, …) are dense recipes that materialise themselves on request.
 """
 

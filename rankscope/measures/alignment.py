@@ -1,6 +1,6 @@
 """Alignment between two updates: principal angles, projection overlap, φ grid, exact update cosine.
 
-Pure functions of tensors (orthonormal bases, factors). DESIGN.md: with k = min of the two ranks, principal
+Pure functions of tensors (orthonormal bases, factors). docs/architecture.md: with k = min of the two ranks, principal
 angles between the top-k singular subspaces (cos θ_i = σ_i(U1ᵀU2)); projection overlap ‖U1ᵀU2‖_F²/k against its
 random baseline k/dim; the LoRA paper's φ(i, j); and ⟨ΔW1, ΔW2⟩_F/(‖ΔW1‖‖ΔW2‖) from factors.
 """

@@ -1,4 +1,4 @@
-"""Effective-rank metrics: pure functions of a singular-value vector (DESIGN.md, "Metrics").
+"""Effective-rank metrics: pure functions of a singular-value vector (docs/metrics.md).
 
 Every function takes σ (any order, any float dtype; computed in float64) and returns a Python number.
 A zero spectrum (an untrained LoRA has B = 0) gives 0 for every metric, never NaN.
@@ -217,7 +217,7 @@ def spectrum_metrics(
     energies: Iterable[float] = DEFAULT_ENERGIES,
     rel_thresholds: Iterable[float] = DEFAULT_REL_THRESHOLDS,
 ) -> dict:
-    """Every metric of DESIGN.md's table under its key; parametrised ones keyed by ``str(float)``."""
+    """Every metric of docs/metrics.md's table under its key; parametrised ones keyed by ``str(float)``."""
     options = {"thresholds": thresholds, "energies": energies, "rel_thresholds": rel_thresholds}
     return spectrum_metrics_batch([sigma], [shape], [rank_bound], **options)[0]
 
