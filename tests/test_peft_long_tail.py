@@ -1,0 +1,229 @@
+"""PEFT's long tail through PEFT's own merge (the ``peft-merge`` reader, the ``rankscope[peft]`` extra).
+
+For each tuner: a tiny Llama (hidden 32, two layers) gets the tuner from PEFT 0.21, its trainable weights are
+moved off their init (many tuners start at the identity), and the adapter and the base model are saved. The
+reference is PEFT's own ``merge_and_unload()`` of a float64 copy of the whole PEFT model: σ(W_merged − W0) per
+layer. rankscope reads the files one module at a time and must give the same singular values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+peft = pytest.importorskip("peft")
+
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import rankscope  # noqa: E402
+from rankscope.cli import main  # noqa: E402
+from rankscope.formats import detection_order  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32×32 twice and 32×64: square and wide layers
+# PEFT type (and a variant label) → the config's arguments that fit hidden 32 / intermediate 64
+TUNERS = {
+    "OFT": ("OFT", {"r": 0, "oft_block_size": 8}),
+    "OFT-r": ("OFT", {"r": 4, "oft_block_size": 0}),  # the other block-size convention: r blocks
+    "OFT-coft": ("OFT", {"r": 0, "oft_block_size": 8, "coft": True, "eps": 0.1}),
+    "OFT-block_share": ("OFT", {"r": 0, "oft_block_size": 8, "block_share": True}),
+    "OFT-cayley_neumann": ("OFT", {"oft_block_size": 8, "use_cayley_neumann": True, "num_cayley_neumann_terms": 3}),
+    "BOFT": ("BOFT", {"boft_block_size": 4, "boft_n_butterfly_factor": 2}),
+    "HRA": ("HRA", {"r": 4}),
+    "VBLORA": ("VBLORA", {"r": 4, "vector_length": 8, "num_vectors": 16}),
+    "FOURIERFT": ("FOURIERFT", {"n_frequency": 50}),
+    "RANDLORA": ("RANDLORA", {"r": 4}),
+    "C3A": ("C3A", {"block_size": 8}),
+    "MISS": ("MISS", {"r": 4}),
+    "SHIRA": ("SHIRA", {"r": 2}),
+    "ROAD": ("ROAD", {"group_size": 8}),
+    "DELORA": ("DELORA", {"r": 4}),
+    "GRALORA": ("GRALORA", {"r": 8}),
+    "HIRA": ("HIRA", {"r": 4}),
+    "WAVEFT": ("WAVEFT", {"n_frequency": 64}),
+    "PVERA": ("PVERA", {"r": 4}),
+    "DEFT": ("DEFT", {}),
+    "OSF": ("OSF", {}),
+    "PEANUT": ("PEANUT", {}),
+    "PSOFT": ("PSOFT", {}),
+    "SUPERTUNING": ("SUPERTUNING", {}),
+    "GLORA": ("GLORA", {}),
+}
+# tuners whose merge() casts to float32 inside PEFT 0.21 (rfft, a float() of the spectrum, a float32 QR, a
+# float32-only init): reported exact: false, with a warning
+FLOAT32_INSIDE = {"FOURIERFT", "C3A", "DEFT", "PSOFT"}
+RTOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("llama") / "base"
+    model.save_pretrained(path, safe_serialization=True)
+    return model, path
+
+
+def perturbed(model, config):
+    """The PEFT model of a copy of ``model`` with every trainable weight moved off its init."""
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
+    return peft_model
+
+
+def reference_deltas(peft_model, names) -> dict[str, torch.Tensor]:
+    """ΔW = W_merged − W0 per layer, from PEFT's own merge_and_unload() of a float64 copy."""
+    double = copy.deepcopy(peft_model).double()
+    inner = double.base_model.model
+    w0 = {name: inner.get_submodule(name).get_base_layer().weight.detach().clone() for name in names}
+    merged = double.merge_and_unload()
+    return {name: merged.get_submodule(name).weight.detach() - w0[name] for name in names}
+
+
+@pytest.fixture(scope="module", params=sorted(TUNERS))
+def tuner(request, llama, tmp_path_factory):
+    model, base = llama
+    peft_type, arguments = TUNERS[request.param]
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](target_modules=TARGETS, **arguments)
+    peft_model = perturbed(model, config)
+    directory = tmp_path_factory.mktemp(request.param.lower()) / "adapter"
+    peft_model.save_pretrained(directory)
+    names = [f"model.layers.{i}.{part}.{t}" for i in range(2) for part, t in [("self_attn", "q_proj"),
+             ("self_attn", "v_proj"), ("mlp", "down_proj")]]  # fmt: skip
+    return request.param, peft_type, directory, base, reference_deltas(peft_model, names)
+
+
+def test_singular_values_match_peft_merge(tuner):
+    label, peft_type, directory, base, deltas = tuner
+    checkpoint = rankscope.load(directory, base=base)
+    assert checkpoint.adapter_type == peft_type and checkpoint.config["reader"]["peft"] == peft.__version__
+    analysis = rankscope.analyze(checkpoint)
+    assert {record.name for record in analysis.layers} == set(deltas)
+    for record in analysis.layers:
+        expected = torch.linalg.svdvals(deltas[record.name])
+        assert expected[0] > 1e-6  # the perturbation moved the adapter off the identity
+        found = torch.tensor(record.singular_values, dtype=torch.float64)
+        found = torch.nn.functional.pad(found, (0, expected.numel() - found.numel()))
+        assert torch.allclose(found, expected, rtol=0, atol=RTOL * float(expected[0])), (label, record.name)
+        assert record.exact == (peft_type not in FLOAT32_INSIDE)
+    if peft_type in FLOAT32_INSIDE:
+        assert any("float32" in warning and "exact: false" in warning for warning in checkpoint.warnings)
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "arguments", "base_file"),
+    [("HIRA", {"r": 4}, None), ("HIRA", {"r": 4, "fan_in_fan_out": True}, "model.safetensors")],
+    ids=["layout-from-config", "fan_in_fan_out-bare-file"],
+)
+def test_gpt2_conv1d_layers(tmp_path, peft_type, arguments, base_file):
+    """GPT-2's Conv1D (weight stored (in, out)) is rebuilt as transformers' Conv1D: from the base directory's
+    config.json, or for a bare tensor file from the adapter config's fan_in_fan_out."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16)).eval()
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](target_modules=["c_attn", "c_proj"], **arguments)
+    peft_model = perturbed(model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"]
+    deltas = reference_deltas(peft_model, names)
+    base = tmp_path / "base" / base_file if base_file else tmp_path / "base"
+    checkpoint = rankscope.load(tmp_path / "adapter", base=base)
+    layers = {layer.name: layer for layer in checkpoint.layers}
+    for name, delta in deltas.items():
+        assert layers[name].kind == "conv1d_gpt2"
+        found = layers[name].update.materialize()
+        assert found.shape == delta.T.shape  # analysed as (out, in)
+        assert float(delta.abs().max()) > 1e-6 and torch.allclose(found, delta.T, rtol=0, atol=1e-12)
+
+
+def test_trainable_tokens_rows(llama, tmp_path):
+    """TrainableTokens replaces rows of the embedding: ΔW = W_saved − W0 on those rows only (the reference is
+    PEFT's float32 merge, exact for a copy: its float64 copy trips on its own index buffer)."""
+    model, base = llama
+    config = PEFT_TYPE_TO_CONFIG_MAPPING["TRAINABLE_TOKENS"](target_modules=["embed_tokens"], token_indices=[1, 5, 7])
+    peft_model = perturbed(model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    w0 = model.model.embed_tokens.weight.detach().double()
+    delta = peft_model.merge_and_unload().model.embed_tokens.weight.detach().double() - w0
+    (layer,) = rankscope.load(tmp_path / "adapter", base=base).layers
+    assert layer.kind == "embedding" and layer.exact
+    found = layer.update.materialize()
+    assert torch.equal(found.T, delta) and set(found.abs().sum(0).nonzero().flatten().tolist()) == {1, 5, 7}
+
+
+# -- what it needs, what it refuses ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def oft_adapter(llama, tmp_path_factory):
+    model, base = llama
+    directory = tmp_path_factory.mktemp("oft-cli") / "adapter"
+    perturbed(
+        model, PEFT_TYPE_TO_CONFIG_MAPPING["OFT"](target_modules=["q_proj"], r=0, oft_block_size=8)
+    ).save_pretrained(directory)
+    return directory, base
+
+
+def spectrum(*args):
+    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_json_records_the_reader_and_peft_version(oft_adapter):
+    directory, base = oft_adapter
+    result = spectrum(directory, "--base", base, "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["checkpoint"]["family"] == "oft"
+    assert document["checkpoint"]["config"]["reader"] == {"format": "peft-merge", "peft": peft.__version__}
+    assert [layer["exact"] for layer in document["layers"]] == [True, True]
+
+
+def test_without_base_one_line_names_the_flag(oft_adapter):
+    directory, _ = oft_adapter
+    line = one_line_error(spectrum(directory))
+    assert "OFT" in line and "--base" in line and str(directory) in line
+
+
+def test_without_peft_one_line_names_the_extra(oft_adapter, monkeypatch):
+    directory, base = oft_adapter
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    line = one_line_error(spectrum(directory, "--base", base))
+    assert line.endswith("reading OFT needs the peft extra: pip install 'rankscope[peft]'")
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "why"),
+    [("PROMPT_TUNING", "no static weight update"), ("PREFIX_TUNING", "no static weight update"),
+     ("XLORA", "routed by the input"), ("TINYLORA", "whole model")],
+)  # fmt: skip
+def test_tuners_without_a_static_update_are_refused_with_why(oft_adapter, tmp_path, peft_type, why):
+    directory, base = oft_adapter
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    (tmp_path / "adapter_model.safetensors").write_bytes((directory / "adapter_model.safetensors").read_bytes())
+    line = one_line_error(spectrum(tmp_path, "--base", base))
+    assert peft_type in line and why in line
+
+
+def test_native_readers_are_asked_first():
+    adapter_formats = [fmt.name for fmt in detection_order() if fmt.reads == "adapter"]
+    assert adapter_formats[-1] == "peft-merge"
+    listing = CliRunner().invoke(main, ["formats"]).stdout
+    assert "--base" in listing.split("peft-merge", 1)[1].splitlines()[0]
