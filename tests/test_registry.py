@@ -23,8 +23,8 @@ from rankscope.formats import Format, FormatWarning, register_format
 from .factories import assert_matches, random_factors, records, write_lora
 
 BUILT_IN = {
-    "adalora", "boostlora", "bora", "composition", "dora", "hydralora", "ia3", "kohya", "loha", "lokr", "lora",
-    "melora", "training", "vera",
+    "adalora", "boostlora", "bora", "composition", "dora", "hydralora", "ia3", "kohya", "ln-tuning", "loha", "lokr",
+    "lora", "melora", "peft-merge", "training", "vera",
 }  # fmt: skip
 
 

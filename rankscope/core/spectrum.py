@@ -14,7 +14,7 @@ import torch
 from .dense import DEFAULT_MEMORY_BUDGET, Progress, dense_singular_values, resolve_device
 from .errors import RankscopeError
 from .factored import factored_singular_values
-from .update import FactoredUpdate, KroneckerUpdate, Update, upcast
+from .update import DiagonalUpdate, FactoredUpdate, KroneckerUpdate, Update, upcast
 
 DENSE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -41,9 +41,9 @@ def singular_values(
 ) -> tuple[list[torch.Tensor], list[bool]]:
     """Singular values of every update and, per update, whether they are exact.
 
-    Factored updates take the exact QR-core path (on the CPU: the cores are tiny) and Kronecker updates the
-    product of their factors' spectra, unless ``dense`` is set; dense updates, and all updates under
-    ``dense``, are materialised and decomposed on ``device``.
+    Factored updates take the exact QR-core path (on the CPU: the cores are tiny), Kronecker updates the
+    product of their factors' spectra and diagonal ones their sorted |values|, unless ``dense`` is set; dense
+    updates, and all updates under ``dense``, are materialised and decomposed on ``device``.
     Exact means factored, or dense in float64; dense float32 is labelled approximate.
     """
     if dense_dtype not in DENSE_DTYPES:
@@ -68,7 +68,12 @@ def singular_values(
             values[i], exact[i] = sigma, is_exact
         if progress:
             progress(len(kronecker))
-    handled = set(factored) | set(kronecker)
+    diagonal = [i for i, u in enumerate(updates) if isinstance(u, DiagonalUpdate) and not dense]
+    for i in diagonal:  # σ(diag(v)) = |v|, sorted: no SVD
+        values[i] = torch.sort(upcast(updates[i].values.reshape(-1)).abs(), descending=True).values
+    if progress and diagonal:
+        progress(len(diagonal))
+    handled = set(factored) | set(kronecker) | set(diagonal)
     dense_ids = [i for i in range(len(updates)) if i not in handled]
     if dense_ids:
         dtype = DENSE_DTYPES[dense_dtype]

@@ -149,7 +149,35 @@ class KroneckerUpdate:
         return self.scale * torch.kron(self.first.materialize(dtype, device), self.second.materialize(dtype, device))
 
 
-Update = FactoredUpdate | DenseUpdate | KroneckerUpdate
+@dataclass(frozen=True)
+class DiagonalUpdate:
+    """ΔW = diag(values), n×n: a vector update (LN tuning's Δγ); its singular values are |values|, sorted."""
+
+    values: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.numel()), int(self.values.numel()))
+
+    @property
+    def rank_bound(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def scalar_scale(self) -> float | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"DiagonalUpdate({self.shape[0]}×{self.shape[1]}, diagonal)"
+
+    def unscaled(self) -> DiagonalUpdate:
+        return self
+
+    def materialize(self, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
+        return torch.diag(upcast(self.values.reshape(-1), dtype, device))
+
+
+Update = FactoredUpdate | DenseUpdate | KroneckerUpdate | DiagonalUpdate
 
 
 def _scale_vector(update: FactoredUpdate) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ΔW = s·B·A with s = α/r, or α/√r under ``use_rslora``; r and α per layer through ``rank_pattern`` and
 ``alpha_pattern``. Linear, GPT-2 Conv1D (``fan_in_fan_out``: the stored weight is (in, out)), Embedding
 (``lora_embedding_A`` (r, V), ``lora_embedding_B`` (d, r); the weight update is (B·A)ᵀ) and Conv1d/2d/3d
-(A (r, in, *k) flattened to (r, in·∏k); B (out, r, 1, …)). The analysed matrix is always (out, in…).
+(A (r, in, *k) flattened to (r, in·∏k); B (out, r, 1, …)). The analysed matrix is always (out, in…). LoRA on
+parameters (``target_parameters``: MoE experts, one layer per expert) is read by :mod:`.common.lora_params`.
 
 α as the loaders read it: where a config gives it (adapter_config.json, diffusers' ``lora_adapter_metadata``) it
 wins and a stray ``<module>.alpha`` is skipped (PEFT and diffusers never read it); elsewhere a module's ``.alpha``
@@ -13,14 +14,14 @@ gives s = alpha/r and a module without one α = r, whatever ``ss_network_alpha``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.checkpoint import Checkpoint, Layer, Skipped
 from ..core.errors import UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .common import reader
+from .common import lora_params, reader
 from .common.diffusers import AliasKey
 from .common.diffusers import partner_key as diffusers_partner
 from .common.diffusers import split_key as split_diffusers_key
@@ -76,7 +77,6 @@ _REFUSED_FLAGS = {
     "use_bdlora": "BD-LoRA (use_bdlora) stores one factor block-diagonally in compact form",
     "use_qalora": "QA-LoRA (use_qalora) pools its inputs and has no static ΔW",
     "kasa_config": "KaSA (kasa_config) rewrites the base weight and scales by a learned diagonal",
-    "target_parameters": "LoRA on parameters (target_parameters) stacks expert factors in one tensor",
     "layer_replication": "layer_replication renumbers layers away from the base model's",
     "trainable_token_indices": "trainable_token_indices replaces embedding rows rather than adding B·A",
     "arrow_config": "Arrow (arrow_config) routes between adapters per token",
@@ -250,6 +250,7 @@ class Parsed:
     skipped: list[Skipped]
     config: dict  # the config that gave r and α (with --alpha applied)
     warnings: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 def parse(
@@ -272,9 +273,10 @@ def parse(
     )
     ignored, ignored_warning = _ignore_alphas(source, modules.values(), config)
     skipped += ignored
+    plain, wrapped = lora_params.split(modules, config)  # LoRA on parameters (MoE experts): lora_params
     from_metadata = source.config is None and options.alpha is None
     origin = " (in the file's lora_adapter_metadata)" if from_metadata else ""
-    layers = [(module, _layer(source, module, config, config_has_r, scaling, origin)) for module in modules.values()]
+    layers = [(module, _layer(source, module, config, config_has_r, scaling, origin)) for module in plain.values()]
     if COMPONENTS in config or not (config or every_module):
         scaling.no_alpha.clear()  # said below (uncovered components) or above (alpha_config's "α is unknown")
     # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
@@ -282,7 +284,9 @@ def parse(
     oriented, layout = orient([layer for _, layer in layers], options.base)  # Conv1D beside Linear targets
     init_layers, init_warnings = apply_init(oriented, inits, options.base)
     layers = [(module, layer) for (module, _), layer in zip(layers, init_layers, strict=True)]
-    mha = double_applied_warning([module.stored for module in modules.values()], source.config)
+    expert_layers, expert_notes = lora_params.read_wrapped(source, wrapped, config, options.base)
+    layers += expert_layers
+    mha = double_applied_warning([module.stored for module in plain.values()], source.config)
     warnings += init_warnings + ([mha] if mha else []) + ([layout] if layout else [])
     uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
     return Parsed(
@@ -292,6 +296,7 @@ def parse(
         + reader.second_spellings(modules.values()),
         config=config,
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
+        notes=expert_notes,
     )
 
 
@@ -327,7 +332,16 @@ def parsed_checkpoint(source: AdapterSource, parsed: Parsed, adapter_type: str |
         layers=[layer for _, layer in parsed.modules],
         skipped=parsed.skipped,
         warnings=parsed.warnings,
+        notes=parsed.notes,
     )
 
 
-register_format(Format("lora", "PEFT LoRA / rsLoRA (Linear, Conv1D, Embedding, Conv)", detect, read, priority=100))
+register_format(
+    Format(
+        "lora",
+        "PEFT LoRA / rsLoRA (Linear, Conv1D, Embedding, Conv; MoE expert parameters: target_parameters)",
+        detect,
+        read,
+        priority=100,
+    )
+)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ...core.base import BaseWeights
 from ...core.checkpoint import Checkpoint, Layer, Skipped
-from ...core.errors import UnsupportedAdapterError
+from ...core.errors import CheckpointError, UnsupportedAdapterError
 from ...core.naming import layer_name
 from .peft import nonfinite_problem, truthy
 from .source import AdapterSource
@@ -124,6 +125,17 @@ def missing_parts(
         return None
     present = next(iter(module.keys.values()))
     return f"{present}: has no matching {sep.join(spelling(role) for role in missing)}"
+
+
+def require_base(source: AdapterSource, base: BaseWeights | None, why: str) -> BaseWeights:
+    """``base``, or a one-line error naming the argument: ``why`` says what of ΔW needs the base weights."""
+    if base is None:
+        raise CheckpointError(
+            f"{why}, so ΔW needs the base model's weights: pass base (the base model directory or safetensors file)",
+            path=source.where,
+            argument="base",
+        )
+    return base
 
 
 def invalid_layer(name: str, message: str, params: int = 0, **fields) -> Layer:
