@@ -123,7 +123,7 @@ BAD = [
     (("subspace-similarity", "lora", "lora8", "--layer", "nope"), 1, ("no layer named 'nope'",)),
     (("subspace-similarity", "r8", "lora"), 1, ("has shape (72, 80)",)),
     (("subspace-similarity", "r8", "other"), 1, ("share no layer",)),
-    (("erank-heatmap", "lora", "lora8"), 2, ("one checkpoint",)),
+    (("growth", "sequential", "lora"), 2, ("one checkpoint",)),  # erank-heatmap takes several (issue 14)
     (("erank-heatmap", "lora", "--metric", "bogus"), 1, ("unknown metric",)),
     (("spectrum", "lora", "--layer", "nope"), 1, ("no layer named 'nope'",)),
     (("spectrum", "lora", "lora8", "--labels", "a"), 2, ("--labels",)),

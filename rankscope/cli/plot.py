@@ -10,7 +10,7 @@ from .app import handle_errors, note
 from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
 SUFFIXES = (".pdf", ".png", ".svg")
-ONE_CHECKPOINT = ("erank-heatmap", "alignment", "weights", "growth")  # figures of a single checkpoint
+ONE_CHECKPOINT = ("alignment", "weights", "growth")  # figures of a single checkpoint
 COMPOSED = {"alignment", "weights", "growth"}
 
 
@@ -111,7 +111,10 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limit
     if kind == "count-above":
         return figures.count_above_figure(analyses, labels, threshold=threshold, width=width)
     if kind == "erank-heatmap":
-        return figures.erank_heatmap_figure(analysis, metric=metric, width=width, vmin=limits[0], vmax=limits[1])
+        # several checkpoints: one panel each, one colour bar, the same limits (by the metric's meaning)
+        return figures.erank_heatmap_figure(
+            analyses, labels, metric=metric, width=width, vmin=limits[0], vmax=limits[1]
+        )
     composed = [r for r in analysis.layers if r.components is not None]
     if not composed:
         raise RankscopeError(
@@ -186,7 +189,7 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
       spectrum             singular values per layer, log scale, checkpoints overlaid (τ and rank bounds marked)
       energy               cumulative energy curves Σσ²
       count-above          count of σ > τ per layer index, one series per checkpoint (--threshold τ)
-      erank-heatmap        a metric over layer index × module type (--metric)
+      erank-heatmap        a metric over layer index × module type (--metric), a panel per checkpoint
       alignment            k×k overlap and cosine of a composed layer's components (--layer)
       weights              composition weights and energy shares per layer
       growth               effective rank against the number of components (sequential compositions)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from ._common import FigureInputError
 from .composition import growth_figure, weights_figure
+from .counts import count_above_figure
 from .heatmaps import alignment_figure, erank_heatmap_figure, heatmap_limits, subspace_similarity_figure
 from .output import FORMATS, figure_bytes, save_figure, svg_text
-from .spectra import count_above_figure, energy_figure, spectrum_figure
+from .spectra import energy_figure, spectrum_figure
 from .style import figure_size, paper_style
 
 KINDS = (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import RankscopeError
 from ..core.naming import block_of, checkpoint_labels, group_by_module
-from .style import GUIDE_COLOR, figure_size, series_style
+from .style import GUIDE_COLOR, figure_size, marked_points, series_style
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 MAX_LINES = 8  # more lines than this in one panel are summarised (median and quartiles) by module type
 MAX_FACETS = 8  # more module types than this are not given one panel each
-MAX_MARKED_POINTS = 16  # series longer than this are drawn without markers
+BAND_ALPHA = 0.18  # quartile and range bands
+MAX_MARKED_POINTS = 16  # series longer than this carry their marker on about half as many points
+LEGEND_ROW = 0.13  # inches: one row of a 7 pt legend (text and label spacing)
 
 
 class FigureInputError(RankscopeError, ValueError):
@@ -79,6 +81,21 @@ def cumulative_energy(sigma: Sequence[float]) -> list[float]:
         running += square
         out.append(running / total)
     return out
+
+
+SATURATED = 0.999  # a cumulative-energy curve this close to 1 has levelled off
+MAX_BOUND_LINES = 3  # more distinct rank bounds than this (per-layer rank patterns) are not drawn as lines
+
+
+def saturation_extent(curves: Sequence[Sequence[float]], start: int) -> int:
+    """The last k worth showing on a cumulative-energy axis whose curves' first value is at k = ``start``: a
+    margin (15 %, at least 1) past the first k at which every curve has reached ``SATURATED``."""
+    last = start + 1
+    for curve in curves:
+        below = [k for k, value in enumerate(curve, start) if value < SATURATED]
+        if below:
+            last = max(last, below[-1] + 1)
+    return last + max(1, math.ceil(0.15 * last))
 
 
 def block_positions(records: Sequence[LayerRecord]) -> tuple[dict[str, int], str]:
@@ -190,24 +207,88 @@ def facet_grid(count: int, width: str | float) -> tuple[int, int]:
     return rows, math.ceil(count / rows)  # balanced: 7 panels in 4 + 3, not 6 + 1
 
 
+def facets(fig: Figure, count: int, width, *, sharey: bool = True) -> list[Axes]:
+    """``count`` small panels in a balanced grid (``facet_grid``), empty slots hidden, shared axes."""
+    rows, columns = facet_grid(count, width)
+    grid = fig.subplots(rows, columns, sharex=True, sharey=sharey, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    for i, ax in enumerate(axes[:count]):
+        # x tick labels on the lowest panel of each column (sharex hides them above an empty slot too)
+        ax.tick_params(labelbottom=i + columns >= count, labelleft=i % columns == 0)
+    return axes[:count]
+
+
 def legend_above(
-    fig: Figure, handles: list, labels: list[str], *, title: str | None = None, wide: bool = False
-) -> None:
-    """One legend for the whole figure, above the panels (never over the data)."""
+    fig: Figure,
+    handles: list,
+    labels: list[str],
+    *,
+    title: str | None = None,
+    wide: bool = False,
+    axes: Sequence[Axes] | None = None,
+):
+    """One legend for the whole figure, outside the panels (never over the data), and returns it.
+
+    On a figure of its own, the legend goes above the panels in as many columns as the width holds, and the
+    figure grows by the legend's extra rows so that a dozen entries do not squash the panels. Drawn into the
+    caller's ``axes``, whose figure's size and layout are the caller's, it goes beside the top-right panel.
+    """
     if not handles:
-        return
+        return None
+    extra = {}
+    if wide:  # (swatch, line) pairs side by side: the bar's hatch and the line's marker and dashes
+        from matplotlib.legend_handler import HandlerTuple
+
+        extra = {"handler_map": {tuple: HandlerTuple(ndivide=None, pad=0.4)}, "handlelength": 4.0}
+    if axes is not None:
+        from matplotlib.transforms import ScaledTranslation
+
+        corner = max(axes, key=lambda a: (round(a.get_position().x1, 3), round(a.get_position().y1, 3)))
+        columns = math.ceil(len(labels) / 16)
+        # 24 pt right of the edge: room for labels drawn beside it (energy levels, guide_hline side="outside")
+        beside = corner.transAxes + ScaledTranslation(24 / 72, 0, fig.dpi_scale_trans)
+        return corner.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), bbox_transform=beside,
+                             borderaxespad=0.0, ncols=columns, title=title, **extra)  # fmt: skip
     from .style import figure_width
 
     width = figure_width(fig.get_figwidth())
     longest = max(len(label) for label in labels)
     per_entry = (0.6 if wide else 0.45) + 0.055 * longest  # inches: handle, spacing and 7 pt text
     columns = max(1, min(len(labels), int(width // per_entry)))
-    extra = {}
-    if wide:  # (swatch, line) pairs side by side: the bar's hatch and the line's marker and dashes
-        from matplotlib.legend_handler import HandlerTuple
+    rows = math.ceil(len(labels) / columns) + (1 if title else 0)
+    fig.set_figheight(fig.get_figheight() + LEGEND_ROW * max(0, rows - 1))  # the usual height holds one row
+    return fig.legend(handles, labels, loc="outside upper center", ncols=columns, title=title, **extra)
 
-        extra = {"handler_map": {tuple: HandlerTuple(ndivide=None, pad=0.4)}, "handlelength": 4.0}
-    fig.legend(handles, labels, loc="outside upper center", ncols=columns, title=title, **extra)
+
+def axes_given(ax) -> list[Axes] | None:
+    """The caller's ``ax=`` as a list (one Axes, or a sequence or array of them); None: make a figure."""
+    if ax is None:
+        return None
+    if hasattr(ax, "plot"):
+        return [ax]
+    import numpy as np
+
+    axes = list(np.ravel(np.asarray(ax, dtype=object)))
+    if not axes or not all(hasattr(a, "plot") for a in axes):
+        raise FigureInputError("ax must be a matplotlib Axes or a sequence of them")
+    return axes
+
+
+def check_axes(axes: list[Axes], count: int, what: str) -> list[Axes]:
+    """The caller's axes, one per panel the figure draws."""
+    if len(axes) != count:
+        raise FigureInputError(f"{what} draws {count} panel{'s' if count != 1 else ''} here; ax= gave {len(axes)} axes")
+    return axes
+
+
+def root_figure(ax: Axes) -> Figure:
+    """The Figure an Axes is drawn in (the top one, when the axes sit in a SubFigure)."""
+    fig = ax.figure
+    while getattr(fig, "figure", fig) is not fig:
+        fig = fig.figure
+    return fig
 
 
 def integer_ticks(axis, count: int, *, start: int = 1, most: int = 8) -> None:
@@ -224,20 +305,29 @@ def integer_ticks(axis, count: int, *, start: int = 1, most: int = 8) -> None:
 
 
 def guide_hline(ax: Axes, y: float, text: str, *, side: str = "right", above: bool = True):
-    """A thin dashed reference line across the panel, labelled at one end unless ``text`` is empty (thresholds
-    τ, energy levels); returns the line (a legend handle where the label would not fit)."""
+    """A thin dashed reference line across the panel, labelled at one end (``side``: left, right, or outside the
+    right edge) unless ``text`` is empty (thresholds τ, energy levels); returns the line (a legend handle where
+    the label would not fit)."""
     line = ax.axhline(y, color=GUIDE_COLOR, linewidth=0.6, linestyle=(0, (3, 2)), zorder=1)
     if not text:
         return line
-    x = 0.99 if side == "right" else 0.01
+    if side == "outside":  # beside the right edge, centred on the line, like a tick label
+        x, offset, ha, va = 1.0, (2.0, 0.0), "left", "center"
+    else:
+        x, offset, ha, va = (
+            (0.99 if side == "right" else 0.01),
+            (0, 1.5 if above else -1.5),
+            side,
+            "bottom" if above else "top",
+        )
     ax.annotate(
         text,
         xy=(x, y),
         xycoords=("axes fraction", "data"),
-        xytext=(0, 1.5 if above else -1.5),
+        xytext=offset,
         textcoords="offset points",
-        ha=side,
-        va="bottom" if above else "top",
+        ha=ha,
+        va=va,
         fontsize=7,
         color=GUIDE_COLOR,
     )
@@ -268,7 +358,12 @@ def empty_note(ax: Axes, text: str) -> None:
 
 
 def style_for(index: int, points: int) -> dict:
-    return series_style(index, marker=points <= MAX_MARKED_POINTS)
+    """The ``index``-th series' style for a line of ``points`` points: its marker on every point when few, on
+    evenly spaced ones when many (the HTML's plots mark the same points: ``style.marked_points``)."""
+    style = series_style(index)
+    if points > MAX_MARKED_POINTS:
+        style["markevery"] = marked_points(points, MAX_MARKED_POINTS)
+    return style
 
 
 def short_name(record: LayerRecord) -> str:

@@ -7,12 +7,15 @@ The energy shares ‖w_iΔW_i‖²/Σ_j‖w_jΔW_j‖² and the growth records a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._common import (
     MAX_LINES,
     FigureInputError,
+    axes_given,
     by_module,
+    check_axes,
     ellipsize,
     integer_ticks,
     legend_above,
@@ -20,10 +23,11 @@ from ._common import (
     new_figure,
     parse_metric,
     quartiles,
+    root_figure,
     short_name,
     style_for,
 )
-from .style import GUIDE_COLOR, HATCHES, PALETTE, figure_width, paper_style
+from .style import GUIDE_COLOR, HATCHES, figure_width, paper_style, series_colour
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -75,9 +79,25 @@ def _layer_axis(ax: Axes, records: list[LayerRecord]) -> None:
     ax.set_xlabel("layer index (its modules in model order)")
 
 
-def weights_figure(analysis: Analysis, *, width: str | float = "full") -> Figure:
+def _weight_ticks(ax: Axes, weights: list[float]) -> None:
+    """A y range from 0 (drawn) past the weights, with round ticks enough to read them: 0, 0.1, 0.2, 0.3, 0.4
+    for weights near 0.33, not 0 and 0.2 only."""
+    from matplotlib.ticker import MaxNLocator
+
+    low, high = min(0.0, *weights), max(0.0, *weights)
+    if high - low <= 0:
+        high = 1.0
+    locator = MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10])
+    ticks = locator.tick_values(low, high)  # round values from at or below low to at or above high
+    ax.yaxis.set_major_locator(locator)
+    pad = 0.06 * (high - low)  # markers on the extreme weights stay whole
+    ax.set_ylim(min(ticks[0], low - pad) if low < 0 else 0.0, max(ticks[-1], high + pad))
+
+
+def weights_figure(analysis: Analysis, *, width: str | float = "full", ax: Sequence[Axes] | None = None) -> Figure:
     """Per composed layer: the applied weights w_i (top) and the energy shares ‖w_iΔW_i‖²/Σ_j‖w_jΔW_j‖²
-    stacked to 1 (bottom), one colour and hatch per component."""
+    stacked to 1 (bottom), one colour and hatch per component. ``ax``: two Axes (weights, shares) to draw into,
+    whose figure is returned; by default a new figure of ``width``."""
     records = composed_records(analysis, "the weights figure")
     names = _component_names(records)
     count = len(records)
@@ -92,9 +112,14 @@ def weights_figure(analysis: Analysis, *, width: str | float = "full") -> Figure
             shares[component.name][x] = share
     inches = figure_width(width)
     tick_room = 0.75 if count <= MAX_NAMED_TICKS else 0.25
+    given = axes_given(ax)
     with paper_style():
-        fig = new_figure(width, (2.7 + tick_room) / inches)
-        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1, 1.25))
+        if given is not None:
+            top, bottom = check_axes(given, 2, "weights_figure")
+            fig = root_figure(top)
+        else:
+            fig = new_figure(width, (2.7 + tick_room) / inches)
+            top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1, 1.25))
         lines = []
         for i, name in enumerate(names):
             style = style_for(i, count)
@@ -103,11 +128,12 @@ def weights_figure(analysis: Analysis, *, width: str | float = "full") -> Figure
                 style["linestyle"] = "none"
             lines.extend(top.plot([x for x, _ in present], [w for _, w in present], zorder=3, **style))
         top.axhline(0, color=GUIDE_COLOR, linewidth=0.5, zorder=1)
+        _weight_ticks(top, [w for ws in weights.values() for w in ws if w is not None])
         top.set_ylabel("weight wᵢ")
         stack = [0.0] * count
         handles = []
         for i, name in enumerate(names):
-            color, hatch = PALETTE[i % len(PALETTE)], HATCHES[i % len(HATCHES)]
+            color, hatch = series_colour(i), HATCHES[i % len(HATCHES)]
             upper = [s + v for s, v in zip(stack, shares[name], strict=True)]
             if count <= MAX_BARS:
                 handle = bottom.bar(xs, shares[name], bottom=stack, width=0.8, facecolor=color, hatch=hatch,
@@ -122,14 +148,17 @@ def weights_figure(analysis: Analysis, *, width: str | float = "full") -> Figure
         bottom.set_ylabel("energy share")
         top.tick_params(labelbottom=False)
         _layer_axis(bottom, records)
-        legend_above(fig, handles, [ellipsize(n, 20) for n in names], title="component", wide=True)
+        names = [ellipsize(n, 20) for n in names]
+        legend_above(fig, handles, names, title="component", wide=True, axes=given)
     return fig
 
 
-def growth_figure(analysis: Analysis, *, metric: str = "erank", width: str | float = "column") -> Figure:
+def growth_figure(
+    analysis: Analysis, *, metric: str = "erank", width: str | float = "column", ax: Axes | None = None
+) -> Figure:
     """Sequential compositions: ``metric`` (default erank) of Σ_{i≤t} w_iΔW_i against the number of components
     t, per module type (median over layers, quartiles shaded for few types) or per layer when few; the rank
-    bound min(Σ_{i≤t} r_i, m, n) dotted."""
+    bound min(Σ_{i≤t} r_i, m, n) dotted. ``ax``: the Axes to draw into, whose figure is returned."""
     records = [r for r in composed_records(analysis, "the growth figure") if "growth" in r.composition]
     if not records:
         raise FigureInputError(
@@ -152,9 +181,14 @@ def growth_figure(analysis: Analysis, *, metric: str = "erank", width: str | flo
         what = "median over layers" + (", quartiles shaded" if len(series) <= 3 else "")
     bounds = quartiles([[step["rank_bound"] for step in r.composition["growth"]] for r in records])[1]
     steps = max(len(r.composition["growth"]) for r in records)
+    given = axes_given(ax)
     with paper_style():
-        fig = new_figure(width, 0.7)
-        ax = fig.subplots()
+        if given is not None:
+            (ax,) = check_axes(given, 1, "growth_figure")
+            fig = root_figure(ax)
+        else:
+            fig = new_figure(width, 0.7)
+            ax = fig.subplots()
         handles, labels = [], []
         for i, (label, vectors) in enumerate(series):
             low, mid, high = quartiles(vectors)
@@ -178,7 +212,7 @@ def growth_figure(analysis: Analysis, *, metric: str = "erank", width: str | flo
         ax.set_ylabel(name)
         if len(records) == 1:
             ax.set_title(records[0].name, fontsize=7, loc="left")
-        legend_above(fig, handles, labels, title=what)
+        legend_above(fig, handles, labels, title=what, axes=given)
     return fig
 
 

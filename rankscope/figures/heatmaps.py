@@ -13,14 +13,18 @@ from typing import TYPE_CHECKING
 
 from ._common import (
     FigureInputError,
+    axes_given,
     block_of,
     block_positions,
     by_module,
+    check_axes,
+    check_labels,
     ellipsize,
     integer_ticks,
     metric_value,
     new_figure,
     parse_metric,
+    root_figure,
 )
 from .style import DIVERGING_CMAP, MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style
 
@@ -90,34 +94,51 @@ def heatmap_limits(analyses: Sequence[Analysis], metric: str = "erank") -> tuple
     return 0.0, high if high > 0 else 1.0
 
 
+def _metric_matrix(records, modules, positions, column_of, key, parameter) -> list[list[float | None]]:
+    """Rows: module types; columns: blocks; None where the checkpoint has no valid layer."""
+    matrix: list[list[float | None]] = [[None] * len(column_of) for _ in modules]
+    for record in records:
+        if record.valid:
+            column = column_of[positions[block_of(record.name)]]
+            matrix[modules.index(record.module_type)][column] = metric_value(record, key, parameter)
+    return matrix
+
+
 def erank_heatmap_figure(
-    analysis: Analysis,
+    analyses: Analysis | Sequence[Analysis],
+    labels: Sequence[str] | None = None,
     *,
     metric: str = "erank",
     width: str | float = "column",
     vmin: float | None = None,
     vmax: float | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
     """One cell per layer: ``metric`` (``erank``, ``utilization``, ``stable_rank``, ``count_above[0.005]``, …)
-    with the layer index across and the module type down; grey cells have no (valid) layer. Colours run over
-    ``vmin``…``vmax`` (default :func:`heatmap_limits` of this analysis: fixed by the metric's meaning, so that
-    a 0.3 % spread does not fill the whole scale)."""
-    key, parameter, name = parse_metric(metric, analysis)
-    records = list(analysis.layers)
-    if not any(r.valid for r in records):
-        raise FigureInputError(f"{analysis.checkpoint.path}: no valid layer to draw")
-    modules = list(by_module(records))
-    positions, xlabel = block_positions(records)
+    with the layer index across and the module type down; grey cells have no (valid) layer.
+
+    ``analyses``: one analysis, or several — one panel per checkpoint (titled by ``labels``), on the same rows
+    and columns and ONE colour bar. Colours run over ``vmin``…``vmax`` (default :func:`heatmap_limits` of all the
+    analyses: fixed by the metric's meaning, so that a 0.3 % spread does not fill the whole scale, and equal
+    colours mean equal values in every panel). ``ax``: one Axes per checkpoint to draw into (their figure is
+    returned, the colour bar beside them); by default a new figure of ``width``.
+    """
+    analyses = [analyses] if hasattr(analyses, "layers") else list(analyses)
+    several = len(analyses) > 1
+    labels = check_labels(analyses, labels)
+    key, parameter, name = parse_metric(metric, analyses[0])
+    for analysis in analyses:
+        if not any(r.valid for r in analysis.layers):
+            raise FigureInputError(f"{analysis.checkpoint.path}: no valid layer to draw")
+    every = [r for analysis in analyses for r in analysis.layers]
+    modules = list(by_module(every))
+    positions, xlabel = block_positions(every)
     columns = _columns(positions)
     column_of = {index: c for c, index in enumerate(columns)}
-    matrix: list[list[float | None]] = [[None] * len(columns) for _ in modules]
-    for record in records:
-        if record.valid:
-            column = column_of[positions[block_of(record.name)]]
-            matrix[modules.index(record.module_type)][column] = metric_value(record, key, parameter)
-    missing = any(v is None for row in matrix for v in row)
-    values = [v for row in matrix for v in row if v is not None]
-    default_low, default_high = heatmap_limits([analysis], metric)
+    matrices = [_metric_matrix(a.layers, modules, positions, column_of, key, parameter) for a in analyses]
+    missing = any(v is None for matrix in matrices for row in matrix for v in row)
+    values = [v for matrix in matrices for row in matrix for v in row if v is not None]
+    default_low, default_high = heatmap_limits(analyses, metric)
     low = default_low if vmin is None else float(vmin)
     high = default_high if vmax is None else float(vmax)
     if not high > low:
@@ -125,45 +146,62 @@ def erank_heatmap_figure(
     inches = figure_width(width)
     label_room = 0.12 + 0.055 * max(len(m) for m in modules)
     # a vertical colour bar's label needs the height of several rows; with few rows it goes underneath
-    beneath = len(modules) <= 4
+    beneath = len(modules) * len(analyses) <= 4
     cell = (inches - label_room - (0.1 if beneath else 0.75)) / len(columns)
+    given = axes_given(ax)
     with paper_style():
-        height = 0.85 + 0.17 * len(modules) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
-        fig = new_figure(width, min(height, 9.0) / inches)
-        ax = fig.subplots()
-        ax.set_facecolor(MISSING_COLOR)
-        mesh = ax.pcolormesh(
-            _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
-            cmap=SEQUENTIAL_CMAP, vmin=low, vmax=high, edgecolors="white", linewidth=0.4 if cell > 0.08 else 0.0,
-        )  # fmt: skip
-        ax.set_ylim(len(modules) - 0.5, -0.5)
-        ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
-        ax.tick_params(axis="y", length=0)
-        shown = [c for c in range(len(columns))]
+        if given is not None:
+            axes = check_axes(given, len(analyses), "erank_heatmap_figure")
+            fig = root_figure(axes[0])
+        else:
+            panel = 0.17 * len(modules) + (0.22 if several else 0.0)  # rows, and the panel's title
+            height = 0.68 + panel * len(analyses) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
+            fig = new_figure(width, min(height, 9.0 if not several else 24.0) / inches)
+            axes = list(fig.subplots(len(analyses), 1, sharex=True, squeeze=False)[:, 0])
+        shown = list(range(len(columns)))
         if len(columns) > 12:
             step = math.ceil(len(columns) / 8)
             shown = [c for c in range(len(columns)) if columns[c] % step == 0] or shown[::step]
-        ax.set_xticks(shown, [str(columns[c]) for c in shown])
-        ax.set_xlabel(xlabel)
-        for side in ("top", "right", "left", "bottom"):
-            ax.spines[side].set_visible(False)
-        if cell >= MIN_ANNOTATED_CELL and len(modules) <= 12:
-            integral = all(float(v).is_integer() for v in values)
-            fmt = ".0f" if integral or high >= 100 else ".2f" if high < 1 else ".1f"
-            _annotate(ax, matrix, mesh, fmt=fmt, xs=range(len(columns)), ys=range(len(modules)))
+        integral = all(float(v).is_integer() for v in values)
+        for panel_ax, matrix, label in zip(axes, matrices, labels, strict=True):
+            panel_ax.set_facecolor(MISSING_COLOR)
+            mesh = panel_ax.pcolormesh(
+                _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
+                cmap=SEQUENTIAL_CMAP, vmin=low, vmax=high, edgecolors="white", linewidth=0.4 if cell > 0.08 else 0.0,
+            )  # fmt: skip
+            panel_ax.set_ylim(len(modules) - 0.5, -0.5)
+            panel_ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
+            panel_ax.tick_params(axis="y", length=0)
+            panel_ax.set_xticks(shown, [str(columns[c]) for c in shown])
+            for side in ("top", "right", "left", "bottom"):
+                panel_ax.spines[side].set_visible(False)
+            if several:
+                panel_ax.set_title(ellipsize(label, 40), fontsize=7, loc="left")
+            if cell >= MIN_ANNOTATED_CELL and len(modules) <= 12:
+                fmt = ".0f" if integral or high >= 100 else ".2f" if high < 1 else ".1f"
+                _annotate(panel_ax, matrix, mesh, fmt=fmt, xs=range(len(columns)), ys=range(len(modules)))
+        axes[-1].set_xlabel(xlabel)
+        if given is None:  # inner panels of the stack: no tick marks poking into the next panel's title
+            for panel_ax in axes[:-1]:
+                panel_ax.tick_params(axis="x", length=0)
         if beneath:
-            colorbar = fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.12, aspect=35, pad=0.03)
+            colorbar = fig.colorbar(mesh, ax=axes, orientation="horizontal", fraction=0.12, aspect=35, pad=0.03)
         else:
-            colorbar = fig.colorbar(mesh, ax=ax, fraction=0.05, pad=0.02, aspect=max(8, 4 * len(modules)))
+            rows = len(modules) * len(analyses)
+            colorbar = fig.colorbar(mesh, ax=axes, fraction=0.05, pad=0.02, aspect=min(40, max(8, 4 * rows)))
         colorbar.set_label(name)
-        if all(float(v).is_integer() for v in values):  # counts: whole-number ticks
+        if integral:  # counts: whole-number ticks
             step = max(1, math.ceil((high - low) / 5))
             colorbar.set_ticks(range(math.ceil(low), math.floor(high) + 1, step))
         colorbar.outline.set_linewidth(0.4)
         if missing:
             from matplotlib.patches import Patch
 
-            fig.legend([Patch(facecolor=MISSING_COLOR)], ["no layer or invalid"], loc="outside lower right")
+            key_patch, key_text = [Patch(facecolor=MISSING_COLOR)], ["no layer or invalid"]
+            if given is None:
+                fig.legend(key_patch, key_text, loc="outside lower right")
+            else:  # above the first panel, right-aligned (its title, if any, is on the left)
+                axes[0].legend(key_patch, key_text, loc="lower right", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
     return fig
 
 
@@ -176,13 +214,18 @@ ALIGNMENT_PANELS = (
 
 
 def alignment_figure(
-    record: LayerRecord, *, width: str | float = "column", labels: Sequence[str] | None = None
+    record: LayerRecord,
+    *,
+    width: str | float = "column",
+    labels: Sequence[str] | None = None,
+    ax: Sequence[Axes] | None = None,
 ) -> Figure:
     """For a composed layer (or any object with ``.alignment`` and ``.name``, such as a compared layer): k×k
     heatmaps of the projection overlap of the output (left) and input (right) singular subspaces, with their
     random baseline, and of the exact update cosine. ``labels``: component names (default: the components').
 
-    Rows are named ``1: name``; columns, in the same order, by number.
+    Rows are named ``1: name``; columns, in the same order, by number. ``ax``: three Axes (output overlap, input
+    overlap, cosine) to draw into, whose figure is returned; by default a new figure of ``width``.
     """
     from ..measures.components import off_diagonal_mean
 
@@ -199,9 +242,14 @@ def alignment_figure(
     inches = figure_width(width)
     label_room = 0.1 + 0.055 * max(len(n) for n in names)
     panel = (inches - label_room - 0.2) / 3.15
+    given = axes_given(ax)
     with paper_style():
-        fig = new_figure(width, (panel + 1.2) / inches)
-        axes = fig.subplots(1, 3, sharey=True)
+        if given is not None:
+            axes = check_axes(given, len(ALIGNMENT_PANELS), "alignment_figure")
+            fig = root_figure(axes[0])
+        else:
+            fig = new_figure(width, (panel + 1.2) / inches)
+            axes = fig.subplots(1, 3, sharey=True)
         mesh = None
         for ax, (key, baseline_key, title) in zip(axes, ALIGNMENT_PANELS, strict=True):
             matrix = alignment[key]
@@ -228,16 +276,20 @@ def alignment_figure(
         colorbar.outline.set_linewidth(0.4)
         colorbar.set_ticks([-1, -0.5, 0, 0.5, 1])
         colorbar.set_label("overlap or cosine (1: aligned, 0: orthogonal)", fontsize=7)
-        fig.suptitle(record.name, fontsize=7)
+        if given is None:
+            fig.suptitle(record.name, fontsize=7)
+        else:  # the caller's figure may hold more than this layer
+            axes[0].set_title(f"{record.name}\n{ALIGNMENT_PANELS[0][2]}", fontsize=7)
     return fig
 
 
 # -- subspace similarity ----------------------------------------------------------------------------------
 def subspace_similarity_figure(
-    grid, labels: Sequence[str], *, width: str | float = "column", title: str | None = None
+    grid, labels: Sequence[str], *, width: str | float = "column", title: str | None = None, ax: Axes | None = None
 ) -> Figure:
     """The LoRA paper's φ(i, j) = ‖U_iᵀV_j‖_F²/min(i, j) grid (from ``components.subspace_similarity_grid``):
-    i over the top-i directions of the first update (down), j over the second's (across), 0 to 1."""
+    i over the top-i directions of the first update (down), j over the second's (across), 0 to 1. ``ax``: the
+    Axes to draw into, whose figure is returned; by default a new figure of ``width``."""
     import numpy as np
 
     values = np.asarray(grid, dtype=float)
@@ -249,9 +301,15 @@ def subspace_similarity_figure(
     inches = figure_width(width)
     plot_width = inches - 1.25
     box = min(1.0, max(0.3, rows / columns))
+    given = axes_given(ax)
     with paper_style():
-        fig = new_figure(width, (plot_width * box + 0.62 + (0.15 if title else 0)) / inches)
-        ax = fig.subplots()
+        if given is not None:
+            (ax,) = check_axes(given, 1, "subspace_similarity_figure")
+            fig = root_figure(ax)
+            plot_width = ax.get_position().width * fig.get_figwidth()
+        else:
+            fig = new_figure(width, (plot_width * box + 0.62 + (0.15 if title else 0)) / inches)
+            ax = fig.subplots()
         mesh = ax.pcolormesh(_edges(columns), _edges(rows), values, cmap=SEQUENTIAL_CMAP, vmin=0, vmax=1,
                              linewidth=0, rasterized=False)  # fmt: skip
         ax.set_ylim(rows + 0.5, 0.5)

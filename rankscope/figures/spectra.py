@@ -18,22 +18,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._common import (
+    BAND_ALPHA,
+    MAX_BOUND_LINES,
     MAX_FACETS,
     MAX_LINES,
     FigureInputError,
-    block_positions,
+    axes_given,
     by_module,
+    check_axes,
     check_labels,
     cumulative_energy,
     empty_note,
     facet_grid,
+    facets,
     guide_hline,
     guide_vline,
     integer_ticks,
     legend_above,
-    metric_value,
     new_figure,
     quartiles,
+    root_figure,
+    saturation_extent,
     selected,
     short_name,
     style_for,
@@ -46,7 +51,6 @@ if TYPE_CHECKING:
 
     from ..analysis.records import Analysis, LayerRecord
 
-BAND_ALPHA = 0.18
 MAX_BANDS = 3  # quartile bands are shaded only when at most this many curves share a panel
 
 
@@ -66,8 +70,8 @@ class Panel:
     records: list[LayerRecord]
 
 
-def _plan(analyses: Sequence[Analysis], labels: list[str], layers, values: Callable) -> tuple[list[Panel], str | None]:
-    """The panels and curves to draw, and a legend title saying what a curve summarises."""
+def _plan(analyses: Sequence[Analysis], labels: list[str], layers, values: Callable, *, one_panel: bool) -> list[Panel]:
+    """The panels and curves to draw (``one_panel``: never one panel per module type)."""
     chosen = [selected(a, layers) for a in analyses]
     if not any(chosen):
         raise FigureInputError(f"{analyses[0].checkpoint.path}: no valid layer to draw")
@@ -83,21 +87,16 @@ def _plan(analyses: Sequence[Analysis], labels: list[str], layers, values: Calla
                 curves.append(Curve(name, index, [values(record)]))
                 index += 1
         title = everything[0].name if len({r.name for r in everything}) == 1 else None
-        return [Panel(title, curves, everything)], None
+        return [Panel(title, curves, everything)]
     if len(analyses) == 1:
         groups = by_module(chosen[0])
         if len(groups) <= MAX_LINES:
             curves = [Curve(module, i, [values(r) for r in rs]) for i, (module, rs) in enumerate(groups.items())]
-            per = {len(rs) for rs in groups.values()}
-            what = f"median of {per.pop()} layers" if len(per) == 1 else "median over layers"
         else:
             curves = [Curve(labels[0], 0, [values(r) for r in chosen[0]])]
-            what = f"median of {len(chosen[0])} layers"
-        if len(curves) <= MAX_BANDS:
-            what += ", quartiles shaded"
-        return [Panel(None, curves, chosen[0])], what
+        return [Panel(None, curves, chosen[0])]
     modules = list(by_module(everything))
-    if 1 < len(modules) <= MAX_FACETS:
+    if 1 < len(modules) <= MAX_FACETS and not one_panel:
         panels = []
         for module in modules:
             curves = [
@@ -107,11 +106,25 @@ def _plan(analyses: Sequence[Analysis], labels: list[str], layers, values: Calla
             panels.append(
                 Panel(module, [c for c in curves if c.vectors], [r for r in everything if r.module_type == module])
             )
-        return panels, "median over layers, quartiles shaded"
+        return panels
     curves = [
         Curve(label, i, [values(r) for r in rs]) for i, (label, rs) in enumerate(zip(labels, chosen, strict=True))
     ]
-    return [Panel(None, curves, everything)], "median over all layers, quartiles shaded"
+    return [Panel(None, [c for c in curves if c.vectors], everything)]
+
+
+def _shaded(panel: Panel) -> bool:
+    """Quartile bands are drawn where few curves share the panel and a curve summarises several layers."""
+    return len(panel.curves) <= MAX_BANDS and any(len(c.vectors) > 1 for c in panel.curves)
+
+
+def _summary(panels: list[Panel]) -> str | None:
+    """The legend title: what a curve is, when it is not one layer's own (the median of n layers, shaded or not)."""
+    counts = {len(c.vectors) for panel in panels for c in panel.curves}
+    if counts <= {1}:
+        return None
+    what = f"median of {counts.pop()} layers" if len(counts) == 1 else "median over layers"
+    return what + (", quartiles shaded" if any(_shaded(p) for p in panels) else "")
 
 
 def significant(record: LayerRecord) -> list[float]:
@@ -146,23 +159,12 @@ def _draw_curve(ax: Axes, curve: Curve, *, start: int, log: bool, bands: bool):
     return line
 
 
-def _facets(fig: Figure, count: int, width, *, sharey: bool = True) -> list[Axes]:
-    rows, columns = facet_grid(count, width)
-    grid = fig.subplots(rows, columns, sharex=True, sharey=sharey, squeeze=False)
-    axes = [ax for row in grid for ax in row]
-    for ax in axes[count:]:
-        ax.set_visible(False)
-    for i, ax in enumerate(axes[:count]):
-        # x tick labels on the lowest panel of each column (sharex hides them above an empty slot too)
-        ax.tick_params(labelbottom=i + columns >= count, labelleft=i % columns == 0)
-    return axes[:count]
-
-
 def _curve_figure(
     analyses: Sequence[Analysis],
     labels: Sequence[str] | None,
     layers,
     width,
+    ax,
     *,
     values: Callable[[LayerRecord], list[float]],
     start: int,
@@ -171,11 +173,20 @@ def _curve_figure(
     ylabel: str,
     guides: Callable[[Axes, Panel, bool], dict],
     extent: Callable[[Panel], int] = lambda panel: 0,
+    fit: Callable[[Panel], int] | None = None,
+    name: str,
 ) -> Figure:
+    """Draw the planned panels into a new figure or the caller's axes; ``extent``: an index the x axis must
+    reach (rank bounds); ``fit``: the last index worth showing (where every curve has levelled off)."""
     labels = check_labels(analyses, labels)
-    panels, what = _plan(analyses, labels, layers, values)
+    given = axes_given(ax)
+    panels = _plan(analyses, labels, layers, values, one_panel=given is not None and len(given) == 1)
+    what = _summary(panels)
     with paper_style():
-        if len(panels) == 1:
+        if given is not None:
+            axes = check_axes(given, len(panels), name)
+            fig = root_figure(axes[0])
+        elif len(panels) == 1:
             fig = new_figure(width, 0.68)
             axes = [fig.subplots()]
         else:
@@ -183,44 +194,49 @@ def _curve_figure(
             from .style import figure_width
 
             fig = new_figure(width, (0.45 + 1.0 * rows) / figure_width(width))
-            axes = _facets(fig, len(panels), width)
+            axes = facets(fig, len(panels), width)
         handles: dict[str, object] = {}
         guide_handles: dict[str, object] = {}
         longest = 2 - start  # at least one point on the axis
-        for ax, panel in zip(axes, panels, strict=True):
-            bands = len(panel.curves) <= MAX_BANDS
+        for panel_ax, panel in zip(axes, panels, strict=True):
             for curve in panel.curves:
-                handles.setdefault(curve.label, _draw_curve(ax, curve, start=start, log=log, bands=bands))
+                line = _draw_curve(panel_ax, curve, start=start, log=log, bands=_shaded(panel))
+                handles.setdefault(curve.label, line)
                 longest = max(longest, max(len(v) for v in curve.vectors))
             longest = max(longest, extent(panel))
             if log:
-                ax.set_yscale("log")
+                panel_ax.set_yscale("log")
             # one panel: guides labelled in place; small panels: labelled once, in the legend
-            marks = guides(ax, panel, len(panels) == 1)
-            if ax is axes[0] and len(panels) > 1:
+            marks = guides(panel_ax, panel, len(panels) == 1)
+            if panel_ax is axes[0] and len(panels) > 1:
                 guide_handles = marks
             if panel.title and len(panels) > 1:
-                ax.set_title(panel.title)
-        for ax in axes:
-            if longest > 100:  # full dense spectra: log index, labelled 1, 10, 100
+                panel_ax.set_title(panel.title)
+        last = longest - 1 + start
+        if fit is not None:
+            last = max(start + 1, min(last, max(fit(panel) for panel in panels)))
+        for panel_ax in axes:
+            if last > 100:  # full dense spectra: log index, labelled 1, 10, 100
                 from matplotlib.ticker import FuncFormatter
 
-                ax.set_xscale("log")
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                panel_ax.set_xscale("log")
+                panel_ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                panel_ax.set_xlim(right=last * 1.05)
             else:
-                integer_ticks(ax.xaxis, longest - 1 + start, start=start, most=6 if len(panels) > 1 else 9)
-                ax.set_xlim(start - 0.4, longest - 1 + start + 0.4)
-        if len(panels) == 1:
-            axes[0].set_xlabel(xlabel)
+                integer_ticks(panel_ax.xaxis, last, start=start, most=6 if len(panels) > 1 else 9)
+                panel_ax.set_xlim(start - 0.4, last + 0.4)
+        if len(panels) == 1 or given is not None:
+            for panel_ax in axes:
+                panel_ax.set_xlabel(xlabel)
             axes[0].set_ylabel(ylabel)
-            if panels[0].title:
+            if panels[0].title and len(panels) == 1:
                 axes[0].set_title(panels[0].title, fontsize=7, loc="left")
         else:
             fig.supxlabel(xlabel)
             fig.supylabel(ylabel)
         if len(handles) > 1 or what:
             handles.update(guide_handles)
-            legend_above(fig, list(handles.values()), list(handles), title=what)
+            legend_above(fig, list(handles.values()), list(handles), title=what, axes=given)
     return fig
 
 
@@ -238,18 +254,28 @@ def _spectrum_limits(panel: Panel, thresholds: Sequence[float]) -> tuple[float, 
     return bottom, top
 
 
+def _drawn_bounds(panel: Panel) -> list[int]:
+    """The rank bounds marked in a panel: up to ``MAX_BOUND_LINES`` distinct ones (more would be a thicket of
+    lines and would stretch the axis far past the data)."""
+    bounds = sorted({r.rank_bound for r in panel.records})
+    return bounds if len(bounds) <= MAX_BOUND_LINES else []
+
+
 def spectrum_figure(
     analyses: Sequence[Analysis],
     labels: Sequence[str] | None = None,
     *,
     layers: Sequence[str] | None = None,
     width: str | float = "column",
+    ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
     """Singular values σ_i of each layer's ΔW against i, log scale, checkpoints overlaid.
 
     The absolute thresholds τ of the analyses (default 0.005) are dashed lines, the layers' rank bounds dotted
     verticals; numerically zero values (beyond each layer's numerical rank) are not drawn. ``layers``: names of
-    the layers to draw (default: every valid layer, summarised as the module docstring says).
+    the layers to draw (default: every valid layer, summarised as the module docstring says). ``ax``: draw into
+    this Axes (one panel: the checkpoints' medians over all layers) or into one Axes per module-type panel, and
+    return its figure; by default a new figure of ``width``.
     """
     thresholds = sorted({t for a in analyses for t in a.options.thresholds if t > 0})
 
@@ -259,8 +285,8 @@ def spectrum_figure(
         marks = {}
         for tau in thresholds:  # labelled at the left: spectra fall from there, so the corner is empty
             marks[f"τ = {tau:g}"] = guide_hline(ax, tau, f"τ = {tau:g}" if inline else "", side="left")
-        bounds = sorted({r.rank_bound for r in panel.records})
-        if len(bounds) <= 3:  # more distinct bounds (per-layer rank patterns) would be a thicket of lines
+        bounds = _drawn_bounds(panel)
+        if bounds:
             for bound in bounds:
                 marks["rank bound"] = guide_vline(ax, bound, f"r = {bound}" if inline else "")
         if not any(v > 0 for r in panel.records for v in r.singular_values):
@@ -272,12 +298,14 @@ def spectrum_figure(
         labels,
         layers,
         width,
+        ax,
         values=significant,
-        extent=lambda panel: max(r.rank_bound for r in panel.records),  # the rank bounds are in view
+        extent=lambda panel: max(_drawn_bounds(panel), default=0),  # the rank bounds drawn are in view
         start=1,
         log=True,
         xlabel="index i",
         ylabel="singular value σᵢ",
+        name="spectrum_figure",
         guides=guides,
     )
 
@@ -289,14 +317,27 @@ def _cumulative_energy(record: LayerRecord) -> list[float]:
     return [0.0, *(cumulative_energy(sigma) or [0.0] * len(sigma))]
 
 
+def _saturation(panel: Panel) -> int:
+    """The last k worth showing: past where every drawn line (median, and the lower quartile where shaded) has
+    levelled off (``saturation_extent``)."""
+    lines = []
+    for curve in panel.curves:
+        low, mid, _ = quartiles(curve.vectors)
+        lines.extend((mid, low) if _shaded(panel) else (mid,))
+    return saturation_extent(lines, start=0)
+
+
 def energy_figure(
     analyses: Sequence[Analysis],
     labels: Sequence[str] | None = None,
     *,
     layers: Sequence[str] | None = None,
     width: str | float = "column",
+    ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
-    """Cumulative energy Σ_{j≤k} σ_j² / Σσ² against k; the analyses' energy levels p (0.9, 0.99) dashed."""
+    """Cumulative energy Σ_{j≤k} σ_j² / Σσ² against k; the analyses' energy levels p (0.9, 0.99) dashed. The
+    k axis ends a little past the last k at which a drawn curve is still below 0.999, not at the rank bound.
+    ``layers`` and ``ax`` as for :func:`spectrum_figure`."""
     levels = sorted({p for a in analyses for p in a.options.energies})
     if len(levels) > 2:  # labels of close levels would collide: the lowest and highest say enough
         levels = [levels[0], levels[-1]]
@@ -304,9 +345,9 @@ def energy_figure(
     def guides(ax: Axes, panel: Panel, inline: bool) -> dict:
         ax.set_ylim(0, 1.04)
         marks = {}
-        for p in levels:  # labelled below the line at the left, where every curve is still near 0
+        for p in levels:  # labelled outside the right edge, like tick labels: curves crowd both ends inside
             marks["energy " + ", ".join(f"{100 * q:g}%" for q in levels)] = guide_hline(
-                ax, p, f"{100 * p:g}%" if inline else "", side="left", above=False
+                ax, p, f"{100 * p:g}%" if inline else "", side="outside"
             )
         return marks
 
@@ -315,106 +356,13 @@ def energy_figure(
         labels,
         layers,
         width,
+        ax,
         values=_cumulative_energy,
+        fit=_saturation,
         start=0,
         log=False,
         xlabel="number of singular values k",
         ylabel="cumulative energy",
+        name="energy_figure",
         guides=guides,
     )
-
-
-# -- count above τ per layer ------------------------------------------------------------------------------
-def _count_series(ax: Axes, records: list[LayerRecord], counts: dict, x_of: Callable, index: int):
-    """One checkpoint's counts against layer index: the mean over the module types at each index (the range
-    shaded) when several share a panel."""
-    by_x: dict[int, list[float]] = {}
-    for record in records:
-        by_x.setdefault(x_of(record), []).append(counts[id(record)])
-    xs = sorted(by_x)
-    style = style_for(index, len(xs))
-    ys = [sum(by_x[x]) / len(by_x[x]) for x in xs]
-    (line,) = ax.plot(xs, ys, zorder=3, **style)
-    if any(len(v) > 1 for v in by_x.values()):
-        low, high = [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs]
-        ax.fill_between(xs, low, high, color=style["color"], alpha=BAND_ALPHA, linewidth=0, zorder=2)
-    return line, max(ys)
-
-
-def count_above_figure(
-    analyses: Sequence[Analysis],
-    labels: Sequence[str] | None = None,
-    *,
-    threshold: float | None = None,
-    width: str | float = "column",
-) -> Figure:
-    """The count of σ > τ per layer (the BoRA/HiRA rank-validation figure): one series per checkpoint, one panel
-    per module type (up to 8; more are averaged per layer, the range shaded); rank bounds dashed.
-
-    ``threshold``: τ, which the analyses must have computed (default: their first threshold, 0.005).
-    """
-    from ..core.naming import block_of
-    from .style import figure_width
-
-    labels = check_labels(analyses, labels)
-    tau = threshold if threshold is not None else analyses[0].options.thresholds[0]
-    chosen = [[r for r in a.layers if r.valid] for a in analyses]
-    everything = [r for records in chosen for r in records]
-    if not everything:
-        raise FigureInputError(f"{analyses[0].checkpoint.path}: no valid layer to draw")
-    counts = {id(r): metric_value(r, "count_above", tau) for r in everything}
-    modules = list(by_module(everything))
-    facet = 1 < len(modules) <= MAX_FACETS
-    positions, xlabel = block_positions(everything)
-
-    def x_of(record: LayerRecord) -> int:
-        return positions[block_of(record.name)]
-
-    with paper_style():
-        if facet:
-            rows, _ = facet_grid(len(modules), width)
-            fig = new_figure(width, (0.45 + 0.95 * rows) / figure_width(width))
-            axes = _facets(fig, len(modules), width)
-        else:
-            fig = new_figure(width, 0.62)
-            axes = [fig.subplots()]
-        handles: dict[str, object] = {}
-        guide_handles: dict[str, object] = {}
-        all_bounds: set[int] = set()
-        top = 1.0
-        for ax, module in zip(axes, modules if facet else [None], strict=True):
-            panel = [[r for r in records if module is None or r.module_type == module] for records in chosen]
-            for i, (label, records) in enumerate(zip(labels, panel, strict=True)):
-                if records:
-                    line, highest = _count_series(ax, records, counts, x_of, i)
-                    handles.setdefault(label, line)
-                    top = max(top, highest)
-            bounds = sorted({r.rank_bound for records in panel for r in records})
-            all_bounds.update(bounds)
-            top = max(top, *bounds)
-            if len(bounds) <= 3:  # labelled in place on one panel, in the legend on small multiples
-                for bound in bounds:
-                    mark = guide_hline(ax, bound, "" if facet else f"r = {bound}", side="left", above=False)
-                    guide_handles.setdefault("rank bound", mark)
-            if facet:
-                ax.set_title(module)
-        for ax in axes:
-            ax.set_ylim(0, top * 1.1)
-            if len(all_bounds) <= 3 and top <= max(all_bounds):  # ticks at 0 and the rank bounds say it all
-                ax.set_yticks(sorted({0, *all_bounds}))
-            else:
-                ax.yaxis.get_major_locator().set_params(integer=True)
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        ylabel = f"count σ > {tau:g}"
-        if facet:
-            fig.supxlabel(xlabel)
-            fig.supylabel(ylabel)
-        else:
-            axes[0].set_xlabel(xlabel)
-            axes[0].set_ylabel(ylabel)
-        what = None if facet or len(modules) == 1 else f"mean over {len(modules)} module types, range shaded"
-        if len(handles) > 1 or what or facet:
-            if facet:
-                handles.update(guide_handles)
-            legend_above(fig, list(handles.values()), list(handles), title=what)
-    return fig

@@ -18,8 +18,10 @@ FULL_WIDTH = 6.75  # inches: the full text width of the same
 WIDTHS = {"column": COLUMN_WIDTH, "full": FULL_WIDTH}
 MIN_WIDTH, MAX_WIDTH = 1.5, 20.0
 
-# Okabe & Ito (2008), ordered so the first series are the most distinct (yellow, weak on white, comes last)
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+# Okabe & Ito (2008), ordered so the first series are the most distinct; their yellow (#F0E442) is left out: a
+# thin yellow line on white is barely visible. Seven colours, six dash patterns and eight markers: the periods are
+# coprime, so series i and j < 42 differ in colour and in at least one of dash and marker (a dozen stay distinct).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 LINESTYLES = ("-", (0, (4, 1.5)), (0, (1, 1.2)), (0, (5, 1.5, 1, 1.5)), (0, (2, 1)), (0, (6, 1.5, 1, 1.5, 1, 1.5)))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 HATCHES = ("", "////", "....", "xxxx", "\\\\\\\\", "oo", "++", "--")
@@ -122,15 +124,33 @@ def figure_size(width: str | float, aspect: float) -> tuple[float, float]:
     return inches, inches * aspect
 
 
+def series_colour(index: int) -> str:
+    """The ``index``-th series' colour (components of a composition and checkpoints alike)."""
+    return PALETTE[index % len(PALETTE)]
+
+
+def series_marker(index: int) -> str:
+    """The ``index``-th series' marker (a matplotlib marker name; the HTML draws the same shapes)."""
+    return MARKERS[index % len(MARKERS)]
+
+
 def series_style(index: int, *, marker: bool = True) -> dict:
-    """Colour, line style and marker of the ``index``-th series: distinct in colour and in black and white."""
-    style = {
-        "color": PALETTE[index % len(PALETTE)],
-        "linestyle": LINESTYLES[index % len(LINESTYLES)],
-    }
+    """Colour, line style and marker of the ``index``-th series: distinct in colour and in black and white.
+    The one definition of a series' look: the figures and the HTML page's plots both read it."""
+    style = {"color": series_colour(index), "linestyle": LINESTYLES[index % len(LINESTYLES)]}
     if marker:
-        style["marker"] = MARKERS[index % len(MARKERS)]
+        style["marker"] = series_marker(index)
     return style
+
+
+def marked_points(count: int, most: int = 16) -> list[int]:
+    """Which of a ``count``-point series' points carry its marker: all up to ``most``, else about ``most`` // 2
+    evenly spaced ones (always the first) — a marker on every point of a long series would be a smear, none at all
+    would lose the series' black-and-white identity."""
+    if count <= most:
+        return list(range(count))
+    step = -(-count // (most // 2))
+    return list(range(0, count, step))
 
 
 def dash_pattern(index: int) -> tuple[float, ...]:
@@ -148,6 +168,9 @@ __all__ = [
     "dash_pattern",
     "figure_size",
     "figure_width",
+    "marked_points",
     "paper_style",
+    "series_colour",
+    "series_marker",
     "series_style",
 ]

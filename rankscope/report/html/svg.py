@@ -14,8 +14,8 @@ import math
 import re
 from collections.abc import Sequence
 
-from ...figures._common import MAX_MARKED_POINTS
-from ...figures.style import MARKERS, PALETTE, dash_pattern
+from ...figures._common import MAX_BOUND_LINES, MAX_MARKED_POINTS, saturation_extent
+from ...figures.style import dash_pattern, marked_points, series_colour, series_marker
 from ..model import SeriesView
 
 _MAX_POINTS = 256  # a dense spectrum (thousands of σ) is drawn from at most this many points
@@ -37,7 +37,7 @@ _SHAPES = {
 
 
 def colour(index: int) -> str:
-    return PALETTE[index % len(PALETTE)]
+    return series_colour(index)
 
 
 def dasharray(index: int, width: float = _STROKE) -> str:
@@ -47,7 +47,7 @@ def dasharray(index: int, width: float = _STROKE) -> str:
 
 def marker_def(index: int) -> str:
     """The series' marker as an SVG ``<marker>`` (``#mk-<index>``), placed on every vertex of a polyline."""
-    shape = _SHAPES.get(MARKERS[index % len(MARKERS)], _SHAPES["o"])
+    shape = _SHAPES.get(series_marker(index), _SHAPES["o"])
     return (
         f'<marker id="mk-{index}" viewBox="-5 -5 10 10" markerWidth="7" markerHeight="7" '
         f'markerUnits="userSpaceOnUse" overflow="visible"><path d="{shape}" fill="{colour(index)}"/></marker>'
@@ -147,15 +147,24 @@ def _x(x0: float, index: int, n: int) -> float:
     return x0 + _L + (_W - _L - _R) * (index - 0.5) / n
 
 
-def _panel_frame(x0: float, n: int, xlabel: str, ylabel: str) -> list[str]:
-    """Axes box, x ticks 1..n and the axis labels of a panel whose left edge is at x0."""
-    bottom, middle = _H - _B, (_T + _H - _B) / 2
-    parts = [f'<rect x="{x0 + _L}" y="{_T}" width="{_W - _L - _R}" height="{_H - _T - _B}" {_AXIS}/>']
+def _x_ticks(x0: float, n: int) -> list[str]:
+    """Ticks 1..n along the bottom of a panel whose left edge is at x0."""
+    bottom, parts = _H - _B, []
     for tick in _nice_ticks(n):
         x = _c(_x(x0, tick, n))
         parts.append(
             f'<path d="M{x} {bottom}v4" {_AXIS}/><text x="{x}" y="{bottom + 15}" text-anchor="middle">{tick}</text>'
         )
+    return parts
+
+
+def _panel_frame(x0: float, n: int | None, xlabel: str, ylabel: str) -> list[str]:
+    """Axes box, x ticks 1..n (None: the plot draws its own) and the axis labels of a panel whose left edge is
+    at x0."""
+    middle = (_T + _H - _B) / 2
+    parts = [f'<rect x="{x0 + _L}" y="{_T}" width="{_W - _L - _R}" height="{_H - _T - _B}" {_AXIS}/>']
+    if n is not None:
+        parts += _x_ticks(x0, n)
     parts.append(f'<text x="{_c(x0 + (_W + _L - _R) / 2)}" y="{_H - 4}" text-anchor="middle">{xlabel}</text>')
     parts.append(
         f'<text x="{x0 + 12}" y="{_c(middle)}" text-anchor="middle" '
@@ -169,9 +178,10 @@ def _energy_y(fraction: float) -> float:
 
 
 def frame_def(n: int, energies: Sequence[float]) -> str:
-    """What every n-value layer plot shares — both panels' boxes, x ticks, labels, the energy panel's y ticks and
-    energy-fraction lines — defined once per page as ``#frame-<n>`` (most layers share one n)."""
-    parts = _panel_frame(0, n, "index i", "σᵢ") + _panel_frame(_W, n, "components k", "energy")
+    """What every n-value layer plot shares — both panels' boxes, the spectrum's x ticks, labels, the energy
+    panel's y ticks and energy-fraction lines — defined once per page as ``#frame-<n>`` (most layers share one
+    n). The energy panel's k axis fits each plot's curves, so each plot draws its ticks."""
+    parts = _panel_frame(0, n, "index i", "σᵢ") + _panel_frame(_W, None, "components k", "energy")
     for fraction in (0.0, 0.5, 1.0):
         parts.append(
             f'<text x="{_W + _L - 6}" y="{_c(_energy_y(fraction) + 3.5)}" text-anchor="end">{fraction:.0%}</text>'
@@ -187,15 +197,21 @@ def frame_def(n: int, energies: Sequence[float]) -> str:
 
 
 def _line(points: list[tuple[float, float]], style: int) -> str:
-    """A series as a polyline in its style; its marker on every point when there are few (as in the figures)."""
+    """A series as a polyline in its style, its marker where the figures put it (``style.marked_points``): on
+    every point when there are few, on evenly spaced ones when many (of the points drawn, for a sampled spectrum)."""
     dash = dasharray(style)
     extra = f' stroke-dasharray="{dash}"' if dash else ""
-    if len(points) <= MAX_MARKED_POINTS:
-        extra += "".join(f' marker-{at}="url(#mk-{style})"' for at in ("start", "mid", "end"))
-    return (
+    ends = "".join(f' marker-{at}="url(#mk-{style})"' for at in ("start", "mid", "end"))
+    few = len(points) <= MAX_MARKED_POINTS
+    line = (
         f'<polyline points="{" ".join(f"{_c(x)},{_c(y)}" for x, y in points)}" fill="none" '
-        f'stroke="{colour(style)}" stroke-width="{_STROKE}"{extra}/>'
+        f'stroke="{colour(style)}" stroke-width="{_STROKE}"{extra}{ends if few else ""}/>'
     )
+    if few:
+        return line
+    # a path of bare moves: its markers stand on the vertices, and no line joins them
+    moves = "".join(f"M{_c(points[i][0])} {_c(points[i][1])}" for i in marked_points(len(points), MAX_MARKED_POINTS))
+    return line + f'<path d="{moves}" fill="none" stroke="none"{ends}/>'
 
 
 def _spectrum_panel(series: Sequence[SeriesView], thresholds: Sequence[float], n: int) -> list[str]:
@@ -218,31 +234,48 @@ def _spectrum_panel(series: Sequence[SeriesView], thresholds: Sequence[float], n
         yy = _c(y(10.0**exponent))
         label = f'<text x="{_L - 6}" y="{_c(float(yy) + 3.5)}" text-anchor="end">{_superscript(exponent)}</text>'
         parts.append(f'<path d="M{_L - 4} {yy}H{_W - _R}" stroke="#e6e9ed"/>{label}')
+    points = [(_x(0, i + 1, n), y(s.sigma[i])) for s in series for i in _sample(len(s.sigma))]
     for tau in thresholds:
         if bottom < tau < top:
             yy = y(tau)
-            parts.append(
-                f'<path d="M{_L} {_c(yy)}H{_W - _R}" {_GUIDE}/><text x="{_L + 4}" y="{_c(yy - 3)}" '
-                f'class="an">τ = {tau:g}</text>'
+
+            def crowded(left: float, yy: float = yy) -> bool:  # a curve through the label's box (60 × 12 px)
+                return any(left <= px <= left + 60 and yy - 13 <= py <= yy + 1 for px, py in points)
+
+            # at the left, where spectra start, unless curves cross there; then the right end
+            label = (
+                f'x="{_L + 4}"'
+                if not crowded(_L + 4) or crowded(_W - _R - 64)
+                else f'x="{_W - _R - 4}" text-anchor="end"'
             )
-    for bound in sorted({s.rank_bound for s in series if 0 < s.rank_bound <= n}):
+            parts.append(
+                f'<path d="M{_L} {_c(yy)}H{_W - _R}" {_GUIDE}/>'
+                f'<text {label} y="{_c(yy - 3)}" class="an">τ = {tau:g}</text>'
+            )
+    bounds = sorted({s.rank_bound for s in series if 0 < s.rank_bound <= n})
+    labelled = -math.inf
+    for bound in bounds if len(bounds) <= MAX_BOUND_LINES else []:  # the figures' rule: a few, or none
         xx = _x(0, bound, n)
-        parts.append(
-            f'<path d="M{_c(xx)} {_T}V{_H - _B}" stroke="#b54708" stroke-dasharray="5 3"/>'
-            f'<text x="{_c(xx - 3)}" y="{_T + 11}" text-anchor="end" class="an">r≤{bound}</text>'
-        )
+        parts.append(f'<path d="M{_c(xx)} {_T}V{_H - _B}" stroke="#b54708" stroke-dasharray="5 3"/>')
+        if xx - labelled >= 30:  # a label ~26 px wide, right-aligned at its line: close bounds share one
+            parts.append(f'<text x="{_c(xx - 3)}" y="{_T + 11}" text-anchor="end" class="an">r≤{bound}</text>')
+            labelled = xx
     for s in series:
         parts.append(_line([(_x(0, i + 1, n), y(s.sigma[i])) for i in _sample(len(s.sigma))], s.style))
     return parts
 
 
 def _energy_panel(series: Sequence[SeriesView], n: int) -> list[str]:
-    """Cumulative energy Σ_{i≤k} σ_i²/Σσ² against k (the frame holds the energy-fraction lines)."""
-    return [
-        _line([(_x(_W, i + 1, n), _energy_y(s.energy[i])) for i in _sample(len(s.energy))], s.style)
-        for s in series
-        if s.energy
-    ]
+    """Cumulative energy Σ_{i≤k} σ_i²/Σσ² against k = 1…m, m a little past where every curve has levelled off
+    (the figures' ``saturation_extent``), and the k ticks; the frame holds the energy-fraction lines."""
+    curves = [s.energy for s in series if s.energy]
+    m = min(n, saturation_extent(curves, start=1)) if curves else n
+    parts = _x_ticks(_W, m)
+    for s in series:
+        shown = s.energy[:m]
+        if shown:
+            parts.append(_line([(_x(_W, i + 1, m), _energy_y(shown[i])) for i in _sample(len(shown))], s.style))
+    return parts
 
 
 def layer_svg(
