@@ -12,6 +12,7 @@ import torch.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ _EXPORTS = {
     "compare": "analysis",
     "Comparison": "analysis",
     "write_report": "report.bundle",
+    "analysis_html": "report.notebook",
+    "comparison_html": "report.notebook",
     "alignment_figure": "figures",
     "count_above_figure": "figures",
     "energy_figure": "figures",
@@ -66,6 +69,26 @@ if TYPE_CHECKING:
     )
     from .formats import load
     from .report.bundle import write_report
+    from .report.notebook import analysis_html, comparison_html
+
+
+# What a notebook shows for an Analysis or a Comparison is a renderer's output (report/notebook.py), and records
+# import no renderer: the façade registers it with IPython's HTML formatter, by class name, so nothing is imported
+# until an object is shown. (Checkpoint has its own small, self-contained ``_repr_html_``.)
+_NOTEBOOK_DISPLAYS = (
+    ("rankscope.analysis.records", "Analysis", "analysis_html"),
+    ("rankscope.analysis.comparison", "Comparison", "comparison_html"),
+)
+
+
+def _register_notebook_display() -> None:
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    if shell is None or not hasattr(shell, "display_formatter"):
+        return
+    formatter = shell.display_formatter.formatters["text/html"]
+    for module, cls, function in _NOTEBOOK_DISPLAYS:
+        formatter.for_type_by_name(module, cls, lambda obj, name=function: __getattr__(name)(obj))
 
 
 def __getattr__(name: str) -> object:
@@ -97,8 +120,10 @@ __all__ = [
     "UsageProblem",
     "__version__",
     "alignment_figure",
+    "analysis_html",
     "analyze",
     "compare",
+    "comparison_html",
     "count_above_figure",
     "energy_figure",
     "erank_heatmap_figure",
@@ -111,3 +136,5 @@ __all__ = [
     "weights_figure",
     "write_report",
 ]
+
+_register_notebook_display()

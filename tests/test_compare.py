@@ -162,3 +162,17 @@ def test_baseline_picks_what_the_ratios_are_to(pair):
     assert list(ratios) == ["small"] and ratios["small"]["params"] < 1  # small has fewer parameters than big
     wrong = CliRunner().invoke(main, ["compare", str(small_dir), str(big_dir), "--baseline", "nope"])
     assert wrong.exit_code == 2 and "baseline 'nope' is none of the labels small, big" in wrong.stderr
+
+
+def test_counts_use_a_threshold_every_analysis_computed(pair):
+    small_dir, big_dir, _, _ = pair
+    a = rankscope.analyze(rankscope.load(small_dir), thresholds=(0.01, 0.005))
+    b = rankscope.analyze(rankscope.load(big_dir), thresholds=0.005)
+    comparison = compare([a, b], ["small", "big"])
+    assert comparison.threshold == 0.005  # the baseline's first τ is not b's: the shared one counts
+    layer = comparison.layers[0]
+    sigma = torch.tensor(layer.records[1].singular_values)
+    assert comparison.values(layer.records[1])["count_above"] == int((sigma > 0.005).sum())
+    c = rankscope.analyze(rankscope.load(big_dir), thresholds=0.02)
+    with pytest.raises(rankscope.UsageProblem, match=r"share no thresholds value \(small: 0.01, 0.005; big: 0.02\)"):
+        compare([a, c], ["small", "big"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,44 @@ def test_library_errors_name_arguments_and_the_cli_respells_them(analysis, tmp_p
     with pytest.raises(rankscope.UsageProblem, match="threads must be None") as threads:
         rankscope.analyze(analysis.checkpoint, threads=2)
     assert threads.value.arguments == ("threads",)
+
+
+class _Html(HTMLParser):
+    """The elements and text of a ``_repr_html_``; fails on anything that would fetch."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            assert not (name in ("src", "href") and value and not value.startswith("#")), (tag, name, value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_notebook_html_is_a_small_summary_with_one_small_figure(analysis, tmp_path):
+    checkpoint = analysis.checkpoint
+    shown = _Html(checkpoint._repr_html_())
+    assert len(checkpoint._repr_html_()) < 3000 and "table" in shown.tags
+    assert "q_proj" in shown.text and "v_proj" in shown.text and "24×24" in shown.text  # module types, shapes
+    page = rankscope.analysis_html(analysis)
+    parsed = _Html(page)
+    assert parsed.tags.count("svg") == 1 and len(page) < 100_000
+    tables = page[: page.index("<svg")]
+    assert len(tables) < 4000 and "tensor(" not in page
+    erank = analysis.summary()["by_module"]["q_proj"]["metrics"]["erank"]["mean"]
+    assert f"{erank:.2f}" in parsed.text  # the table holds the summary's own numbers
+    ids = re.findall(r'\bid="([^"]+)"', page + rankscope.analysis_html(analysis))  # each display its own ids: no clash
+    assert len(ids) == len(set(ids))
+    other_path = llama_like(tmp_path / "b", layers=12, hidden=24, rank=4, seed=5)
+    other = rankscope.analyze(rankscope.load(other_path), thresholds=0.01)
+    comparison = rankscope.compare([analysis, other], ["a", "b"])
+    html = rankscope.comparison_html(comparison)
+    parsed = _Html(html)
+    assert len(html) < 5000 and "svg" not in parsed.tags
+    assert "a" in parsed.text and "b" in parsed.text and any("reaches" in t for t in parsed.text)

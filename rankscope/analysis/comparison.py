@@ -7,7 +7,7 @@ learn the same directions?
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..core.errors import CheckpointError, UsageProblem
@@ -46,7 +46,8 @@ class Comparison:
 
     @property
     def threshold(self) -> float:
-        return self.analyses[0].options.thresholds[0]
+        """The counts' τ: the baseline's first threshold that every analysis computed."""
+        return shared_thresholds(self.analyses)[0]
 
     def values(self, record: LayerRecord) -> dict[str, float | None]:
         """The compared quantities of one record."""
@@ -63,6 +64,11 @@ class Comparison:
     def __repr__(self) -> str:
         unmatched = sum(len(names) for names in self.unmatched.values())
         return f"Comparison({', '.join(self.labels)}: {len(self.layers)} matched layers, {unmatched} unmatched)"
+
+
+def shared_thresholds(analyses: Sequence[Analysis]) -> list[float]:
+    """The baseline's thresholds τ that every analysis computed, in the baseline's order."""
+    return [t for t in analyses[0].options.thresholds if all(t in a.options.thresholds for a in analyses[1:])]
 
 
 def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | None]:
@@ -88,10 +94,11 @@ def compare(
     *,
     alignment: bool = True,
     baseline: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Comparison:
     """Match the layers of ``analyses`` by name and align each matched layer's updates across them
     (``alignment=False`` skips that: the side-by-side metrics only). Ratios are to ``baseline`` (a label; default
-    the first checkpoint), which is put first."""
+    the first checkpoint), which is put first. ``progress(done, total)`` is called as matched layers finish."""
     if len(analyses) < 2:
         raise CheckpointError("compare needs at least two checkpoints")
     labels = list(labels) if labels else checkpoint_labels([a.checkpoint.path for a in analyses])
@@ -103,6 +110,11 @@ def compare(
         first = labels.index(baseline)
         order = [first, *(i for i in range(len(labels)) if i != first)]
         labels, analyses = [labels[i] for i in order], [analyses[i] for i in order]
+    if not shared_thresholds(analyses):
+        taus = [", ".join(f"{t:g}" for t in analysis.options.thresholds) for analysis in analyses]
+        computed = "; ".join(f"{label}: {tau}" for label, tau in zip(labels, taus, strict=True))
+        raise UsageProblem(f"the analyses share no thresholds value ({computed}): analyse them with one in common",
+                           argument="thresholds")  # fmt: skip
     by_label = [{record.name: record for record in analysis} for analysis in analyses]
     updates = [{layer.name: layer.update for layer in analysis.checkpoint.layers} for analysis in analyses]
     common = set(by_label[0]).intersection(*by_label[1:])
@@ -110,7 +122,7 @@ def compare(
         names = ", ".join(labels)
         raise CheckpointError(f"no layer name is shared by all of {names}: are they adapters of the same base model?")
     layers, mismatched = [], []
-    for name in sorted(common, key=model_order_key):
+    for done, name in enumerate(sorted(common, key=model_order_key), 1):
         records = [records_of[name] for records_of in by_label]
         parts = [update_of[name] for update_of in updates]
         aligned = None
@@ -121,6 +133,8 @@ def compare(
             parts = [p.unscaled() if a.options.unscaled else p for p, a in zip(parts, analyses, strict=True)]
             aligned = pairwise_alignment(parts)
         layers.append(LayerComparison(name, records, aligned))
+        if progress:
+            progress(done, len(common))
     warnings = []
     if mismatched:
         shapes = ", ".join(

@@ -18,6 +18,7 @@ from ..core.errors import one_line
 from .compare import compare
 from .components import components
 from .formats import list_formats
+from .interrupt import interrupts, report_interrupt
 from .plot import plot
 from .report import report
 from .spectrum import spectrum
@@ -30,7 +31,8 @@ class _Main(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, False, **extra)
+            with interrupts(process=args is None):  # args given: called in-process (click's test runner)
+                code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
             no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
             if isinstance(exc, no_args) and exc.ctx is not None:  # bare ``rankscope``: its help, as click shows it
@@ -42,8 +44,8 @@ class _Main(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("rankscope: interrupted; nothing written", err=True)
+        except (click.Abort, KeyboardInterrupt):
+            report_interrupt()
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 

@@ -42,18 +42,22 @@ def handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from . import interrupt
+
         try:
             from ..core.threads import single_threaded
 
             with single_threaded():
-                return command(*args, **kwargs)
+                result = command(*args, **kwargs)
+            interrupt.check()  # a Ctrl-C that a finaliser swallowed, in a command that wrote nothing
+            return result
         except UsageProblem as exc:
             error(exc.spelled(flag))
             sys.exit(EXIT_USAGE)
         except RankscopeError as exc:
             error(exc.spelled(flag))
         except KeyboardInterrupt:
-            click.echo("rankscope: interrupted; nothing written", err=True)
+            interrupt.report_interrupt()
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -66,11 +70,25 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def output_width(*, err: bool = False) -> int | None:
+    """The width terminal tables must fit: ``$COLUMNS``, else the terminal's; None (no limit) when the output is
+    not a terminal (a file or a pipe)."""
+    import shutil
+
+    stream = sys.stderr if err else sys.stdout
+    if os.environ.get("COLUMNS", "").isdigit() or stream.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
 def write_outputs(rendered: list[tuple[str, Callable[[], str]]]) -> None:
-    """Render every requested output first, then write them: an error leaves no file half-written."""
+    """Render every requested output first, then write them: an error leaves no file half-written (and a Ctrl-C
+    before the writing starts, none written)."""
     from ..report.output import write_text
+    from .interrupt import commit
 
     texts = [(destination, render()) for destination, render in rendered if destination]
+    commit()
     for destination, text in texts:
         try:
             write_text(destination, text)

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .app import distinct_outputs, handle_errors, warn, write_outputs
-from .options import (
-    CommaList,
-    analysis_options,
-    checkpoint_options,
-    load_and_settings,
-    output_option,
-    report_problems,
-    run_analysis,
-)
+from .app import distinct_outputs, handle_errors, output_width, warn, write_outputs
+from .options import CommaList, analyse_paths, analysis_options, checkpoint_options, output_option, report_problems
 
 
 @click.command()
@@ -27,11 +19,7 @@ from .options import (
 @checkpoint_options
 @analysis_options
 @click.option("--baseline", metavar="LABEL", help="The checkpoint the ratios are to (a label; default: the first).")
-@click.option(
-    "--no-alignment",
-    is_flag=True,
-    help="Side-by-side metrics only: skip the alignment of the updates (faster on large models).",
-)
+@click.option("--no-alignment", is_flag=True, help="Side-by-side metrics only: skip aligning the updates (faster).")
 @click.option("-q", "--quiet", is_flag=True, help="No table or progress bar.")
 @handle_errors
 def compare(
@@ -54,11 +42,14 @@ def compare(
     if labels is not None and len(labels) != len(paths):
         raise click.UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
     distinct_outputs(json=json_out, csv=csv_out, markdown=markdown_out)
-    analyses = []
-    for path in paths:
-        checkpoint, settings = load_and_settings(path, options)
-        analyses.append(run_analysis(checkpoint, settings, quiet=quiet))
-    comparison = compare_analyses(analyses, labels, alignment=not no_alignment, baseline=baseline)
+    analyses, labels, progress = analyse_paths(paths, labels, options, quiet=quiet)
+    progress.phase("comparing")
+    try:
+        comparison = compare_analyses(
+            analyses, labels, alignment=not no_alignment, baseline=baseline, progress=progress
+        )
+    finally:
+        progress.close()
     for message in comparison.warnings:
         warn(message)
     from ..analysis.documents import comparison_document
@@ -77,8 +68,9 @@ def compare(
         from ..report.terminal import comparison_summary, comparison_table
 
         to_stderr = "-" in (json_out, csv_out, markdown_out)
-        click.echo(comparison_table(comparison), err=to_stderr)
+        width = output_width(err=to_stderr)
+        click.echo(comparison_table(comparison, width), err=to_stderr)
         click.echo("", err=to_stderr)
-        click.echo(comparison_summary(comparison), err=to_stderr)
-    for analysis in analyses:
-        report_problems(analysis, quiet=True)
+        click.echo(comparison_summary(comparison, width), err=to_stderr)
+    for label, analysis in zip(labels, analyses, strict=True):
+        report_problems(analysis, quiet=True, where=label)

@@ -126,33 +126,82 @@ def analysis_settings(*, max_memory, **options):
     return AnalysisOptions(**options, **({"max_memory": max_memory} if max_memory is not None else {}))
 
 
-def run_analysis(checkpoint, options, *, quiet: bool):
-    """Analyse with a progress bar; fail (exit 1) when no layer can be analysed; then say what was read."""
+def run_analysis(checkpoint, options, *, quiet: bool, progress=None, where: str | None = None, announce: bool = True):
+    """Analyse with a progress bar (``progress``: a :class:`~rankscope.report.progress.Progress` over several
+    phases, else a bar of its own); fail (exit 1) when no layer can be analysed; then say what was read
+    (``announce``), each message prefixed by ``where`` (default: the checkpoint's path)."""
     from ..analysis.analyze import analyze
     from ..core.errors import RankscopeError
     from ..report.progress import ProgressBar
+    from .interrupt import check
 
-    bar = ProgressBar("analysing", enabled=not quiet)
+    bar = progress if progress is not None else ProgressBar("analysing", enabled=not quiet, check=check)
     try:
         analysis = analyze(checkpoint, options, progress=bar)
     finally:
-        bar.close()
-    where = checkpoint.weights_file or checkpoint.path
+        if progress is None:
+            bar.close()
     invalid = analysis.invalid
     if len(invalid) == len(analysis.layers):
-        raise RankscopeError(f"{where}: no layer can be analysed: {invalid[0].error}")
-    for message in checkpoint.warnings + analysis.warnings:
-        warn(f"{checkpoint.path}: {message}")
-    if not quiet:
-        for message in checkpoint.notes:
-            note(f"note: {message}")
+        place = checkpoint.weights_file or checkpoint.path
+        raise RankscopeError(f"{place}: no layer can be analysed: {invalid[0].error}")
+    if announce:
+        announce_analysis(analysis, quiet=quiet, where=where)
     return analysis
 
 
-def report_problems(analysis, *, quiet: bool) -> None:
-    """Invalid layers (always), unused tensors and sibling adapters (unless quiet), on stderr."""
+def announce_analysis(analysis, *, quiet: bool, where: str | None = None) -> None:
+    """The checkpoint's and the analysis' warnings, then (unless quiet) its notes, each prefixed by ``where``."""
     checkpoint = analysis.checkpoint
-    where = checkpoint.weights_file or checkpoint.path
+    where = where or str(checkpoint.path)
+    for message in checkpoint.warnings + analysis.warnings:
+        warn(f"{where}: {message}")
+    if not quiet:
+        for message in checkpoint.notes:
+            note(f"note: {where}: {message}" if where != str(checkpoint.path) else f"note: {message}")
+
+
+def analyse_paths(paths, labels, options: dict, *, quiet: bool):
+    """Load and analyse each of ``paths`` under one progress line (loading, analysing: each checkpoint in turn);
+    then the labels (``labels``, or the shortest distinguishing path suffixes) and each checkpoint's messages
+    labelled by them. Returns (analyses, labels, progress) — the progress line for the phases that follow."""
+    from ..core.naming import checkpoint_labels
+    from ..report.progress import Progress
+    from .interrupt import check
+
+    progress = Progress(enabled=not quiet, check=check)
+    paths = natural_order(paths) if labels is None else list(paths)
+    analyses = []
+    try:
+        for index, path in enumerate(paths, 1):
+            shown = path if len(path) <= 40 else "…" + path[-39:]
+            progress.phase(f"loading {index}/{len(paths)} {shown}")
+            checkpoint, settings = load_and_settings(path, options)
+            progress.phase(f"analysing {index}/{len(paths)} {shown}")
+            analyses.append(run_analysis(checkpoint, settings, quiet=quiet, progress=progress, announce=False))
+    finally:
+        progress.close()  # before any message: an error or warning starts on a clean line
+    labels = list(labels) if labels is not None else checkpoint_labels([a.checkpoint.path for a in analyses])
+    for label, analysis in zip(labels, analyses, strict=True):
+        announce_analysis(analysis, quiet=quiet, where=label if len(analyses) > 1 else None)
+    return analyses, labels, progress
+
+
+def natural_order(paths) -> list[str]:
+    """Paths in string order — as a shell glob lists them: ``checkpoint-1000 checkpoint-1500 checkpoint-500`` — in
+    natural order (``checkpoint-500`` first); paths given in any other order stay as given (the first is the
+    baseline)."""
+    from ..core.naming import natural_key
+
+    paths = list(paths)
+    return sorted(paths, key=natural_key) if paths == sorted(paths) else paths
+
+
+def report_problems(analysis, *, quiet: bool, where: str | None = None) -> None:
+    """Invalid layers (always), unused tensors and sibling adapters (unless quiet), on stderr; ``where``
+    prefixes each (default: the checkpoint's file)."""
+    checkpoint = analysis.checkpoint
+    where = where or str(checkpoint.weights_file or checkpoint.path)
     for record in analysis.invalid:
         warn(f"{where}: layer {record.name} is invalid: {record.error}")
     if quiet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .app import handle_errors, note, warn
-from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
+from .options import CommaList, analyse_paths, analysis_options, checkpoint_options, report_problems
 
 
 @click.command()
@@ -39,8 +39,8 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
     """Write a report of the adapter(s) at PATHS to the folder DIR: a self-contained index.html (summary, effective-rank
     heatmap, spectra, a sortable per-layer table, per-layer detail, composition and comparison sections), layers.csv,
     summary.json, summary.md and figures/. Several PATHS are compared layer by layer."""
-    from ..report.bundle import FIGURE_FORMATS, check_target, write_report
-    from ..report.progress import ProgressBar
+    from ..report.bundle import COMMIT, FIGURE_FORMATS, check_target, write_report
+    from .interrupt import commit
 
     formats = () if figure_formats == ("none",) else figure_formats
     unknown = [f for f in formats if f.lower() not in FIGURE_FORMATS]
@@ -50,19 +50,24 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
         raise click.UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
     guarded = [*paths, *([options["base"]] if options.get("base") else [])]
     check_target(out_dir, guarded, force=force)  # before the analysis: a refusal should not wait for it
-    analyses = []
-    for path in paths:
-        checkpoint, settings = load_and_settings(path, options)
-        analyses.append(run_analysis(checkpoint, settings, quiet=quiet))
-    bar = ProgressBar("figures", enabled=not quiet)
+    analyses, labels, progress = analyse_paths(paths, labels, options, quiet=quiet)
+    several = len(analyses) > 1
+
+    def phase(name: str) -> None:
+        progress.phase(name)
+        if name == COMMIT:
+            commit()  # from here on a Ctrl-C no longer stops the run: the report is moved into place
+
     try:
-        warnings = write_report(analyses, out_dir, labels=labels, formats=formats, force=force, progress=bar)
+        warnings = write_report(
+            analyses, out_dir, labels=labels, formats=formats, force=force, progress=progress, phase=phase
+        )
     finally:
-        bar.close()
+        progress.close()
     for message in warnings:
         warn(message)
-    for analysis in analyses:
-        report_problems(analysis, quiet=True)
+    for label, analysis in zip(labels, analyses, strict=True):
+        report_problems(analysis, quiet=True, where=label if several else None)
     if not quiet:
         layers = sum(len(a.layers) for a in analyses)
         note(f"report written to {out_dir}/index.html ({layers} layers; also layers.csv, summary.json, summary.md"

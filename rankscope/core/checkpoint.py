@@ -162,6 +162,36 @@ class Checkpoint:
             f"{len(self.warnings)} warnings)"
         )
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: what it is, and its layers by module type (count, shapes, parameters) — a few KB."""
+        from html import escape
+
+        from .naming import group_by_module, module_type
+
+        groups = group_by_module(self.layers, lambda layer: layer.name, lambda layer: module_type(layer.name))
+        cell = '<td style="text-align:{}">{}</td>'
+        rows = "".join(
+            "<tr>"
+            + cell.format("left", escape(kind))
+            + cell.format("right", len(layers))
+            + cell.format("left", escape(", ".join(sorted({"×".join(map(str, x.shape)) for x in layers})[:4])))
+            + cell.format("right", f"{sum(x.params for x in layers):,}")
+            + "</tr>"
+            for kind, layers in groups.items()
+        )
+        head = "".join(f"<th>{title}</th>" for title in ("module", "layers", "shapes", "params"))
+        missing = [f"{len(self.not_analysed)} module(s) with adapter weights not analysed"] if self.not_analysed else []
+        problems = [*self.warnings[:3], *missing]
+        return (
+            f"<div><p><b>Checkpoint</b> <code>{escape(str(self.path))}</code> · {escape(self.adapter_type)} "
+            f"({escape(self.family)}) · {len(self.layers)} layers · {self.params:,} parameters · "
+            f"{len(self.skipped)} tensors not used</p>"
+            f'<table style="border-collapse:collapse;font-size:12px"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{rows}</tbody></table>"
+            + "".join(f'<p style="color:#a33">⚠ {escape(m)}</p>' for m in problems)
+            + "</div>"
+        )
+
     @property
     def not_analysed(self) -> list[NotAnalysed]:
         """Modules whose tensors look like adapter weights but are in no layer (see :func:`not_analysed`)."""

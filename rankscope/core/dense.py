@@ -104,10 +104,14 @@ def dense_singular_values(
             continue
         with ThreadPoolExecutor(concurrent) as pool:
             futures = {pool.submit(_svdvals_one, updates[i], dtype, device): i for i in indices}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                if progress:
-                    progress(1)
+            try:
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    if progress:
+                        progress(1)
+            except BaseException:  # an error or Ctrl-C: start none of the queued SVDs (the running ones finish)
+                pool.shutdown(cancel_futures=True)
+                raise
     return results  # type: ignore[return-value]
 
 

@@ -24,12 +24,12 @@ from .. import __version__
 from ..analysis.documents import report_document
 from ..core.errors import RankscopeError
 from ..core.naming import checkpoint_labels
-from .build import build_report
+from .build import build_report, checkpoint_notes
 from .csv import layers_csv
 from .csv import text_cell as csv_text
 from .html import render_page
 from .json import dumps
-from .markdown import comparison_markdown, spectrum_markdown
+from .markdown import comparison_markdown, notes_markdown, spectrum_markdown
 from .model import FigureSpec
 from .output import set_usual_mode
 
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = ".rankscope-report"
 FIGURE_FORMATS = ("pdf", "png", "svg")
+COMMIT = "moving into place"
+PHASES = ("comparing", "figures", "writing", COMMIT)  # what write_report reports to ``phase``
 
 
 def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, force: bool = False) -> Path:
@@ -87,9 +89,12 @@ def report_csv(analyses: Sequence[Analysis], labels: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def report_markdown(analyses: Sequence[Analysis], comparison: Comparison | None) -> str:
+def report_markdown(analyses: Sequence[Analysis], comparison: Comparison | None, labels: Sequence[str]) -> str:
+    """The comparison (if any), each checkpoint's tables, then the warnings and notes labelled by checkpoint."""
     parts = [comparison_markdown(comparison)] if comparison is not None else []
     parts += [spectrum_markdown(analysis) for analysis in analyses]
+    notes = [n for index, analysis in enumerate(analyses) for n in checkpoint_notes(analysis, index)]
+    parts += [text for text in [notes_markdown(notes, labels)] if text]
     return "\n".join(parts)
 
 
@@ -173,12 +178,16 @@ def write_report(
     formats: Sequence[str] = ("pdf", "png"),
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    phase: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write the report of ``analyses`` (one checkpoint, or several compared) to the folder ``out_dir``.
 
     ``formats``: the figure files to write under ``figures/`` (any of pdf, png, svg; empty for none — the page
-    has its figures inline either way). Returns warnings (figures that could not be drawn).
+    has its figures inline either way). ``phase(name)`` is called as each of :data:`PHASES` starts (the last,
+    ``COMMIT``, just before the finished folder is renamed into place); ``progress(done, total)`` within the
+    comparison and the figures. Returns warnings (figures that could not be drawn).
     """
+    phase = phase or (lambda name: None)
     from ..analysis.comparison import compare
 
     if not analyses:
@@ -195,7 +204,8 @@ def write_report(
     if len(analyses) > 1:
         shared = set.intersection(*({record.name for record in a} for a in analyses))
         if shared:
-            comparison = compare(analyses, labels)
+            phase("comparing")
+            comparison = compare(analyses, labels, progress=progress)
         else:  # adapters of different models: each is still reported
             unshared = [f"no layer is shared by all of {', '.join(labels)}: each is reported on its own, no comparison"]
     try:
@@ -207,12 +217,14 @@ def write_report(
         set_usual_mode(staging, 0o777)
         (staging / "figures").mkdir()
         report = build_report(analyses, labels, comparison)
+        phase("figures")
         svgs, warnings = render_figures(analyses, labels, report.figures, staging / "figures", formats,
                                         progress=progress)  # fmt: skip
+        phase("writing")
         files = {
             "summary.json": dumps(report_document(analyses, labels, comparison)),
             "layers.csv": report_csv(analyses, labels),
-            "summary.md": report_markdown(analyses, comparison),
+            "summary.md": report_markdown(analyses, comparison, labels),
             "index.html": render_page(report, svgs, figure_formats=formats, companions=True),
         }
         if not any((staging / "figures").iterdir()):  # --figures none, or nothing to draw: no empty folder
@@ -221,6 +233,7 @@ def write_report(
         files[MARKER] = _marker_text(written)
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8", newline="")
+        phase(COMMIT)
         _swap(staging, target)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..measures.metrics import parameter_key
-from .model import Table
+from .model import Note, Table
 from .model import number as _fmt
 from .tables import alignment_summary, comparison_module_table, module_table
 
@@ -79,6 +80,19 @@ def spectrum_markdown(analysis: Analysis) -> str:
     header = ["layer", "r≤", f"#σ>{tau:g}", "Σσ²", "erank", "stable rank", "utilisation"]
     lines += [_table(header, layer_rows), "", "</details>", ""]
     return "\n".join(lines)
+
+
+def notes_markdown(notes: Sequence[Note], labels: Sequence[str]) -> str:
+    """The report's warnings and notes as a list, each prefixed with its checkpoint's label where there are
+    several; empty when there are none."""
+    if not notes:
+        return ""
+    lines = ["## Notes", ""]
+    for n in notes:
+        about = f"**{escape(labels[n.checkpoint])}**: " if len(labels) > 1 and n.checkpoint is not None else ""
+        text = f"layer {escape(n.layer)} is invalid: {escape(n.text)}" if n.level == "invalid" else escape(n.text)
+        lines.append(f"- {about}{'⚠ ' if n.level != 'note' else ''}{text}")
+    return "\n".join([*lines, ""])
 
 
 def comparison_markdown(comparison: Comparison) -> str:

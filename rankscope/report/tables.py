@@ -128,6 +128,24 @@ def comparison_layer_table(comparison: Comparison) -> Table:
     return Table("comparison-layers", columns, rows)
 
 
+def comparison_long_table(comparison: Comparison) -> Table:
+    """The layer comparison one row per (layer, checkpoint) — as narrow for a dozen checkpoints as for two: the
+    layer's name and its alignment on its first row."""
+    tau = comparison.threshold
+    columns = [Column("layer", numeric=False), Column("checkpoint", numeric=False), Column(f"#σ>{tau:g}")]
+    columns += [Column("erank"), Column("util"), Column("cos"), Column("overlap L"), Column("overlap R")]
+    rows = []
+    for layer in comparison.layers:
+        alignment = [Cell(value, ".3f") for value in mean_alignment(layer.alignment).values()]
+        for index, (label, record) in enumerate(zip(comparison.labels, layer.records, strict=True)):
+            values = comparison.values(record)
+            cells = [Cell(layer.name if index == 0 else ""), Cell(label), Cell(values["count_above"], "d")]
+            cells += [Cell(values["erank"], ".2f"), Cell(values["utilization"], ".0%")]
+            cells += alignment if index == 0 else [Cell("")] * len(alignment)
+            rows.append(Row(cells, layer=layer.name, search=layer.name.lower()))
+    return Table("comparison-layers-long", columns, rows)
+
+
 def components_table(record: LayerRecord) -> Table:
     """A composed layer's components: weight, energy share, rank bound, erank, σ₁."""
     fields = record.composition or {}

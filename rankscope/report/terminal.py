@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 from ..measures.metrics import parameter_key
 from .model import Table
 from .model import number as _number
-from .tables import alignment_summary, by_module_blocks, comparison_layer_table, comparison_module_table, mean_alignment
+from .tables import (
+    alignment_summary,
+    by_module_blocks,
+    comparison_layer_table,
+    comparison_long_table,
+    comparison_module_table,
+    mean_alignment,
+)
 
 if TYPE_CHECKING:
     from ..analysis.comparison import Comparison
     from ..analysis.records import Analysis, LayerRecord
 
 
-def _table(header: list[str], rows: list[list[str]], left_aligned: int = 1) -> str:
+def _table(header: list[str], rows: list[list[str]], left_aligned: int = 1, width: int | None = None) -> str:
+    """Aligned columns, text (the first ``left_aligned``) left, numbers right. ``width``: no line wider — the
+    numeric columns are wrapped into several tables, each repeating the text columns (shortened with "…" where
+    they alone would take most of the width)."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        return _wrapped(header, rows, left_aligned, widths, width)
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -27,11 +40,42 @@ def _table(header: list[str], rows: list[list[str]], left_aligned: int = 1) -> s
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def render(table: Table) -> str:
-    """A report-model table as aligned text: text columns left, numbers right (text columns come first)."""
+def _shorten(text: str, width: int) -> str:
+    """A name cut to ``width`` from the left (its end tells layers apart)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
+def _wrapped(header: list[str], rows: list[list[str]], left: int, widths: list[int], width: int) -> str:
+    numeric = sum(widths[left:]) + 2 * (len(widths) - left - 1)
+    fits = width - numeric >= 10 * left  # shortened names make room for every number in one table
+    text_budget = width - numeric if fits else max(10 * left, width // 2)  # (the text columns with their gaps)
+    text_widths = widths[:left]
+    while sum(text_widths) + 2 * left > text_budget and max(text_widths) > 8:  # the widest text column gives
+        widest = text_widths.index(max(text_widths))
+        text_widths[widest] -= 1
+    cut = [[_shorten(cell, w) for cell, w in zip(row[:left], text_widths, strict=True)] for row in [header, *rows]]
+    room = width - sum(text_widths) - 2 * left
+    parts, chunk, used = [], [], 0
+    for i in range(left, len(header)):
+        if chunk and used + widths[i] > room:
+            parts.append(chunk)
+            chunk, used = [], 0
+        chunk.append(i)
+        used += widths[i] + 2
+    parts.append(chunk)
+    tables = []
+    for chunk in parts:
+        sub = [cut[r] + [row[i] for i in chunk] for r, row in enumerate([header, *rows])]
+        tables.append(_table(sub[0], sub[1:], left))
+    return "\n\n".join(tables)
+
+
+def render(table: Table, width: int | None = None) -> str:
+    """A report-model table as aligned text: text columns left, numbers right (text columns come first); no line
+    wider than ``width`` (see :func:`_table`)."""
     left = sum(not column.numeric for column in table.columns)
     header = [column.short or column.title for column in table.columns]
-    return _table(header, [[cell.text for cell in row.cells] for row in table.rows], left_aligned=left)
+    return _table(header, [[cell.text for cell in row.cells] for row in table.rows], left_aligned=left, width=width)
 
 
 def _threshold(analysis: Analysis) -> float:
@@ -180,22 +224,38 @@ def components_table(analysis: Analysis) -> str:
     return _table(header, rows) if rows else "no composed layers in this checkpoint"
 
 
-def comparison_table(comparison: Comparison) -> str:
-    """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment."""
-    return render(comparison_layer_table(comparison))
+def comparison_table(comparison: Comparison, width: int | None = None) -> str:
+    """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment. Where
+    that is wider than ``width`` (many checkpoints), one row per layer and checkpoint instead."""
+    wide = render(comparison_layer_table(comparison))
+    if width is None or _widest(wide) <= width:
+        return wide
+    return render(comparison_long_table(comparison), width)
 
 
-def comparison_summary(comparison: Comparison) -> str:
-    """Means per module type and checkpoint, then the headlines and the unmatched layers."""
+def _widest(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def _fit(lines: list[str], width: int | None) -> list[str]:
+    """Sentences wrapped to ``width`` (continuations indented)."""
+    if width is None:
+        return lines
+    return [wrapped for line in lines for wrapped in textwrap.wrap(line, width, subsequent_indent="  ") or [""]]
+
+
+def comparison_summary(comparison: Comparison, width: int | None = None) -> str:
+    """Means per module type and checkpoint, then the headlines and the unmatched layers (no line wider than
+    ``width``)."""
     summary = comparison.summary()
-    parts = [render(comparison_module_table(comparison)), ""]
-    parts += summary["headlines"]
+    parts = [render(comparison_module_table(comparison), width), ""]
+    lines = list(summary["headlines"])
     a = alignment_summary(summary["alignment"])
     if a is not None:
-        parts.append(
+        lines.append(
             f"alignment across checkpoints: cosine {a['mean_cosine']}, overlap left {a['mean_left_overlap']} "
             f"(random {a['mean_left_baseline']}), right {a['mean_right_overlap']} (random {a['mean_right_baseline']})"
         )
     for label, names in comparison.unmatched.items():
-        parts.append(f"only in {label}: {len(names)} layers ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
-    return "\n".join(parts)
+        lines.append(f"only in {label}: {len(names)} layers ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+    return "\n".join(parts + _fit(lines, width))

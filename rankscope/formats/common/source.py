@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core.errors import CheckpointError
+from ...core.naming import natural_key
 from ...core.tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,7 +41,7 @@ class AdapterSource:
 def _adapter_dirs(directory: Path) -> list[str]:
     """Names of the sub-directories that hold an adapter (PEFT saves non-default adapters there)."""
     try:
-        children = sorted(child for child in directory.iterdir() if child.is_dir())
+        children = sorted((child for child in directory.iterdir() if child.is_dir()), key=lambda c: natural_key(c.name))
     except OSError:
         return []
     return [child.name for child in children if (child / CONFIG_NAME).is_file()]

@@ -109,12 +109,14 @@ def figure(spec: FigureSpec, svg: str, number: int, formats: Sequence[str]) -> s
     )
 
 
-def note(n: Note) -> str:
+def note(n: Note, label: str | None = None) -> str:
+    """A note, prefixed with its checkpoint's label (``label``) where the report has several."""
+    about = f"<b>{esc(label)}</b>: " if label else ""
     if n.level == "invalid":
-        return f'<p class="warn">⚠ layer <code>{esc(n.layer)}</code> is invalid: {esc(n.text)}</p>'
+        return f'<p class="warn">⚠ {about}layer <code>{esc(n.layer)}</code> is invalid: {esc(n.text)}</p>'
     if n.level == "warning":
-        return f'<p class="warn">⚠ {esc(n.text)}</p>'
-    return f'<p class="note">{esc(n.text)}</p>'
+        return f'<p class="warn">⚠ {about}{esc(n.text)}</p>'
+    return f'<p class="note">{about}{esc(n.text)}</p>'
 
 
 def checkpoint_card(view: CheckpointView, several: bool) -> str:
@@ -130,7 +132,7 @@ def checkpoint_card(view: CheckpointView, several: bool) -> str:
             f'<p class="headline">Layers use {util:.0%} of their rank bound on average (erank / r); '
             f"<b>{esc(low)}</b> uses the least ({low_u:.0%}), <b>{esc(high)}</b> the most ({high_u:.0%}).</p>"
         )
-    parts += [note(n) for n in view.notes]
+    parts += [note(n, view.label if several else None) for n in view.notes]
     if view.skipped:
         items = "".join(f"<li><code>{esc(k)}</code> — {esc(r)}</li>" for k, r in view.skipped[:_MAX_SKIPPED])
         more = len(view.skipped) - _MAX_SKIPPED
