@@ -630,3 +630,17 @@ def test_checkpoints_that_share_no_layer_are_each_reported(tmp_path):
     page = (tmp_path / "r" / "index.html").read_text()
     assert "model.layers.0.q" in page and "encoder.block.0.k" in page
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["labels"] == ["one", "two"]
+
+
+def test_the_page_draws_the_spectrum_as_the_figures_do_without_the_numerical_zero_tail(adapters):
+    """A dense SVD of a rank-4 16×16 update returns 12 values near 1e-17 past its numerical rank: the page, like
+    the PDFs, draws the 4 that are there (the zero tail would be a flat line of noise at the bottom)."""
+    from rankscope.report.build import build_report
+
+    analysis = rankscope.analyze(rankscope.load(adapters["lora"]), dense=True)
+    record = analysis[0]
+    rank = record.metrics["numerical_rank"]
+    assert rank == 4 < len(record.singular_values) == 16
+    detail = build_report([analysis], ["lora"]).details[0]
+    assert [len(s.sigma) for s in detail.series] == [rank]
+    assert list(detail.series[0].sigma) == record.singular_values[:rank]

@@ -70,6 +70,14 @@ def by_module(records: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:
     return group_by_module(records, lambda record: record.name, lambda record: record.module_type)
 
 
+def significant(record: LayerRecord) -> list[float]:
+    """The record's singular values without the numerically zero tail (beyond its ``numerical_rank``: below
+    σ₁·max(m, n)·eps(float32)), which a dense SVD of a low-rank update returns as noise near 1e-17."""
+    values = list(record.singular_values)
+    rank = (record.metrics or {}).get("numerical_rank")
+    return values[:rank] if rank is not None and rank < len(values) else values
+
+
 def cumulative_energy(sigma: Sequence[float]) -> list[float]:
     """Σ_{i≤k} σ_i² / Σσ² for k = 1..K (empty for a zero update, whose energy fractions are undefined)."""
     squares = [v * v for v in sigma]

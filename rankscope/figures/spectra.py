@@ -41,6 +41,7 @@ from ._common import (
     saturation_extent,
     selected,
     short_name,
+    significant,
     style_for,
 )
 from .style import paper_style
@@ -125,14 +126,6 @@ def _summary(panels: list[Panel]) -> str | None:
         return None
     what = f"median of {counts.pop()} layers" if len(counts) == 1 else "median over layers"
     return what + (", quartiles shaded" if any(_shaded(p) for p in panels) else "")
-
-
-def significant(record: LayerRecord) -> list[float]:
-    """The record's singular values without the numerically zero tail (beyond its ``numerical_rank``: below
-    σ₁·max(m, n)·eps(float32)), which a dense SVD of a low-rank update returns as noise near 1e-17."""
-    values = list(record.singular_values)
-    rank = (record.metrics or {}).get("numerical_rank")
-    return values[:rank] if rank is not None and rank < len(values) else values
 
 
 def _positive(values: Sequence[float]) -> list[float]:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..figures._common import significant
 from ..measures.components import off_diagonal_mean
 from ..measures.metrics import parameter_key
 from .model import (
@@ -312,7 +313,7 @@ def _detail(name: str, anchor: str, module: str, analyses: Sequence[Analysis], l
             continue
         entry = LayerEntry(label, index, record)
         if record.valid:
-            sigma = tuple(record.singular_values)
+            sigma = tuple(significant(record) or record.singular_values)  # as the figures: no numerical-zero tail
             series.append(SeriesView(label, index, sigma, tuple(cumulative_energy(sigma)), record.rank_bound))
             if record.components:
                 entry.components = components_table(record)
