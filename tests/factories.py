@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -129,3 +131,11 @@ def assert_matches(got: dict, deltas: dict[str, torch.Tensor], tol: float = 1e-1
         rel = ((sigma[:k] - expected[:k]).abs() / expected[0]).max().item()
         assert rel <= tol, f"{name}: relative error {rel:.2e}\n got {sigma}\n ref {expected[:k]}"
         assert expected[k:].sum().item() <= tol * expected[0].item(), f"{name}: rank beyond the bound"
+
+
+@pytest.fixture(autouse=True)
+def quiet_library_warnings():
+    """The writing libraries' own deprecation and config chatter, silenced (import it to use it in a module)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

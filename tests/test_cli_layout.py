@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import rankscope
@@ -15,14 +14,6 @@ from rankscope.cli import main
 from rankscope.report import progress as progress_module
 
 from .factories import llama_like, random_factors, write_lora
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

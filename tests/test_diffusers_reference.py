@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -37,18 +36,11 @@ from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from transformers import CLIPTextModelWithProjection  # noqa: E402
 
-from .factories import assert_matches, records, tiny_clip, tiny_unet  # noqa: E402
+from .factories import assert_matches, quiet_library_warnings, records, tiny_clip, tiny_unet  # noqa: E402, F401 (autouse)
 
 REL_TOL = 1e-10  # float32 factors, float64 on both sides: only rounding of the float64 arithmetic differs
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # -- tiny models -----------------------------------------------------------------------------------------------

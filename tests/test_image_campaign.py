@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -49,17 +48,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from rankscope.figures._common import block_positions
 
-from .factories import assert_matches, records, tiny_clip, tiny_unet
+from .factories import assert_matches, quiet_library_warnings, records, tiny_clip, tiny_unet  # noqa: F401 (autouse)
 
 FILE = "pytorch_lora_weights.safetensors"
 TE_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------

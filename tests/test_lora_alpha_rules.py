@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -32,16 +31,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextModelWithProjection
 
-from .factories import assert_matches, records, tiny_clip
+from .factories import assert_matches, quiet_library_warnings, records, tiny_clip  # noqa: F401 (autouse)
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def peft_deltas(model, prefix: str) -> dict[str, torch.Tensor]:

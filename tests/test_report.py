@@ -39,15 +39,6 @@ HOSTILE = ("<img src=x onerror=alert(1)>", "<script>alert(2)</script>")
 SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: torch's thread pool only adds waiting on shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- parsing the page -----------------------------------------------------------------------------------------
 class Page(HTMLParser):
     """Elements (tag, attributes), text outside scripts and styles, and the scripts' and styles' own text."""

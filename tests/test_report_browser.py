@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import rankscope
 from rankscope.report.bundle import write_report
@@ -27,14 +26,6 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (scripts/install-browser.sh installs it)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
