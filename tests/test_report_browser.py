@@ -145,6 +145,8 @@ def test_layer_link_opens_its_detail(pair):
     target = link.get_attribute("href")
     link.click()
     detail = page.locator(f"details{target}")
+    # the page opens the detail on 'hashchange', which fires after the click returns
+    page.wait_for_function("sel => document.querySelector(sel).open", arg=f"details{target}", timeout=5000)
     assert detail.get_attribute("open") is not None
     assert detail.locator("svg.mini polyline").count() == 4  # both checkpoints: spectrum and cumulative energy
     assert detail.locator("svg.mini").first.bounding_box()["width"] > 300
