@@ -14,9 +14,24 @@ ALLOWED = {
     "measures": {"core"},
     "analysis": {"core", "measures"},
     "formats": {"core"},
-    "figures": {"core", "analysis", "measures"},
-    "report": {"core", "analysis", "measures", "figures", "formats"},
-    "cli": {"core", "analysis", "measures", "figures", "formats", "report"},
+    "resize": {"core", "measures", "analysis", "formats"},
+    "trajectory": {"core", "measures", "analysis", "formats"},
+    "integrations": {"core", "measures", "analysis", "formats"},
+    "sweep": {"core", "measures", "analysis", "formats", "trajectory"},
+    "figures": {"core", "analysis", "measures", "resize", "trajectory"},
+    "report": {"core", "analysis", "measures", "figures", "formats", "resize", "trajectory", "sweep"},
+    "cli": {
+        "core",
+        "analysis",
+        "measures",
+        "figures",
+        "formats",
+        "report",
+        "resize",
+        "trajectory",
+        "sweep",
+        "integrations",
+    },
 }
 
 
