@@ -1,0 +1,209 @@
+"""Each analysed layer measured against its base weight W₀ (``--base``): the record's ``base`` object.
+
+The mathematics is in :mod:`..measures.base_relative`; here W₀ is read (``Checkpoint.base``, the
+:class:`~..core.base.BaseWeights` a reader was given), ΔW's singular vectors found (exact from the factors where
+there are factors, ``core.spectrum.singular_vectors``; a dense SVD otherwise) and W₀'s decompositions taken from
+the on-disk cache (:mod:`..core.svd_cache`) or computed and stored there. Everything is in float64, of ΔW as the
+model applies it (α/r included, also under ``unscaled``), on the analysed out×in matrix (``core.base.as_matrix``).
+
+Intruder dimensions need two dense SVDs with vectors per layer (W₀'s, cached, and W₀ + ΔW's): by default they are
+computed where min(m, n) ≤ :data:`DENSE_VECTORS_CPU_LIMIT` on the CPU, and for every layer on CUDA. Above that
+limit on the CPU a dense update's amplification (which needs ΔW's vectors by a dense SVD) is not computed either;
+σ₁ of such matrices comes from ARPACK's Lanczos iteration (scipy), converged to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..core.base import BaseWeights, as_matrix
+from ..core.checkpoint import Checkpoint, Layer, listed
+from ..core.dense import resolve_device
+from ..core.errors import CheckpointError
+from ..core.spectrum import singular_vectors
+from ..core.svd_cache import CacheKey, SVDCache
+from ..core.threads import all_threads
+from ..core.update import FactoredUpdate, KroneckerUpdate, Update
+from ..measures import base_relative as BR
+from ..measures.metrics import numerical_rank
+from .options import AnalysisOptions
+from .records import LayerRecord
+
+DENSE_VECTORS_CPU_LIMIT = 2048  # a 2048² float64 SVD with vectors takes about a second on two cores
+
+
+@dataclass
+class _Outcome:
+    """What happened across the layers, for one warning or note each."""
+
+    missing: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    no_intruders: list[str] = field(default_factory=list)
+    no_amplification: list[str] = field(default_factory=list)
+
+
+def measure_against_base(
+    checkpoint: Checkpoint, layers: list[Layer], records: list[LayerRecord], options: AnalysisOptions
+) -> tuple[list[str], list[str]]:
+    """Fill ``record.base`` of every valid record whose layer has a base weight; (warnings, notes)."""
+    base = checkpoint.base
+    if base is None:
+        return [], []
+    device = resolve_device(options.device)
+    cache = SVDCache()
+    outcome = _Outcome()
+    for layer, record in zip(layers, records, strict=True):
+        if record.valid and layer.update is not None:
+            record.base = _layer_fields(layer, base, options, device, cache, outcome)
+    return _messages(outcome, options)
+
+
+def _layer_fields(
+    layer: Layer, base: BaseWeights, options: AnalysisOptions, device: torch.device, cache: SVDCache, outcome: _Outcome
+) -> dict | None:
+    update = layer.update
+    assert update is not None
+    m, n = update.shape
+    if options.max_memory is not None and 3 * 8 * m * n > options.max_memory:
+        outcome.refused.append(layer.name)  # W₀, W₀ + ΔW and the SVD's workspace in float64
+        return None
+    try:
+        file, key = base.location(layer.name)
+        stored = base.get(layer.name)
+    except CheckpointError:
+        outcome.missing.append(layer.name)
+        return None
+    weight = as_matrix(stored, layer.kind).to(torch.float64)
+    if tuple(weight.shape) != (m, n):
+        outcome.missing.append(f"{layer.name} (base {list(weight.shape)}, update {[m, n]})")
+        return None
+    cheap = device.type == "cuda" or min(m, n) <= DENSE_VECTORS_CPU_LIMIT
+    dense_allowed = cheap or options.intruders is True
+    want_intruders = options.intruders if options.intruders is not None else cheap
+
+    vectors = _delta_vectors(update, dense_allowed, device)
+    if vectors is not None:
+        left, sigma, right = vectors
+        delta_frobenius, delta_sigma_max = float(sigma.norm()), float(sigma[0]) if sigma.numel() else 0.0
+        k = BR.amplification_rank(numerical_rank(sigma, (m, n)), update.rank_bound, (m, n), options.amplification_k)
+        amplification = BR.amplification(weight, left[:, :k], right[:, :k], delta_frobenius)
+    else:
+        delta = update.materialize(torch.float64, "cpu")
+        delta_frobenius, delta_sigma_max = float(delta.norm()), _sigma_max(delta)
+        k, amplification = 0, None
+        outcome.no_amplification.append(layer.name)
+
+    what = f"{layer.kind}:{'svd' if want_intruders else 'sigma_max'}"
+    cache_key = CacheKey.of(file, key, stored.dtype, what)
+    decomposition = cache.cached(cache_key, lambda: _base_decomposition(weight, want_intruders, device))
+    intruders = None
+    if want_intruders:
+        top_k = min(options.intruder_k, m, n)
+        merged = weight.to(device) + update.materialize(torch.float64, device)
+        with all_threads():
+            merged_left = torch.linalg.svd(merged, full_matrices=False).U
+        indices = BR.intruder_dimensions(decomposition["left"].to(device), merged_left, top_k, options.intruder_epsilon)
+        intruders = {"top_k": top_k, "epsilon": options.intruder_epsilon, "count": len(indices), "indices": indices}
+    else:
+        outcome.no_intruders.append(layer.name)
+    return BR.base_fields(
+        weight_frobenius=float(weight.norm()),
+        weight_sigma_max=float(decomposition["values"][0]),
+        delta_frobenius=delta_frobenius,
+        delta_sigma_max=delta_sigma_max,
+        amplification_value=amplification,
+        amplification_k=k,
+        intruders=intruders,
+    )
+
+
+def _delta_vectors(
+    update: Update, dense_allowed: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(U, σ, V) of ΔW in float64 on the CPU: exact from the factors, else by a dense SVD where allowed."""
+    if isinstance(update, (FactoredUpdate, KroneckerUpdate)):
+        return singular_vectors(update)
+    if not dense_allowed:
+        return None
+    with all_threads():
+        u, sigma, vh = torch.linalg.svd(update.materialize(torch.float64, device), full_matrices=False)
+    return u.cpu(), sigma.cpu(), vh.mT.cpu()
+
+
+def _base_decomposition(weight: torch.Tensor, vectors: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """W₀'s σ and left singular vectors (``vectors``), else its σ₁ alone: what the cache stores."""
+    if vectors:
+        with all_threads():
+            u, sigma, _ = torch.linalg.svd(weight.to(device), full_matrices=False)
+        return {"values": sigma.cpu(), "left": u.cpu()}
+    if device.type == "cuda" or min(weight.shape) <= DENSE_VECTORS_CPU_LIMIT:
+        with all_threads():
+            return {"values": torch.linalg.svdvals(weight.to(device))[:1].cpu()}
+    return {"values": torch.tensor([_sigma_max(weight)], dtype=torch.float64)}
+
+
+def _sigma_max(matrix: torch.Tensor) -> float:
+    """σ₁ of a matrix: exact for small ones, ARPACK (Lanczos, tol=0: to rounding) for large ones."""
+    if min(matrix.shape) <= DENSE_VECTORS_CPU_LIMIT:
+        with all_threads():
+            values = torch.linalg.svdvals(matrix)
+        return float(values[0]) if values.numel() else 0.0
+    from scipy.sparse.linalg import svds
+
+    start = np.random.default_rng(0).standard_normal(min(matrix.shape))
+    with all_threads():
+        values = svds(matrix.numpy(), k=1, tol=0, v0=start, return_singular_vectors=False)
+    return float(values[0])
+
+
+def weight_spectrum(checkpoint: Checkpoint, name: str, *, device: str = "auto") -> torch.Tensor:
+    """All singular values of layer ``name``'s base weight W₀ (float64, the analysed matrix), from the cache where
+    an intruder analysis stored them, else computed (what ``figures.base.base_spectrum_figure`` draws)."""
+    base = checkpoint.base
+    layer = next((layer for layer in checkpoint.layers if layer.name == name), None)
+    if base is None or layer is None:
+        raise CheckpointError(f"no base weight for layer {name!r} (give base, and a layer of this checkpoint)")
+    file, key = base.location(name)
+    stored = base.get(name)
+    weight = as_matrix(stored, layer.kind).to(torch.float64)
+    cache = SVDCache()
+    found = cache.load(CacheKey.of(file, key, stored.dtype, f"{layer.kind}:svd"))
+    if found is not None:
+        return found["values"]
+    with all_threads():
+        return torch.linalg.svdvals(weight.to(resolve_device(device))).cpu()
+
+
+def _messages(outcome: _Outcome, options: AnalysisOptions) -> tuple[list[str], list[str]]:
+    warnings, notes = [], []
+    if outcome.missing:
+        warnings.append(
+            f"--base has no weight of the update's shape for {listed(outcome.missing, counted='layer(s)')}: no "
+            "'base' metrics for them"
+        )
+    if outcome.refused:
+        warnings.append(
+            f"the base weights of {listed(outcome.refused, counted='layer(s)')} need more than --max-memory in "
+            "float64: no 'base' metrics for them"
+        )
+    if outcome.no_intruders and options.intruders is None:
+        notes.append(
+            f"intruder dimensions not computed for {listed(outcome.no_intruders, counted='layer(s)')} with "
+            f"min(m, n) > {DENSE_VECTORS_CPU_LIMIT} on the CPU (two dense SVDs with vectors each; 'intruders' is "
+            "null): --intruders computes them"
+        )
+    if outcome.no_amplification:
+        notes.append(
+            f"amplification not computed for the dense update(s) of "
+            f"{listed(outcome.no_amplification, counted='layer(s)')} (a dense SVD with vectors of each, above "
+            f"min(m, n) = {DENSE_VECTORS_CPU_LIMIT} on the CPU): --intruders computes it"
+        )
+    if options.unscaled:
+        notes.append("the 'base' metrics measure ΔW as the model applies it (α/r included), also under --unscaled")
+    return warnings, notes
+
+
+__all__ = ["DENSE_VECTORS_CPU_LIMIT", "measure_against_base", "weight_spectrum"]
