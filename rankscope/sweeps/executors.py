@@ -1,0 +1,101 @@
+"""Where a sweep's checkpoints are analysed: in this process (serial), on a local process pool, or as Ray tasks.
+Each yields :func:`~.worker.analyse_one`'s results as they finish (in any order)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+
+from ..core.errors import RankscopeError
+from .worker import analyse_one, analyse_star, failed_row, pool_initializer, ray_task
+
+DEFAULT_MAX_TASKS_PER_CHILD = 100  # a worker is replaced after this many checkpoints, which bounds its memory
+
+
+def serial(tasks: list[tuple]) -> Iterator[dict]:
+    for task in tasks:
+        yield analyse_one(*task)
+
+
+def pool(tasks: list[tuple], jobs: int, max_tasks_per_child: int = DEFAULT_MAX_TASKS_PER_CHILD) -> Iterator[dict]:
+    """A spawned process pool of ``jobs`` single-threaded workers, each recycled after ``max_tasks_per_child``
+    chunks; small chunks keep the order of results close to the input's and the progress line smooth."""
+    chunksize = max(1, min(8, len(tasks) // (jobs * 8)))
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and locks
+    workers = context.Pool(jobs, initializer=pool_initializer, maxtasksperchild=max_tasks_per_child)
+    try:
+        yield from workers.imap_unordered(analyse_star, tasks, chunksize=chunksize)
+        workers.close()
+    finally:
+        workers.terminate()
+        workers.join()
+
+
+def pool_problem() -> str | None:
+    """Why a spawned pool cannot start here (None where it can): spawned workers re-import the main module, and a
+    main read from stdin (``python - <<EOF``) cannot be, so each worker would die and be replaced for ever."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is not None and not os.path.exists(path):
+        return f"the main module ({path}) cannot be re-imported by spawned workers: running serially"
+    return None
+
+
+def ray_available() -> str | None:
+    """None where Ray can be imported; else the one-line reason."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        return f"Ray is not installed ({exc}): pip install 'rankscope[ray]'"
+    return None
+
+
+def ray_tasks(tasks: list[tuple], *, address: str | None, jobs: int | None) -> Iterator[dict]:
+    """One Ray task (one CPU) per checkpoint. Joins ``address``, else ``RAY_ADDRESS``, else a running cluster
+    (``ray start``); else starts a local runtime with ``jobs`` CPUs (default: all), shut down at the end. A runtime
+    this process has already initialised is used as it is."""
+    reason = ray_available()
+    if reason is not None:
+        raise RankscopeError(reason)
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        try:
+            if address:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+            else:
+                _join_or_start(ray, jobs)
+                started = True
+        except ConnectionError as exc:
+            raise RankscopeError(f"cannot join the Ray cluster at {address}: {exc}") from exc
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=1)(ray_task)
+        # the same options and resume set for every task: stored once, each task gets references
+        shared = [ray.put(value) for value in tasks[0][2:]] if tasks else []
+        submitted = {remote.remote(index, item, *shared): (index, item) for index, item, *_ in tasks}
+        pending = list(submitted)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                yield ray.get(ready[0])
+            except ray.exceptions.RayError as exc:  # its worker died (out of memory, killed): an error row
+                index, item = submitted[ready[0]]
+                yield failed_row(index, item, f"the Ray task failed: {type(exc).__name__}: {exc}")
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _join_or_start(ray, jobs: int | None) -> None:
+    """A running cluster (``ray start`` on this machine) if there is one, else a local runtime of our own."""
+    try:
+        ray.init(address="auto", logging_level="ERROR")
+        return
+    except (ConnectionError, RuntimeError, ValueError):
+        pass
+    ray.init(num_cpus=jobs or os.cpu_count(), include_dashboard=False, logging_level="ERROR")
