@@ -1,0 +1,44 @@
+"""LoRA variants PEFT 0.21 selects by a config flag whose ΔW is still a product s·B·A of stored factors.
+
+**QA-LoRA** (``use_qalora``, ``qalora_group_size`` g, GPTQ Linear layers): the forward pools the input in groups
+of g (``x.view(…, n/g, g).mean(-1)``), multiplies by n/g and applies s·B·A with A (r, n/g), so
+ΔW = s·B·A·P with P (n/g, n), P[j, i] = (n/g)/g where i is in group j: A·P repeats each column of A g times,
+times n/g². Factored, rank ≤ r. PEFT cannot merge it (its GPTQ base is quantised); the update is against that
+base as the forward sees it.
+
+**BD-LoRA** (``use_bdlora``: ``target_modules_bd_a`` / ``target_modules_bd_b`` substrings of the module name,
+``nblocks`` b): one factor is block-diagonal and saved in compact form, the b diagonal blocks stacked along the
+rows (A: (r, n/b); B: (m, r/b)); PEFT's ``weight_as_blockdiagonal_matrix`` is ``block_diag(*chunk(w, b, 0))``.
+ΔW = s·B·A with that factor expanded: factored, rank ≤ r.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .peft import truthy
+
+
+def qalora_right(config: dict, a: torch.Tensor) -> torch.Tensor:
+    """A·P of a QA-LoRA layer: each column of A (r, n/g) repeated g times, times n/g² (see the module docstring)."""
+    group = int(config.get("qalora_group_size", 16))
+    return a.repeat_interleave(group, dim=1) * (a.shape[1] / group)
+
+
+def is_qalora(config: dict) -> bool:
+    return truthy(config.get("use_qalora"))
+
+
+def bdlora_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with the block-diagonal one expanded, as PEFT's BD-LoRA applies them; unchanged elsewhere."""
+    rule = config.get("use_bdlora")
+    if not isinstance(rule, dict):
+        return a, b
+    blocks = int(rule.get("nblocks", 1))
+    on_a = any(pattern in name for pattern in rule.get("target_modules_bd_a") or [])
+    on_b = any(pattern in name for pattern in rule.get("target_modules_bd_b") or [])
+    if on_a and a.ndim == 2 and a.shape[0] % blocks == 0:
+        a = torch.block_diag(*torch.chunk(a, blocks, dim=0))
+    elif on_b and b.ndim == 2 and b.shape[0] % blocks == 0:
+        b = torch.block_diag(*torch.chunk(b, blocks, dim=0))
+    return a, b
