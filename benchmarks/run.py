@@ -477,18 +477,17 @@ def notes_section(summary: dict, dense: dict) -> list[str]:
         bora = adapters["8b-bora"]["now"]
         lines.append(
             f"- BoRA ({fmt_seconds(bora['library'])}, peak RSS {(bora['cli_rss'] - summary['torch_rss']) / MB:.0f} MB "
-            "over torch's): the reader materialises blockdiag(B_1..B_b) and blockdiag(A_1..A_b), 8× the stored "
-            "elements as zeros for b = 16, and their Gram runs over K = b·r = 128 columns. Keeping the blocks would "
-            "give R = blockdiag(R_i) from per-block Grams (a change to the reader and the update type)."
+            "over torch's): the stored blocks are kept (R = blockdiag(R_i) from per-block Grams, no block-diagonal "
+            "matrix is formed); most of the time is the SVD of one (b·r)² = 128² core per layer."
         )
     if "8b-comp" in adapters:
         comp = adapters["8b-comp"]["now"]
         lines.append(
             f"- Composition ({fmt_seconds(comp['library'])}, peak RSS "
             f"{(comp['cli_rss'] - summary['torch_rss']) / MB:.0f} MB over torch's): the components' factors are "
-            "concatenated as float64 copies when the checkpoint is read (`update.weighted_sum`), and most of the "
-            "time is the pairwise alignment (each component's singular vectors by Householder QR, exact cosines "
-            "from the factors, pair by pair)."
+            "concatenated in their stored dtype (`update.weighted_sum`, weights in the K×K core); most of the "
+            "time is the components' pairwise alignment (`measures.components`: singular vectors by Householder "
+            "QR and exact cosines from the factors, pair by pair)."
         )
     samples = dense.get("8b", {}).get("samples", [])
     tall = next((s for s in samples if (s.m, s.n) == (14336, 4096) and s.dense), None)

@@ -48,6 +48,11 @@ _EXPORTS = {
     "weights_figure": "figures",
     "DenseUpdate": "core.update",
     "FactoredUpdate": "core.update",
+    "suggest": "resize",
+    "Suggestion": "resize",
+    "convert": "resize.convert",
+    "ConvertedAdapter": "resize.convert",
+    "sweep": "sweeps",
 }
 
 if TYPE_CHECKING:
@@ -70,6 +75,9 @@ if TYPE_CHECKING:
     from .formats import load
     from .report.bundle import write_report
     from .report.notebook import analysis_html, comparison_html
+    from .resize import Suggestion, suggest
+    from .resize.convert import ConvertedAdapter, convert
+    from .sweeps import sweep
 
 
 # What a notebook shows for an Analysis or a Comparison is a renderer's output (report/notebook.py), and records
@@ -110,12 +118,14 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Comparison",
+    "ConvertedAdapter",
     "DenseUpdate",
     "FactoredUpdate",
     "Layer",
     "LayerRecord",
     "RankscopeError",
     "Skipped",
+    "Suggestion",
     "UnsupportedAdapterError",
     "UsageProblem",
     "__version__",
@@ -124,6 +134,7 @@ __all__ = [
     "analyze",
     "compare",
     "comparison_html",
+    "convert",
     "count_above_figure",
     "energy_figure",
     "erank_heatmap_figure",
@@ -133,6 +144,8 @@ __all__ = [
     "single_threaded",
     "spectrum_figure",
     "subspace_similarity_figure",
+    "suggest",
+    "sweep",
     "weights_figure",
     "write_report",
 ]

@@ -17,9 +17,9 @@ ALLOWED = {
     "resize": {"core", "measures", "analysis", "formats"},
     "trajectory": {"core", "measures", "analysis", "formats"},
     "integrations": {"core", "measures", "analysis", "formats"},
-    "sweep": {"core", "measures", "analysis", "formats", "trajectory"},
+    "sweeps": {"core", "measures", "analysis", "formats", "trajectory"},
     "figures": {"core", "analysis", "measures", "resize", "trajectory"},
-    "report": {"core", "analysis", "measures", "figures", "formats", "resize", "trajectory", "sweep"},
+    "report": {"core", "analysis", "measures", "figures", "formats", "resize", "trajectory", "sweeps"},
     "cli": {
         "core",
         "analysis",
@@ -29,7 +29,7 @@ ALLOWED = {
         "report",
         "resize",
         "trajectory",
-        "sweep",
+        "sweeps",
         "integrations",
     },
 }

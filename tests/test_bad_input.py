@@ -169,9 +169,9 @@ def test_config_that_does_not_parse(template, tmp_path, text):
     [
         ({"peft_type": "OFT"}, "OFT"),
         ({"use_dora": True}, "use_dora"),
-        ({"layer_replication": [[0, 2], [1, 3]]}, "layer_replication"),
+        ({"arrow_config": {"top_k": 2}}, "arrow_config"),  # routed per token: no static ΔW
     ],
-    ids=["oft", "dora", "layer_replication"],
+    ids=["oft", "dora", "arrow"],
 )
 def test_unsupported_adapter_types_are_refused_by_name(template, tmp_path, patch, flag):
     directory = write_checkpoint(tmp_path / "ckpt", tensors_of(template), {**config_of(template), **patch})

@@ -32,6 +32,7 @@ from rankscope.figures.output import output_paths  # noqa: E402
 from rankscope.figures.style import LINESTYLES, MARKERS, PALETTE, figure_width, series_style  # noqa: E402
 
 TINY_LORA = Path(__file__).resolve().parent.parent / "examples" / "checkpoints" / "tiny-lora"
+EXAMPLES = TINY_LORA.parent
 MODULES = (
     ("self_attn", "q_proj"),
     ("self_attn", "k_proj"),
@@ -85,8 +86,8 @@ def rank8_rank64(directory: Path) -> tuple[Path, Path]:
     return small, large
 
 
-def analyze(path: Path, **options) -> rankscope.Analysis:
-    return rankscope.analyze(rankscope.load(path), **options)
+def analyze(path: Path, base: Path | None = None, **options) -> rankscope.Analysis:
+    return rankscope.analyze(rankscope.load(path, base=base), **options)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,7 @@ def data(tmp_path_factory) -> SimpleNamespace:
         summed=analyze(composition(root / "summed", mode="sum")),
         small=rankscope.load(small),
         large=rankscope.load(large),
+        based=analyze(EXAMPLES / "adapters" / "lora-r8", base=EXAMPLES / "tiny-base"),
     )
 
 
@@ -125,6 +127,10 @@ def draw(kind: str, data: SimpleNamespace, **kwargs):
     if kind == "subspace-similarity":
         grid = subspace_similarity_grid(data.small.layers[0].update, data.large.layers[0].update)
         return figures.subspace_similarity_figure(grid, ["r=8", "r=64"], **kwargs)
+    if kind == "resize":
+        return figures.resize_figure(data.lora8, **kwargs)
+    if kind == "base-heatmap":
+        return figures.base_heatmap_figure(data.based, **kwargs)
     raise AssertionError(kind)
 
 

@@ -241,7 +241,8 @@ def test_dora_reads_only_the_base_tensors_it_needs(dora_mixed, tmp_path, monkeyp
     checkpoint = rankscope.load(directory, base=base_path)
     assert read == []  # nothing is read before the spectrum needs it
     rankscope.analyze(checkpoint)
-    assert sorted(read) == ["c2.weight", "emb.weight", "lin.weight"]
+    # only the adapted layers' weights (each may be read more than once: the base-relative metrics read W₀ again)
+    assert sorted(set(read)) == ["c2.weight", "emb.weight", "lin.weight"]
 
 
 def test_dora_directional_only(dora_mixed):

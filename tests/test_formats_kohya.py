@@ -380,7 +380,10 @@ def test_bad_modules_are_invalid_layers(tmp_path):
     }
     skipped = {item.key: item.reason for item in checkpoint.skipped}
     assert set(skipped) == {"lora_unet_oft.oft_blocks", "lora_unet_oft.alpha"}
-    assert set(skipped.values()) == {"a LyCORIS diag-OFT module (oft_blocks): rotates the base weight; not read yet"}
+    assert set(skipped.values()) == {
+        "a LyCORIS diag-OFT module (oft_blocks): ΔW = (Rᵀ − I)·W0 rotates the base weight; pass --base BASE "
+        "(the base model the adapter was trained on)"
+    }
 
 
 def test_cli(tmp_path):

@@ -212,7 +212,7 @@ def test_without_peft_one_line_names_the_extra(oft_adapter, monkeypatch):
 @pytest.mark.parametrize(
     ("peft_type", "why"),
     [("PROMPT_TUNING", "no static weight update"), ("PREFIX_TUNING", "no static weight update"),
-     ("XLORA", "routed by the input"), ("TINYLORA", "whole model")],
+     ("XLORA", "routed by the input")],
 )  # fmt: skip
 def test_tuners_without_a_static_update_are_refused_with_why(oft_adapter, tmp_path, peft_type, why):
     directory, base = oft_adapter

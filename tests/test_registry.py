@@ -23,8 +23,8 @@ from rankscope.formats import Format, FormatWarning, register_format
 from .factories import assert_matches, random_factors, records, write_lora
 
 BUILT_IN = {
-    "adalora", "boostlora", "bora", "composition", "dora", "hydralora", "ia3", "kohya", "ln-tuning", "loha", "lokr",
-    "lora", "melora", "peft-merge", "training", "vera",
+    "adalora", "boostlora", "bora", "composition", "dora", "full-delta", "hydralora", "ia3", "kohya", "ln-tuning",
+    "loha", "lokr", "lora", "melora", "peft-merge", "training", "vera",
 }  # fmt: skip
 
 
@@ -62,13 +62,14 @@ def test_every_family_module_registers_a_format_and_helpers_are_none():
 def test_listing_starts_with_the_manifest_then_follows_detection_order():
     result = CliRunner().invoke(main, ["formats"])
     assert result.exit_code == 0, result.output
-    names = [line.split()[0] for line in result.stdout.splitlines()]
+    names = [line.split()[0] for line in result.stdout.splitlines() if not line.startswith(" ")]  # not needs/spectrum
     assert names[0] == "composition" and set(names) == BUILT_IN
     assert result.stdout.splitlines()[0] == (
         "composition  a composition.json manifest (or a directory holding one): weighted sum of adapters"
     )
     adapter_formats = [f for f in registry.detection_order() if f.reads == "adapter"]
-    assert [f.name for f in adapter_formats] == names[1:]
+    path_formats = [f.name for f in registry.detection_order() if f.reads == "path"]  # composition, full-delta
+    assert [f.name for f in adapter_formats] == names[len(path_formats) :]
     assert [f.priority for f in adapter_formats] == sorted(f.priority for f in adapter_formats)
 
 

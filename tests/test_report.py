@@ -532,8 +532,9 @@ def test_a_224_layer_report_stays_small(tmp_path):
     assert len(text.encode()) < 2_000_000
     page = Page(text)
     assert (
-        len([d for d in page.tags("details") if d.get("class") == "layer"]) == 224 and len(page.tags("figure")) == 4 + 7
-    )  # overview + one per module
+        len([d for d in page.tags("details") if d.get("class") == "layer"]) == 224
+        and len(page.tags("figure")) == 4 + 1 + 7
+    )  # overview + the resize figure (energy:0.95 by default) + one per module
     assert len(table_rows(text, "layer-table")) == 224
 
 

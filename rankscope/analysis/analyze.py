@@ -8,13 +8,16 @@ from dataclasses import replace
 import torch
 
 from ..core.checkpoint import Checkpoint, Layer
+from ..core.dense import resolve_device
 from ..core.errors import CheckpointError
+from ..core.lowrank import OVERSAMPLING, TruncatedSpectrum, truncated_singular_values
 from ..core.naming import module_types
-from ..core.spectrum import singular_values
+from ..core.spectrum import DENSE_DTYPES, singular_values
 from ..core.threads import thread_policy
 from ..core.update import DenseUpdate, Update, weighted_sum
 from ..measures import metrics as M
 from ..measures.components import composition_fields, pairwise_alignment, weight_fields
+from .against_base import measure_against_base
 from .options import AnalysisOptions
 from .records import Analysis, LayerRecord
 
@@ -125,6 +128,48 @@ def _dense_refusal(layer: Layer, options: AnalysisOptions) -> str | None:
     )
 
 
+def _batch_budget(options: AnalysisOptions) -> int:
+    """Bytes of work per batch: the memory budget, within ``max_memory`` where that is smaller."""
+    if options.max_memory is None:
+        return options.memory_budget
+    return min(options.memory_budget, options.max_memory)
+
+
+def _truncated(updates: list[Update], options: AnalysisOptions, step: Callable[[int], None]) -> dict[int, tuple]:
+    """``--top-k``: position → (σ̃, metrics, spectrum) for each dense-path update wider than K + oversampling
+    (a narrower one is decomposed exactly); metrics None where ΔW is not finite (the record is then invalid)."""
+    k = options.top_k
+    if k is None:
+        return {}
+    chosen = [
+        i
+        for i, update in enumerate(updates)
+        if (options.dense or isinstance(update, DenseUpdate)) and min(update.shape) > k + OVERSAMPLING
+    ]
+    spectra = truncated_singular_values(
+        [updates[i] for i in chosen],
+        k,
+        dtype=DENSE_DTYPES[options.dense_dtype],
+        device=resolve_device(options.device),
+        memory_budget=_batch_budget(options),
+        progress=step,
+    )
+    return {i: (s.values, _truncated_metrics(s, options), s) for i, s in zip(chosen, spectra, strict=True)}
+
+
+def _truncated_metrics(spectrum: TruncatedSpectrum, options: AnalysisOptions) -> dict | None:
+    if not _finite(spectrum.values):
+        return None
+    return M.truncated_metrics(
+        spectrum.energy,
+        spectrum.fourth_moment,
+        spectrum.sigma_max,
+        thresholds=options.thresholds,
+        energies=options.energies,
+        rel_thresholds=options.rel_thresholds,
+    )
+
+
 def _size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024:
@@ -222,23 +267,29 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
         if progress:
             progress(done[0], len(updates) + len(growth))
 
+    truncated = _truncated(updates, options, step)
+    plain = [i for i in range(len(updates)) if i not in truncated]
     sigmas, exact = singular_values(
-        updates + [growth[key] for key in growth_keys],
+        [updates[i] for i in plain] + [growth[key] for key in growth_keys],
         dense=options.dense,
         dense_dtype=options.dense_dtype,
         device=options.device,
-        memory_budget=options.memory_budget,
+        memory_budget=_batch_budget(options),
         progress=step,
     )
-    metrics = _batched_metrics(updates, sigmas[: len(units)], options)
-    computed = {id(unit): (s, e, m) for unit, s, e, m in zip(units, sigmas, exact, metrics, strict=False)}
-    growth_sigmas = dict(zip(growth_keys, sigmas[len(units) :], strict=True))
+    metrics = _batched_metrics([updates[i] for i in plain], sigmas[: len(plain)], options)
+    computed = {id(units[i]): (s, e, m) for i, s, e, m in zip(plain, sigmas, exact, metrics, strict=False)}
+    computed.update({id(units[i]): (values, False, found) for i, (values, found, _) in truncated.items()})
+    spectra = {id(units[i]): spectrum for i, (_, _, spectrum) in truncated.items()}
+    growth_sigmas = dict(zip(growth_keys, sigmas[len(plain) :], strict=True))
 
     def build(layer: Layer) -> LayerRecord:
         if layer.update is None or id(layer) in refused:
             return _invalid_record(layer, layer.error or refused.get(id(layer)) or "cannot be analysed")
         sigma, exact_values, metrics_values = computed[id(layer)]
         record = _record(layer, sigma, exact_values, options, metrics_values)
+        if id(layer) in spectra and record.valid:
+            record.truncated = spectra[id(layer)].to_dict()
         if layer.components is not None:
             record.components = [build(component) for component in layer.components]
             if all(c.update is not None for c in layer.components):
@@ -260,7 +311,15 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
                 f"--unscaled does not apply to {len(fixed)} layer(s) whose update is not proportional to α/r "
                 f"(DoRA: e.g. {fixed[0]}): they are analysed as the model applies them"
             )
-    return Analysis(selected, options, records, warnings)
+    uncertified = [units[i].name for i, (_, _, spectrum) in truncated.items() if not spectrum.certified]
+    if uncertified:
+        warnings.append(
+            f"--top-k {options.top_k}: no certificate for {len(uncertified)} layer(s) (e.g. {uncertified[0]}): the "
+            f"energy the top {options.top_k} σ leave out is above σ̃_{options.top_k}², so a larger singular value may "
+            "have been missed (residual_energy under 'truncated' in --json; raise --top-k)"
+        )
+    base_warnings, base_notes = measure_against_base(selected, selected.layers, records, options)
+    return Analysis(selected, options, records, warnings + base_warnings, base_notes)
 
 
 __all__ = ["analyze"]

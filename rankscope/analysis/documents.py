@@ -57,7 +57,7 @@ def spectrum_document(analysis: Analysis) -> dict:
             "layers": options.layers,
         },
         "warnings": list(ckpt.warnings) + list(analysis.warnings),
-        "notes": list(ckpt.notes),
+        "notes": list(ckpt.notes) + list(analysis.notes),
         "skipped": [{"key": s.key, "reason": s.reason} for s in ckpt.skipped],
         "not_analysed": [{"module": m.module, "keys": list(m.keys), "reason": m.reason} for m in ckpt.not_analysed],
         "layers": [record.to_dict() for record in analysis.layers],

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..core.dense import DEFAULT_MEMORY_BUDGET
 from ..core.errors import UsageProblem
+from ..measures import base_relative as BR
 from ..measures import metrics as M
 
 
@@ -35,6 +36,15 @@ class AnalysisOptions:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     collapse_threshold: float = 0.9
     max_memory: int | None = field(default_factory=lambda: default_max_memory())
+    # a truncated spectrum of the top K σ of each dense layer wider than K + 10 (core.lowrank); None: exact
+    top_k: int | None = None
+    # against --base (measures.base_relative): intruder dimensions on (True), off (False), or where cheap (None:
+    # min(m, n) ≤ 2048 on the CPU, every layer on CUDA); among the top intruder_k with threshold intruder_epsilon;
+    # amplification_k caps the amplification factor's k for updates without a rank bound (full fine-tunes)
+    intruders: bool | None = None
+    intruder_k: int = BR.DEFAULT_INTRUDER_K
+    intruder_epsilon: float = BR.DEFAULT_INTRUDER_EPSILON
+    amplification_k: int = BR.DEFAULT_AMPLIFICATION_K
 
     def __post_init__(self) -> None:
         for name in ("thresholds", "energies", "rel_thresholds"):  # a single number is a one-item tuple
@@ -47,6 +57,18 @@ class AnalysisOptions:
             for value in getattr(self, name):
                 if not math.isfinite(value) or value < 0:
                     raise UsageProblem(f"{name}: {what} {value} must be a finite number ≥ 0", argument=name)
+        top_k = self.top_k
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise UsageProblem(f"top_k must be a whole number ≥ 1, found {top_k!r}", argument="top_k")
+        for name in ("intruder_k", "amplification_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageProblem(f"{name} must be a whole number ≥ 1, found {value!r}", argument=name)
+        if not (isinstance(self.intruder_epsilon, (int, float)) and 0 < self.intruder_epsilon <= 1):
+            raise UsageProblem(
+                f"intruder_epsilon must be a cosine in (0, 1], found {self.intruder_epsilon!r}",
+                argument="intruder_epsilon",
+            )
         if self.layers:
             try:
                 re.compile(self.layers)

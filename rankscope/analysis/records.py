@@ -34,6 +34,8 @@ class LayerRecord:
     components: list[LayerRecord] | None = None
     alignment: dict | None = None
     composition: dict | None = None  # weights, energy_shares, rank_gain, interference, collapsed, … (compositions)
+    truncated: dict | None = None  # --top-k: how the top K σ were found and their certificate (core.lowrank)
+    base: dict | None = None  # against --base: relative size, amplification, intruders (analysis.against_base)
     # decided over the checkpoint's layers (naming.module_types, which analyze assigns); from the name alone where
     # a record is built without its checkpoint
     module_type: str = ""
@@ -75,7 +77,8 @@ class LayerRecord:
             return f"LayerRecord({self.name!r}, invalid: {self.error})"
         m, n = self.matrix_shape
         erank, sigma_max = self.metric("erank"), self.metric("sigma_max")
-        return f"LayerRecord({self.name!r}, {m}×{n}, rank ≤ {self.rank_bound}, σ₁ {sigma_max:.4g}, erank {erank:.3f})"
+        erank_text = f"erank {erank:.3f}" if erank is not None else f"top {len(self.singular_values)} σ"
+        return f"LayerRecord({self.name!r}, {m}×{n}, rank ≤ {self.rank_bound}, σ₁ {sigma_max:.4g}, {erank_text})"
 
     def to_dict(self) -> dict:
         return {
@@ -96,6 +99,8 @@ class LayerRecord:
             "singular_values": self.singular_values,
             "metrics": self.metrics,
             "bias_update": self.bias_update,
+            **({"truncated": self.truncated} if self.truncated is not None else {}),  # --top-k layers only
+            **({"base": self.base} if self.base is not None else {}),  # layers measured against --base only
             **(
                 {"components": [c.to_dict() for c in self.components], "alignment": self.alignment}
                 if self.components is not None
@@ -113,6 +118,7 @@ class Analysis:
     options: AnalysisOptions
     layers: list[LayerRecord]
     warnings: list[str] = field(default_factory=list)  # about the analysis itself (the checkpoint has its own)
+    notes: list[str] = field(default_factory=list)  # how to read the analysis (the checkpoint has its own)
 
     def __iter__(self) -> Iterator[LayerRecord]:
         return iter(self.layers)

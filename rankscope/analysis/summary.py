@@ -40,11 +40,28 @@ def flat_metrics(record: LayerRecord) -> dict[str, float]:
     return flat
 
 
+# with --base only: the layer against its base weight (analysis.against_base), as table columns
+BASE_COLUMNS = ("relative_update", "relative_sigma_max", "amplification", "intruders")
+
+
+def flat_base(base: dict | None) -> dict[str, object]:
+    """A record's measures against its base weight as flat columns (``intruders``: their count); None values
+    where the layer was not measured."""
+    if base is None:
+        return dict.fromkeys(BASE_COLUMNS)
+    intruders = base["intruders"]
+    count = intruders["count"] if intruders is not None else None
+    return {**{key: base[key] for key in BASE_COLUMNS[:3]}, "intruders": count}
+
+
 def _stats(records: list[LayerRecord]) -> dict:
     valid = [flat_metrics(r) for r in records if r.valid]
     out = {}
     for key in valid[0] if valid else {}:
-        values = [v[key] for v in valid]
+        values = [v[key] for v in valid if v[key] is not None]  # None: a metric a truncated spectrum cannot give
+        if not values:
+            out[key] = {"mean": None, "min": None, "max": None}
+            continue
         out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
     return out
 
@@ -102,4 +119,4 @@ def composition_stats(records: list[LayerRecord]) -> dict:
     }
 
 
-__all__ = ["alignment_means", "composition_stats", "flat_metrics", "mean", "summarize"]
+__all__ = ["BASE_COLUMNS", "alignment_means", "composition_stats", "flat_base", "flat_metrics", "mean", "summarize"]

@@ -15,13 +15,18 @@ import click
 
 from .. import __version__
 from ..core.errors import one_line
+from .cache import cache
 from .compare import compare
 from .components import components
+from .convert import convert
 from .formats import list_formats
 from .interrupt import interrupts, report_interrupt
 from .plot import plot
 from .report import report
 from .spectrum import spectrum
+from .suggest import suggest
+from .sweep import sweep
+from .trajectory import trajectory
 
 
 class _Main(click.Group):
@@ -62,5 +67,10 @@ main.add_command(compare)
 main.add_command(list_formats)
 main.add_command(report)
 main.add_command(plot)
+main.add_command(suggest)
+main.add_command(convert)
+main.add_command(cache)
+main.add_command(sweep)
+main.add_command(trajectory)
 
 __all__ = ["main"]

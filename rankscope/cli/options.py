@@ -64,7 +64,7 @@ checkpoint_options = _stack(
     click.option("--adapter", metavar="NAME", help="Pick one adapter of a multi-adapter directory by name."),
     click.option("--alpha", type=float, help="LoRA α where the checkpoint does not say (overrides the config's)."),
     click.option("--format", "format_name", metavar="NAME", help="Force a reader instead of detecting one ('rankscope formats')."),
-    click.option("--base", metavar="PATH", help="Base model for updates that need it (DoRA, IA3, PiSSA/OLoRA inits, VeRA widths): a Hugging Face model directory, a diffusers component or pipeline folder, or one safetensors file."),
+    click.option("--base", metavar="PATH", help="Base model for updates that need it (DoRA, IA3, PiSSA/OLoRA inits, VeRA widths): a Hugging Face model directory, a diffusers component or pipeline folder, or one safetensors file. Every layer is then also measured against its base weight ('base' in --json: relative update, amplification, intruders)."),
     click.option("--directional-only", is_flag=True, help="DoRA without its base: analyse s·B·A alone (labelled so)."),
     click.option("--trust-pickle", is_flag=True, help="Unpickle a .bin/.pt/.ckpt in full when weights_only refuses it. Runs code from the file: only for your own files."),
     click.option("--compose", type=CommaList(), metavar="A,B,…", help="Sum these adapters of a multi-adapter directory (with --weights)."),
@@ -82,14 +82,20 @@ analysis_options = _stack(
     click.option("--dense", is_flag=True, help="Materialise ΔW and take a dense SVD instead of the exact factored path."),
     click.option("--dense-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Dense SVD precision (float32 is faster, labelled approximate)."),
     click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda", help="Where the dense path runs."),
+    click.option("--top-k", "top_k", type=click.IntRange(min=1), metavar="K", help="Dense layers wider than K+10: only the top K σ, by a seeded randomised SVD with power iterations (exact: false; norm-based metrics kept, a certificate that no larger σ was missed)."),
     click.option("--max-memory", type=ByteSize(), metavar="SIZE", help="Refuse (per layer, with the size it would need) a dense SVD above SIZE, e.g. 8G. Default: half the RAM."),
     click.option("--collapse-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="A composition is collapsed when one component carries more than this share of the energy."),
+    click.option("--intruders/--no-intruders", default=None, help="With --base: intruder dimensions (two dense SVDs with vectors per layer) for every layer, or none. Default: where min(m, n) ≤ 2048 on the CPU, every layer on CUDA."),
+    click.option("--intruder-k", type=click.IntRange(min=1), default=10, show_default=True, metavar="K", help="With --base: look for intruders among the top K singular vectors of W₀ + ΔW."),
+    click.option("--intruder-epsilon", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, metavar="ε", help="With --base: an intruder's largest |cosine| with W₀'s left singular vectors is below ε."),
+    click.option("--amplification-k", type=click.IntRange(min=1), default=16, show_default=True, metavar="K", help="With --base: the amplification factor's k for updates without a rank bound (full fine-tunes, DoRA)."),
 )  # fmt: skip
 
 
 ANALYSIS_KEYS = frozenset(
     {"thresholds", "energies", "rel_thresholds", "layers", "unscaled", "dense", "dense_dtype", "device",
-     "collapse_threshold", "max_memory"}
+     "collapse_threshold", "max_memory", "top_k",
+     "intruders", "intruder_k", "intruder_epsilon", "amplification_k"}
 )  # fmt: skip
 COMPOSE_ONLY = ("weights", "normalize", "mode")  # options that mean something only with --compose
 
@@ -157,7 +163,7 @@ def announce_analysis(analysis, *, quiet: bool, where: str | None = None) -> Non
     for message in checkpoint.warnings + analysis.warnings:
         warn(f"{where}: {message}")
     if not quiet:
-        for message in checkpoint.notes:
+        for message in checkpoint.notes + analysis.notes:
             note(f"note: {where}: {message}" if where != str(checkpoint.path) else f"note: {message}")
 
 

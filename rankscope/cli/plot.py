@@ -10,7 +10,7 @@ from .app import handle_errors, note
 from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
 
 SUFFIXES = (".pdf", ".png", ".svg")
-ONE_CHECKPOINT = ("alignment", "weights", "growth")  # figures of a single checkpoint
+ONE_CHECKPOINT = ("alignment", "weights", "growth", "resize", "base-heatmap")  # figures of a single checkpoint
 COMPOSED = {"alignment", "weights", "growth"}
 
 
@@ -115,6 +115,10 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limit
         return figures.erank_heatmap_figure(
             analyses, labels, metric=metric, width=width, vmin=limits[0], vmax=limits[1]
         )
+    if kind == "resize":
+        return figures.resize_figure(analysis, width=width)
+    if kind == "base-heatmap":
+        return figures.base_heatmap_figure(analysis, width=width)
     composed = [r for r in analysis.layers if r.components is not None]
     if not composed:
         raise RankscopeError(
@@ -194,6 +198,8 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
       weights              composition weights and energy shares per layer
       growth               effective rank against the number of components (sequential compositions)
       subspace-similarity  the LoRA paper's φ(i, j) grid between one layer of two checkpoints (--layer, --side)
+      resize               energy kept against total rank: the best at each size, rank rules, the present size
+      base-heatmap         relative update ‖ΔW‖_F/‖W₀‖_F and intruder counts over layer index × module type (--base)
 
     Many layers are summarised by module type (median and quartiles, or one panel per type), never a legend with
     hundreds of entries.

@@ -31,14 +31,28 @@ from .options import CommaList, analyse_paths, analysis_options, checkpoint_opti
     "--labels", type=CommaList(), metavar="A,B,…", help="Display names, one per checkpoint (default: directory names)."
 )
 @click.option("--force", is_flag=True, help="Replace DIR even when it exists and rankscope did not write it.")
+@click.option(
+    "--suggest-rule",
+    default="energy:0.95",
+    show_default=True,
+    metavar="RULE|none",
+    help="The rank rule of each layer's suggested rank (the layer table, layers.csv, summary.md) and of the resize "
+    "figure, as 'rankscope suggest --rule' takes it (energy:P, fixed:K, sv_ratio:X, erank, params:N, …); none: "
+    "neither.",
+)
 @checkpoint_options
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or closing line; errors and warnings only.")
 @handle_errors
-def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: bool, quiet: bool, **options) -> None:
+def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: bool, suggest_rule: str, quiet: bool, **options) -> None:  # fmt: skip
     """Write a report of the adapter(s) at PATHS to the folder DIR: a self-contained index.html (summary, effective-rank
     heatmap, spectra, a sortable per-layer table, per-layer detail, composition and comparison sections), layers.csv,
-    summary.json, summary.md and figures/. Several PATHS are compared layer by layer."""
+    summary.json, summary.md and figures/. Several PATHS are compared layer by layer.
+
+    One PATH that is a training run (checkpoint-N/ folders, Lightning step=N.ckpt files) gives the run's report: a
+    trajectory page (headlines, steps, figures) with the final checkpoint's report in final/. One PATH that is a
+    `rankscope sweep` output folder (checkpoints and layers tables) gives the zoo's report: distributions,
+    erank against r, outliers and a sortable per-checkpoint table."""
     from ..report.bundle import COMMIT, FIGURE_FORMATS, check_target, write_report
     from .interrupt import commit
 
@@ -48,6 +62,16 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
         raise click.BadParameter(f"{unknown[0]!r} is not one of pdf, png, svg (or 'none')", param_hint="--figures")
     if labels is not None and len(labels) != len(paths):
         raise click.UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
+    from ..core.errors import UsageProblem
+    from ..report.resize_base import suggestion_rule
+
+    try:
+        rule = suggestion_rule(suggest_rule)  # a bad rule fails before any file is read
+    except UsageProblem as exc:
+        raise click.BadParameter(str(exc), param_hint="--suggest-rule") from None
+    final = {"suggest_rule": rule}  # the run report's final/ is the usual report: the same report options
+    if len(paths) == 1 and _runs_or_sweeps(paths[0], out_dir, formats, labels, force, quiet, options, final):
+        return
     guarded = [*paths, *([options["base"]] if options.get("base") else [])]
     check_target(out_dir, guarded, force=force)  # before the analysis: a refusal should not wait for it
     analyses, labels, progress = analyse_paths(paths, labels, options, quiet=quiet)
@@ -60,8 +84,9 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
 
     try:
         warnings = write_report(
-            analyses, out_dir, labels=labels, formats=formats, force=force, progress=progress, phase=phase
-        )
+            analyses, out_dir, labels=labels, formats=formats, force=force, progress=progress, phase=phase,
+            suggest_rule=rule,
+        )  # fmt: skip
     finally:
         progress.close()
     for message in warnings:
@@ -72,3 +97,82 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
         layers = sum(len(a.layers) for a in analyses)
         note(f"report written to {out_dir}/index.html ({layers} layers; also layers.csv, summary.json, summary.md"
              f"{', figures/' if formats else ''})")  # fmt: skip
+
+
+def _runs_or_sweeps(path: str, out_dir: str, formats, labels, force, quiet, options: dict, final: dict) -> bool:
+    """The report of a sweep folder or of a training run when PATH is one (True: written), else False."""
+    from pathlib import Path
+
+    from ..report.sweep import sweep_table_format
+    from ..trajectory.discover import run_checkpoints
+
+    if sweep_table_format(path) is not None:
+        _sweep_report(path, out_dir, formats, labels, force, quiet)
+        return True
+    entries = run_checkpoints(Path(path))
+    if entries is None:
+        return False
+    if labels is not None:
+        raise click.UsageError("--labels names compared checkpoints; a training run's report takes none")
+    own = sorted(Path(path).glob("adapter_model.*"))
+    if own and not quiet:  # a Trainer output_dir often holds the final save too: say which report this is
+        note(f"{path} holds checkpoint-N/ folders: reporting the run (its own {own[0].name} is not in the trajectory;"
+             f" give {own[0]} for a report of that adapter alone)")  # fmt: skip
+    _run_report(path, entries, out_dir, formats, force, quiet, options, final)
+    return True
+
+
+def _sweep_report(path: str, out_dir: str, formats, labels, force: bool, quiet: bool) -> None:
+    from ..report.bundle import COMMIT
+    from ..report.sweep import write_sweep_report
+    from .interrupt import commit
+
+    ctx = click.get_current_context()
+    given = [name for name, value in ctx.params.items()
+             if name not in ("paths", "out_dir", "figure_formats", "force", "quiet") and value is not None
+             and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+    if given:
+        option = next(p.opts[0] for p in ctx.command.params if p.name == given[0])
+        raise click.UsageError(f"{option} does not apply to a sweep folder: its report reads the sweep's tables "
+                               "(reading and analysis options go to `rankscope sweep`)")  # fmt: skip
+    counts = write_sweep_report(path, out_dir, formats=formats, force=force,
+                                phase=lambda name: name == COMMIT and commit())  # fmt: skip
+    if not quiet:
+        note(f"sweep report written to {out_dir}/index.html ({counts['checkpoints']} checkpoints, {counts['layers']} "
+             f"layer rows, {counts['outliers']} outliers; also outliers.csv, checkpoints.csv"
+             f"{', figures/' if formats else ''})")  # fmt: skip
+
+
+def _run_report(path: str, entries, out_dir: str, formats, force, quiet, options: dict, final: dict) -> None:
+    from ..report.bundle import COMMIT, check_target
+    from ..report.trajectory import write_run_report
+    from ..trajectory.build import checkpoint_trajectory
+    from ..trajectory.document import trajectory_document
+    from .interrupt import commit
+    from .options import load_and_settings
+
+    check_target(out_dir, [path, *(p for _, p in entries)], force=force)  # before the analysis
+    analyses, _, progress = analyse_paths([str(entries[-1][1])], None, options, quiet=quiet)
+    try:
+        trajectory = checkpoint_trajectory(entries, analyses[0].options,
+                                           load=lambda p: load_and_settings(str(p), options)[0],
+                                           progress=progress.phase)  # fmt: skip
+        document = trajectory_document(trajectory)
+
+        def phase(name: str) -> None:
+            progress.phase(name)
+            if name == COMMIT:
+                commit()
+
+        warnings = write_run_report(path, trajectory, document, analyses[0], out_dir, formats=formats, force=force,
+                                    progress=progress, phase=phase, final_options=final)  # fmt: skip
+    finally:
+        progress.close()
+    for message in [*trajectory.warnings, *warnings]:
+        warn(message)
+    report_problems(analyses[0], quiet=True)
+    if not quiet:
+        steps = f"steps {entries[0][0]}–{entries[-1][0]}" if len(entries) > 1 else f"step {entries[0][0]}"
+        note(f"run report written to {out_dir}/index.html ({len(entries)} checkpoint{'s' * (len(entries) > 1)}, "
+             f"{steps}; the final checkpoint's report in {out_dir}/final/; also trajectory.json, "
+             f"trajectory.csv{', figures/' if formats else ''})")  # fmt: skip

@@ -61,6 +61,10 @@ class BaseWeights:
     """Base-model tensors by layer name, opened on first use."""
 
     def __init__(self, path: str | Path, *, files: dict[str, Path] | None = None) -> None:
+        if files is None:  # a hub id ``owner/name[@revision]`` that is no local path: its cached snapshot
+            from .hub import resolve_base
+
+            path = resolve_base(path)
         self.path = Path(path)
         self._files: dict[Path, TensorFile] = {}
         # a pipeline directory: one BaseWeights per component folder, opened when a layer of it is asked for
@@ -213,6 +217,11 @@ class BaseWeights:
         """``layer``'s base tensor; a one-line error names the base and the key looked for."""
         part, key = self._require(layer, suffix)
         return part._open(part._key_to_file[key]).get(key)
+
+    def location(self, layer: str, suffix: str = "weight") -> tuple[Path, str]:
+        """The file that stores ``layer``'s base tensor and its key there (what a cache of it is keyed by)."""
+        part, key = self._require(layer, suffix)
+        return part._key_to_file[key], key
 
 
 def _is_pipeline(path: Path) -> bool:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .naming import layer_name, model_order_key
 from .update import Update
+
+if TYPE_CHECKING:
+    from .base import BaseWeights
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,8 @@ class Checkpoint:
     other_adapters: list[str] = field(default_factory=list)
     weights_file: Path | None = None
     shared_params: int = 0
+    # the base model's weights (``--base``) where they were given: the analysis measures each update against its W₀
+    base: BaseWeights | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.layers.sort(key=lambda layer: model_order_key(layer.name))

@@ -9,16 +9,19 @@ needed: they come from CholeskyQR where that is provably accurate (see ``r_facto
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import threading
+import weakref
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy
 import torch
 
 from .dense import DEFAULT_MEMORY_BUDGET, Progress, svdvals_or_nan
 from .threads import thread_budget
-from .update import FactoredUpdate, upcast
+from .update import BlockDiagonalUpdate, FactoredUpdate, upcast
 
 # -- triangular factors of tall-skinny factors ---------------------------------------------------------------
 # Every factor F (rows × K, K ≤ rows) needs only an R with RᵀR = FᵀF: then F = Q·R for an orthonormal Q, and the
@@ -170,6 +173,20 @@ def _map_factors(
     return results  # type: ignore[return-value]
 
 
+def _r_from_grams(grams: Sequence[torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
+    """CholeskyQR's R of each Gram matrix (batched by width), None where ``_cholesky_r`` refuses it."""
+    results: list[torch.Tensor | None] = [None] * len(grams)
+    by_width: dict[int, list[int]] = defaultdict(list)
+    for position, gram in enumerate(grams):
+        by_width[gram.shape[-1]].append(position)
+    for positions in by_width.values():
+        cholesky, accepted = _cholesky_r(torch.stack([grams[p] for p in positions]), [rows[p] for p in positions])
+        for row, (p, ok) in enumerate(zip(positions, accepted.tolist(), strict=True)):
+            if ok:
+                results[p] = cholesky[row]
+    return results
+
+
 def r_factors(
     factors: Sequence[torch.Tensor], *, device: torch.device | str = "cpu"
 ) -> tuple[list[torch.Tensor], list[str]]:
@@ -194,21 +211,163 @@ def r_factors(
         else:
             householder.append(i)  # wide: FᵀF is singular, CholeskyQR does not apply
     grams = _map_factors(_gram, [factors[i] for i in tall], device)
-    by_width: dict[int, list[int]] = defaultdict(list)
-    for position, i in enumerate(tall):
-        by_width[factors[i].shape[1]].append(position)
-    for positions in by_width.values():
-        stacked = torch.stack([grams[p] for p in positions])
-        cholesky, accepted = _cholesky_r(stacked, [factors[tall[p]].shape[0] for p in positions])
-        for row, (p, ok) in enumerate(zip(positions, accepted.tolist(), strict=True)):
-            if ok:
-                results[tall[p]], methods[tall[p]] = cholesky[row], "cholesky"
-            else:
-                householder.append(tall[p])
+    for i, r in zip(tall, _r_from_grams(grams, [factors[i].shape[0] for i in tall]), strict=True):
+        if r is None:
+            householder.append(i)
+        else:
+            results[i], methods[i] = r, "cholesky"
     computed = _map_factors(_householder_r, [factors[i] for i in householder], device)
     for i, r in zip(householder, computed, strict=True):
         results[i] = r
     return results, methods  # type: ignore[return-value]
+
+
+# -- one side of an update: its factor, whole or in row blocks; R factors kept for later (alignment) ------------
+@dataclass(frozen=True)
+class _Side:
+    """The factor F (rows × K) of one side of an update — ``left``, or ``right``ᵀ — split into ``blocks`` row
+    blocks when the side is block-diagonal (BoRA: R = blockdiag(R(F_i)) from each block's own Gram).
+    ``stored`` is the tensor the update holds (what the cache is keyed on)."""
+
+    stored: torch.Tensor
+    factor: torch.Tensor
+    blocks: int
+    tag: str
+
+    def block(self, index: int) -> torch.Tensor:
+        rows = self.factor.shape[0] // self.blocks
+        return self.factor[index * rows : (index + 1) * rows]
+
+
+def _sides(update: FactoredUpdate) -> tuple[_Side, _Side]:
+    if isinstance(update, BlockDiagonalUpdate):
+        blocks = update.blocks
+        return (
+            _Side(update.left_stack, update.left_stack, blocks, "left"),
+            _Side(update.right_stack, update.right_stack.mT, blocks, "right"),
+        )
+    return _Side(update.left, update.left, 1, "left"), _Side(update.right, update.right.mT, 1, "right")
+
+
+def _block_grams(factor: torch.Tensor, blocks: int, workspace: _Workspace) -> torch.Tensor:
+    """F_iᵀF_i of each of ``blocks`` row blocks of F (blocks × K × K), in float64, one upcast of F."""
+    stored, flipped = _stored(factor)
+    x = workspace.float64(stored)
+    if flipped:  # stored Fᵀ (K × rows): the blocks are column blocks
+        y = x.reshape(x.shape[0], blocks, -1).transpose(0, 1)
+        return y @ y.mT
+    y = x.reshape(blocks, -1, x.shape[1])
+    return y.mT @ y
+
+
+class _FactorCache:
+    """R factors computed once per stored factor, for whoever asks next (``compare``'s alignment after the
+    spectra). Keyed by the tensor's identity and checked against its version counter (an in-place change is a
+    miss); an entry goes when its tensor is freed, the oldest go beyond ``budget`` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()  # a weakref callback may run while the lock is held, in the same thread
+
+    @staticmethod
+    def _key(side: _Side, device) -> tuple:
+        return (id(side.stored), side.tag, side.blocks, str(device), CHOLESKY_QR_TOLERANCE)
+
+    def get(self, side: _Side, device) -> tuple[torch.Tensor, str] | None:
+        key = self._key(side, device)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0]() is not side.stored or entry[1] != _version(side.stored):
+                return None
+            self._entries.move_to_end(key)
+            return entry[2], entry[3]
+
+    def put(self, side: _Side, device, r: torch.Tensor, method: str) -> None:
+        version = _version(side.stored)
+        if version is None:
+            return
+        key = self._key(side, device)
+        size = r.numel() * r.element_size()
+
+        def forget(ref, key=key) -> None:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry[0] is ref:
+                    self._drop(key)
+
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+            self._entries[key] = (weakref.ref(side.stored, forget), version, r, method, size)
+            self._bytes += size
+            while self._bytes > self.budget and self._entries:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple) -> None:
+        self._bytes -= self._entries.pop(key)[4]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # inference tensors have no version counter: not cached
+        return None
+
+
+FACTOR_CACHE = _FactorCache(budget=128 << 20)
+
+
+def _side_r_factors(sides: Sequence[_Side], device) -> list[tuple[torch.Tensor, str]]:
+    """(R, method) of every side: whole factors through :func:`r_factors`, block-diagonal ones block by block
+    (method "cholesky" only where every block took CholeskyQR); from the cache where it holds them."""
+    results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(side, device) for side in sides]
+    whole = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
+    split = [i for i, side in enumerate(sides) if results[i] is None and side.blocks > 1]
+    computed, methods = r_factors([sides[i].factor for i in whole], device=device)
+    for i, r, method in zip(whole, computed, methods, strict=True):
+        results[i] = (r, method)
+    if split:
+        blocks_of = {id(sides[i].factor): sides[i].blocks for i in split}
+        grams = _map_factors(
+            lambda factor, workspace: _block_grams(factor, blocks_of[id(factor)], workspace),
+            [sides[i].factor for i in split],
+            device,
+        )
+        flat = [g for gram in grams for g in gram]
+        rows = [sides[i].factor.shape[0] // sides[i].blocks for i in split for _ in range(sides[i].blocks)]
+        accepted = _r_from_grams(flat, rows)
+        position = 0
+        for i in split:
+            side, parts, refused = sides[i], [], False
+            for index in range(side.blocks):
+                r = accepted[position]
+                position += 1
+                if r is None:  # this block takes Householder QR (or is wide: rows/b < K)
+                    refused = True
+                    (r,) = _map_factors(_householder_r, [side.block(index)], device)
+                parts.append(r)
+            results[i] = (torch.block_diag(*parts), "householder" if refused else "cholesky")
+    for side, (r, method) in zip(sides, results, strict=True):  # type: ignore[misc]
+        FACTOR_CACHE.put(side, device, r, method)
+    return results  # type: ignore[return-value]
+
+
+def update_r_factors(
+    updates: Sequence[FactoredUpdate], device: torch.device | str = "cpu"
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], list[str]]:
+    """R_L and R_R (R factors of ``left`` and ``right``ᵀ: block by block for a :class:`BlockDiagonalUpdate`) of
+    every update, and the method of each ("cholesky": R is well conditioned, ε·κ² ≤ the tolerance)."""
+    sides = [side for update in updates for side in _sides(update)]
+    both = _side_r_factors(sides, device)
+    left, right = both[0::2], both[1::2]
+    return [r for r, _ in left], [r for r, _ in right], [m for _, m in left], [m for _, m in right]
 
 
 # -- factored updates: cores and their singular values ---------------------------------------------------------
@@ -230,20 +389,61 @@ def _cores(
     else:
         scales = torch.tensor([float(u.scale) for u in updates], dtype=torch.float64, device=device)[:, None, None]
     left = torch.stack(list(r_left)) * scales
+    blocks = _blocks(updates[0])
+    if blocks > 1 and left.shape[-1] == left.shape[-2] == r_right[0].shape[0]:
+        return _block_diagonal_cores(left, torch.stack([upcast(u.core, device=device) for u in updates]),
+                                     torch.stack(list(r_right)), blocks)  # fmt: skip
     if updates[0].core is not None:
         left = left @ torch.stack([upcast(u.core, device=device) for u in updates])
     return left @ torch.stack(list(r_right)).mT
 
 
+def _diagonal_blocks(matrices: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The ``blocks`` diagonal blocks (N × b × r × r) of block-diagonal N × K × K matrices, K = b·r."""
+    n, k, _ = matrices.shape
+    rank = k // blocks
+    return torch.diagonal(matrices.reshape(n, blocks, rank, blocks, rank), dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+
+def _block_diagonal_cores(left: torch.Tensor, core: torch.Tensor, right: torch.Tensor, blocks: int) -> torch.Tensor:
+    """left·C·rightᵀ where left and right are block-diagonal (b blocks of r × r; BoRA's R factors): block row i of
+    left·C is L_i·C_i,: and block column j of (·)·rightᵀ is (·)_:,j·R_jᵀ — b·r²·K work per product instead of K³."""
+    n, k, _ = core.shape
+    rank = k // blocks
+    product = (_diagonal_blocks(left, blocks) @ core.reshape(n, blocks, rank, k)).reshape(n, k, k)
+    columns = product.reshape(n, k, blocks, rank).permute(0, 2, 1, 3)  # N × b × K × r
+    return (columns @ _diagonal_blocks(right, blocks).mT).permute(0, 2, 1, 3).reshape(n, k, k)
+
+
+def _blocks(update: FactoredUpdate) -> int:
+    return update.blocks if isinstance(update, BlockDiagonalUpdate) else 1
+
+
 def _core_key(update: FactoredUpdate, r_left: torch.Tensor, r_right: torch.Tensor) -> tuple:
-    return (tuple(r_left.shape), tuple(r_right.shape), update.core is not None)
+    return (tuple(r_left.shape), tuple(r_right.shape), update.core is not None, _blocks(update))
 
 
 def factored_cores(updates: Sequence[FactoredUpdate], device: torch.device | str = "cpu") -> torch.Tensor:
     """The stacked float64 cores R_L·diag(scale)·C·R_Rᵀ of same-shaped updates (B × min(m,K) × min(n,K))."""
-    r_left, _ = r_factors([u.left for u in updates], device=device)
-    r_right, _ = r_factors([u.right.mT for u in updates], device=device)
+    r_left, r_right, _, _ = update_r_factors(updates, device)
     return _cores(updates, r_left, r_right, device)
+
+
+PARALLEL_MIN_CORE_FLOPS = 1 << 26  # a batch of cores worth splitting over the thread budget (BoRA's (b·r)² ones)
+
+
+def _batched_svdvals(cores: torch.Tensor) -> torch.Tensor:
+    """``svdvals_or_nan`` of a batch of cores; large CPU batches in parts over the threads of ``thread_budget``
+    (inside ``single_threaded``; LAPACK releases the GIL, and no op waits on a fork-join)."""
+    n, a, b = cores.shape
+    workers = min(thread_budget(), n) if cores.device.type == "cpu" else 1
+    if workers < 2 or n * a * b * min(a, b) < PARALLEL_MIN_CORE_FLOPS:
+        return svdvals_or_nan(cores)
+    parts = torch.chunk(cores, workers)
+    with ThreadPoolExecutor(len(parts) - 1) as pool:
+        futures = [pool.submit(svdvals_or_nan, part) for part in parts[1:]]
+        first = svdvals_or_nan(parts[0])
+        return torch.cat([first, *(future.result() for future in futures)])
 
 
 def factored_singular_values(
@@ -263,15 +463,14 @@ def factored_singular_values(
     for i, update in enumerate(updates):
         if update.rank_bound == 0:
             results[i] = torch.zeros(0, dtype=torch.float64)
-    both, _ = r_factors([updates[i].left for i in live] + [updates[i].right.mT for i in live], device=device)
-    r_left, r_right = both[: len(live)], both[len(live) :]
+    r_left, r_right, _, _ = update_r_factors([updates[i] for i in live], device)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for position, i in enumerate(live):
         groups[_core_key(updates[i], r_left[position], r_right[position])].append(position)
     for positions in groups.values():
         chosen = [updates[live[p]] for p in positions]
         cores = _cores(chosen, [r_left[p] for p in positions], [r_right[p] for p in positions], device)
-        values = svdvals_or_nan(cores).cpu()
+        values = _batched_svdvals(cores).cpu()
         for row, p in enumerate(positions):
             results[live[p]] = values[row]
         if progress:
@@ -279,4 +478,11 @@ def factored_singular_values(
     return results  # type: ignore[return-value]
 
 
-__all__ = ["cholesky_qr_limit", "factored_cores", "factored_singular_values", "r_factors"]
+__all__ = [
+    "FACTOR_CACHE",
+    "cholesky_qr_limit",
+    "factored_cores",
+    "factored_singular_values",
+    "r_factors",
+    "update_r_factors",
+]

@@ -105,8 +105,9 @@ def singular_vectors(update: Update) -> tuple[torch.Tensor, torch.Tensor, torch.
         u_core, sigma, vh_core = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
         return (q_left @ u_core)[:, :k], sigma[:k], (q_right @ vh_core.mT)[:, :k]
     if isinstance(update, KroneckerUpdate):
-        u_f, s_f, v_f = singular_vectors(update.first)
-        u_g, s_g, v_g = singular_vectors(update.second)
+        # torch.kron refuses the sliced (non-contiguous) bases the factored branch returns
+        u_f, s_f, v_f = (x.contiguous() for x in singular_vectors(update.first))
+        u_g, s_g, v_g = (x.contiguous() for x in singular_vectors(update.second))
         order = torch.argsort(torch.outer(s_f, s_g).reshape(-1), descending=True)[:k]
         sigma = torch.outer(s_f, s_g).reshape(-1)[order] * abs(update.scale)
         sign = -1.0 if update.scale < 0 else 1.0

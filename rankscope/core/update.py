@@ -84,6 +84,54 @@ class FactoredUpdate:
         return left @ upcast(self.right, dtype, device)
 
 
+class BlockDiagonalUpdate(FactoredUpdate):
+    """ΔW = blockdiag(B_1..B_b) · diag(scale) · core · blockdiag(A_1..A_b) (BoRA), kept as the stored factors.
+
+    ``left_stack`` is B = [B_1; …; B_b] (m × r, row blocks of m/b), ``right_stack`` A = [A_1 … A_b] (r × n, column
+    blocks of n/b), ``core`` the (b·r)² matrix between the two block-diagonal factors. The spectrum path takes the
+    R factor of each block (R_L = blockdiag(R(B_i))) and never forms the block-diagonal matrices; ``left`` and
+    ``right`` materialise them (m × b·r, b·r × n) for the callers that want plain factors.
+    """
+
+    def __init__(
+        self, left_stack: torch.Tensor, right_stack: torch.Tensor, blocks: int, core: torch.Tensor, scale: Scale = 1.0
+    ) -> None:
+        (m, rank), n = left_stack.shape, right_stack.shape[1]
+        if blocks < 1 or m % blocks or n % blocks or right_stack.shape[0] != rank:
+            shapes = f"{list(left_stack.shape)} and {list(right_stack.shape)}"
+            raise ValueError(f"{blocks} blocks do not fit factors {shapes}")
+        for name, value in (("left_stack", left_stack), ("right_stack", right_stack), ("blocks", blocks),
+                            ("core", core), ("scale", scale)):  # fmt: skip
+            object.__setattr__(self, name, value)
+
+    # identity, not the fields' equality: comparing would materialise the factors
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    @property
+    def left(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.block_diag(*self.left_stack.split(self.left_stack.shape[0] // self.blocks, dim=0))
+
+    @property
+    def right(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.block_diag(*self.right_stack.split(self.right_stack.shape[1] // self.blocks, dim=1))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.left_stack.shape[0]), int(self.right_stack.shape[1]))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.blocks * int(self.left_stack.shape[1])
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        return f"BlockDiagonalUpdate({m}×{n}, {self.blocks} blocks of rank {self.left_stack.shape[1]}, with a core)"
+
+    def unscaled(self) -> BlockDiagonalUpdate:
+        return BlockDiagonalUpdate(self.left_stack, self.right_stack, self.blocks, self.core, 1.0)
+
+
 @dataclass(frozen=True)
 class DenseUpdate:
     """An update that is not a low-rank product: ``build(dtype, device)`` returns the m×n matrix."""
@@ -186,11 +234,20 @@ def _scale_vector(update: FactoredUpdate) -> torch.Tensor:
     return torch.full((update.inner_dim,), float(update.scale), dtype=torch.float64)
 
 
+def _weighted_core(update: FactoredUpdate, weight: float) -> torch.Tensor:
+    """w·C (w·I where the update has no core), float64, K × K."""
+    if update.core is None:
+        return torch.eye(update.inner_dim, dtype=torch.float64) * weight
+    return upcast(update.core) * weight
+
+
 def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
     """Σ_i w_i·ΔW_i as one update.
 
-    Factored components concatenate: [w_1 L_1 … w_k L_k]·blockdiag(s_i)·blockdiag(C_i)·[R_1; …; R_k], inner
-    dimension Σ K_i — exact, and ``unscaled()`` drops the s_i but keeps the weights. Other kinds are summed densely.
+    Factored components concatenate: [L_1 … L_k]·blockdiag(s_i)·blockdiag(w_i·C_i)·[R_1; …; R_k], inner
+    dimension Σ K_i — exact, and ``unscaled()`` drops the s_i but keeps the weights (they sit in the K×K core). The
+    factors are concatenated in their stored precision (no float64 copy; the spectrum path upcasts as it reads).
+    Other kinds are summed densely.
     """
     shapes = {u.shape for u in updates}
     if len(shapes) != 1:
@@ -198,18 +255,14 @@ def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
     (shape,) = shapes
     if all(isinstance(u, FactoredUpdate) for u in updates):
         factored = [u for u in updates if isinstance(u, FactoredUpdate)]
-        core = None
-        if any(u.core is not None for u in factored):
-            core = torch.block_diag(
-                *(
-                    upcast(u.core) if u.core is not None else torch.eye(u.inner_dim, dtype=torch.float64)
-                    for u in factored
-                )
-            )
+        lefts, rights = [u.left for u in factored], [u.right for u in factored]
+        dtype = lefts[0].dtype
+        for tensor in lefts + rights:
+            dtype = torch.promote_types(dtype, tensor.dtype)
         return FactoredUpdate(
-            left=torch.cat([float(w) * upcast(u.left) for u, w in zip(factored, weights, strict=True)], dim=1),
-            right=torch.cat([upcast(u.right) for u in factored], dim=0),
-            core=core,
+            left=torch.cat([t.to(dtype) for t in lefts], dim=1),
+            right=torch.cat([t.to(dtype) for t in rights], dim=0),
+            core=torch.block_diag(*(_weighted_core(u, float(w)) for u, w in zip(factored, weights, strict=True))),
             scale=torch.cat([_scale_vector(u) for u in factored]),
         )
 

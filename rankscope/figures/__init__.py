@@ -1,5 +1,7 @@
 """Paper-ready figures of analysis records: spectra, effective-rank heatmaps, counts above τ, cumulative energy,
-alignment and weights of compositions, growth of sequential compositions, and the LoRA paper's φ(i, j) grid.
+alignment and weights of compositions, growth of sequential compositions, the LoRA paper's φ(i, j) grid, energy
+kept against total rank under rank rules (``resize_figure``) and measures against a base weight
+(``base_heatmap_figure``, ``base_spectrum_figure``).
 
 Every function returns a matplotlib ``Figure`` built without pyplot (no GUI, no global state, never shown; PNGs
 are drawn by Agg); :func:`save_figure` writes PDF/PNG/SVG with deterministic bytes and :func:`svg_text` gives
@@ -16,10 +18,12 @@ not import matplotlib; the drawing functions do.
 from __future__ import annotations
 
 from ._common import FigureInputError
+from .base import base_heatmap_figure, base_spectrum_figure
 from .composition import growth_figure, weights_figure
 from .counts import count_above_figure
 from .heatmaps import alignment_figure, erank_heatmap_figure, heatmap_limits, subspace_similarity_figure
 from .output import FORMATS, figure_bytes, save_figure, svg_text
+from .resize import resize_figure
 from .spectra import energy_figure, spectrum_figure
 from .style import figure_size, paper_style
 
@@ -32,6 +36,8 @@ KINDS = (
     "weights",
     "growth",
     "subspace-similarity",
+    "resize",
+    "base-heatmap",
 )
 
 __all__ = [
@@ -39,6 +45,8 @@ __all__ = [
     "KINDS",
     "FigureInputError",
     "alignment_figure",
+    "base_heatmap_figure",
+    "base_spectrum_figure",
     "count_above_figure",
     "energy_figure",
     "erank_heatmap_figure",
@@ -47,6 +55,7 @@ __all__ = [
     "growth_figure",
     "heatmap_limits",
     "paper_style",
+    "resize_figure",
     "save_figure",
     "spectrum_figure",
     "subspace_similarity_figure",

@@ -70,7 +70,8 @@ def count_above_figure(
 
     labels = check_labels(analyses, labels)
     tau = threshold if threshold is not None else analyses[0].options.thresholds[0]
-    chosen = [[r for r in a.layers if r.valid] for a in analyses]
+    # a --top-k layer's count is unknown (None): not drawn
+    chosen = [[r for r in a.layers if r.valid and metric_value(r, "count_above", tau) is not None] for a in analyses]
     everything = [r for records in chosen for r in records]
     if not everything:
         raise FigureInputError(f"{analyses[0].checkpoint.path}: no valid layer to draw")

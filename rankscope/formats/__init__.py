@@ -78,7 +78,10 @@ class Format:
     """A registered format: ``detect`` says whether the input is its, ``read`` turns it into layers.
 
     ``reads`` says what both are given: "adapter" (an :class:`~.common.source.AdapterSource`, the default) or
-    "path" (a :class:`PathSource`, for inputs that are not an adapter's tensor files).
+    "path" (a :class:`PathSource`, for inputs that are not an adapter's tensor files). ``needs`` and ``spectrum``
+    are what ``rankscope formats`` lists: what reading the family needs beyond its own files ("nothing",
+    "--base", "--base for …") and how its spectrum is computed ("factored", "dense", "Kronecker", "vector", or
+    which layers are which); empty where a third-party format does not say.
     """
 
     name: str
@@ -87,6 +90,8 @@ class Format:
     read: Callable[[Any, ReadOptions], Checkpoint]
     priority: int = 50
     reads: str = "adapter"
+    needs: str = ""
+    spectrum: str = ""
 
 
 _REGISTRY: dict[str, Format] = {}
@@ -220,6 +225,7 @@ def load(
             checkpoint = _compose(path, list(compose), weights, normalize, mode, options)
         else:
             checkpoint = _load(path, adapter, format, options, ())
+    checkpoint.base = checkpoint.base or options.base  # the analysis measures the updates against it
     warning = checkpoint.not_analysed_warning()
     if warning is not None:
         checkpoint.warnings.append(warning)

@@ -203,5 +203,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format("adalora", "PEFT AdaLoRA (SVDLinear, Conv1D, SVDConv2d; pruned ranks)", detect, read, priority=20)
+    Format(
+        "adalora",
+        "PEFT AdaLoRA (SVDLinear, Conv1D, SVDConv2d; pruned ranks)",
+        detect,
+        read,
+        priority=20,
+        needs="nothing",
+        spectrum="factored",
+    )
 )

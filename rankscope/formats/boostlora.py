@@ -123,5 +123,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format("boostlora", "BoostLoRA single file: lora_A.<i>/lora_B.<i> + boost_weights", detect, read, priority=12)
+    Format(
+        "boostlora",
+        "BoostLoRA single file: lora_A.<i>/lora_B.<i> + boost_weights",
+        detect,
+        read,
+        priority=12,
+        needs="nothing",
+        spectrum="factored",
+    )
 )

@@ -26,7 +26,9 @@ LoRA is the special case Σ_ij = I for all i, j; MELoRA is Σ_ii = I, Σ_ij = 0 
 
 As a factored update ΔW = left · s · core · right with left = blockdiag(B_1..B_b) (m × b·r), core = Σ'
 (b·r × b·r, the b×b grid of the diagonal r×r blocks Σ_ij) and right = blockdiag(A_1..A_b) (b·r × n): its
-exact spectrum comes from a (b·r)² core, and rank ΔW ≤ min(m, n, b·r). Trainable parameters per layer:
+exact spectrum comes from a (b·r)² core, and rank ΔW ≤ min(m, n, b·r). The factors are kept as stored (a
+``BlockDiagonalUpdate``): R_L = blockdiag(R(B_i)) and R_R = blockdiag(R(A_iᵀ)) from per-block Grams, never the
+block-diagonal matrices. Trainable parameters per layer:
 numel(A) + numel(B) + numel(σ) = r·n + m·r + b²·r.
 """
 
@@ -40,7 +42,7 @@ import torch
 
 from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import CheckpointError
-from ..core.update import FactoredUpdate, upcast
+from ..core.update import BlockDiagonalUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .common import reader
 from .common.peft import alpha_config, layer_scale, pattern_value, positive_integer, skip_reason
@@ -192,9 +194,11 @@ def _layer(source: AdapterSource, module: reader.Module, config: dict, config_ha
     if not bool(torch.isfinite(diagonals).all()):
         mean = float(sigma.abs().mean())
         return invalid(f"{keys['sigma']}: Σ = {sigma_of.formula} is not finite (mean|σ| = {mean:g})")
-    update = FactoredUpdate(
-        left=torch.block_diag(*b.split(m // blocks, dim=0)),
-        right=torch.block_diag(*a.split(n // blocks, dim=1)),
+    # the block-diagonal factors stay as stored: the spectrum path takes each block's R factor (a (b·r)² core)
+    update = BlockDiagonalUpdate(
+        left_stack=b,
+        right_stack=a,
+        blocks=blocks,
         core=block_core(diagonals),
         scale=layer_scale(config, name, rank, config_path=where),
     )
@@ -219,5 +223,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format(FAMILY, "BoRA: PEFT LoRA keys plus lora_sigma (b, b, r) per module (rankscope's layout)", detect, read, 10)
+    Format(
+        FAMILY,
+        "BoRA: PEFT LoRA keys plus lora_sigma (b, b, r) per module (rankscope's layout)",
+        detect,
+        read,
+        10,
+        needs="nothing",
+        spectrum="factored (per-block Grams and a (b·r)² core)",
+    )
 )

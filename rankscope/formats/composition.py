@@ -24,6 +24,7 @@ from pathlib import Path
 from ..core.checkpoint import Checkpoint, Layer, Skipped
 from ..core.compose import MODES, NORMALIZATIONS, compose_layer, layer_weights, normalize_weights
 from ..core.errors import CheckpointError
+from ..core.hub import parse_hub_id
 from ..core.naming import model_order_key
 from ..core.tensorfile import read_json
 from . import Format, PathSource, ReadOptions, register_format
@@ -95,7 +96,9 @@ def read_manifest(path: Path, loader: Loader, stack: tuple[Path, ...] = ()) -> C
                 message = f"component {name!r} is a symlink that cannot be resolved ({exc})"
                 raise CheckpointError(message, path=manifest_file) from exc
         if not component_path.exists():
-            raise CheckpointError(f"component {name!r} does not exist", path=manifest_file)
+            if parse_hub_id(name) is None:
+                raise CheckpointError(f"component {name!r} does not exist", path=manifest_file)
+            component_path = Path(name)  # a hub id, fetched (or found in the cache) as the component is read
         components.append(loader(component_path, (*stack, key)))
     return compose_checkpoints(
         manifest_file,
@@ -203,5 +206,7 @@ register_format(
         read,
         priority=0,
         reads="path",
+        needs="nothing (its components' needs)",
+        spectrum="factored where its components are, else dense",
     )
 )

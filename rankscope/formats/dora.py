@@ -160,5 +160,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format("dora", "PEFT DoRA (LoRA with use_dora; needs --base, or --directional-only)", detect, read, priority=20)
+    Format(
+        "dora",
+        "PEFT DoRA (LoRA with use_dora; needs --base, or --directional-only)",
+        detect,
+        read,
+        priority=20,
+        needs="--base (or --directional-only)",
+        spectrum="dense (factored under --directional-only)",
+    )
 )

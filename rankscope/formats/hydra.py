@@ -113,5 +113,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format("hydralora", "HydraLoRA: shared A, heads lora_B<i>, router lora_route", detect, read, priority=15)
+    Format(
+        "hydralora",
+        "HydraLoRA: shared A, heads lora_B<i>, router lora_route",
+        detect,
+        read,
+        priority=15,
+        needs="nothing",
+        spectrum="factored",
+    )
 )

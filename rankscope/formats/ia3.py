@@ -182,4 +182,14 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     return build_checkpoint(source, family="ia3", adapter_type="IA3", layers=layers, skipped=skipped, warnings=warnings)
 
 
-register_format(Format("ia3", "PEFT (IA)³ (Linear, Conv1D, Conv; needs --base)", detect, read, priority=50))
+register_format(
+    Format(
+        "ia3",
+        "PEFT (IA)³ (Linear, Conv1D, Conv; needs --base)",
+        detect,
+        read,
+        priority=50,
+        needs="--base",
+        spectrum="dense",
+    )
+)

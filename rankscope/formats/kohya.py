@@ -23,19 +23,25 @@ own names). Per module, one of
 - **DoRA** (``dora_scale`` beside LoRA/LoHa/LoKr factors, LyCORIS ``weight_decompose``): ΔW = W' − W0 as
   LyCORIS's forward applies it (:mod:`.common.lycoris_dense`); needs ``--base``, else the layer is invalid.
 
-The scale s is alpha/r as the loaders apply it: :mod:`.common.kohya_scale`. Tensors of the other LyCORIS algorithms
-((IA)³ ``weight``/``on_input``, diag-OFT/BOFT ``oft_blocks``, T-LoRA, norm ``w_norm``/``b_norm``) are listed in
-``skipped`` with a reason naming the algorithm.
+- **(IA)³** (``weight``, ``on_input``), **Diag-OFT** and **BOFT** (``oft_blocks``, ``rescale``; ``alpha`` is
+  their constraint): they act on W0 itself, so they need ``--base`` (:mod:`.common.lycoris_oft`; without it their
+  tensors are skipped, saying so); dense.
+- **norm** (``train_norm``: ``w_norm``, ``b_norm`` on a LayerNorm/GroupNorm): LyCORIS adds w_norm·norm(x) + b_norm,
+  so Δγ = w_norm, a ``vector`` layer ΔW = diag(Δγ) (σ = |Δγ| sorted), and Δβ = b_norm its bias update, unscaled.
+
+The scale s is alpha/r as the loaders apply it: :mod:`.common.kohya_scale`. T-LoRA's tensors (``q_layer`` …) are
+listed in ``skipped`` with a reason naming the algorithm.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from functools import partial
 
 from ..core.checkpoint import Checkpoint, Layer, Skipped
 from ..core.errors import CheckpointError
-from ..core.update import FactoredUpdate
+from ..core.update import DiagonalUpdate, FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .common.kohya_scale import Scaling, scaling, stored_alpha
 from .common.lycoris_dense import (
@@ -61,6 +67,7 @@ from .common.lycoris_math import (
     lokr_update,
     tucker_right,
 )
+from .common.lycoris_oft import IA3_ROLES, OFT_ROLES, ia3_update, oft_update
 from .common.reader import build_checkpoint, group_keys, second_spellings, skipped_keys
 from .common.source import AdapterSource
 
@@ -69,8 +76,8 @@ _LORA_ROLES = ("lora_down", "lora_up", "lora_mid")
 _EXTRA_ROLES = ("alpha", "dora_scale", "scalar")
 # the LyCORIS algorithms whose tensors are recognised but not read, with the roles that tell them
 _OTHER_ROLES = {
-    "ia3": ("on_input",),  # and ``<name>.weight``, attached below where ``on_input`` is there
-    "oft": ("oft_blocks", "rescale"),
+    "ia3": IA3_ROLES,  # and ``<name>.weight``, attached below where ``on_input`` is there
+    "oft": OFT_ROLES,
     "norm": ("w_norm", "b_norm"),
     "tlora": ("q_layer", "p_layer", "lambda_layer"),
 }
@@ -92,22 +99,22 @@ _BASE_HINT = "pass --base BASE (the base model the adapter was trained on)"
 _VECTOR_DIFF = "a vector (norm) weight difference: a vector update, not read yet"
 _LONE_BIAS = "a bias difference (diff_b) without a weight update: a vector update, not read yet"
 _NOT_READ = {
-    "ia3": "a LyCORIS (IA)³ module (weight, on_input): rescales the base weight; not read yet",
-    "diag-oft": "a LyCORIS diag-OFT module (oft_blocks): rotates the base weight; not read yet",
-    "boft": "a LyCORIS BOFT module (butterfly oft_blocks): rotates the base weight; not read yet",
-    "norm": "a LyCORIS norm module (w_norm, b_norm): a LayerNorm/GroupNorm weight and bias update, no matrix; "
-    "not analysed",
-    "tlora": "a LyCORIS T-LoRA module (q_layer, p_layer, lambda_layer): not read yet",
+    "ia3": f"a LyCORIS (IA)³ module (weight, on_input): ΔW = diag(w)·W0 rescales the base weight; {_BASE_HINT}",
+    "diag-oft": f"a LyCORIS diag-OFT module (oft_blocks): ΔW = (Rᵀ − I)·W0 rotates the base weight; {_BASE_HINT}",
+    "boft": f"a LyCORIS BOFT module (butterfly oft_blocks): rotates the base weight; {_BASE_HINT}",
+    "tlora": "a LyCORIS T-LoRA module (q_layer, p_layer, lambda_layer): its update depends on the diffusion "
+    "timestep (a mask of ranks per step), no static ΔW",
     "glora": f"a GLoRA module: ΔW = s·(W0·a1·a2 + b1·b2) involves the base weight W0; {_BASE_HINT}",
 }
+_NEEDS_BASE = {"glora": "GLoRA", "ia3": "(IA)³", "diag-oft": "diag-OFT", "boft": "BOFT"}
 
 
 _COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
 
 
 def detect(source: AdapterSource) -> bool:
-    """kohya names: ``.lora_down.weight``/``.lora_up.weight``, or LyCORIS LoHa/LoKr/full/GLoRA keys next to an
-    ``alpha`` tensor (PEFT never saves one) or under a kohya module name (``lora_unet_…``) — and no
+    """kohya names: ``.lora_down.weight``/``.lora_up.weight``, or LyCORIS LoHa/LoKr/full/GLoRA/(IA)³/OFT/norm keys
+    next to an ``alpha`` tensor (PEFT never saves one) or under a kohya module name (``lora_unet_…``) — and no
     adapter_config.json."""
     if source.config is not None:
         return False
@@ -118,7 +125,7 @@ def detect(source: AdapterSource) -> bool:
             continue
         if match["role"] in ("lora_down", "lora_up"):
             return True
-        if match["role"] in ("hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "a1"):
+        if match["role"] in ("hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "a1", "on_input", "oft_blocks", "w_norm"):
             module = match["module"]
             if f"{module}.alpha" in keys or module.startswith(_KOHYA_PREFIXES):
                 return True
@@ -255,9 +262,20 @@ def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: S
         algorithm = _algorithm(roles, stored)
         if algorithm is None:
             return "belongs to a module with no factors of any LyCORIS algorithm (only alpha/dora_scale)"
-        if algorithm in _NOT_READ and not (algorithm == "glora" and options.base is not None):
+        if algorithm in _NOT_READ and not (algorithm in _NEEDS_BASE and options.base is not None):
             return _NOT_READ[algorithm]
         family = "locon" if "lora_mid" in roles else algorithm
+        if algorithm == "norm":
+            return _norm_layer(stored, module, params)
+        if algorithm in ("ia3", "diag-oft", "boft"):
+            key = stored["weight" if algorithm == "ia3" else "oft_blocks"][0]
+            base_shape = _base_shape(options, module, key, _NEEDS_BASE[algorithm])
+            load_base = partial(options.base.get, module)  # read when the update is built
+            if algorithm == "ia3":
+                update = ia3_update(stored, base_shape, load_base)
+            else:
+                update = oft_update(stored, module, base_shape, stored_alpha(stored) or 0.0, load_base)
+            return Layer(module, update, base_shape, params, kind=kind_of(base_shape), family=family)
         if algorithm == "full":
             if "diff" not in stored:
                 return _LONE_BIAS
@@ -291,6 +309,20 @@ def _layer(source: AdapterSource, module: str, roles: dict[str, str], scaling: S
     return Layer(module, update, shape, params, kind=kind, family=family, bias_update=bias, bias_scaled=False)
 
 
+def _norm_layer(stored: Stored, module: str, params: int) -> Layer:
+    """LyCORIS norm (``train_norm``): Δγ = w_norm as ΔW = diag(Δγ) (kind ``vector``), Δβ = b_norm (unscaled)."""
+    check_finite(stored)
+    key, weight = stored.get("w_norm", stored.get("b_norm"))
+    if "w_norm" not in stored or weight.ndim != 1:
+        problem = "a b_norm without its w_norm" if "w_norm" not in stored else f"found shape {list(weight.shape)}"
+        raise FactorError(f"{key}: expected a norm's weight update of one value per channel ({problem})")
+    bias = stored["b_norm"][1] if "b_norm" in stored else None
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape):
+        raise FactorError(f"{stored['b_norm'][0]}: expected shape {list(weight.shape)}, found {list(bias.shape)}")
+    update = DiagonalUpdate(upcast(weight))
+    return Layer(module, update, tuple(weight.shape), params, "vector", "norm", bias_update=bias, bias_scaled=False)
+
+
 def _bias_difference(stored: Stored, rows: int):
     """The ``diff_b`` beside a module's factors (one per output), or None: ComfyUI adds it to the bias as is."""
     if "diff_b" not in stored:
@@ -322,12 +354,12 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
             skipped.append(
                 Skipped(roles["scalar"], "LyCORIS folds its scalar into the factors on save and resets it", True)
             )
-    glora = [item.key for item in skipped if item.reason == _NOT_READ["glora"]]
-    if not layers and glora:
-        raise CheckpointError(
-            f"GLoRA modules ({glora[0]} …): ΔW = s·(W0·a1·a2 + b1·b2) involves the base weight W0; {_BASE_HINT}",
-            path=source.weights_path,
-        )
+    needing = {_NOT_READ[algo]: name for algo, name in _NEEDS_BASE.items()}
+    waiting = [(item.key, needing[item.reason]) for item in skipped if item.reason in needing]
+    if not layers and waiting:
+        key, name = waiting[0]
+        why = "ΔW = s·(W0·a1·a2 + b1·b2) involves the base weight W0" if name == "GLoRA" else "they act on W0 itself"
+        raise CheckpointError(f"{name} modules ({key} …): {why}; {_BASE_HINT}", path=source.weights_path)
     lycoris = any(layer.family != "lora" for layer in layers) or any(key.startswith("lycoris_") for key in modules)
     warnings = settings.warnings()
     if options.directional_only and any("dora_scale" in roles for roles in modules.values()):
@@ -355,10 +387,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 register_format(
     Format(
         FAMILY,
-        "kohya-ss / LyCORIS networks (LoRA, LoCon with Tucker core, LoHa, LoKr, full, GLoRA, DoRA) in one "
-        "safetensors file",
+        "kohya-ss / LyCORIS networks (LoRA, LoCon with Tucker core, LoHa, LoKr, full, GLoRA, DoRA, (IA)³, "
+        "Diag-OFT, BOFT, norm) in one safetensors file",
         detect,
         read,
         priority=30,
+        needs="--base for GLoRA, DoRA, (IA)³, OFT, BOFT",
+        spectrum="factored (LoRA, LoCon, LoHa, GLoRA), Kronecker (LoKr), vector (norm), "
+        "dense (full, DoRA, (IA)³, OFT, BOFT)",
     )
 )

@@ -100,5 +100,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format("ln-tuning", "PEFT LN tuning (full copies of norms, or of any module; needs --base)", detect, read, 50)
+    Format(
+        "ln-tuning",
+        "PEFT LN tuning (full copies of norms, or of any module; needs --base)",
+        detect,
+        read,
+        priority=50,
+        needs="--base",
+        spectrum="vector (norms), dense (other modules)",
+    )
 )

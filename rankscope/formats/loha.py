@@ -52,4 +52,14 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     return checkpoint
 
 
-register_format(Format(FAMILY, "PEFT LoHa (Linear, Conv1d/2d, use_effective_conv2d)", detect, read, priority=50))
+register_format(
+    Format(
+        FAMILY,
+        "PEFT LoHa (Linear, Conv1d/2d, use_effective_conv2d)",
+        detect,
+        read,
+        priority=50,
+        needs="nothing",
+        spectrum="factored",
+    )
+)

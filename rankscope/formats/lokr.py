@@ -64,5 +64,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
 
 
 register_format(
-    Format(FAMILY, "PEFT LoKr (Linear, Conv1d/2d, decompose_both, use_effective_conv2d)", detect, read, priority=50)
+    Format(
+        FAMILY,
+        "PEFT LoKr (Linear, Conv1d/2d, decompose_both, use_effective_conv2d)",
+        detect,
+        read,
+        priority=50,
+        needs="nothing",
+        spectrum="Kronecker",
+    )
 )

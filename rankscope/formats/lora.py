@@ -21,7 +21,7 @@ from ..core.errors import UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
-from .common import lora_params, reader
+from .common import lora_kasa, lora_params, lora_replication, lora_tokens, lora_variants, reader
 from .common.diffusers import AliasKey
 from .common.diffusers import partner_key as diffusers_partner
 from .common.diffusers import split_key as split_diffusers_key
@@ -71,14 +71,16 @@ def split_key(key: str) -> KeyParts | None:
     return KeyParts(match["module"], match["attr"], match["adapter"], match["param"] or "")
 
 
-# LoRA configs whose flags change the layout or the update in ways this reader does not handle
+# LoRA configs whose flags change the layout or the update in ways this reader does not handle (those in
+# _PLAIN_ONLY: only its variants, DoRA and training checkpoints, refuse them)
+_PLAIN = "is read only from a plain PEFT LoRA adapter (not with DoRA, not from a training checkpoint)"
 _REFUSED_FLAGS = {
     "use_dora": "DoRA (use_dora) is read by the dora format, not plain LoRA (drop --format lora; give --base PATH)",
-    "use_bdlora": "BD-LoRA (use_bdlora) stores one factor block-diagonally in compact form",
-    "use_qalora": "QA-LoRA (use_qalora) pools its inputs and has no static ΔW",
-    "kasa_config": "KaSA (kasa_config) rewrites the base weight and scales by a learned diagonal",
-    "layer_replication": "layer_replication renumbers layers away from the base model's",
-    "trainable_token_indices": "trainable_token_indices replaces embedding rows rather than adding B·A",
+    "use_bdlora": f"BD-LoRA (use_bdlora) {_PLAIN}",
+    "use_qalora": f"QA-LoRA (use_qalora) {_PLAIN}",
+    "kasa_config": f"KaSA (kasa_config) {_PLAIN}",
+    "layer_replication": f"layer_replication {_PLAIN}",
+    "trainable_token_indices": f"trainable_token_indices {_PLAIN}",
     "arrow_config": "Arrow (arrow_config) routes between adapters per token",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) is active only after its invocation tokens",
     "lora_nums": "HydraLoRA (lora_nums) has several B heads and a router: it is read by the hydralora format",
@@ -200,6 +202,7 @@ def _layer(
     problem = reader.nonfinite_among(((a_key, a), (b_key, b), (module.keys.get("bias"), bias)))
     if problem:
         return invalid(problem)
+    a, b = lora_variants.bdlora_factors(config, name, a, b)  # BD-LoRA's compact block-diagonal factor
     if a.ndim < 2 or b.ndim < 2:
         bad_key, bad = (a_key, a) if a.ndim < 2 else (b_key, b)
         return invalid(f"{bad_key}: expected a matrix, found shape {list(bad.shape)}")
@@ -231,6 +234,8 @@ def _layer(
 
     left = b.reshape(b.shape[0], rank)
     right = a.reshape(rank, -1)
+    if lora_variants.is_qalora(config) and a.ndim == 2 and not embedding:  # QA-LoRA pools its inputs: A·P
+        right = lora_variants.qalora_right(config, right)
     if embedding:
         kind, shape = "embedding", (right.shape[1], left.shape[0])
     elif a.ndim > 2:
@@ -260,6 +265,11 @@ def parse(
     refusal of flags and tensors that the caller's variant handles (``use_dora``, ``lora_magnitude_vector``)."""
     warnings = _check_config(source, allow)
     modules, unused = _group(source.tensors.keys(), adapter)
+    token_rule = (source.config or {}).get("trainable_token_indices") if "trainable_token_indices" in allow else None
+    tokens, unused = lora_tokens.split(unused) if truthy(token_rule) else ({}, unused)
+    base, notes = _replicated_base(source, options) if "layer_replication" in allow else (options.base, [])
+    kasa = "kasa_config" in allow and (source.config or {}).get("kasa_config") is not None
+    diagonals, unused = lora_kasa.split(unused) if kasa else ({}, unused)
     skipped = []
     if options.alpha is not None:  # --alpha replaces every module's α, its own .alpha scalar too
         for module in modules.values():
@@ -281,13 +291,15 @@ def parse(
         scaling.no_alpha.clear()  # said below (uncovered components) or above (alpha_config's "α is unknown")
     # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
     inits = {layer.name: layer_config(config, layer.name)[0].get("init_lora_weights") for _, layer in layers}
-    oriented, layout = orient([layer for _, layer in layers], options.base)  # Conv1D beside Linear targets
-    init_layers, init_warnings = apply_init(oriented, inits, options.base)
+    oriented, layout = orient([layer for _, layer in layers], base)  # Conv1D beside Linear targets
+    init_layers, init_warnings = apply_init(oriented, inits, base)
     layers = [(module, layer) for (module, _), layer in zip(layers, init_layers, strict=True)]
-    expert_layers, expert_notes = lora_params.read_wrapped(source, wrapped, config, options.base)
-    layers += expert_layers
+    layers, kasa_warnings, unused_diagonals = lora_kasa.apply(layers, diagonals, source.tensors, base)
+    unused += unused_diagonals
+    expert_layers, expert_notes = lora_params.read_wrapped(source, wrapped, config, base)
+    layers += expert_layers + _token_layers(source, tokens, token_rule, options, {layer.name for _, layer in layers})
     mha = double_applied_warning([module.stored for module in plain.values()], source.config)
-    warnings += init_warnings + ([mha] if mha else []) + ([layout] if layout else [])
+    warnings += init_warnings + kasa_warnings + ([mha] if mha else []) + ([layout] if layout else [])
     uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
     return Parsed(
         modules=layers,
@@ -296,8 +308,29 @@ def parse(
         + reader.second_spellings(modules.values()),
         config=config,
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
-        notes=expert_notes,
+        notes=notes + expert_notes,
     )
+
+
+def _replicated_base(source: AdapterSource, options: ReadOptions):
+    """(the base as the layers of a ``layer_replication`` model see it, its note); the base itself without one."""
+    rule = (source.config or {}).get("layer_replication")
+    if not truthy(rule):
+        return options.base, []
+    copies = lora_replication.sources(rule, source.where)
+    base = lora_replication.ReplicatedBase(options.base, copies) if options.base is not None else None
+    return base, [lora_replication.note(copies)]
+
+
+def _token_layers(source: AdapterSource, tokens: dict, rule: object, options: ReadOptions, lora_names: set):
+    """The embedding rows ``trainable_token_indices`` trains (:mod:`.common.lora_tokens`), beside the LoRA layers."""
+    found = lora_tokens.token_modules(tokens, source.tensors, rule, options.base)
+    clash = next((layer.name for _, layer in found if layer.name in lora_names), None)
+    if clash is not None:
+        raise UnsupportedAdapterError(
+            f"{clash} has both LoRA factors and trainable token rows: not read", path=source.where
+        )
+    return found
 
 
 def _ignore_alphas(source: AdapterSource, modules, config: dict) -> tuple[list[Skipped], list[str]]:
@@ -318,8 +351,12 @@ def _ignore_alphas(source: AdapterSource, modules, config: dict) -> tuple[list[S
     return [Skipped(key, reason, True) for key in keys], [warning]
 
 
+# what plain LoRA reads that its variants (DoRA, training checkpoints) still refuse
+_PLAIN_ONLY = frozenset({"layer_replication", "trainable_token_indices", "use_qalora", "use_bdlora", "kasa_config"})
+
+
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
-    return parsed_checkpoint(source, parse(source, options))
+    return parsed_checkpoint(source, parse(source, options, allow=_PLAIN_ONLY))
 
 
 def parsed_checkpoint(source: AdapterSource, parsed: Parsed, adapter_type: str | None = None) -> Checkpoint:
@@ -343,5 +380,7 @@ register_format(
         detect,
         read,
         priority=100,
+        needs="nothing (--base for PiSSA/OLoRA, KaSA, trainable_token_indices)",
+        spectrum="factored",
     )
 )

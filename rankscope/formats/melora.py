@@ -203,4 +203,14 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     )
 
 
-register_format(Format(FAMILY, "MELoRA: n mini LoRAs on a block diagonal (lora_A.<i>, lora_B.<i>)", detect, read, 20))
+register_format(
+    Format(
+        FAMILY,
+        "MELoRA: n mini LoRAs on a block diagonal (lora_A.<i>, lora_B.<i>)",
+        detect,
+        read,
+        priority=20,
+        needs="nothing",
+        spectrum="factored",
+    )
+)

@@ -28,6 +28,7 @@ from ..core.naming import layer_name
 from ..core.update import DenseUpdate
 from . import Format, ReadOptions, register_format
 from .common.peft import truthy
+from .common.peft_model import read_whole
 from .common.peft_tuner import (
     PEFT_PREFIX,
     BaseLayout,
@@ -60,7 +61,7 @@ NO_STATIC_DELTA = {
     "BEFT": "it trains biases only (no weight changes)",
 }
 # tuners whose layers index state shared across the whole model (one trained vector, a joint decomposition): a
-# layer cannot be rebuilt alone, and this reader wraps one layer at a time
+# layer cannot be rebuilt alone, so these are read by building the whole base model (common/peft_model.py)
 WHOLE_MODEL = {
     "TINYLORA": "its layers share trained vectors (tinylora_v.<i>) assigned across the whole model",
     "UNILORA": "all its layers index one shared trained vector (unilora_theta_d) laid out over the whole model",
@@ -78,10 +79,6 @@ def _peft(source: AdapterSource):
     why = NO_STATIC_DELTA.get(peft_type)
     if why is not None:
         raise UnsupportedAdapterError(f"{peft_type} has no static weight update to analyse: {why}", path=source.where)
-    if peft_type in WHOLE_MODEL:
-        why = WHOLE_MODEL[peft_type]
-        message = f"{peft_type} is not read yet: {why}, and the peft-merge reader wraps one layer at a time"
-        raise UnsupportedAdapterError(message, path=source.where)
     peft = import_peft(peft_type)
     if peft_type not in {t.value for t in peft.PeftType}:
         raise UnsupportedAdapterError(
@@ -167,6 +164,8 @@ def _layer(reading: _Reading, path: str, keys: list[str]) -> tuple[Layer, set]:
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     peft = _peft(source)
     peft_type = source.peft_type
+    if peft_type in WHOLE_MODEL:  # PEFT loads the adapter into the whole float64 base model and merges it
+        return read_whole(peft, source, options.base, FAMILY, WHOLE_MODEL[peft_type])
     if options.base is None:
         raise CheckpointError(
             f"{peft_type}'s ΔW is read from PEFT's merge into the base weights (W_merged − W0): pass base (the base "
@@ -223,5 +222,7 @@ register_format(
         detect,
         read,
         priority=1000,
+        needs="--base and the peft extra (TinyLoRA, UniLoRA, FRoD: --base a model directory with config.json)",
+        spectrum="dense",
     )
 )

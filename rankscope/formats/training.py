@@ -107,5 +107,7 @@ register_format(
         detect,
         read,
         priority=40,
+        needs="nothing (the base weights are in the file)",
+        spectrum="factored (dense for DoRA)",
     )
 )

@@ -271,4 +271,14 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     )
 
 
-register_format(Format("vera", "PEFT VeRA (shared random projections, Linear and Conv1D)", detect, read, priority=20))
+register_format(
+    Format(
+        "vera",
+        "PEFT VeRA (shared random projections, Linear and Conv1D)",
+        detect,
+        read,
+        priority=20,
+        needs="nothing (--base for save_projection: false)",
+        spectrum="factored",
+    )
+)

@@ -8,10 +8,14 @@ random baseline k/dim; the LoRA paper's φ(i, j); and ⟨ΔW1, ΔW2⟩_F/(‖ΔW
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from ..core.factored import update_r_factors
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast
+from .metrics import Spectra, batch_numerical_rank
 
 
 def principal_cosines(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.Tensor:
@@ -50,12 +54,9 @@ def subspace_similarity(basis_a: torch.Tensor, basis_b: torch.Tensor) -> torch.T
 
 
 def _factored_inner(a: FactoredUpdate, b: FactoredUpdate) -> float:
-    """⟨L1C1R1, L2C2R2⟩_F = Σ (C1ᵀ(L1ᵀL2)C2) ⊙ (R1R2ᵀ): K1×K2 work, neither matrix formed."""
-    gram_left = a.scaled_left().mT @ b.scaled_left()
-    if a.core is not None:
-        gram_left = upcast(a.core).mT @ gram_left
-    if b.core is not None:
-        gram_left = gram_left @ upcast(b.core)
+    """⟨L1S1C1R1, L2S2C2R2⟩_F = Σ (C1ᵀS1(L1ᵀL2)S2C2) ⊙ (R1R2ᵀ): K1×K2 work, neither matrix formed (the scales act
+    on the K×K level, so no factor is rescaled)."""
+    gram_left = _scaled_core(a).mT @ (upcast(a.left).mT @ upcast(b.left)) @ _scaled_core(b)
     gram_right = upcast(a.right) @ upcast(b.right).mT
     return float((gram_left * gram_right).sum())
 
@@ -82,3 +83,105 @@ def update_cosine(a: Update, b: Update) -> float | None:
     if norm == 0.0:
         return None
     return max(-1.0, min(1.0, inner_product(a, b) / norm))
+
+
+# -- every pair of factored updates of one layer, from cross-Grams ----------------------------------------------
+# For ΔW = L·S·C·R with R factors R_L, R_R (the spectrum path's, kept in ``core.factored``'s cache), the core
+# R_L·S·C·R_Rᵀ = U_c·Σ·V_cᵀ gives U = L·R_L⁻¹·U_c and V = Rᵀ·R_R⁻¹·V_c: each basis is a factor times a small matrix,
+# so U_aᵀU_b = X_aᵀ·(L_aᵀL_b)·X_b and ⟨ΔW_a, ΔW_b⟩ = Σ (C_aᵀS_a·L_aᵀL_b·S_bC_b) ⊙ (R_aR_bᵀ) need only the
+# cross-Grams. Where R is not well conditioned (it came from Householder QR, not an accepted CholeskyQR), that
+# side uses the explicit Q of a Householder QR instead (F = Q, factor = Q·T), so no R⁻¹ amplifies rounding.
+@dataclass
+class _Side:
+    factor: torch.Tensor  # F (d × K'), float64: the factor itself, or an orthonormal Q
+    to_factor: torch.Tensor | None  # T with the factor = F·T (None: T = I)
+    basis: torch.Tensor | None = None  # X (K' × rank): the singular basis U = F·X
+
+
+def _side(factor: torch.Tensor, r: torch.Tensor, method: str) -> tuple[_Side, torch.Tensor]:
+    if method == "cholesky":
+        return _Side(factor, None), r
+    q, r = torch.linalg.qr(factor)
+    return _Side(q, r), r
+
+
+def _cross(a: _Side, b: _Side) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X_aᵀ·F_aᵀF_b·X_b, factor_aᵀ·factor_b)."""
+    gram = a.factor.mT @ b.factor
+    factors = gram if a.to_factor is None else a.to_factor.mT @ gram
+    if b.to_factor is not None:
+        factors = factors @ b.to_factor
+    return a.basis.mT @ gram @ b.basis, factors
+
+
+def _scaled_core(update: FactoredUpdate) -> torch.Tensor:
+    """diag(scale)·C (K × K, float64)."""
+    core = upcast(update.core) if update.core is not None else torch.eye(update.inner_dim, dtype=torch.float64)
+    scale = update.scale
+    return core * (upcast(scale.reshape(-1, 1)) if isinstance(scale, torch.Tensor) else float(scale))
+
+
+ALIGNMENT_KEYS = ("cosine", "left_overlap", "left_baseline", "left_min_angle", "left_mean_angle",
+                  "right_overlap", "right_baseline", "right_min_angle", "right_mean_angle")  # fmt: skip
+
+
+def factored_pairwise_alignment(updates: Sequence[FactoredUpdate]) -> dict:
+    """The k×k alignment matrices of ``measures.components.pairwise_alignment`` — exact update cosine; per side,
+    with k_ij the smaller numerical rank, projection overlap, its baseline, smallest and mean principal angle in
+    degrees — for factored updates of one shape, from the R factors the spectra computed and the cross-Grams
+    (each factor upcast once). A zero update's entries are None."""
+    n = len(updates)
+    r_left, r_right, how_left, how_right = update_r_factors(updates)
+    sides, sigmas, cores = [], [], []
+    for i, update in enumerate(updates):
+        left, rl = _side(upcast(update.left), r_left[i], how_left[i])
+        right, rr = _side(upcast(update.right).mT, r_right[i], how_right[i])
+        scaled = _scaled_core(update)
+        u_core, sigma, vh_core = torch.linalg.svd(rl @ scaled @ rr.mT, full_matrices=False)
+        sides.append((left, right, u_core, vh_core.mT, rl, rr))
+        sigmas.append(sigma)
+        cores.append(scaled)
+    lengths = {len(s) for s in sigmas}
+    dims = torch.tensor([float(max(u.shape)) for u in updates], dtype=torch.float64)
+    if len(lengths) == 1:
+        ranks = batch_numerical_rank(Spectra(sigmas), dims).tolist()
+    else:
+        ranks = [int(batch_numerical_rank(Spectra([s]), dims[i : i + 1])[0]) for i, s in enumerate(sigmas)]
+    for (left, right, u_core, v_core, rl, rr), rank in zip(sides, ranks, strict=True):
+        for side, vectors, r in ((left, u_core, rl), (right, v_core, rr)):
+            chosen = vectors[:, :rank]
+            implicit = side.to_factor is None
+            side.basis = torch.linalg.solve_triangular(r, chosen, upper=True) if implicit and rank else chosen
+    energies = [float((s * s).sum()) for s in sigmas]
+    out: dict[str, list[list[float | None]]] = {key: [[None] * n for _ in range(n)] for key in ALIGNMENT_KEYS}
+    shape = updates[0].shape
+    for i in range(n):
+        if energies[i] > 0:  # UᵀU = I: overlap 1, every angle 0
+            out["cosine"][i][i] = 1.0
+            for name, dim in (("left", shape[0]), ("right", shape[1])):
+                values = {"overlap": 1.0, "baseline": overlap_baseline(ranks[i], ranks[i], dim), "min_angle": 0.0,
+                          "mean_angle": 0.0}  # fmt: skip
+                for key, value in values.items():
+                    out[f"{name}_{key}"][i][i] = value
+        for j in range(i + 1, n):
+            left_bases, left_factors = _cross(sides[i][0], sides[j][0])
+            right_bases, right_factors = _cross(sides[i][1], sides[j][1])
+            if energies[i] > 0 and energies[j] > 0:
+                inner = float(((cores[i].mT @ left_factors @ cores[j]) * right_factors).sum())
+                cosine = max(-1.0, min(1.0, inner / math.sqrt(energies[i] * energies[j])))
+                out["cosine"][i][j] = out["cosine"][j][i] = cosine
+            k = min(ranks[i], ranks[j])
+            if k == 0:
+                continue
+            for name, cross, dim in (("left", left_bases, shape[0]), ("right", right_bases, shape[1])):
+                block = cross[:k, :k]
+                degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(block).clamp(0.0, 1.0))).tolist()
+                values = {
+                    "overlap": float(block.pow(2).sum()) / k,
+                    "baseline": overlap_baseline(k, k, dim),
+                    "min_angle": min(degrees),
+                    "mean_angle": sum(degrees) / len(degrees),
+                }
+                for key, value in values.items():
+                    out[f"{name}_{key}"][i][j] = out[f"{name}_{key}"][j][i] = value
+    return out

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.spectrum import singular_vectors
-from ..core.update import Update
+from ..core.update import FactoredUpdate, Update
 from . import alignment
 from .concentration import concentration
 from .metrics import numerical_rank
@@ -26,6 +26,9 @@ def pairwise_alignment(updates: Sequence[Update]) -> dict:
     """k×k matrices over the components: exact update cosine, and for the left (output) and right (input)
     singular subspaces of each pair, with k_ij = min of the two numerical ranks: projection overlap, its random
     baseline, and the smallest and mean principal angle in degrees."""
+    if all(isinstance(update, FactoredUpdate) for update in updates):
+        # from the R factors the spectra computed and cross-Grams, one upcast per factor (no per-pair QR)
+        return alignment.factored_pairwise_alignment(updates)
     bases = []
     for update in updates:
         u, sigma, v = singular_vectors(update)

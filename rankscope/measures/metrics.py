@@ -277,6 +277,35 @@ def spectrum_metrics_batch(
     return results  # type: ignore[return-value]
 
 
+def truncated_metrics(
+    energy_value: float,
+    fourth_moment: float,
+    top: float,
+    *,
+    thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+    energies: Iterable[float] = DEFAULT_ENERGIES,
+    rel_thresholds: Iterable[float] = DEFAULT_REL_THRESHOLDS,
+) -> dict:
+    """The metrics of a truncated spectrum (``--top-k``), same keys as :func:`spectrum_metrics`: those that norms
+    give exactly — energy Σσ² = ‖ΔW‖_F², frobenius, sigma_max σ₁, stable_rank Σσ²/σ₁², participation_ratio
+    (Σσ²)²/Σσ⁴ with Σσ⁴ = ‖ΔWᵀΔW‖_F² — and None for those that need every σ."""
+    nonzero = top > 0 and energy_value > 0
+    return {
+        "count_above": dict.fromkeys(map(parameter_key, thresholds)),
+        "count_above_rel": dict.fromkeys(map(parameter_key, rel_thresholds)),
+        "energy_rank": dict.fromkeys(map(parameter_key, energies)),
+        "erank": None,
+        "erank_energy": None,
+        "stable_rank": energy_value / top**2 if nonzero else 0.0,
+        "participation_ratio": energy_value**2 / fourth_moment if nonzero and fourth_moment > 0 else 0.0,
+        "numerical_rank": None,
+        "utilization": None,
+        "frobenius": math.sqrt(max(energy_value, 0.0)),
+        "sigma_max": top,
+        "energy": energy_value,
+    }
+
+
 __all__ = [
     "Spectra",
     "count_above",
@@ -293,5 +322,6 @@ __all__ = [
     "spectrum_metrics",
     "spectrum_metrics_batch",
     "stable_rank",
+    "truncated_metrics",
     "utilization",
 ]

@@ -28,6 +28,15 @@ from .model import (
     cumulative_energy,
     layer_names_by_module,
 )
+from .resize_base import (
+    DEFAULT_SUGGEST_RULE,
+    extra_cells,
+    extra_columns,
+    measured_against_base,
+    resize_base_specs,
+    suggested_ranks,
+    suggestion_rule,
+)
 from .tables import (
     Column,
     Row,
@@ -83,10 +92,15 @@ def _most_aligned(records: list[LayerRecord]) -> LayerRecord | None:
 
 
 def figure_specs(
-    analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None = None
+    analyses: Sequence[Analysis],
+    labels: Sequence[str],
+    comparison: Comparison | None = None,
+    *,
+    suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
 ) -> list[FigureSpec]:
     """The figures a report holds, in page order. A checkpoint's figures carry its label in the id when there
-    are several. One spectrum figure per module type (not per layer), so a 224-layer report stays small."""
+    are several. One spectrum figure per module type (not per layer), so a 224-layer report stays small.
+    ``suggest_rule``: the rank rule the resize figure marks beside the usual ones (None: no resize figure)."""
     ids = _Ids()
     several = len(analyses) > 1
     tau = analyses[0].options.thresholds[0]
@@ -116,6 +130,7 @@ def figure_specs(
         FigureSpec(ids("count-above"), "count-above", "overview", f"Singular values above τ = {tau:g} per layer"),
         FigureSpec(ids("energy"), "energy", "overview", "Cumulative energy Σ_{i≤k} σ_i² / Σ σ² by module type"),
     ]
+    specs += resize_base_specs(analyses, suggestion_rule(suggest_rule), ids, tag, labels)
     for index, (analysis, label) in enumerate(zip(analyses, labels, strict=True)):
         records = composed(analysis)
         if not records:
@@ -260,7 +275,15 @@ def _status(record: LayerRecord) -> str:
     return "ok" if record.exact else "approximate"
 
 
-def layer_table(analyses: Sequence[Analysis], labels: Sequence[str]) -> Table:
+def layer_table(
+    analyses: Sequence[Analysis],
+    labels: Sequence[str],
+    suggested: Sequence[dict[str, int]] = (),
+    against_base: bool = False,
+    rule: str | None = None,
+) -> Table:
+    """Every layer of every checkpoint; ``suggested`` (per checkpoint, layer → rank under ``rule``) and
+    ``against_base`` add the suggested-rank and base columns after the status."""
     several = len(analyses) > 1
     tau = analyses[0].options.thresholds[0]
     columns = [Column("layer", False), Column("module", False), Column("index")]
@@ -277,9 +300,11 @@ def layer_table(analyses: Sequence[Analysis], labels: Sequence[str]) -> Table:
         Column("90% energy"),
         Column("utilisation"),
         Column("status", False),
+        *extra_columns(rule if suggested else None, against_base),
     ]
     rows = []
-    for analysis, label in zip(analyses, labels, strict=True):
+    for index, (analysis, label) in enumerate(zip(analyses, labels, strict=True)):
+        ranks = suggested[index] if suggested else None
         for record in analysis.layers:
             m = record.metrics or {}
             shape = record.matrix_shape
@@ -299,6 +324,7 @@ def layer_table(analyses: Sequence[Analysis], labels: Sequence[str]) -> Table:
                 Cell((m.get("energy_rank") or {}).get("0.9"), "d"),
                 Cell(m.get("utilization"), ".0%"),
                 Cell(_status(record)),
+                *extra_cells(record, ranks, against_base),
             ]
             search = " ".join(x for x in (record.name, record.module_type, label if several else "") if x).lower()
             rows.append(Row(cells, layer=record.name, search=search))
@@ -399,9 +425,19 @@ def _comparison_view(comparison: Comparison) -> ComparisonView:
     )
 
 
-def build_report(analyses: Sequence[Analysis], labels: Sequence[str], comparison: Comparison | None = None) -> Report:
-    """The report model of ``analyses`` (one checkpoint, or several with their ``comparison``)."""
+def build_report(
+    analyses: Sequence[Analysis],
+    labels: Sequence[str],
+    comparison: Comparison | None = None,
+    *,
+    suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
+) -> Report:
+    """The report model of ``analyses`` (one checkpoint, or several with their ``comparison``). ``suggest_rule``:
+    the rank rule of each layer's suggested rank (``rankscope suggest``'s; None or ``"none"``: no suggestion)."""
     analyses, labels = list(analyses), list(labels)
+    rule = suggestion_rule(suggest_rule)
+    suggested = suggested_ranks(analyses, rule)
+    against_base = measured_against_base(analyses)
     several = len(analyses) > 1
     modules = layer_names_by_module(analyses)
     names = [name for group in modules.values() for name in group]
@@ -416,10 +452,10 @@ def build_report(analyses: Sequence[Analysis], labels: Sequence[str], comparison
         checkpoints=[
             _checkpoint_view(a, label, i, several) for i, (a, label) in enumerate(zip(analyses, labels, strict=True))
         ],
-        figures=figure_specs(analyses, labels, comparison),
+        figures=figure_specs(analyses, labels, comparison, suggest_rule=rule),
         modules=modules,
         anchors=anchors,
-        layers=layer_table(analyses, labels),
+        layers=layer_table(analyses, labels, suggested, against_base, rule),
         details=[
             _detail(name, anchors[name], module, analyses, labels)
             for module, group in modules.items()
@@ -429,4 +465,7 @@ def build_report(analyses: Sequence[Analysis], labels: Sequence[str], comparison
         comparison_view=_comparison_view(comparison) if comparison is not None else None,
         energies=tuple(options.energies),
         thresholds=tuple(options.thresholds),
+        suggestion_rule=rule,
+        suggested=suggested,
+        against_base=against_base,
     )

@@ -9,6 +9,7 @@ working directory, the user's home or an input checkpoint is ever replaced.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -16,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,9 @@ from .csv import text_cell as csv_text
 from .html import render_page
 from .json import dumps
 from .markdown import comparison_markdown, notes_markdown, spectrum_markdown
-from .model import FigureSpec
+from .model import FigureSpec, Report
 from .output import set_usual_mode
+from .resize_base import DEFAULT_SUGGEST_RULE
 
 if TYPE_CHECKING:
     from ..analysis.comparison import Comparison
@@ -69,15 +71,17 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
     return target
 
 
-def report_csv(analyses: Sequence[Analysis], labels: Sequence[str]) -> str:
+def report_csv(analyses: Sequence[Analysis], labels: Sequence[str], report: Report | None = None) -> str:
     """One checkpoint: ``layers_csv``. Several: one row per (checkpoint, layer), a ``checkpoint`` column first,
-    the union of the metric columns (blank where a checkpoint lacks one)."""
+    the union of the metric columns (blank where a checkpoint lacks one). With ``report``, its suggested ranks."""
+    rule = report.suggestion_rule if report is not None else None
+    suggested = report.suggested if report is not None and rule is not None else [None] * len(analyses)
     if len(analyses) == 1:
-        return layers_csv(analyses[0])
+        return layers_csv(analyses[0], suggested[0], rule)
     columns: list[str] = []
     rows: list[dict] = []
-    for label, analysis in zip(labels, analyses, strict=True):
-        reader = csv.DictReader(io.StringIO(layers_csv(analysis)))
+    for label, analysis, ranks in zip(labels, analyses, suggested, strict=True):
+        reader = csv.DictReader(io.StringIO(layers_csv(analysis, ranks, rule)))
         for name in reader.fieldnames or []:
             if name not in columns:
                 columns.append(name)
@@ -89,10 +93,15 @@ def report_csv(analyses: Sequence[Analysis], labels: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def report_markdown(analyses: Sequence[Analysis], comparison: Comparison | None, labels: Sequence[str]) -> str:
-    """The comparison (if any), each checkpoint's tables, then the warnings and notes labelled by checkpoint."""
+def report_markdown(
+    analyses: Sequence[Analysis], comparison: Comparison | None, labels: Sequence[str], report: Report | None = None
+) -> str:
+    """The comparison (if any), each checkpoint's tables (with ``report``'s suggested ranks), then the warnings
+    and notes labelled by checkpoint."""
     parts = [comparison_markdown(comparison)] if comparison is not None else []
-    parts += [spectrum_markdown(analysis) for analysis in analyses]
+    rule = report.suggestion_rule if report is not None else None
+    suggested = report.suggested if report is not None and rule is not None else [None] * len(analyses)
+    parts += [spectrum_markdown(analysis, ranks, rule) for analysis, ranks in zip(analyses, suggested, strict=True)]
     notes = [n for index, analysis in enumerate(analyses) for n in checkpoint_notes(analysis, index)]
     parts += [text for text in [notes_markdown(notes, labels)] if text]
     return "\n".join(parts)
@@ -114,6 +123,10 @@ def _figure(slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str
         return F.weights_figure(analyses[slot.checkpoint])
     if slot.kind == "growth":
         return F.growth_figure(analyses[slot.checkpoint])
+    if slot.kind == "resize":
+        return F.resize_figure(analyses[slot.checkpoint], slot.rules)
+    if slot.kind == "base-heatmap":
+        return F.base_heatmap_figure(analyses[slot.checkpoint])
     if slot.kind == "alignment":
         record = next(r for r in analyses[slot.checkpoint].layers if r.name == slot.layer)
         return F.alignment_figure(record)
@@ -179,13 +192,16 @@ def write_report(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,
+    suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
 ) -> list[str]:
     """Write the report of ``analyses`` (one checkpoint, or several compared) to the folder ``out_dir``.
 
     ``formats``: the figure files to write under ``figures/`` (any of pdf, png, svg; empty for none — the page
     has its figures inline either way). ``phase(name)`` is called as each of :data:`PHASES` starts (the last,
     ``COMMIT``, just before the finished folder is renamed into place); ``progress(done, total)`` within the
-    comparison and the figures. Returns warnings (figures that could not be drawn).
+    comparison and the figures. ``suggest_rule``: the rank rule of the layers' suggested ranks and of the resize
+    figure (``rankscope suggest``'s rules; None or ``"none"``: neither). Returns warnings (figures that could
+    not be drawn).
     """
     phase = phase or (lambda name: None)
     from ..analysis.comparison import compare
@@ -208,38 +224,22 @@ def write_report(
             comparison = compare(analyses, labels, progress=progress)
         else:  # adapters of different models: each is still reported
             unshared = [f"no layer is shared by all of {', '.join(labels)}: each is reported on its own, no comparison"]
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
-    try:
-        set_usual_mode(staging, 0o777)
+    with staged_folder(target) as staging:
         (staging / "figures").mkdir()
-        report = build_report(analyses, labels, comparison)
+        report = build_report(analyses, labels, comparison, suggest_rule=suggest_rule)
         phase("figures")
         svgs, warnings = render_figures(analyses, labels, report.figures, staging / "figures", formats,
                                         progress=progress)  # fmt: skip
         phase("writing")
         files = {
             "summary.json": dumps(report_document(analyses, labels, comparison)),
-            "layers.csv": report_csv(analyses, labels),
-            "summary.md": report_markdown(analyses, comparison, labels),
+            "layers.csv": report_csv(analyses, labels, report),
+            "summary.md": report_markdown(analyses, comparison, labels, report),
             "index.html": render_page(report, svgs, figure_formats=formats, companions=True),
         }
         if not any((staging / "figures").iterdir()):  # --figures none, or nothing to draw: no empty folder
             (staging / "figures").rmdir()
-        written = sorted([*files, *(["figures"] if (staging / "figures").exists() else [])])
-        files[MARKER] = _marker_text(written)
-        for name, text in files.items():
-            (staging / name).write_text(text, encoding="utf-8", newline="")
-        phase(COMMIT)
-        _swap(staging, target)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
-        raise
+        commit_folder(staging, target, files, phase)
     return (comparison.warnings if comparison is not None else unshared) + warnings
 
 
@@ -248,7 +248,39 @@ _MARKER_HEAD = "written by rankscope {version} report; `rankscope report … -o`
 _EARLIER_ENTRIES = frozenset({"index.html", "summary.json", "summary.md", "layers.csv", "figures"})
 
 
-def _marker_text(entries: Sequence[str]) -> str:
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to write a report into; :func:`commit_folder` puts it in place. If
+    anything fails (or Ctrl-C) it is removed, leaving the old folder or none; an OSError becomes one line."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
+    try:
+        set_usual_mode(staging, 0o777)
+        yield staging
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise RankscopeError(f"{target}: cannot write the report ({exc.strerror or exc})") from exc
+        raise
+
+
+def commit_folder(
+    staging: Path, target: Path, files: Mapping[str, str], phase: Callable[[str], None] | None = None
+) -> None:
+    """Write ``files`` (name → text) and the marker listing every top-level entry into ``staging``, then rename it
+    to ``target`` (``phase(COMMIT)`` just before)."""
+    entries = sorted({*files, *(entry.name for entry in staging.iterdir())})
+    for name, text in {**files, MARKER: marker_text(entries)}.items():
+        (staging / name).write_text(text, encoding="utf-8", newline="")
+    if phase is not None:
+        phase(COMMIT)
+    swap_into_place(staging, target)
+
+
+def marker_text(entries: Sequence[str]) -> str:
     return _MARKER_HEAD.format(version=__version__) + "\n" + "".join(f"{entry}\n" for entry in entries)
 
 
@@ -262,7 +294,7 @@ def _rankscope_entries(folder: Path) -> frozenset[str]:
     return (listed or _EARLIER_ENTRIES) | {MARKER}
 
 
-def _swap(staging: Path, target: Path) -> None:
+def swap_into_place(staging: Path, target: Path) -> None:
     """Put ``staging`` where ``target`` is; the old folder is restored if the rename fails. Entries of the old
     folder that rankscope did not write (a user's own notes beside the report) move into the new one."""
     if not target.exists():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ..analysis.summary import flat_metrics
+from ..analysis.summary import BASE_COLUMNS, flat_base, flat_metrics
 
 if TYPE_CHECKING:
     from ..analysis.comparison import Comparison
@@ -16,15 +17,19 @@ _IDENTITY = ("name", "module_type", "layer_index", "kind", "shape", "matrix_shap
 _STATUS = ("scaled", "exact", "valid", "error")
 
 
-def layers_csv(analysis: Analysis) -> str:
+def layers_csv(analysis: Analysis, suggested: Mapping[str, int] | None = None, rule: str | None = None) -> str:
+    """One row per layer. ``suggested``: layer → its rank under ``rule`` (the report's), a ``suggested_rank[rule]``
+    column after the metrics; blank for a layer it does not name (an invalid one)."""
     metric_columns: list[str] = []
     for record in analysis.layers:
         for key in flat_metrics(record):
             if key not in metric_columns:
                 metric_columns.append(key)
+    base_columns = _BASE if any(record.base is not None for record in analysis.layers) else ()
+    suggested_columns = [f"suggested_rank[{rule}]"] if suggested is not None else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*_IDENTITY, *_STATUS, *metric_columns])
+    writer.writerow([*_IDENTITY, *_STATUS, *metric_columns, *suggested_columns, *base_columns])
     for record in analysis.layers:
         row = record.to_dict()
         row["scaled"] = not analysis.options.unscaled  # --unscaled is said in every output, here per row
@@ -32,9 +37,19 @@ def layers_csv(analysis: Analysis) -> str:
         row["matrix_shape"] = "x".join(map(str, record.matrix_shape))
         values = flat_metrics(record)
         writer.writerow(
-            [_cell(row[c]) for c in (*_IDENTITY, *_STATUS)] + [_cell(values.get(c)) for c in metric_columns]
+            [_cell(row[c]) for c in (*_IDENTITY, *_STATUS)]
+            + [_cell(values.get(c)) for c in metric_columns]
+            + ([_cell(suggested.get(record.name))] if suggested is not None else [])
+            + [_cell(v) for v in _base_values(record.base)][: len(base_columns)]
         )
     return buffer.getvalue()
+
+
+_BASE = BASE_COLUMNS  # with --base only: the layer against its base weight (analysis.against_base)
+
+
+def _base_values(base: dict | None) -> list[object]:
+    return list(flat_base(base).values())
 
 
 def _cell(value: object) -> object:
@@ -45,6 +60,15 @@ def _cell(value: object) -> object:
     if isinstance(value, str):
         return text_cell(value)
     return value
+
+
+def table_csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A CSV of ``header`` and ``rows`` with rankscope's cell rules (None empty, floats exact, text neutralised)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([_cell(value) for value in row] for row in rows)
+    return buffer.getvalue()
 
 
 def text_cell(value: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..measures.metrics import parameter_key
@@ -41,8 +41,9 @@ def render(table: Table) -> str:
     return _table(header, rows, right_from=sum(not column.numeric for column in table.columns))
 
 
-def spectrum_markdown(analysis: Analysis) -> str:
-    """The checkpoint's summary by module type, then every layer."""
+def spectrum_markdown(analysis: Analysis, suggested: Mapping[str, int] | None = None, rule: str | None = None) -> str:
+    """The checkpoint's summary by module type, then every layer; ``suggested`` (layer → rank under ``rule``, the
+    report's) adds a suggested-rank column, layers measured against ``--base`` the relative update and intruders."""
     ckpt = analysis.checkpoint
     tau = analysis.options.thresholds[0]
     summary = analysis.summary()
@@ -61,10 +62,14 @@ def spectrum_markdown(analysis: Analysis) -> str:
     ]
     lines += [render(module_table(analysis)), "", "<details><summary>Every layer</summary>", ""]
     layer_rows = []
+    base = any(record.base is not None for record in analysis.layers)
     for record in analysis.layers:
         m = record.metrics
+        extra = ([_fmt(suggested.get(record.name), "d")] if suggested is not None else []) + (
+            _base_cells(record.base) if base else []
+        )
         if m is None:
-            layer_rows.append([escape(record.name), "invalid", "", "", "", "", ""])
+            layer_rows.append([escape(record.name), "invalid", "", "", "", "", "", *extra])
             continue
         layer_rows.append(
             [
@@ -75,11 +80,21 @@ def spectrum_markdown(analysis: Analysis) -> str:
                 _fmt(m["erank"], ".2f"),
                 _fmt(m["stable_rank"], ".2f"),
                 _fmt(m["utilization"], ".0%"),
+                *extra,
             ]
         )
     header = ["layer", "r≤", f"#σ>{tau:g}", "Σσ²", "erank", "stable rank", "utilisation"]
+    header += [f"suggested r ({escape(rule)})"] if suggested is not None else []
+    header += ["‖ΔW‖/‖W₀‖", "intruders"] if base else []
     lines += [_table(header, layer_rows), "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _base_cells(base: dict | None) -> list[str]:
+    """A layer's relative update and intruder count (of the top k) against its base weight; — where not measured."""
+    intruders = (base or {}).get("intruders")
+    found = f"{intruders['count']}/{intruders['top_k']}" if intruders is not None else "—"
+    return [_fmt((base or {}).get("relative_update"), ".3g"), found]
 
 
 def notes_markdown(notes: Sequence[Note], labels: Sequence[str]) -> str:

@@ -93,7 +93,8 @@ class Table:
 class FigureSpec:
     """One figure of the report: ``id`` is also its file name under ``figures/``; ``kind`` one of
     ``rankscope.figures.KINDS``; ``checkpoint`` an index into the analyses (None: all of them overlaid);
-    ``layers`` the layer names it covers (None: all); ``layer`` the one layer it shows."""
+    ``layers`` the layer names it covers (None: all); ``layer`` the one layer it shows; ``rules`` the rank rules
+    a ``resize`` figure marks."""
 
     id: str
     kind: str
@@ -104,6 +105,7 @@ class FigureSpec:
     layers: tuple[str, ...] | None = None
     layer: str | None = None
     wide: bool = False
+    rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,9 @@ class Report:
     energies: tuple[float, ...]
     thresholds: tuple[float, ...]
     notes: list[Note] = field(default_factory=list)
+    suggestion_rule: str | None = None  # the rank rule of the layer table's suggested ranks (None: not shown)
+    suggested: list[dict[str, int]] = field(default_factory=list)  # per checkpoint: layer → suggested rank
+    against_base: bool = False  # some layer was measured against --base: the table has the base columns
 
 
 def layer_names_by_module(analyses: Sequence[Analysis]) -> dict[str, list[str]]:

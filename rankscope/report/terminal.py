@@ -93,7 +93,7 @@ def _row(record: LayerRecord, taus: tuple[float, ...]) -> list[str]:
         str(record.rank_bound),
         _number(m["sigma_max"], ".4g"),
         _number(m["frobenius"], ".4g"),
-        *(str(m["count_above"][parameter_key(tau)]) for tau in taus),
+        *(_number(m["count_above"][parameter_key(tau)], "d") for tau in taus),
         _number(m["erank"], ".2f"),
         _number(m["stable_rank"], ".2f"),
         _number(m["utilization"], ".0%"),
@@ -105,7 +105,20 @@ def spectrum_table(analysis: Analysis) -> str:
     utilization."""
     taus = analysis.options.thresholds
     header = ["layer", "m×n", "r≤", "σ₁", "‖ΔW‖_F", *(f"#σ>{tau:g}" for tau in taus), "erank", "stable", "util"]
-    return _table(header, [_row(r, taus) for r in analysis.layers])
+    rows = [_row(r, taus) for r in analysis.layers]
+    if any(r.base is not None for r in analysis.layers):  # measured against --base: relative size, intruders
+        header += ["‖ΔW‖/‖W₀‖", "intruders"]
+        for row, record in zip(rows, analysis.layers, strict=True):
+            row += _base_cells(record.base)
+    return _table(header, rows)
+
+
+def _base_cells(base: dict | None) -> list[str]:
+    if base is None:
+        return ["", ""]
+    intruders = base["intruders"]
+    found = f"{intruders['count']}/{intruders['top_k']}" if intruders is not None else "—"
+    return [_number(base["relative_update"], ".3g"), found]
 
 
 def spectrum_summary(analysis: Analysis) -> str:
@@ -139,9 +152,9 @@ def spectrum_summary(analysis: Analysis) -> str:
                 name,
                 str(block["layers"]),
                 f"{block['params']:,}",
-                f"{stats[tau_key]['mean']:.1f}",
-                f"{erank['mean']:.2f} [{erank['min']:.2f}–{erank['max']:.2f}]",
-                f"{stats['utilization']['mean']:.0%}",
+                _number(stats[tau_key]["mean"], ".1f"),
+                f"{_number(erank['mean'], '.2f')} [{_number(erank['min'], '.2f')}–{_number(erank['max'], '.2f')}]",
+                _number(stats["utilization"]["mean"], ".0%"),
             ]
         )
     return "\n".join(lines) + "\n\n" + _table(header, rows)

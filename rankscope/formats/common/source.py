@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core.errors import CheckpointError
+from ...core.hub import resolve_adapter
 from ...core.naming import natural_key
 from ...core.tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
@@ -63,9 +64,10 @@ def locate(path: str | Path, adapter: str | None = None, *, trust_pickle: bool =
     """Resolve ``path`` (and ``--adapter NAME``) to one adapter's files.
 
     A directory ``d/`` that PEFT saved several adapters into holds ``default`` in ``d/`` and the others in
-    ``d/<name>/``: ``d/`` means the default one, ``adapter`` picks another by name.
+    ``d/<name>/``: ``d/`` means the default one, ``adapter`` picks another by name. A hub id
+    ``owner/name[@revision]`` that is no local path is fetched first (:func:`~rankscope.core.hub.resolve_adapter`).
     """
-    path = Path(path)
+    path = Path(resolve_adapter(path, adapter))
     if not path.exists():
         raise CheckpointError("no such file or directory", path=path)
     if path.is_dir():

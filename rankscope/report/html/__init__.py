@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ... import __version__
 from ..build import build_report, figure_specs
 from ..model import FigureSpec, Report
+from ..resize_base import DEFAULT_SUGGEST_RULE
 from .page import (
     checkpoint_card,
     comparison_body,
@@ -103,7 +104,19 @@ def _layers_section(report: Report) -> str:
     return (
         '<section id="layers"><h2>Layers</h2><p class="hint">Click a header to sort, type to filter; a layer\'s '
         "name opens its spectrum below. 90% energy: the fewest singular values holding 90% of Σσ². Utilisation: "
-        "erank / r.</p>"
+        "erank / r."
+        + (
+            f" Suggested r: the rank the rule {esc(report.suggestion_rule)} keeps (<code>rankscope suggest</code>)."
+            if report.suggestion_rule is not None
+            else ""
+        )
+        + (
+            " Against the base (--base): ‖ΔW‖_F/‖W₀‖_F, σ₁(ΔW)/σ₁(W₀), the amplification factor and the intruder "
+            "dimensions among the top k."
+            if report.against_base
+            else ""
+        )
+        + "</p>"
         + filter_box("layer-table", placeholder, len(report.layers.rows))
         + table(report.layers, anchors=report.anchors)
         + "</section>"
@@ -179,7 +192,7 @@ def render_page(
             '<a href="summary.md">summary.md</a>' + (" · figures/" if formats else "")
         )
     body.append(f"</main><footer>Written by rankscope {esc(__version__)}{files_}</footer>")
-    return _page(f"rankscope — {report.title}", "".join(body))
+    return page_document(f"rankscope — {report.title}", "".join(body))
 
 
 def report_html(
@@ -190,18 +203,21 @@ def report_html(
     *,
     figure_formats: Sequence[str] = (),
     companions: bool = False,
+    suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
 ) -> str:
     """The whole report as one HTML document.
 
     ``figures`` maps the ids of :func:`figure_specs` to SVG text (figures that are missing are left out).
     ``figure_formats`` links each figure's files under ``figures/``; ``companions`` links layers.csv,
-    summary.json and summary.md (both for a report folder, not for a page on its own).
+    summary.json and summary.md (both for a report folder, not for a page on its own); ``suggest_rule`` the rank
+    rule of the layers' suggested ranks and the resize figure (None or ``"none"``: neither).
     """
-    report = build_report(analyses, labels, comparison)
+    report = build_report(analyses, labels, comparison, suggest_rule=suggest_rule)
     return render_page(report, figures, figure_formats=figure_formats, companions=companions)
 
 
-def _page(title: str, body: str) -> str:
+def page_document(title: str, body: str) -> str:
+    """The self-contained page: ``body`` in the shell with the report's CSS and script (by hash; nothing fetched)."""
     script = asset("report.js")
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     # nothing may be fetched; only this page's own script (by hash) may run — an injected handler could not
@@ -220,4 +236,13 @@ def _page(title: str, body: str) -> str:
     )
 
 
-__all__ = ["FigureSlot", "asset", "figure_slots", "inline_svg", "layer_svg", "render_page", "report_html"]
+__all__ = [
+    "FigureSlot",
+    "asset",
+    "figure_slots",
+    "inline_svg",
+    "layer_svg",
+    "page_document",
+    "render_page",
+    "report_html",
+]

@@ -1,0 +1,163 @@
+"""The factored paths of round 2 against dense float64 references computed here: BoRA from per-block R factors,
+compositions without float64 copies, the R-factor cache, and ``compare``'s alignment from cross-Grams."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rankscope.core.factored import FACTOR_CACHE, factored_singular_values
+from rankscope.core.spectrum import singular_values
+from rankscope.core.update import BlockDiagonalUpdate, FactoredUpdate, weighted_sum
+from rankscope.measures.alignment import factored_pairwise_alignment
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def dense_sigma(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(matrix.double())
+
+
+def assert_sigma(got: torch.Tensor, expected: torch.Tensor, count: int) -> None:
+    expected = expected[:count]
+    significant = expected >= 1e-9 * expected[0]
+    error = ((got[:count] - expected).abs() / expected)[significant].max().item()
+    assert error <= 1e-6, error
+
+
+def conditioned(rows: int, cols: int, condition: float, generator: torch.Generator) -> torch.Tensor:
+    u, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator, dtype=torch.float64))
+    return (u * torch.logspace(0, -math.log10(condition), cols, dtype=torch.float64)) @ v.T
+
+
+def bora_dense(b: torch.Tensor, a: torch.Tensor, blocks: int, core: torch.Tensor, scale: float) -> torch.Tensor:
+    """s·blockdiag(B_i)·Σ'·blockdiag(A_j), built here from the definition."""
+    m, n = b.shape[0], a.shape[1]
+    left = torch.zeros(m, blocks * b.shape[1], dtype=torch.float64)
+    right = torch.zeros(blocks * a.shape[0], n, dtype=torch.float64)
+    r, rows, cols = b.shape[1], m // blocks, n // blocks
+    for i in range(blocks):
+        left[i * rows : (i + 1) * rows, i * r : (i + 1) * r] = b[i * rows : (i + 1) * rows].double()
+        right[i * r : (i + 1) * r, i * cols : (i + 1) * cols] = a[:, i * cols : (i + 1) * cols].double()
+    return scale * left @ core.double() @ right
+
+
+def test_bora_from_blocks_matches_a_dense_svd() -> None:
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    # well-conditioned blocks; one block of B ill-conditioned (its R by Householder QR); blocks narrower than r
+    for m, n, r, blocks, ill in ((96, 64, 4, 4, False), (96, 64, 4, 4, True), (12, 16, 4, 4, False)):
+        b = torch.randn(m, r, generator=g, dtype=torch.float64)
+        if ill:
+            b[: m // blocks] = conditioned(m // blocks, r, 1e7, g)
+        a = torch.randn(r, n, generator=g, dtype=torch.float64).to(torch.bfloat16)
+        core = torch.randn(blocks * r, blocks * r, generator=g, dtype=torch.float64)
+        cases.append((b.to(torch.float32), a, blocks, core, 0.7))
+    updates = [BlockDiagonalUpdate(b, a, blocks, core, scale) for b, a, blocks, core, scale in cases]
+    FACTOR_CACHE.clear()
+    values, exact = singular_values(updates)
+    assert all(exact)
+    for sigma, (b, a, blocks, core, scale), update in zip(values, cases, updates, strict=True):
+        expected = dense_sigma(bora_dense(b, a, blocks, core, scale))
+        assert sigma.shape[0] == update.rank_bound == min(b.shape[0], a.shape[1], blocks * b.shape[1])
+        assert_sigma(sigma, expected, update.rank_bound)
+        # the materialised factors are the block-diagonal ones, and unscaled() drops only the scale
+        reference = bora_dense(b, a, blocks, core, scale)
+        assert torch.allclose(update.materialize(), reference, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(update.unscaled().materialize() * scale, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_composition_keeps_stored_precision_and_its_weights() -> None:
+    g = torch.Generator().manual_seed(2)
+    parts = []
+    for rank, scale in ((4, 2.0), (3, 0.5), (5, 1.5)):
+        b = torch.randn(40, rank, generator=g).to(torch.bfloat16)
+        a = torch.randn(rank, 24, generator=g).to(torch.bfloat16)
+        parts.append(FactoredUpdate(b, a, scale=scale))
+    weights = (0.6, -0.3, 0.2)
+    update = weighted_sum(parts, weights)
+    assert update.left.dtype == torch.bfloat16 and update.right.dtype == torch.bfloat16  # no float64 copies
+    expected = sum(w * p.scale * p.left.double() @ p.right.double() for p, w in zip(parts, weights, strict=True))
+    unscaled = sum(w * p.left.double() @ p.right.double() for p, w in zip(parts, weights, strict=True))
+    (sigma, sigma_unscaled), _ = singular_values([update, update.unscaled()])
+    assert_sigma(sigma, dense_sigma(expected), update.rank_bound)
+    assert_sigma(sigma_unscaled, dense_sigma(unscaled), update.rank_bound)
+
+
+def test_cached_r_factors_follow_in_place_changes() -> None:
+    g = torch.Generator().manual_seed(3)
+    b, a = torch.randn(50, 4, generator=g), torch.randn(4, 30, generator=g)
+    update = FactoredUpdate(b, a, scale=1.0)
+    (first,) = factored_singular_values([update])
+    (again,) = factored_singular_values([update])
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        b.mul_(3.0)  # the version counter moves: the cached R factor must not be used
+    (changed,) = factored_singular_values([update])
+    assert_sigma(changed, dense_sigma(b.double() @ a.double()), 4)
+
+
+def reference_alignment(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """The alignment of two dense float64 matrices from their full SVDs (numpy's matrix_rank rule per matrix)."""
+
+    def bases(matrix):
+        u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+        rank = int((sigma > sigma[0] * max(matrix.shape) * FLOAT32_EPS).sum()) if sigma[0] > 0 else 0
+        return u[:, :rank], vh.mT[:, :rank]
+
+    (ua, va), (ub, vb) = bases(a), bases(b)
+    out = {"cosine": float((a * b).sum() / (a.norm() * b.norm()))}
+    for side, x, y in (("left", ua, ub), ("right", va, vb)):
+        k = min(x.shape[1], y.shape[1])
+        cross = x[:, :k].mT @ y[:, :k]
+        degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(cross).clamp(0, 1)))
+        out[f"{side}_overlap"] = float(cross.pow(2).sum()) / k
+        out[f"{side}_baseline"] = k / x.shape[0]
+        out[f"{side}_min_angle"] = float(degrees.min())
+        out[f"{side}_mean_angle"] = float(degrees.mean())
+    return out
+
+
+def test_alignment_from_cross_grams_matches_dense_references() -> None:
+    g = torch.Generator().manual_seed(4)
+    m, n = 120, 80
+    shared = torch.randn(m, 3, generator=g, dtype=torch.float64)
+    updates = [
+        FactoredUpdate(
+            torch.cat([shared, torch.randn(m, 3, generator=g, dtype=torch.float64)], 1).float(),
+            torch.randn(6, n, generator=g).to(torch.bfloat16),
+            scale=2.0,
+        ),
+        # an ill-conditioned left factor (Householder side), a core and per-dimension scales
+        FactoredUpdate(
+            (conditioned(m, 5, 1e6, g) + 0.1 * torch.cat([shared, shared[:, :2]], 1)).float(),
+            torch.randn(5, n, generator=g, dtype=torch.float64),
+            core=torch.randn(5, 5, generator=g, dtype=torch.float64),
+            scale=torch.tensor([1.0, 0.5, 2.0, 1.5, 0.25], dtype=torch.float64),
+        ),
+        BlockDiagonalUpdate(
+            torch.randn(m, 2, generator=g),
+            torch.randn(2, n, generator=g),
+            4,
+            torch.randn(8, 8, generator=g, dtype=torch.float64),
+            0.5,
+        ),
+        FactoredUpdate(torch.zeros(m, 4), torch.randn(4, n, generator=g), scale=1.0),  # a zero update (B = 0)
+    ]
+    dense = [u.materialize() for u in updates]
+    for cached in (True, False):
+        FACTOR_CACHE.clear()
+        if cached:
+            singular_values(updates)  # the spectra fill the cache, the alignment reads it
+        got = factored_pairwise_alignment(updates)
+        for i in range(len(updates)):
+            for j in range(len(updates)):
+                if i == 3 or j == 3:
+                    assert all(got[key][i][j] is None for key in got), (i, j)
+                    continue
+                expected = reference_alignment(dense[i], dense[j])
+                for key, value in expected.items():
+                    tolerance = 1e-5 if key.endswith("angle") else 1e-9  # degrees near 0 are arccos-limited
+                    assert abs(got[key][i][j] - value) <= tolerance, (cached, i, j, key, got[key][i][j], value)
