@@ -53,6 +53,7 @@ TUNERS = {
     "PSOFT": ("PSOFT", {}),
     "SUPERTUNING": ("SUPERTUNING", {}),
     "GLORA": ("GLORA", {}),
+    "ADAMSS": ("ADAMSS", {"r": 4}),
 }
 # tuners whose merge() casts to float32 inside PEFT 0.21 (rfft, a float() of the spectrum, a float32 QR, a
 # float32-only init): reported exact: false, with a warning
