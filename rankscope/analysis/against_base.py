@@ -14,7 +14,9 @@ limit on the CPU a dense update's amplification (which needs ΔW's vectors by a 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,8 +73,7 @@ def _layer_fields(
         outcome.refused.append(layer.name)  # W₀, W₀ + ΔW and the SVD's workspace in float64
         return None
     try:
-        file, key = base.location(layer.name)
-        stored = base.get(layer.name)
+        file, key, stored = _base_tensor(base, layer)
     except CheckpointError:
         outcome.missing.append(layer.name)
         return None
@@ -118,6 +119,42 @@ def _layer_fields(
         amplification_k=k,
         intruders=intruders,
     )
+
+
+# an MoE expert slice (formats/common/lora_params): ``<module>.<parameter>[<e>]``, its base the 3-D parameter's slice
+_EXPERT_SLICE = re.compile(r"^(?P<module>.+)\.(?P<parameter>[^.\[]+)\[(?P<index>\d+)\]$")
+
+
+def _base_tensor(base: BaseWeights, layer: Layer) -> tuple[Path, str, torch.Tensor]:
+    """(file, key, stored tensor) of ``layer``'s base weight; an expert slice ``p[e]`` is ``base[p][e]``."""
+    match = _EXPERT_SLICE.match(layer.name) if layer.kind in ("expert", "expert_transposed") else None
+    if match is None:
+        file, key = base.location(layer.name)
+        return file, key, base.get(layer.name)
+    module, parameter, index = match["module"], match["parameter"], int(match["index"])
+    if base.key_for(module, parameter) is None:  # saved in the per-expert layout (transformers' save conversion)
+        return _legacy_expert(base, module, parameter, index)
+    file, key = base.location(module, parameter)
+    stacked = base.get(module, parameter)
+    if stacked.ndim != 3 or index >= stacked.shape[0]:
+        raise CheckpointError(f"base {key} has shape {list(stacked.shape)}, not E stacked experts", path=file, key=key)
+    return file, f"{key}[{index}]", stacked[index]
+
+
+# transformers (v5) saves fused MoE experts in the older per-expert layout: parameter → its Linear weights, in
+# order (gate_up_proj = cat(gate, up) along the rows), as Qwen-MoE and Mixtral (block_sparse_moe, w1/w3/w2) name them
+_LEGACY_EXPERTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+
+def _legacy_expert(base: BaseWeights, module: str, parameter: str, index: int) -> tuple[Path, str, torch.Tensor]:
+    """Expert ``index`` of ``module.parameter`` from per-expert Linear weights; CheckpointError where none fit."""
+    mixtral = module.replace(".mlp.experts", ".block_sparse_moe.experts")
+    for owner, names in zip((module, mixtral), _LEGACY_EXPERTS.get(parameter, ()), strict=False):
+        layers = [f"{owner}.{index}.{name}" for name in names]
+        if all(base.key_for(layer) is not None for layer in layers):
+            file, key = base.location(layers[0])
+            return file, key, torch.cat([base.get(layer) for layer in layers], dim=0)
+    raise CheckpointError(f"base model has no tensor for expert {index} of {module}.{parameter}", path=base.path)
 
 
 def _delta_vectors(

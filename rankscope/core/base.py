@@ -276,6 +276,6 @@ def as_matrix(weight: torch.Tensor, kind: str) -> torch.Tensor:
     GPT-2's Conv1D stores (in, out) and an embedding (V, d): both are transposed (the analysed matrix of an
     embedding is (d, V), as for its LoRA update); a conv's (out, in, *k) is flattened to (out, in·∏k).
     """
-    if kind in ("conv1d_gpt2", "embedding"):
+    if kind in ("conv1d_gpt2", "embedding", "expert_transposed"):  # an expert slice stored (in, out): lora_params
         return weight.T
     return weight.reshape(weight.shape[0], -1)

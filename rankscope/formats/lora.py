@@ -177,6 +177,11 @@ def _check_config(source: AdapterSource, allow: frozenset[str] = frozenset()) ->
         for marker, reason in _FOREIGN_TENSORS.items():
             if marker not in allow and (f".{marker}" in key or key.startswith(marker)):
                 raise UnsupportedAdapterError(reason, path=source.weights_path, key=key)
+    if config.get("megatron_config"):  # PEFT's Megatron layers save each rank's factors under the plain names
+        return [
+            "megatron_config: a tensor-parallel run saves each rank's LoRA factors under the same names; read as "
+            "stored, which is the whole ΔW only for a file saved with tensor-parallel size 1"
+        ]
     return []  # base-rewriting inits (PiSSA, OLoRA, …) are handled per layer: lora_init.apply_init
 
 
@@ -270,7 +275,8 @@ def parse(
     base, notes = _replicated_base(source, options) if "layer_replication" in allow else (options.base, [])
     kasa = "kasa_config" in allow and (source.config or {}).get("kasa_config") is not None
     diagonals, unused = lora_kasa.split(unused) if kasa else ({}, unused)
-    skipped = []
+    # VeLoRA's and MonteCLoRA's extra tensors act in training only (lora_variants.training_only)
+    skipped, unused, variant_notes = lora_variants.training_only(unused, source.config)
     if options.alpha is not None:  # --alpha replaces every module's α, its own .alpha scalar too
         for module in modules.values():
             if "alpha" in module.keys:
@@ -308,7 +314,7 @@ def parse(
         + reader.second_spellings(modules.values()),
         config=config,
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
-        notes=notes + expert_notes,
+        notes=notes + expert_notes + variant_notes,
     )
 
 

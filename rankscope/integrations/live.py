@@ -9,10 +9,13 @@ module path) match ``rankscope spectrum`` on a checkpoint saved at that step. No
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import Module
@@ -22,6 +25,7 @@ from ..analysis.summary import flat_metrics
 from ..core.errors import UsageProblem
 from ..core.naming import layer_name, module_types
 from ..core.spectrum import singular_values
+from ..core.threads import thread_policy
 from ..core.update import FactoredUpdate
 from ..measures import metrics as M
 
@@ -189,3 +193,45 @@ def jsonl_entry(records: Sequence[LayerRecord], step: int, epoch: float | None) 
               for r in records]  # fmt: skip
     return {"schema": "rankscope.callback/1", "step": int(step),
             "epoch": float(epoch) if epoch is not None else None, "layers": layers}  # fmt: skip
+
+
+class LiveMeter:
+    """What a training-loop callback does at a measured step, for any loop: the model's LoRA modules found once per
+    model, each left-out layer warned once, σ and metrics under the thread policy (``threads=1``: single-threaded,
+    restored afterwards; ``None``: left alone), the scalars returned and, with ``jsonl``, one ``rankscope.callback/1``
+    line appended."""
+
+    def __init__(self, metrics: Sequence[str] = DEFAULT_METRICS, jsonl: str | os.PathLike | None = None,
+                 adapter: str | None = None, threads: int | None = 1) -> None:  # fmt: skip
+        self.metrics = tuple(metrics)
+        self.parameters = metric_parameters(self.metrics)
+        self.jsonl = Path(jsonl) if jsonl is not None else None
+        self.adapter = adapter
+        thread_policy(threads)  # checks the value now, not at the first measured step
+        self.threads = threads
+        self._warned: set[str] = set()
+        self._modules: tuple | None = None
+
+    def measure(self, model: Module, step: int, epoch: float | None = None) -> dict[str, float]:
+        """``{rankscope/<metric>/<module_type>: mean}`` of ``model`` now ({} if it has no readable LoRA layer)."""
+        if self._modules is None or self._modules[0] is not model:
+            self._modules = (model, *lora_modules(model, self.adapter))
+        _, adapter, modules = self._modules
+        layers, left_out = live_layers(model, adapter, modules)
+        for reason in left_out:
+            self._warn_once(reason, f"rankscope callback: {reason}; not logged")
+        if not layers:
+            self._warn_once("no layers", "rankscope callback: the model has no readable LoRA layers; nothing logged")
+            return {}
+        with thread_policy(self.threads):
+            records = live_records(layers, self.parameters)
+        if self.jsonl is not None:
+            line = json.dumps(jsonl_entry(records, step, epoch), allow_nan=False)
+            with self.jsonl.open("a", encoding="utf-8") as out:
+                out.write(line + "\n")
+        return scalars(records, self.metrics)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, LiveWarning, stacklevel=3)

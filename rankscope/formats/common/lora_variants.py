@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core.checkpoint import Skipped
 from .peft import truthy
 
 
@@ -42,3 +43,40 @@ def bdlora_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor) ->
     elif on_b and b.ndim == 2 and b.shape[0] % blocks == 0:
         b = torch.block_diag(*torch.chunk(b, blocks, dim=0))
     return a, b
+
+
+# LoRA variants whose saved extra tensors act only in training: the eval forward and PEFT's merge apply s·B·A
+# (PEFT 0.21 variants.py: VeLoRA swaps in a backward pass that stores compressed activations, projected on
+# ``lora_velora_embed``; MonteCLoRA's ``lora_monteclora_sampler`` perturbs A by Monte Carlo sampling while
+# ``module.training`` only, and its merge "ignores the MC sampling")
+_TRAINING_ONLY = {
+    "lora_velora_embed": (
+        "velora_config",
+        "VeLoRA's activation projection for its compressed backward pass, not part of ΔW (the forward and PEFT's "
+        "merge apply s·B·A)",
+    ),
+    "lora_monteclora_sampler": (
+        "monteclora_config",
+        "MonteCLoRA's Monte Carlo sampler, used only in training, not part of ΔW (the eval forward and PEFT's merge "
+        "apply s·B·A)",
+    ),
+}
+
+
+def training_only(keys: list[str], config: dict | None) -> tuple[list[Skipped], list[str], list[str]]:
+    """(the keys of training-only variant tensors, skipped as expected; the other keys; a note per variant)."""
+    skipped, rest, seen = [], [], set()
+    for key in keys:
+        marker = next((m for m in _TRAINING_ONLY if f".{m}" in key or key.startswith(m)), None)
+        if marker is None:
+            rest.append(key)
+        else:
+            skipped.append(Skipped(key, _TRAINING_ONLY[marker][1], True))
+            seen.add(_TRAINING_ONLY[marker][0])
+    seen |= {flag for flag, _ in _TRAINING_ONLY.values() if (config or {}).get(flag) is not None}
+    notes = [
+        f"{flag}: {'VeLoRA' if flag == 'velora_config' else 'MonteCLoRA'} changes training only; ΔW = s·B·A as "
+        "PEFT's merge applies it (its extra tensors are skipped)"
+        for flag in sorted(seen)
+    ]
+    return skipped, rest, notes
