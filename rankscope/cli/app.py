@@ -52,9 +52,11 @@ def handle_errors(command: Callable) -> Callable:
             interrupt.check()  # a Ctrl-C that a finaliser swallowed, in a command that wrote nothing
             return result
         except UsageProblem as exc:
+            interrupt.exit_if_pending()  # an error the Ctrl-C itself caused: an interrupt
             error(exc.spelled(flag))
             sys.exit(EXIT_USAGE)
         except RankscopeError as exc:
+            interrupt.exit_if_pending()  # an error the Ctrl-C itself caused: an interrupt
             error(exc.spelled(flag))
         except KeyboardInterrupt:
             interrupt.report_interrupt()
@@ -62,6 +64,7 @@ def handle_errors(command: Callable) -> Callable:
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:
+            interrupt.exit_if_pending()  # an error the Ctrl-C itself caused: an interrupt
             if os.environ.get("RANKSCOPE_DEBUG"):
                 raise
             error(f"internal error: {type(exc).__name__}: {exc} (set RANKSCOPE_DEBUG=1 for the traceback)")

@@ -91,10 +91,18 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
+def exit_if_pending() -> None:
+    """Exit 130 with the one line if a Ctrl-C was received and nothing is being written: an error raised after it
+    is its consequence (torch turns a KeyboardInterrupt inside some calls into another exception), not the input's."""
+    if _state.interrupted and not _state.committed:
+        report_interrupt()
+        sys.exit(130)
+
+
 def commit() -> None:
     """The outputs are about to be written: stop here if interrupted, else ignore Ctrl-C from now on."""
     check()
     _state.committed = True
 
 
-__all__ = ["MESSAGE", "check", "commit", "interrupts", "report_interrupt"]
+__all__ = ["MESSAGE", "check", "commit", "exit_if_pending", "interrupts", "report_interrupt"]
