@@ -20,7 +20,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .live import DEFAULT_METRICS, LiveMeter
+from .live import DEFAULT_METRICS, LiveMeter, checked_interval
 
 try:
     from lightning.pytorch import Callback
@@ -49,10 +49,7 @@ class RankscopeCallback(Callback):
         adapter: str | None = None,
         threads: int | None = 1,
     ) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps
-                                          or every_n_steps < 1):  # fmt: skip
-            raise ValueError(f"every_n_steps must be a whole number ≥ 1, found {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = checked_interval(every_n_steps)
         self.meter = LiveMeter(metrics, jsonl, adapter, threads)
         self.metrics = self.meter.metrics
         self.last: dict[str, float] = {}  # the scalars of the last measured step

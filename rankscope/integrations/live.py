@@ -235,3 +235,12 @@ class LiveMeter:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, LiveWarning, stacklevel=3)
+
+
+def checked_interval(every_n_steps: int | None) -> int | None:
+    """A callback's measuring interval: None (the trainer's logging interval) or a whole number ≥ 1."""
+    if every_n_steps is not None and (
+        isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps or every_n_steps < 1
+    ):
+        raise ValueError(f"every_n_steps must be a whole number ≥ 1, found {every_n_steps!r}")
+    return every_n_steps

@@ -24,6 +24,7 @@ from ..core.threads import thread_policy
 from .live import (
     DEFAULT_METRICS,
     LiveWarning,
+    checked_interval,
     jsonl_entry,
     live_layers,
     live_records,
@@ -61,10 +62,7 @@ class RankscopeCallback(TrainerCallback):
         adapter: str | None = None,
         threads: int | None = 1,
     ) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps
-                                          or every_n_steps < 1):  # fmt: skip
-            raise ValueError(f"every_n_steps must be a whole number ≥ 1, found {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = checked_interval(every_n_steps)
         self.metrics = tuple(metrics)
         self.parameters = metric_parameters(self.metrics)
         self.jsonl = Path(jsonl) if jsonl is not None else None
