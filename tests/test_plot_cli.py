@@ -62,15 +62,20 @@ def resolve(inputs: dict[str, Path], args: tuple[str, ...]) -> list[str]:
 @pytest.mark.parametrize("kind", list(ARGS))
 def test_every_kind_to_every_format(kind, suffix, inputs, tmp_path):
     out = tmp_path / f"{kind}{suffix}"
-    result = plot(kind, *resolve(inputs, ARGS[kind]), "-o", out)
+    written_alone(plot(kind, *resolve(inputs, ARGS[kind]), "-o", out), out, 486.0 if kind == "weights" else 234.0)
+
+
+def written_alone(result, out: Path, width_points: float) -> None:
+    """The command wrote ``out`` in the format of its suffix (a PDF ``width_points`` wide, fonts embedded as
+    TrueType) and said so, leaving nothing else in its folder."""
     assert result.exit_code == 0, result.output
-    assert out.read_bytes().startswith(MAGIC[suffix])
+    assert out.read_bytes().startswith(MAGIC[out.suffix])
     assert f"wrote {out}" in result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
-    if suffix == ".pdf":
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+    if out.suffix == ".pdf":
         data = out.read_bytes()
         assert b"/FontFile2" in data and b"/Type3" not in data
-        assert media_box(data)[0] == pytest.approx(486.0 if kind == "weights" else 234.0)
+        assert media_box(data)[0] == pytest.approx(width_points)
 
 
 @pytest.mark.parametrize(("width", "points"), [("column", 234.0), ("full", 486.0), ("4", 288.0)])

@@ -203,3 +203,52 @@ def test_sweep_report_sorts_in_a_browser(swept, tmp_path):
         finally:
             browser.close()
     assert [float(v) for v in shown[:-1]] == expected and shown[-1] is None  # the failed checkpoint sorts last
+
+
+def test_a_run_report_reads_and_analyses_each_checkpoint_once(tmp_path, monkeypatch):
+    """The final checkpoint's analysis serves final/ and the trajectory's last step: every checkpoint is loaded
+    once and analysed once (counted where every load and analysis goes through)."""
+    import importlib
+
+    analyze_module = importlib.import_module("rankscope.analysis.analyze")  # the package re-exports analyze()
+    formats_module = importlib.import_module("rankscope.formats")
+
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        modules = {f"model.layers.0.self_attn.{name}": random_factors(12, 12, 2, step + i)
+                   for i, name in enumerate(("q_proj", "v_proj"))}  # fmt: skip
+        write_lora(run / f"checkpoint-{step}", modules, lora_config(r=2))
+    loaded, analysed = [], []
+    load, inner = formats_module.load, analyze_module._analyze
+    monkeypatch.setattr(formats_module, "load", lambda path, **kw: loaded.append(Path(path).name) or load(path, **kw))
+    monkeypatch.setattr(analyze_module, "_analyze", lambda c, *a: analysed.append(Path(c.path).name) or inner(c, *a))
+    result = invoke("report", run, "-o", tmp_path / "r", "--figures", "none", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(loaded) == sorted(analysed) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    final = json.loads((tmp_path / "r" / "final" / "summary.json").read_text())
+    trajectory = json.loads((tmp_path / "r" / "trajectory.json").read_text())
+    last = trajectory["checkpoints"][-1]["layers"]
+    assert [r["singular_values"] for r in final["layers"]] == [r["singular_values"] for r in last]
+
+
+def test_trajectory_o_writes_the_run_report_page_without_final(tmp_path):
+    """One implementation: ``trajectory RUN -o`` and ``report RUN`` write the same page (but for the link to
+    final/), the same figures byte for byte and the same trajectory.json and trajectory.csv."""
+    import re
+
+    report, alone = tmp_path / "report", tmp_path / "alone"
+    assert invoke("report", RUN, "-o", report, "--figures", "svg", "-q").exit_code == 0
+    assert invoke("trajectory", RUN, "-o", alone, "--figures", "svg", "-q").exit_code == 0
+    assert sorted(p.name for p in report.iterdir()) == sorted([*(p.name for p in alone.iterdir()), "final"])
+    for name in ("trajectory.json", "trajectory.csv"):
+        assert (report / name).read_bytes() == (alone / name).read_bytes(), name
+    figures = sorted(p.name for p in (alone / "figures").iterdir())
+    assert figures == ["count_by_step.svg", "drift.svg", "erank_by_step.svg", "erank_heatmap.svg"]
+    for name in figures:
+        assert (report / "figures" / name).read_bytes() == (alone / "figures" / name).read_bytes(), name
+    page = (report / "index.html").read_text()
+    link = '<a href="final/index.html">Final checkpoint</a>'
+    about = re.compile(r"<p>The final checkpoint \(<code>[^<]*</code>, step 300\) has the full report: "
+                       r'<a href="final/index.html">final/index.html</a>\.</p>')  # fmt: skip
+    assert link in page and about.search(page)
+    assert about.sub("", page.replace(link, "")) == (alone / "index.html").read_text()

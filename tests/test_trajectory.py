@@ -180,11 +180,13 @@ def test_cli_writes_json_csv_and_a_report_folder(tmp_path):
     assert document["headlines"]["saturation_step"] == 100  # full rank from the first step
     rows = (tmp_path / "t.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * len(MODULES) and rows[0].startswith("step,path,layer,module_type")
-    written = sorted(p.name for p in report.iterdir())
-    assert written == [".rankscope-report", "figures", "trajectory.csv", "trajectory.json"]
+    written = sorted(p.name for p in report.iterdir())  # the run report's page, without final/
+    assert written == [".rankscope-report", "figures", "index.html", "trajectory.csv", "trajectory.json"]
     assert sorted(p.name for p in (report / "figures").iterdir()) == [
-        "drift.svg", "layer_step_heatmap.svg", "metric_by_step.svg"]  # fmt: skip
+        "count_by_step.svg", "drift.svg", "erank_by_step.svg", "erank_heatmap.svg"]  # fmt: skip
     assert json.loads((report / "trajectory.json").read_text()) == document
+    page = (report / "index.html").read_text()
+    assert 'id="step-table"' in page and "final/index.html" not in page
 
 
 def test_cli_reads_the_callback_jsonl_and_says_drift_is_not_available(tmp_path):

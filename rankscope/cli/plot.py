@@ -12,6 +12,10 @@ from .options import CommaList, analysis_options, checkpoint_options, load_and_s
 SUFFIXES = (".pdf", ".png", ".svg")
 ONE_CHECKPOINT = ("alignment", "weights", "growth", "resize", "base-heatmap")  # figures of a single checkpoint
 COMPOSED = {"alignment", "weights", "growth"}
+# figures of a training run (figures/trajectory.py), named here: importing that module reads torch, and the CLI
+# must stay cheap to import
+RUN_KINDS = ("trajectory", "trajectory-heatmap", "drift")
+METRIC_KINDS = ("erank-heatmap", "growth", "trajectory", "trajectory-heatmap")  # the kinds --metric applies to
 
 
 class Width(click.ParamType):
@@ -95,6 +99,19 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
     return subspace_similarity_figure(grid, labels, width=width or "column", title=title)
 
 
+def _run_figure(kind: str, paths, metric: str | None, width, quiet: bool, options: dict):
+    """A figure of a training run (``RUN_KINDS``): PATHS read as ``rankscope trajectory`` reads them."""
+    from ..figures import trajectory as F
+    from .trajectory import read_trajectory
+
+    trajectory = read_trajectory(paths, options, quiet=quiet)
+    if kind == "trajectory":
+        return F.metric_by_step_figure(trajectory, metric or "erank", width=width or "column")
+    if kind == "trajectory-heatmap":
+        return F.layer_step_heatmap(trajectory, metric or "erank", width=width or "full")
+    return F.drift_figure(trajectory, width=width or "column")
+
+
 def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limits=(None, None)):
     from .. import figures
     from ..core.errors import RankscopeError
@@ -135,7 +152,7 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limit
 
 
 @click.command()
-@click.argument("kind", type=click.Choice(KINDS), metavar="KIND")
+@click.argument("kind", type=click.Choice((*KINDS, *RUN_KINDS)), metavar="KIND")
 @click.argument("paths", nargs=-1, required=True)
 @click.option(
     "-o",
@@ -151,7 +168,7 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limit
     "--width",
     type=Width(),
     metavar="column|full|INCHES",
-    help="Figure width: a paper column (3.25 in), the full text width (6.75 in) or inches. Default: column (full for weights).",
+    help="Figure width: a paper column (3.25 in), the full text width (6.75 in) or inches. Default: column (full for weights and trajectory-heatmap).",
 )
 @click.option(
     "--layer",
@@ -164,7 +181,7 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limit
     "--metric",
     default=None,
     metavar="NAME",
-    help="erank-heatmap and growth: the metric drawn (erank, utilization, stable_rank, count_above[0.005], …). Default erank.",
+    help="erank-heatmap, growth, trajectory and trajectory-heatmap: the metric drawn (erank, utilization, stable_rank, count_above[0.005], …). Default erank.",
 )
 @click.option("--vmin", type=float, metavar="X", help="erank-heatmap: the colour scale's low end (default 0).")
 @click.option(
@@ -200,6 +217,12 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
       subspace-similarity  the LoRA paper's φ(i, j) grid between one layer of two checkpoints (--layer, --side)
       resize               energy kept against total rank: the best at each size, rank rules, the present size
       base-heatmap         relative update ‖ΔW‖_F/‖W₀‖_F and intruder counts over layer index × module type (--base)
+      trajectory           a metric against training step, mean per module type (--metric; PATHS as `trajectory`)
+      trajectory-heatmap   a metric of every layer (rows) at every step (columns) of a run (--metric)
+      drift                subspace drift vs the previous and the final step, and the relative change, against step
+
+    The last three draw a training run: PATHS are what `rankscope trajectory` reads (a Trainer output_dir, a
+    folder of Lightning checkpoints, several checkpoints, or the callback's JSONL, which has no drift).
 
     Many layers are summarised by module type (median and quartiles, or one panel per type), never a legend with
     hundreds of entries.
@@ -209,11 +232,13 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
     suffix = Path(output).suffix.lower()
     if suffix not in SUFFIXES:
         raise click.UsageError(f"-o {output}: the suffix must be one of {', '.join(SUFFIXES)} (it picks the format)")
+    if kind in RUN_KINDS and labels is not None:
+        raise click.UsageError(f"--labels names compared checkpoints; {kind} draws the steps of a run")
     labels = _labels(paths, labels)
     if kind in ONE_CHECKPOINT and len(paths) != 1:
         raise click.UsageError(f"{kind} draws one checkpoint, got {len(paths)}")
-    if metric is not None and kind not in ("erank-heatmap", "growth"):
-        raise click.UsageError(f"--metric applies to erank-heatmap and growth, not {kind}")
+    if metric is not None and kind not in METRIC_KINDS:
+        raise click.UsageError(f"--metric applies to {', '.join(METRIC_KINDS[:-1])} and {METRIC_KINDS[-1]}, not {kind}")
     if (vmin is not None or vmax is not None) and kind != "erank-heatmap":
         raise click.UsageError(f"--vmin/--vmax apply to erank-heatmap, not {kind}")
     if layer_names and kind not in ("spectrum", "energy", "alignment", "subspace-similarity"):
@@ -222,6 +247,8 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
 
     if kind == "subspace-similarity":
         fig = _subspace_figure(paths, labels, layer_names, side, width, options)
+    elif kind in RUN_KINDS:
+        fig = _run_figure(kind, paths, metric, width, quiet, options)
     else:
         analyses = []
         for path in paths:

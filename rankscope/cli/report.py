@@ -5,28 +5,14 @@ from __future__ import annotations
 import click
 
 from .app import handle_errors, note, warn
+from .folders import figures_option, folder_option, read_figure_formats
 from .options import CommaList, analyse_paths, analysis_options, checkpoint_options, report_problems
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    metavar="DIR",
-    help="The report folder (index.html, layers.csv, summary.json, summary.md, figures/).",
-)
-@click.option(
-    "--figures",
-    "figure_formats",
-    type=CommaList(),
-    default="pdf,png",
-    show_default=True,
-    metavar="pdf,png,svg|none",
-    help="Figure files to write under figures/ (the page has its figures inline either way).",
-)
+@folder_option("The report folder (index.html, layers.csv, summary.json, summary.md, figures/).")
+@figures_option("Figure files to write under figures/ (the page has its figures inline either way).")
 @click.option(
     "--labels", type=CommaList(), metavar="A,B,…", help="Display names, one per checkpoint (default: directory names)."
 )
@@ -53,13 +39,10 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
     trajectory page (headlines, steps, figures) with the final checkpoint's report in final/. One PATH that is a
     `rankscope sweep` output folder (checkpoints and layers tables) gives the zoo's report: distributions,
     erank against r, outliers and a sortable per-checkpoint table."""
-    from ..report.bundle import COMMIT, FIGURE_FORMATS, check_target, write_report
+    from ..report.bundle import COMMIT, check_target, write_report
     from .interrupt import commit
 
-    formats = () if figure_formats == ("none",) else figure_formats
-    unknown = [f for f in formats if f.lower() not in FIGURE_FORMATS]
-    if unknown:
-        raise click.BadParameter(f"{unknown[0]!r} is not one of pdf, png, svg (or 'none')", param_hint="--figures")
+    formats = read_figure_formats(figure_formats)
     if labels is not None and len(labels) != len(paths):
         raise click.UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
     from ..core.errors import UsageProblem
@@ -154,7 +137,8 @@ def _run_report(path: str, entries, out_dir: str, formats, force, quiet, options
     check_target(out_dir, [path, *(p for _, p in entries)], force=force)  # before the analysis
     analyses, _, progress = analyse_paths([str(entries[-1][1])], None, options, quiet=quiet)
     try:
-        trajectory = checkpoint_trajectory(entries, analyses[0].options,
+        # the final checkpoint is read and analysed once: final/ and the trajectory's last step share it
+        trajectory = checkpoint_trajectory(entries, analyses[0].options, final=analyses[0],
                                            load=lambda p: load_and_settings(str(p), options)[0],
                                            progress=progress.phase)  # fmt: skip
         document = trajectory_document(trajectory)

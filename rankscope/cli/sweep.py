@@ -9,19 +9,13 @@ import click
 
 from ..core.errors import UsageProblem
 from .app import EXIT_INPUT, error, handle_errors, note, warn
+from .folders import folder_option
 from .options import ANALYSIS_KEYS, COMPOSE_ONLY, analysis_options, analysis_settings, checkpoint_options
 
 
 @click.command()
 @click.argument("inputs", nargs=-1)
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    metavar="DIR",
-    help="Where the tables go: DIR/layers.parquet and DIR/checkpoints.parquet (.csv with --table csv).",
-)
+@folder_option("Where the tables go: DIR/layers.parquet and DIR/checkpoints.parquet (.csv with --table csv).")
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .app import distinct_outputs, handle_errors, note, warn, write_outputs
+from .folders import figures_option, folder_option, read_figure_formats
 from .options import (
     ANALYSIS_KEYS,
-    CommaList,
     analysis_options,
     analysis_settings,
     checkpoint_options,
@@ -17,29 +18,18 @@ from .options import (
     output_option,
 )
 
-FIGURES = ("metric_by_step", "layer_step_heatmap", "drift")
+if TYPE_CHECKING:
+    from ..trajectory.build import Trajectory
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
 @output_option("--json", "Write the rankscope.trajectory/1 document to FILE ('-': stdout).")
 @output_option("--csv", "Write one CSV row per step and layer to FILE ('-': stdout).")
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    metavar="DIR",
-    help="Write trajectory.json, trajectory.csv and figures/ to DIR, all or nothing.",
-)
-@click.option(
-    "--figures",
-    "figure_formats",
-    type=CommaList(),
-    default="pdf,png",
-    show_default=True,
-    metavar="pdf,png,svg",
-    help="With -o: the figure files to write.",
-)
+@folder_option("Write the run's page to DIR, all or nothing: index.html (headlines, figures, the step table; "
+               "as `rankscope report RUN_DIR` writes it, without final/), trajectory.json, trajectory.csv and "
+               "figures/.", required=False)  # fmt: skip
+@figures_option("With -o: the figure files to write under figures/ (the page has its figures inline either way).")
 @click.option("--force", is_flag=True, help="With -o: replace DIR even when rankscope did not write it.")
 @click.option(
     "--drift-threshold",
@@ -67,15 +57,48 @@ def trajectory(paths, json_out, csv_out, out_dir, figure_formats, force, drift_t
     folder of Lightning checkpoints (epoch=E-step=N.ckpt), several checkpoints (put in natural order:
     500 < 1000 < 1500), or the JSONL a RankscopeCallback wrote (σ only: no drift).
     """
-    from ..trajectory.build import checkpoint_trajectory, jsonl_trajectory
     from ..trajectory.document import trajectory_document, trajectory_table
 
     distinct_outputs(json=json_out, csv=csv_out)
-    formats = _figure_formats(figure_formats)
+    formats = read_figure_formats(figure_formats)
     if out_dir:
         from ..report.bundle import check_target
 
         check_target(out_dir, paths, force=force)  # before the analysis: a refusal should not wait for it
+    result = read_trajectory(paths, options, drift_k=drift_k, quiet=quiet)
+    document = trajectory_document(result, drift_threshold=drift_threshold)
+    from ..report.csv import table_csv
+    from ..report.json import dumps
+
+    outputs = [(json_out, lambda: dumps(document)), (csv_out, lambda: table_csv(*trajectory_table(result)))]
+    if out_dir:
+        from ..report.bundle import COMMIT
+        from ..report.trajectory import write_run_report
+
+        def phase(name: str) -> None:
+            if name == COMMIT:  # the folder goes in place after the other outputs are written
+                write_outputs(outputs)
+
+        source = paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
+        for message in write_run_report(source, result, document, None, out_dir, formats=formats, force=force,
+                                        phase=phase, inputs=paths):  # fmt: skip
+            warn(message)
+    else:
+        write_outputs(outputs)
+    if not quiet:
+        to_stderr = "-" in (json_out, csv_out)
+        click.echo(_summary(document), err=to_stderr)
+        if out_dir:
+            note(f"trajectory written to {out_dir} (index.html, trajectory.json, trajectory.csv"
+                 f"{', figures/' if formats else ''})")  # fmt: skip
+
+
+def read_trajectory(paths, options: dict, *, drift_k: int | None = None, quiet: bool = False) -> Trajectory:
+    """The trajectory PATHS name (a run folder, checkpoints, or one callback JSONL), read and analysed with the
+    command's reading and analysis ``options`` under a progress line; its warnings (and, unless quiet, notes)
+    said on stderr. ``rankscope trajectory`` and the trajectory kinds of ``rankscope plot`` read through it."""
+    from ..trajectory.build import checkpoint_trajectory, jsonl_trajectory
+
     settings = analysis_settings(**{k: v for k, v in options.items() if k in ANALYSIS_KEYS})
     reading = {k: v for k, v in options.items() if k not in ANALYSIS_KEYS}
     jsonl = _jsonl_input(paths)
@@ -97,36 +120,7 @@ def trajectory(paths, json_out, csv_out, out_dir, figure_formats, force, drift_t
     if not quiet:
         for message in result.notes:
             note(f"note: {message}")
-    document = trajectory_document(result, drift_threshold=drift_threshold)
-    from ..report.csv import table_csv
-    from ..report.json import dumps
-
-    outputs = [(json_out, lambda: dumps(document)), (csv_out, lambda: table_csv(*trajectory_table(result)))]
-    if out_dir:
-        from ..report.bundle import check_target, commit_folder, staged_folder
-
-        target = check_target(out_dir, [p.path for p in result.points], force=force)
-        with staged_folder(target) as staging:  # the folder goes in place after the other outputs are written
-            files = _folder_files(staging, result, document, formats)
-            write_outputs(outputs)
-            commit_folder(staging, target, files)
-    else:
-        write_outputs(outputs)
-    if not quiet:
-        to_stderr = "-" in (json_out, csv_out)
-        click.echo(_summary(document), err=to_stderr)
-        if out_dir:
-            note(f"trajectory written to {out_dir} (trajectory.json, trajectory.csv{', figures/' if formats else ''})")
-
-
-def _figure_formats(given) -> tuple[str, ...]:
-    from ..report.bundle import FIGURE_FORMATS
-
-    formats = () if tuple(given) == ("none",) else tuple(dict.fromkeys(f.lower() for f in given))
-    unknown = [f for f in formats if f not in FIGURE_FORMATS]
-    if unknown:
-        raise click.BadParameter(f"{unknown[0]!r} is not one of pdf, png, svg (or 'none')", param_hint="--figures")
-    return formats
+    return result
 
 
 def _jsonl_input(paths) -> Path | None:
@@ -187,26 +181,3 @@ def _summary(document: dict) -> str:
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}"
-
-
-def _folder_files(staging: Path, result, document: dict, formats) -> dict[str, str]:
-    """The -o folder's figures, drawn into ``staging``; returns its text files (trajectory.json, trajectory.csv)."""
-    from ..figures import trajectory as F
-    from ..figures._common import FigureInputError
-    from ..figures.output import save_figure
-    from ..report.csv import table_csv
-    from ..report.json import dumps
-    from ..trajectory.document import trajectory_table
-
-    drawers = {"metric_by_step": F.metric_by_step_figure, "layer_step_heatmap": F.layer_step_heatmap,
-               "drift": F.drift_figure}  # fmt: skip
-    if formats:
-        (staging / "figures").mkdir()
-        for name in FIGURES:
-            try:
-                figure = drawers[name](result)
-            except FigureInputError as exc:
-                warn(f"figure {name} not drawn: {exc}")
-                continue
-            save_figure(figure, staging / "figures" / name, formats)
-    return {"trajectory.json": dumps(document), "trajectory.csv": table_csv(*trajectory_table(result))}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..trajectory.document import layer_series, metric_key, module_series, step_drift
-from ._common import FigureInputError, axes_given, check_axes, legend_above, new_figure, root_figure, style_for
+from ._common import FigureInputError, legend_above, parse_metric, style_for
+from ._panel import one_axes
 from .style import SEQUENTIAL_CMAP, paper_style
 
 if TYPE_CHECKING:
@@ -16,13 +17,23 @@ if TYPE_CHECKING:
     from ..trajectory.build import Trajectory
 
 
-def _one_axes(ax, width, aspect: float, what: str) -> tuple[Figure, Axes]:
-    given = axes_given(ax)
-    if given is not None:
-        (axes,) = check_axes(given, 1, what)
-        return root_figure(axes), axes
-    fig = new_figure(width, aspect)
-    return fig, fig.subplots()
+def _metric(trajectory: Trajectory, metric: str, parameter: float | None) -> tuple[str, float | None]:
+    """(key, parameter) of ``metric``: a name (``erank``), a parametrised one with its parameter
+    (``count_above[0.01]``), or a bare parametrised name (``count_above``: the trajectory's first τ, P or ρ).
+    ``parse_metric`` reads only the options, which a Trajectory has as an Analysis does."""
+    if parameter is not None:
+        return metric, parameter
+    key, parameter, _ = parse_metric(metric, trajectory)  # type: ignore[arg-type]
+    return key, parameter
+
+
+def _absent(series: dict[str, list[float | None]]) -> bool:
+    return not any(v is not None for values in series.values() for v in values)
+
+
+def _not_computed(key: str, parameter: float | None) -> FigureInputError:
+    hint = " (a parameter is drawn only where it was analysed: --threshold, --energy)" if parameter is not None else ""
+    return FigureInputError(f"no layer has {metric_key(key, parameter)} at any step{hint}")
 
 
 def _step_axis(axes: Axes) -> None:
@@ -47,15 +58,15 @@ def metric_by_step_figure(
     ax: Axes | None = None,
 ) -> Figure:
     """``metric`` (mean over the layers of each module type) against step, one series per module type.
-    ``parameter``: τ/P/ρ of a parametrised metric (default for ``count_above``: the trajectory's first τ)."""
-    if metric == "count_above" and parameter is None:
-        parameter = trajectory.options.thresholds[0]
+    ``metric``: ``erank``, ``count_above[0.01]``, …; ``parameter``: τ/P/ρ of a parametrised metric given by its
+    bare name (default: the trajectory's first, e.g. its first τ for ``count_above``)."""
+    metric, parameter = _metric(trajectory, metric, parameter)
     series = module_series(trajectory, metric_key(metric, parameter))
-    if not any(v is not None for values in series.values() for v in values):
-        raise FigureInputError(f"no layer has {metric_key(metric, parameter)} to draw")
+    if _absent(series):
+        raise _not_computed(metric, parameter)
     steps = trajectory.steps
     with paper_style():
-        fig, axes = _one_axes(ax, width, 0.7, "metric_by_step_figure")
+        fig, axes = one_axes(ax, width, 0.7, "metric_by_step_figure")
         handles = []
         for index, values in enumerate(series.values()):
             points = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
@@ -78,19 +89,21 @@ def layer_step_heatmap(
     width: str | float = "full",
     ax: Axes | None = None,
 ) -> Figure:
-    """``metric`` of every layer (rows, in model order of first appearance) at every step (columns)."""
+    """``metric`` (as :func:`metric_by_step_figure` takes it) of every layer (rows, in model order of first
+    appearance) at every step (columns)."""
     import numpy as np
 
-    if metric == "count_above" and parameter is None:
-        parameter = trajectory.options.thresholds[0]
+    metric, parameter = _metric(trajectory, metric, parameter)
     series = layer_series(trajectory, metric_key(metric, parameter))
     if not series:
         raise FigureInputError("the trajectory has no layer to draw")
+    if _absent(series):
+        raise _not_computed(metric, parameter)
     matrix = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row] for row in series.values()]))
     steps = trajectory.steps
     with paper_style():
         aspect = min(1.4, max(0.5, 0.02 * len(series) + 0.3))
-        fig, axes = _one_axes(ax, width, aspect, "layer_step_heatmap")
+        fig, axes = one_axes(ax, width, aspect, "layer_step_heatmap")
         mesh = axes.pcolormesh(np.arange(len(steps) + 1), np.arange(len(series) + 1), matrix, cmap=SEQUENTIAL_CMAP)
         axes.invert_yaxis()
         axes.set_xticks(np.arange(len(steps)) + 0.5, [str(s) for s in steps], rotation=90 if len(steps) > 8 else 0)
@@ -109,7 +122,7 @@ def drift_figure(trajectory: Trajectory, *, width: str | float = "column", ax: A
         raise FigureInputError("no drift to draw (one checkpoint, or a callback JSONL, which logs σ only)")
     per_step = step_drift(trajectory)
     with paper_style():
-        fig, axes = _one_axes(ax, width, 0.7, "drift_figure")
+        fig, axes = one_axes(ax, width, 0.7, "drift_figure")
         handles, labels = [], []
         for index, (key, label) in enumerate((("drift_previous", "subspace drift vs t−1"),
                                               ("drift_final", "subspace drift vs final"),

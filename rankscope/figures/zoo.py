@@ -8,7 +8,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ._common import FigureInputError, axes_given, check_axes, legend_above, new_figure, root_figure
+from ._common import FigureInputError, legend_above
+from ._panel import one_axes
 from .style import GUIDE_COLOR, paper_style, series_colour, series_marker
 
 if TYPE_CHECKING:
@@ -16,15 +17,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 JITTER = 0.18  # half-width of the strip's horizontal spread, in group widths (r steps for the scatter)
-
-
-def _one_axes(ax, width, aspect: float, what: str) -> tuple[Figure, Axes]:
-    given = axes_given(ax)
-    if given is not None:
-        (axes,) = check_axes(given, 1, what)
-        return root_figure(axes), axes
-    fig = new_figure(width, aspect)
-    return fig, fig.subplots()
 
 
 def _jitter(count: int, seed: int) -> list[float]:
@@ -49,7 +41,7 @@ def distribution_figure(
     if not drawn:
         raise FigureInputError(f"no {value_label} to draw")
     with paper_style():
-        fig, axes = _one_axes(ax, width, 0.62, "distribution_figure")
+        fig, axes = one_axes(ax, width, 0.62, "distribution_figure")
         positions = list(range(1, len(drawn) + 1))
         axes.boxplot(list(drawn.values()), positions=positions, widths=0.55, showfliers=False,
                      medianprops={"color": series_colour(1)}, boxprops={"color": GUIDE_COLOR},
@@ -82,7 +74,7 @@ def erank_scatter_figure(
     types = list(dict.fromkeys([*(order or ()), *(t for _, _, t in points)]))
     types = [t for t in types if any(p[2] == t for p in points)]
     with paper_style():
-        fig, axes = _one_axes(ax, width, 0.75, "erank_scatter_figure")
+        fig, axes = one_axes(ax, width, 0.75, "erank_scatter_figure")
         ranks_drawn = sorted({r for r, _, _ in points})
         step = min((b - a for a, b in itertools.pairwise(ranks_drawn)), default=1.0)  # jitter within a gap
         handles = []

@@ -20,6 +20,7 @@ from ..core.naming import group_by_module
 from ..sweeps.tables import CHECKPOINTS, LAYERS, TABLES, read_frame, records, table_path
 from .bundle import check_target, commit_folder, staged_folder
 from .csv import table_csv
+from .figure_files import inline_and_save
 from .html import page_document
 from .html.page import esc, figure, kpis, table
 from .model import Cell, Column, FigureSpec, Kpi, Row, Table
@@ -230,8 +231,6 @@ def write_sweep_report(
 ) -> dict:
     """Write the sweep report of ``sweep_dir`` to ``out_dir`` all or nothing; returns counts for the closing line
     (``checkpoints``, ``layers``, ``outliers``)."""
-    from ..figures.output import save_figure, svg_text
-
     phase = phase or (lambda name: None)
     target = check_target(out_dir, [sweep_dir], force=force)
     layers, checkpoints = read_sweep(sweep_dir)
@@ -240,11 +239,7 @@ def write_sweep_report(
     with staged_folder(target) as staging:
         phase("figures")
         drawn = sweep_figures(layers)
-        svgs = {spec.id: svg_text(fig) for spec, fig in drawn}
-        if formats and drawn:
-            (staging / "figures").mkdir()
-            for spec, fig in drawn:
-                save_figure(fig, staging / "figures" / spec.id, formats)
+        svgs = inline_and_save(drawn, staging, formats)
         phase("writing")
         files = {
             "index.html": sweep_page(

@@ -3,6 +3,7 @@ its headlines (settled, saturated), a sortable step table and the trajectory fig
 usual report of the run's final checkpoint (report/bundle.py's ``write_report``, linked from the page), with
 ``trajectory.json`` (``rankscope.trajectory/1``, as ``rankscope trajectory --json`` writes it),
 ``trajectory.csv`` and ``figures/``; the whole folder is written all or nothing (staging, marker, swap).
+``rankscope trajectory -o DIR`` writes the same folder without ``final/``.
 
 Every value on the page is read from the trajectory document (``trajectory.document.trajectory_document``)."""
 
@@ -17,6 +18,7 @@ from .. import __version__
 from ..trajectory.document import trajectory_table
 from .bundle import COMMIT, check_target, commit_folder, staged_folder, write_report
 from .csv import table_csv
+from .figure_files import inline_and_save
 from .html import page_document
 from .html.page import esc, figure, kpis, table
 from .json import dumps
@@ -38,20 +40,21 @@ def trajectory_figures(trajectory: Trajectory) -> tuple[list[tuple[FigureSpec, o
     from ..figures._common import FigureInputError
 
     tau = trajectory.options.thresholds[0]
-    wanted = (
-        ("erank_by_step", "erank (mean over the layers of each module type) against step",
+    wanted = (  # (file name, `rankscope plot` kind, caption, drawing, full width)
+        ("erank_by_step", "trajectory", "erank (mean over the layers of each module type) against step",
          lambda: F.metric_by_step_figure(trajectory, "erank"), False),
-        ("count_by_step", f"count of σ > τ = {tau:g} (mean over the layers of each module type) against step",
+        ("count_by_step", "trajectory",
+         f"count of σ > τ = {tau:g} (mean over the layers of each module type) against step",
          lambda: F.metric_by_step_figure(trajectory, "count_above"), False),
-        ("drift", "Mean subspace drift against the previous and the final checkpoint, and the mean relative "
-         "change ‖ΔW_t − ΔW_{t−1}‖_F / ‖ΔW_t‖_F, against step", lambda: F.drift_figure(trajectory), False),
-        ("erank_heatmap", "erank of every layer at every step", lambda: F.layer_step_heatmap(trajectory, "erank"),
-         True),
+        ("drift", "drift", "Mean subspace drift against the previous and the final checkpoint, and the mean "
+         "relative change ‖ΔW_t − ΔW_{t−1}‖_F / ‖ΔW_t‖_F, against step", lambda: F.drift_figure(trajectory), False),
+        ("erank_heatmap", "trajectory-heatmap", "erank of every layer at every step",
+         lambda: F.layer_step_heatmap(trajectory, "erank"), True),
     )  # fmt: skip
     drawn, warnings = [], []
-    for name, caption, draw, wide in wanted:
+    for name, kind, caption, draw, wide in wanted:
         try:
-            drawn.append((FigureSpec(name, f"trajectory-{name}", "trajectory", caption, wide=wide), draw()))
+            drawn.append((FigureSpec(name, kind, "trajectory", caption, wide=wide), draw()))
         except FigureInputError as exc:
             warnings.append(f"figure {name} not drawn: {exc}")
     return drawn, warnings
@@ -108,18 +111,26 @@ def _step_table(rows: Sequence[dict]) -> Table:
     )
 
 
-def trajectory_page(source: str, document: dict, specs, svgs: dict, formats: Sequence[str], final: str) -> str:
-    """The run's page: headlines, the step table, the figures, a link to the final checkpoint's report."""
+def trajectory_page(
+    source: str, document: dict, specs, svgs: dict, formats: Sequence[str], final: str | None = None
+) -> str:
+    """The run's page: headlines, the step table, the figures and, where ``final`` (the final checkpoint's path)
+    is given, a link to its report in ``final/``."""
     figs = "".join(figure(spec, svgs[spec.id], n, formats) for n, spec in enumerate(specs, 1) if spec.id in svgs)
     notes = "".join(f'<p class="warn">⚠ {esc(w)}</p>' for w in document["warnings"])
     notes += "".join(f'<p class="note">{esc(n)}</p>' for n in document["notes"])
+    link = f'<a href="{FINAL}/index.html">Final checkpoint</a>' if final is not None else ""
+    about = (
+        f"<p>The final checkpoint (<code>{esc(final)}</code>, step {document['steps'][-1]}) has the full report: "
+        f'<a href="{FINAL}/index.html">{FINAL}/index.html</a>.</p>'
+        if final is not None
+        else ""
+    )
     body = (
         f"<header><h1>rankscope run report <span>{esc(source)}</span></h1><nav>"
-        '<a href="#summary">Summary</a><a href="#figures">Figures</a><a href="#steps">Steps</a>'
-        f'<a href="{FINAL}/index.html">Final checkpoint</a></nav></header><main>'
-        f'<section id="summary"><h2>Trajectory</h2>{kpis(headline_kpis(document))}{notes}'
-        f"<p>The final checkpoint (<code>{esc(final)}</code>, step {document['steps'][-1]}) has the full report: "
-        f'<a href="{FINAL}/index.html">{FINAL}/index.html</a>.</p></section>'
+        f'<a href="#summary">Summary</a><a href="#figures">Figures</a><a href="#steps">Steps</a>{link}</nav>'
+        f'</header><main><section id="summary"><h2>Trajectory</h2>{kpis(headline_kpis(document))}{notes}'
+        f"{about}</section>"
         f'<section id="figures"><h2>Figures</h2><div class="figs">{figs}</div></section>'
         '<section id="steps"><h2>Steps</h2><p class="hint">Drift: 1 − the mean projection overlap of the top '
         "singular subspaces, averaged over the layers; relative change ‖ΔW_t − ΔW_{t−1}‖<sub>F</sub> / "
@@ -137,7 +148,7 @@ def write_run_report(
     source: str,
     trajectory: Trajectory,
     document: dict,
-    final: Analysis,
+    final: Analysis | None,
     out_dir: str | Path,
     *,
     formats: Sequence[str] = ("pdf", "png"),
@@ -145,30 +156,29 @@ def write_run_report(
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,
     final_options: Mapping[str, object] | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> list[str]:
     """Write the run report (see the module's docstring) to ``out_dir`` all or nothing; returns warnings.
-    ``final_options``: more keyword arguments of ``write_report`` for the final checkpoint's report
-    (``suggest_rule``)."""
-    from ..figures.output import save_figure, svg_text
-
+    ``final``: the final checkpoint's analysis, reported in ``final/`` (None: no ``final/``, the folder of
+    ``rankscope trajectory -o``). ``final_options``: more keyword arguments of ``write_report`` for that report
+    (``suggest_rule``). ``inputs``: the paths the folder may not be written over besides every point's path
+    (default: ``source``, which is also the page's title). ``phase(COMMIT)`` comes just before the folder is
+    moved into place."""
     phase = phase or (lambda name: None)
-    target = check_target(out_dir, [source, *(p.path for p in trajectory.points)], force=force)
+    target = check_target(out_dir, [*(inputs or [source]), *(p.path for p in trajectory.points)], force=force)
     with staged_folder(target) as staging:
-        # the final checkpoint's report: its own commit is a rename inside the staging folder, not ours
-        warnings = write_report([final], staging / FINAL, formats=formats, progress=progress,
-                                phase=lambda name: name != COMMIT and phase(name), **(final_options or {}))  # fmt: skip
+        warnings = []
+        if final is not None:
+            # the final checkpoint's report: its own commit is a rename inside the staging folder, not ours
+            inner = {"progress": progress, "phase": lambda name: name != COMMIT and phase(name)}
+            warnings = write_report([final], staging / FINAL, formats=formats, **inner, **(final_options or {}))
         phase("trajectory figures")
         drawn, left_out = trajectory_figures(trajectory)
-        svgs = {spec.id: svg_text(fig) for spec, fig in drawn}
-        if formats and drawn:
-            (staging / "figures").mkdir()
-            for spec, fig in drawn:
-                save_figure(fig, staging / "figures" / spec.id, formats)
+        svgs = inline_and_save(drawn, staging, formats)
         phase("writing")
+        final_path = final.checkpoint.path if final is not None else None
         files = {
-            "index.html": trajectory_page(
-                source, document, [s for s, _ in drawn], svgs, formats, final.checkpoint.path
-            ),
+            "index.html": trajectory_page(source, document, [s for s, _ in drawn], svgs, formats, final_path),
             "trajectory.json": dumps(document),
             "trajectory.csv": table_csv(*trajectory_table(trajectory)),
         }

@@ -19,7 +19,7 @@ import torch
 
 from ..analysis.analyze import analyze
 from ..analysis.options import AnalysisOptions
-from ..analysis.records import LayerRecord
+from ..analysis.records import Analysis, LayerRecord
 from ..core.checkpoint import Checkpoint
 from ..core.errors import CheckpointError, UsageProblem
 from ..core.naming import module_types
@@ -71,17 +71,20 @@ def checkpoint_trajectory(
     load: Callable[[Path], Checkpoint] | None = None,
     drift_k: int | None = None,
     progress: Callable[[str], None] | None = None,
+    final: Analysis | None = None,
 ) -> Trajectory:
     """Analyse each ``(step, path)`` (in step order) and measure the drift between consecutive checkpoints.
 
     ``load`` reads one path (default ``formats.load``); ``drift_k`` fixes the k of the subspace overlaps (default:
-    the smaller numerical rank of the pair). At most three checkpoints' updates are held at once.
+    the smaller numerical rank of the pair). ``final``: the last entry's analysis when the caller has it already
+    (the run report's ``final/``): its checkpoint is neither read nor analysed again. At most three checkpoints'
+    updates are held at once.
     """
     if len(entries) < 1:
         raise UsageProblem("a trajectory needs at least one checkpoint", argument="paths")
     if drift_k is not None and drift_k < 1:
         raise UsageProblem(f"drift_k must be a whole number ≥ 1, found {drift_k}", argument="drift_k")
-    options = options or AnalysisOptions()
+    options = options or (final.options if final is not None else AnalysisOptions())
     if load is None:
         from ..formats import load as load_path
 
@@ -89,19 +92,24 @@ def checkpoint_trajectory(
     entries = sorted(entries, key=lambda item: item[0])
     _check_steps(entries)
     announce = progress or (lambda text: None)
-    announce(f"reading the final checkpoint {entries[-1][1]}")
-    final = load(entries[-1][1])
-    final_bases = _bases(final, options)
+    if final is not None and final.options != options:
+        raise UsageProblem("the final checkpoint's analysis was made with other options than the trajectory's")
+    if final is None:
+        announce(f"reading the final checkpoint {entries[-1][1]}")
+    last = final.checkpoint if final is not None else load(entries[-1][1])
+    final_bases = _bases(last, options)
     points, records, warnings = [], [], {}
     previous: tuple[int, Checkpoint, dict[str, D.Basis]] | None = None
     for index, (step, path) in enumerate(entries):
-        announce(f"analysing {index + 1}/{len(entries)} step {step}")
-        checkpoint = final if index == len(entries) - 1 else load(path)
-        analysis = analyze(checkpoint, options)
+        is_last = index == len(entries) - 1
+        if not (is_last and final is not None):
+            announce(f"analysing {index + 1}/{len(entries)} step {step}")
+        checkpoint = last if is_last else load(path)
+        analysis = final if is_last and final is not None else analyze(checkpoint, options)
         for message in [*checkpoint.warnings, *analysis.warnings]:
             warnings.setdefault(message, []).append(step)
         points.append(Point(str(path), int(step), list(analysis.layers)))
-        bases = final_bases if checkpoint is final else _bases(checkpoint, options)
+        bases = final_bases if is_last else _bases(checkpoint, options)
         if previous is not None:
             records += _pair_drift(previous, (step, checkpoint, bases), final_bases, analysis.layers, drift_k, options)
         previous = (step, checkpoint, bases)
