@@ -3,8 +3,10 @@
 The mathematics is in :mod:`..measures.base_relative`; here W₀ is read (``Checkpoint.base``, the
 :class:`~..core.base.BaseWeights` a reader was given), ΔW's singular vectors found (exact from the factors where
 there are factors, ``core.spectrum.singular_vectors``; a dense SVD otherwise) and W₀'s decompositions taken from
-the on-disk cache (:mod:`..core.svd_cache`) or computed and stored there. Everything is in float64, of ΔW as the
-model applies it (α/r included, also under ``unscaled``), on the analysed out×in matrix (``core.base.as_matrix``).
+the on-disk cache (:mod:`..core.svd_cache`) or computed and stored there. A bitsandbytes base (QLoRA) is W₀ as
+bitsandbytes dequantises it (``core.quantised``); a GPTQ/AWQ base is refused in one line. Everything is in float64,
+of ΔW as the model applies it (α/r included, also under ``unscaled``), on the analysed out×in matrix
+(``core.base.as_matrix``).
 
 Intruder dimensions need two dense SVDs with vectors per layer (W₀'s, cached, and W₀ + ΔW's): by default they are
 computed where min(m, n) ≤ :data:`DENSE_VECTORS_CPU_LIMIT` on the CPU, and for every layer on CUDA. Above that
@@ -60,7 +62,14 @@ def measure_against_base(
     for layer, record in zip(layers, records, strict=True):
         if record.valid and layer.update is not None:
             record.base = _layer_fields(layer, base, options, device, cache, outcome)
-    return _messages(outcome, options)
+    warnings, notes = _messages(outcome, options)
+    if base.dequantised:
+        formats = ", ".join(sorted(set(base.dequantised.values())))
+        notes.append(
+            f"the base is quantised ({formats}): W₀ is its dequantisation, as bitsandbytes computes it (the weight "
+            "the adapter was trained against)"
+        )
+    return warnings, notes
 
 
 def _layer_fields(
@@ -75,6 +84,7 @@ def _layer_fields(
     try:
         file, key, stored = _base_tensor(base, layer)
     except CheckpointError:
+        base.refuse_quantised(layer.name)  # a GPTQ/AWQ base: one line naming the format, not a missing weight
         outcome.missing.append(layer.name)
         return None
     weight = as_matrix(stored, layer.kind).to(torch.float64)

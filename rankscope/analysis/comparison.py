@@ -17,8 +17,13 @@ from ..measures.metrics import parameter_key
 from .records import Analysis, LayerRecord
 from .summary import ALIGNMENT_OVERLAPS, alignment_means, mean
 
-# the per-layer quantities compared side by side
-COMPARED = ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam")
+# the per-layer quantities compared side by side; the last three need --base (the record's ``base`` object) and
+# are None without it: ‖ΔW‖_F/‖W₀‖_F, σ₁(ΔW)/σ₁(W₀) and the count of intruder dimensions
+BASE_COMPARED = ("relative_update", "relative_sigma_max", "intruder_count")
+COMPARED = (
+    "rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam",
+    *BASE_COMPARED,
+)  # fmt: skip
 
 
 @dataclass
@@ -72,10 +77,13 @@ def shared_thresholds(analyses: Sequence[Analysis]) -> list[float]:
 
 
 def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | None]:
-    """rank bound, params, count above τ, Σσ², erank, stable rank, utilisation and erank per 1k parameters."""
+    """rank bound, params, count above τ, Σσ², erank, stable rank, utilisation and erank per 1k parameters; with
+    a base, the relative update, relative σ₁ and intruder count (None where not measured)."""
     metrics = record.metrics
     if metrics is None:
         return dict.fromkeys(COMPARED)
+    base = record.base or {}
+    intruders = base.get("intruders")
     return {
         "rank_bound": record.rank_bound,
         "params": record.params,
@@ -85,6 +93,9 @@ def compared_values(record: LayerRecord, threshold: float) -> dict[str, float | 
         "stable_rank": metrics["stable_rank"],
         "utilization": metrics["utilization"],
         "erank_per_kparam": 1000 * metrics["erank"] / record.params if record.params else None,
+        "relative_update": base.get("relative_update"),
+        "relative_sigma_max": base.get("relative_sigma_max"),
+        "intruder_count": intruders["count"] if intruders else None,
     }
 
 
@@ -164,10 +175,11 @@ def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
         }
     first = per_label[comparison.labels[0]]
     ratios = {}
+    ratio_keys = ("params", "mean_count_above", "mean_energy", "mean_erank", "mean_stable_rank", "mean_relative_update")
     for label in comparison.labels[1:]:
         ratios[label] = {
-            key: (per_label[label][key] / first[key]) if first[key] else None
-            for key in ("params", "mean_count_above", "mean_energy", "mean_erank", "mean_stable_rank")
+            key: (per_label[label][key] / first[key]) if first[key] and per_label[label][key] is not None else None
+            for key in ratio_keys
         }
     aligned = [layer.alignment for layer in layers if layer.alignment]
     alignment = alignment_means(aligned, ("cosine", *ALIGNMENT_OVERLAPS))
@@ -196,6 +208,23 @@ def headlines(comparison: Comparison, overall: dict) -> list[str]:
             parts.append(f"{ratio['mean_count_above']:.2f}× {first}'s count above {comparison.threshold:g}")
         if ratio["mean_erank"] is not None:
             parts.append(f"{ratio['mean_erank']:.2f}× its erank")
+        if ratio["mean_relative_update"] is not None:
+            parts.append(f"{ratio['mean_relative_update']:.2f}× its relative update ‖ΔW‖/‖W₀‖")
         if ratio["params"] is not None:
             lines.append(f"{label} reaches {' and '.join(parts)} with {ratio['params']:.2f}× its parameters")
+    per_label = overall["per_label"]
+    if any(per_label[label]["mean_relative_update"] is not None for label in comparison.labels):
+        lines.append(
+            "against the base: "
+            + "; ".join(
+                f"{label} ‖ΔW‖/‖W₀‖ {_shown(values['mean_relative_update'], '.3g')}, "
+                f"{_shown(values['mean_intruder_count'], '.2f')} intruder dimensions per layer"
+                for label, values in per_label.items()
+            )
+            + " (means over matched layers)"
+        )
     return lines
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)

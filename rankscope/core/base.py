@@ -15,6 +15,10 @@ A layer ``model.layers.0.self_attn.q_proj`` finds its weight under ``model.layer
   ``lycoris_0``): ``prefix + module.replace(".", "_")`` of the base's own module names, the prefix choosing the
   component (``lora_te_``/``lora_te1_`` text_encoder, ``lora_te2_`` text_encoder_2, ``lora_unet_`` unet or
   transformer); a flattened name that two base modules share is ambiguous and found nowhere.
+
+A base quantised by bitsandbytes (QLoRA's 4-bit NF4/FP4, double quantisation included, and 8-bit) is read back
+as floats, as bitsandbytes dequantises it (:mod:`.quantised`); ``dequantised`` says which weights were. GPTQ and
+AWQ bases (``qweight``…) are refused in one line naming the format.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import quantised
 from .errors import CheckpointError
 from .naming import layer_name
 from .tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
@@ -79,6 +84,7 @@ class BaseWeights:
         self.component = self.path.name if self.path.is_dir() and self.path.name in COMPONENTS else None
         self._by_name = _names(self._key_to_file)
         self._flat: dict[str, str | None] | None = None
+        self.dequantised: dict[str, str] = {}  # stored key → how it was stored (bitsandbytes 4-bit nf4, …)
 
     @classmethod
     def from_tensor_file(cls, tensors: TensorFile) -> BaseWeights:
@@ -99,10 +105,7 @@ class BaseWeights:
             return dict.fromkeys(self._open(path).keys(), path)
         for name in _INDEX_NAMES:
             if (path / name).is_file():
-                weight_map = read_json(path / name).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise CheckpointError("base model index has no 'weight_map' object", path=path / name)
-                return {str(k): path / str(v) for k, v in weight_map.items()}
+                return index_files(path / name, "base model index")
         for name in _SINGLE_NAMES:
             if (path / name).is_file():
                 return dict.fromkeys(self._open(path / name).keys(), path / name)
@@ -201,6 +204,9 @@ class BaseWeights:
     def _require(self, layer: str, suffix: str) -> tuple[BaseWeights, str]:
         found = self._locate(layer, suffix)
         if found is None:
+            packed = self._locate(layer, "qweight") if suffix == "weight" else None
+            if packed is not None:  # GPTQ/AWQ: the weight is stored under other keys, in a format not read
+                self.refuse_quantised(layer)
             raise CheckpointError(
                 f"base model has no tensor for layer {layer!r} (is --base the model this adapter was trained on?)",
                 path=self.path,
@@ -208,20 +214,50 @@ class BaseWeights:
             )
         return found
 
+    def refuse_quantised(self, layer: str) -> None:
+        """Raise the one-line refusal where ``layer``'s weight is stored as GPTQ/AWQ (``qweight``…); else nothing."""
+        found = self._locate(layer, "qweight")
+        if found is None:
+            return
+        part, key = found
+        module = key.rpartition(".")[0]
+        config = part.path / "config.json" if part.path.is_dir() else part.path.parent / "config.json"
+        fmt = quantised.unsupported_format(module, part._key_to_file, read_json(config) if config.is_file() else {})
+        raise quantised.refusal(fmt or "GPTQ/AWQ (qweight, qzeros, scales)", part._key_to_file[key], key)
+
+    def _stored(self, key: str) -> torch.Tensor:
+        return self._open(self._key_to_file[key]).get(key)
+
     def shape(self, layer: str, suffix: str = "weight") -> tuple[int, ...]:
-        """The shape of ``layer``'s base tensor, read from the header without loading it."""
+        """The shape of ``layer``'s base tensor, read from the header without loading it (a bitsandbytes 4-bit
+        weight: the shape its quant_state records)."""
         part, key = self._require(layer, suffix)
+        if quantised.stored_format(key, part._key_to_file) == quantised.BNB4:
+            return tuple(quantised.state_of(key, part._key_to_file, part._stored, part._key_to_file[key])["shape"])
         return part._open(part._key_to_file[key]).shape(key)
 
     def get(self, layer: str, suffix: str = "weight") -> torch.Tensor:
-        """``layer``'s base tensor; a one-line error names the base and the key looked for."""
+        """``layer``'s base tensor (dequantised where bitsandbytes stored it); a one-line error names the base and
+        the key looked for."""
         part, key = self._require(layer, suffix)
-        return part._open(part._key_to_file[key]).get(key)
+        if quantised.stored_format(key, part._key_to_file) is None:
+            return part._stored(key)
+        where = part._key_to_file[key]
+        self.dequantised[key] = quantised.describe(key, part._key_to_file, part._stored, where)
+        return quantised.dequantise_stored(key, part._key_to_file, part._stored, where)
 
     def location(self, layer: str, suffix: str = "weight") -> tuple[Path, str]:
         """The file that stores ``layer``'s base tensor and its key there (what a cache of it is keyed by)."""
         part, key = self._require(layer, suffix)
         return part._key_to_file[key], key
+
+
+def index_files(index: Path, what: str = "model index") -> dict[str, Path]:
+    """Stored key → shard file from a sharded model's index (``*.safetensors.index.json``: its ``weight_map``)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{what} has no 'weight_map' object", path=index)
+    return {str(key): index.parent / str(file) for key, file in weight_map.items()}
 
 
 def _is_pipeline(path: Path) -> bool:

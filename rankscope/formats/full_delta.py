@@ -13,7 +13,9 @@ safetensors file whose keys are model weights only — never a directory with ad
 What does not, each listed under ``skipped``: tensors identical to the base's (counted in a note), shapes that
 differ (a resized embedding: a warning), tensors the base lacks (a warning), and 1-D parameters that are no
 layer's bias (norm weights γ, …: counted in a note — a vector update of its own is not a matrix the fine-tune
-shares with a LoRA). Quantised weights (bitsandbytes, GPTQ/AWQ, integer or float8 tensors) are refused in one line.
+shares with a LoRA). A quantised fine-tuned model (bitsandbytes, GPTQ/AWQ, integer or float8 tensors) is refused in
+one line; a bitsandbytes base is dequantised as bitsandbytes does (``core.quantised``, with a warning: ΔW then
+holds the quantisation error), a GPTQ/AWQ base refused naming its format.
 
 Each layer is a lazy :class:`~..core.update.DenseUpdate`: reading compares the two tensors (to skip identical ones
 and to measure rounding noise) and keeps nothing; materialising reads both again, moves each to the device once in
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.base import BaseWeights, as_matrix
+from ..core.base import BaseWeights, as_matrix, index_files
 from ..core.checkpoint import Checkpoint, Layer, Skipped, adapter_module, listed
 from ..core.errors import CheckpointError
 from ..core.naming import layer_name
@@ -70,10 +72,7 @@ def _model_files(path: Path) -> dict[str, Path] | None:
             return None
         for name in _INDEXES:
             if (path / name).is_file():
-                weight_map = read_json(path / name).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise CheckpointError("model index has no 'weight_map' object", path=path / name)
-                return {str(key): path / str(file) for key, file in weight_map.items()}
+                return index_files(path / name)
         files = [path / name for name in _SINGLE if (path / name).is_file()]
         files = files or sorted(p for p in path.iterdir() if _SHARD.match(p.name))
         return {key: file for file in files for key in TensorFile(file)} if files else None
@@ -181,9 +180,8 @@ def _read_tensor(reading: _Reading, finetuned: TensorFile, key: str, base: BaseW
     name = layer_name(module)
     base_key = base.key_for(name, suffix)
     if base_key is None:
-        for marker in ("qweight", "SCB"):  # the base stores this weight quantised, under other keys
-            if base.key_for(name, marker) is not None:
-                raise _refuse_quantised("the base model (--base)", _QUANTISED[marker], base.path, f"{name}.{marker}")
+        if suffix == "weight":
+            base.refuse_quantised(name)  # stored as GPTQ/AWQ under other keys: one line naming the format
         reading.missing.append(key)
         reading.skipped.append(Skipped(key, "the base model has no tensor of this name"))
         return
@@ -192,7 +190,7 @@ def _read_tensor(reading: _Reading, finetuned: TensorFile, key: str, base: BaseW
         reading.mismatched.append(f"{key} {list(shape)} vs {list(base_shape)}")
         reading.skipped.append(Skipped(key, f"shape {list(shape)} here but {list(base_shape)} in the base"))
         return
-    weight, original = finetuned.get(key), base.get(name, suffix)
+    weight, original = finetuned.get(key), base.get(name, suffix)  # a bitsandbytes base comes dequantised
     for what, tensor, where in (("the fine-tuned model", weight, finetuned.path), ("the base", original, base.path)):
         quantised = _quantised(key, tensor.dtype)
         if quantised:
@@ -259,6 +257,13 @@ def _messages(reading: _Reading, base: BaseWeights) -> tuple[list[str], list[str
         warnings.append(
             f"{len(reading.missing)} tensor(s) have no counterpart in the base model, not analysed: "
             f"{listed(reading.missing)}"
+        )
+    if base.dequantised:
+        formats = ", ".join(sorted(set(base.dequantised.values())))
+        warnings.append(
+            f"the base is quantised ({formats}; {len(base.dequantised)} weight(s) dequantised as bitsandbytes "
+            "does): ΔW = W − dequant(W₀) holds the quantisation error too, full-rank noise in every spectrum — "
+            "compare against the unquantised base"
         )
     if reading.noisy or reading.rounding_only:
         fine, wide = "/".join(sorted(reading.dtypes)), "/".join(sorted(reading.base_dtypes))
