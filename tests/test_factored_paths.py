@@ -161,3 +161,70 @@ def test_alignment_from_cross_grams_matches_dense_references() -> None:
                 for key, value in expected.items():
                     tolerance = 1e-5 if key.endswith("angle") else 1e-9  # degrees near 0 are arccos-limited
                     assert abs(got[key][i][j] - value) <= tolerance, (cached, i, j, key, got[key][i][j], value)
+
+
+def composition_cases(g: torch.Generator) -> list[list[FactoredUpdate]]:
+    """Components of a weighted sum: mixed precision (bf16 beside float32, promoted by weighted_sum), cores and
+    per-dimension scales, two nearly parallel components (the composite's CholeskyQR is refused), a zero
+    component, and a layer narrower than the summed inner dimension (m < ΣK_i: the composite's R is wide)."""
+    m, n = 90, 70
+    shared = torch.randn(m, 4, generator=g, dtype=torch.float64)
+    mixed = [
+        FactoredUpdate(torch.randn(m, 4, generator=g).to(torch.bfloat16), torch.randn(4, n, generator=g), scale=2.0),
+        FactoredUpdate(
+            torch.randn(m, 3, generator=g),
+            torch.randn(3, n, generator=g),
+            core=torch.randn(3, 3, generator=g, dtype=torch.float64),
+            scale=torch.tensor([1.0, 0.5, 2.0]),
+        ),
+        FactoredUpdate(torch.randn(m, 5, generator=g), torch.randn(5, n, generator=g), scale=0.25),
+    ]
+    nearby = shared + 1e-4 * torch.randn(m, 4, generator=g, dtype=torch.float64)
+    parallel = [
+        FactoredUpdate(shared.float(), torch.randn(4, n, generator=g), scale=1.0),
+        FactoredUpdate(nearby.float(), torch.randn(4, n, generator=g), scale=1.5),
+        FactoredUpdate(torch.zeros(m, 2), torch.randn(2, n, generator=g), scale=1.0),  # a zero component (B = 0)
+    ]
+    narrow = [FactoredUpdate(torch.randn(6, 4, generator=g), torch.randn(4, 40, generator=g), scale=1.0)
+              for _ in range(3)]  # fmt: skip
+    return [mixed, parallel, narrow]
+
+
+def test_alignment_from_the_composites_r_factors_matches_dense_references(monkeypatch) -> None:
+    import rankscope.measures.alignment as alignment
+
+    g = torch.Generator().manual_seed(5)
+    cases = composition_cases(g)
+    composites = [weighted_sum(parts, [0.5, -1.0, 2.0][: len(parts)]) for parts in cases]
+
+    def refuse(updates):  # the composite's coordinates must be what answers, not the per-factor path
+        raise AssertionError("the per-factor path was taken")
+
+    monkeypatch.setattr(alignment, "_from_factors", refuse)
+    for cached in (True, False):
+        FACTOR_CACHE.clear()
+        if cached:
+            singular_values([u for parts in cases for u in parts] + composites)
+        for parts, composite in zip(cases, composites, strict=True):
+            got = factored_pairwise_alignment(parts, composite)
+            dense = [u.materialize() for u in parts]
+            zero = [i for i, d in enumerate(dense) if not bool(d.any())]
+            for i in range(len(parts)):
+                for j in range(len(parts)):
+                    if i in zero or j in zero:
+                        assert all(got[key][i][j] is None for key in got), (i, j)
+                        continue
+                    expected = reference_alignment(dense[i], dense[j])
+                    for key, value in expected.items():
+                        tolerance = 1e-5 if key.endswith("angle") else 1e-9
+                        assert abs(got[key][i][j] - value) <= tolerance, (cached, i, j, key, got[key][i][j], value)
+
+
+def test_a_composite_of_other_factors_is_not_trusted() -> None:
+    g = torch.Generator().manual_seed(6)
+    parts = composition_cases(g)[0]
+    other = weighted_sum([FactoredUpdate(p.left.clone(), p.right.clone(), scale=p.scale) for p in parts], [1, 1, 1])
+    with torch.no_grad():
+        other.right[0, 0] += 1.0  # one element differs: the composite is not these components' concatenation
+    assert factored_pairwise_alignment(parts, other) == factored_pairwise_alignment(parts)
+    assert factored_pairwise_alignment(parts, weighted_sum(parts[:2], [1, 1])) == factored_pairwise_alignment(parts)

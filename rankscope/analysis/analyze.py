@@ -14,9 +14,10 @@ from ..core.lowrank import OVERSAMPLING, TruncatedSpectrum, truncated_singular_v
 from ..core.naming import module_types
 from ..core.spectrum import DENSE_DTYPES, singular_values
 from ..core.threads import thread_policy
+from ..core.units import byte_size
 from ..core.update import DenseUpdate, Update, weighted_sum
 from ..measures import metrics as M
-from ..measures.components import composition_fields, pairwise_alignment, weight_fields
+from ..measures.components import composition_fields, pairwise_alignments, weight_fields
 from .against_base import measure_against_base
 from .options import AnalysisOptions
 from .records import Analysis, LayerRecord
@@ -123,8 +124,8 @@ def _dense_refusal(layer: Layer, options: AnalysisOptions) -> str | None:
     if needed <= options.max_memory:
         return None
     return (
-        f"the dense {m}×{n} update needs about {_size(needed)} to decompose in "
-        f"{options.dense_dtype}, above --max-memory {_size(options.max_memory)}"
+        f"the dense {m}×{n} update needs about {byte_size(needed)} to decompose in "
+        f"{options.dense_dtype}, above --max-memory {byte_size(options.max_memory)}"
     )
 
 
@@ -170,14 +171,6 @@ def _truncated_metrics(spectrum: TruncatedSpectrum, options: AnalysisOptions) ->
     )
 
 
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.3g} {unit}"
-        count /= 1024
-    return f"{count:.3g} TiB"
-
-
 def _growth_updates(layers: list[Layer], options: AnalysisOptions) -> dict[tuple[int, int], Update]:
     """For sequential compositions, Σ_{i<t} w_i·ΔW_i after each round t = 1..k (the growth curve)."""
     partial: dict[tuple[int, int], Update] = {}
@@ -189,6 +182,26 @@ def _growth_updates(layers: list[Layer], options: AnalysisOptions) -> dict[tuple
         for t in range(1, len(parts) + 1):
             partial[(id(layer), t)] = weighted_sum(parts[:t], composition.weights[:t])
     return partial
+
+
+def _alignments(layers: list[Layer], refused: dict[int, str], options: AnalysisOptions) -> dict[int, dict]:
+    """The pairwise alignment of the components of every layer (at any depth) that has them all, keyed by id:
+    in one batch, so a model's compositions cost a few batched factorisations rather than a dozen ops a layer."""
+    chosen: list[Layer] = []
+
+    def collect(layer: Layer) -> None:
+        if layer.update is None or id(layer) in refused or layer.components is None:
+            return
+        for component in layer.components:
+            collect(component)
+        if all(c.update is not None for c in layer.components):
+            chosen.append(layer)
+
+    for layer in layers:
+        collect(layer)
+    parts = [[_analysed_update(c, options) for c in layer.components or ()] for layer in chosen]
+    found = pairwise_alignments([(p, _analysed_update(layer, options)) for p, layer in zip(parts, chosen, strict=True)])
+    return {id(layer): matrices for layer, matrices in zip(chosen, found, strict=True)}
 
 
 def _metrics_with_bound(record: LayerRecord) -> dict:
@@ -283,6 +296,8 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
     spectra = {id(units[i]): spectrum for i, (_, _, spectrum) in truncated.items()}
     growth_sigmas = dict(zip(growth_keys, sigmas[len(plain) :], strict=True))
 
+    alignments = _alignments(selected.layers, refused, options)
+
     def build(layer: Layer) -> LayerRecord:
         if layer.update is None or id(layer) in refused:
             return _invalid_record(layer, layer.error or refused.get(id(layer)) or "cannot be analysed")
@@ -293,7 +308,7 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
         if layer.components is not None:
             record.components = [build(component) for component in layer.components]
             if all(c.update is not None for c in layer.components):
-                record.alignment = pairwise_alignment([_analysed_update(c, options) for c in layer.components])
+                record.alignment = alignments[id(layer)]
         if layer.composition is not None and record.components and all(c.valid for c in record.components):
             record.composition = _composition(layer, record, growth_sigmas, options)
         return record

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import click
 
+from ..core.units import byte_size
 from .app import handle_errors
 
 
 @click.group("cache")
 def cache() -> None:
     """The cache of base-model SVDs that --base analyses reuse ($RANKSCOPE_CACHE, limit $RANKSCOPE_CACHE_SIZE)."""
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.3g} {unit}"
-        count /= 1024
-    return f"{count:.3g} TiB"
 
 
 @cache.command("info")
@@ -29,8 +22,8 @@ def info() -> None:
 
     found = SVDCache().info()
     click.echo(f"directory: {found['directory']}")
-    click.echo(f"entries:   {found['entries']} ({_size(found['bytes'])})")
-    click.echo(f"limit:     {_size(found['limit'])} (RANKSCOPE_CACHE_SIZE)")
+    click.echo(f"entries:   {found['entries']} ({byte_size(found['bytes'])})")
+    click.echo(f"limit:     {byte_size(found['limit'])} (RANKSCOPE_CACHE_SIZE)")
 
 
 @cache.command("clear")

@@ -17,10 +17,8 @@ lightning is the optional extra ``rankscope[lightning]``.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
 
-from .live import DEFAULT_METRICS, LiveMeter, checked_interval
+from .live import DEFAULT_METRICS, LiveCallback
 
 try:
     from lightning.pytorch import Callback
@@ -30,7 +28,7 @@ except ImportError as exc:  # one line, not lightning's traceback
 __all__ = ["DEFAULT_METRICS", "RankscopeCallback"]
 
 
-class RankscopeCallback(Callback):
+class RankscopeCallback(LiveCallback, Callback):
     """Log ``rankscope/<metric>/<module_type>`` every ``every_n_steps`` global (optimiser) steps.
 
     ``metrics`` are flat metric names as in the CSV (``erank``, ``stable_rank``, ``count_above[0.005]``,
@@ -39,21 +37,6 @@ class RankscopeCallback(Callback):
     transformers callback (1: measure single-threaded, restored afterwards; ``None``: leave torch's threads).
     Under gradient accumulation a global step spans several batches: it is measured once, after its optimiser step.
     """
-
-    def __init__(
-        self,
-        every_n_steps: int | None = None,
-        metrics: Sequence[str] = DEFAULT_METRICS,
-        jsonl: str | os.PathLike | None = None,
-        *,
-        adapter: str | None = None,
-        threads: int | None = 1,
-    ) -> None:
-        self.every_n_steps = checked_interval(every_n_steps)
-        self.meter = LiveMeter(metrics, jsonl, adapter, threads)
-        self.metrics = self.meter.metrics
-        self.last: dict[str, float] = {}  # the scalars of the last measured step
-        self._measured_step: int | None = None
 
     def interval(self, trainer) -> int:
         """``every_n_steps``, else the Trainer's ``log_every_n_steps``."""

@@ -237,6 +237,28 @@ class LiveMeter:
             warnings.warn(message, LiveWarning, stacklevel=3)
 
 
+class LiveCallback:
+    """What the transformers and Lightning callbacks share (each also derives from its framework's ``Callback``):
+    the measuring interval (``None``: the trainer's logging interval), a :class:`LiveMeter` and the scalars of
+    the last measured step."""
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        metrics: Sequence[str] = DEFAULT_METRICS,
+        jsonl: str | os.PathLike | None = None,
+        *,
+        adapter: str | None = None,
+        threads: int | None = 1,
+    ) -> None:
+        self.every_n_steps = checked_interval(every_n_steps)
+        self.meter = LiveMeter(metrics, jsonl, adapter, threads)
+        self.metrics = self.meter.metrics
+        self.parameters = self.meter.parameters
+        self.last: dict[str, float] = {}  # the scalars of the last measured step
+        self._measured_step: int | None = None
+
+
 def checked_interval(every_n_steps: int | None) -> int | None:
     """A callback's measuring interval: None (the trainer's logging interval) or a whole number ≥ 1."""
     if every_n_steps is not None and (

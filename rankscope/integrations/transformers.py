@@ -8,30 +8,14 @@ integrations (TensorBoard, W&B, MLflow …) in the order of its callback list: t
 and ``state.log_history[-1]``, and :func:`attach` puts it ahead of those integrations so they receive the values.
 Optionally each computed step's σ per layer is appended to a ``rankscope.callback/1`` JSONL, which
 ``rankscope trajectory`` reads. Main process only; sharded parameters (FSDP, ZeRO-3) are skipped with a warning.
+The measuring is :class:`~rankscope.integrations.live.LiveMeter`, shared with the Lightning callback.
 
 transformers is the optional extra ``rankscope[transformers]``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
-
-from ..core.threads import thread_policy
-from .live import (
-    DEFAULT_METRICS,
-    LiveWarning,
-    checked_interval,
-    jsonl_entry,
-    live_layers,
-    live_records,
-    lora_modules,
-    metric_parameters,
-    scalars,
-)
+from .live import DEFAULT_METRICS, LiveCallback
 
 try:
     from transformers import TrainerCallback
@@ -43,7 +27,7 @@ except ImportError as exc:  # one line, not transformers' traceback
 __all__ = ["DEFAULT_METRICS", "RankscopeCallback", "attach"]
 
 
-class RankscopeCallback(TrainerCallback):
+class RankscopeCallback(LiveCallback, TrainerCallback):
     """Log ``rankscope/<metric>/<module_type>`` every ``every_n_steps`` optimiser steps.
 
     ``metrics`` are flat metric names as in the CSV (``erank``, ``stable_rank``, ``count_above[0.005]``,
@@ -53,26 +37,7 @@ class RankscopeCallback(TrainerCallback):
     torch's fork-join slows ~4× on a busy CPU; training waits for the callback either way); ``None`` leaves them.
     """
 
-    def __init__(
-        self,
-        every_n_steps: int | None = None,
-        metrics: Sequence[str] = DEFAULT_METRICS,
-        jsonl: str | os.PathLike | None = None,
-        *,
-        adapter: str | None = None,
-        threads: int | None = 1,
-    ) -> None:
-        self.every_n_steps = checked_interval(every_n_steps)
-        self.metrics = tuple(metrics)
-        self.parameters = metric_parameters(self.metrics)
-        self.jsonl = Path(jsonl) if jsonl is not None else None
-        self.adapter = adapter
-        thread_policy(threads)  # checks the value now, not at the first logged step
-        self.threads = threads
-        self._pending: dict[str, float] | None = None
-        self._computed_step: int | None = None
-        self._warned: set[str] = set()
-        self._modules: tuple | None = None
+    _pending: dict[str, float] | None = None  # the scalars of the last measured step, until the next log
 
     def interval(self, args, state) -> int:
         """``every_n_steps``, else the Trainer's logging interval in steps (a fraction resolved by the Trainer)."""
@@ -100,28 +65,9 @@ class RankscopeCallback(TrainerCallback):
 
     def measure(self, model, step: int, epoch: float | None = None) -> dict[str, float]:
         """Compute the scalars of ``model`` now (held for the next log) and append its JSONL line; returns them."""
-        if self._modules is None or self._modules[0] is not model:  # the LoRA modules, found once per model
-            self._modules = (model, *lora_modules(model, self.adapter))
-        _, adapter, modules = self._modules
-        layers, left_out = live_layers(model, adapter, modules)
-        for reason in left_out:
-            if reason not in self._warned:
-                self._warned.add(reason)
-                warnings.warn(f"rankscope callback: {reason}; not logged", LiveWarning, stacklevel=2)
-        if not layers:
-            if "no layers" not in self._warned:
-                self._warned.add("no layers")
-                warnings.warn("rankscope callback: the model has no readable LoRA layers; nothing logged",
-                              LiveWarning, stacklevel=2)  # fmt: skip
-            return {}
-        with thread_policy(self.threads):
-            records = live_records(layers, self.parameters)
-        values = scalars(records, self.metrics)
-        self._pending, self._computed_step = values, step
-        if self.jsonl is not None:
-            line = json.dumps(jsonl_entry(records, step, epoch), allow_nan=False)
-            with self.jsonl.open("a", encoding="utf-8") as out:
-                out.write(line + "\n")
+        values = self.meter.measure(model, step, epoch)
+        if values:
+            self._pending = self.last = values
         return values
 
 

@@ -7,8 +7,10 @@ random baseline k/dim; the LoRA paper's φ(i, j); and ⟨ΔW1, ΔW2⟩_F/(‖ΔW
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,13 +126,76 @@ def _scaled_core(update: FactoredUpdate) -> torch.Tensor:
 ALIGNMENT_KEYS = ("cosine", "left_overlap", "left_baseline", "left_min_angle", "left_mean_angle",
                   "right_overlap", "right_baseline", "right_min_angle", "right_mean_angle")  # fmt: skip
 
+# a pair of components: ⟨ΔW_i, ΔW_j⟩_F and, where both have rank, per side (projection overlap, angles in degrees)
+PairValues = tuple[float, dict[str, tuple[float, list[float]]] | None]
 
-def factored_pairwise_alignment(updates: Sequence[FactoredUpdate]) -> dict:
+
+@dataclass
+class _Aligned:
+    """Each component's numerical rank and energy ‖ΔW_i‖_F² = Σσ², and the values of each pair (i < j)."""
+
+    ranks: list[int]
+    energies: list[float]
+    pair: Callable[[int, int], PairValues]
+
+
+def _overlap_and_angles(block: torch.Tensor) -> tuple[float, list[float]]:
+    """‖B‖_F²/k and the principal angles in degrees of a k×k block of U_iᵀU_j."""
+    degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(block).clamp(0.0, 1.0))).tolist()
+    return float(block.pow(2).sum()) / block.shape[0], degrees
+
+
+def factored_pairwise_alignment(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None = None) -> dict:
     """The k×k alignment matrices of ``measures.components.pairwise_alignment`` — exact update cosine; per side,
     with k_ij the smaller numerical rank, projection overlap, its baseline, smallest and mean principal angle in
     degrees — for factored updates of one shape, from the R factors the spectra computed and the cross-Grams
-    (each factor upcast once). A zero update's entries are None."""
-    n = len(updates)
+    (each factor upcast once). A zero update's entries are None.
+
+    ``composite``: the components' weighted sum as ``core.update.weighted_sum`` builds it, with factors
+    [L_1 … L_k] and [R_1; …; R_k] (checked: equal to the components' in stored precision). Its R factors — the
+    spectrum's, from the cache — then hold every cross-Gram (L_iᵀL_j = R_L[:, I_i]ᵀ·R_L[:, I_j]), so the
+    components are aligned in those K = ΣK_i coordinates with no pass over their m- and n-row factors."""
+    return factored_pairwise_alignments([(updates, composite)])[0]
+
+
+def factored_pairwise_alignments(
+    layers: Sequence[tuple[Sequence[FactoredUpdate], FactoredUpdate | None]],
+) -> list[dict]:
+    """:func:`factored_pairwise_alignment` of many layers' (components, composite): those whose composite is the
+    concatenation of their components' factors in batches of one shape (a handful of batched QRs and SVDs for a
+    whole model instead of a dozen small ops per layer), the others one by one from their factors."""
+    results: list[dict | None] = [None] * len(layers)
+    spans = [_spans(updates, composite) for updates, composite in layers]
+    chosen = [i for i, span in enumerate(spans) if span is not None]
+    r_left, r_right, _, _ = update_r_factors([layers[i][1] for i in chosen])  # the spectra's, from the cache
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for position, i in enumerate(chosen):
+        updates = layers[i][0]
+        key = (updates[0].shape, tuple(r_left[position].shape), tuple(r_right[position].shape), tuple(spans[i]))
+        groups[key].append(position)
+    for (shape, _, _, group_spans), positions in groups.items():
+        members = [chosen[p] for p in positions]
+        lefts = [torch.stack([r_left[p][:, a:b] for p in positions]) for a, b in group_spans]
+        rights = [torch.stack([r_right[p][:, a:b] for p in positions]) for a, b in group_spans]
+        aligned = _in_coordinates([layers[i][0] for i in members], lefts, rights)
+        for i, one in zip(members, aligned, strict=True):
+            results[i] = _matrices(one, shape)
+    for i, (updates, _) in enumerate(layers):
+        if results[i] is None:
+            results[i] = _matrices(_from_factors(updates), updates[0].shape)
+    return results  # type: ignore[return-value]
+
+
+def _ranks(sigmas: list[torch.Tensor], updates: Sequence[FactoredUpdate]) -> list[int]:
+    """numpy's matrix_rank rule per component (batched where the spectra have one length)."""
+    dims = torch.tensor([float(max(u.shape)) for u in updates], dtype=torch.float64)
+    if len({len(s) for s in sigmas}) == 1:
+        return batch_numerical_rank(Spectra(sigmas), dims).tolist()
+    return [int(batch_numerical_rank(Spectra([s]), dims[i : i + 1])[0]) for i, s in enumerate(sigmas)]
+
+
+def _from_factors(updates: Sequence[FactoredUpdate]) -> _Aligned:
+    """U = L·R_L⁻¹·U_core (or Q·U_core), V likewise, each factor upcast once; a pair costs its cross-Grams."""
     r_left, r_right, how_left, how_right = update_r_factors(updates)
     sides, sigmas, cores = [], [], []
     for i, update in enumerate(updates):
@@ -141,20 +206,108 @@ def factored_pairwise_alignment(updates: Sequence[FactoredUpdate]) -> dict:
         sides.append((left, right, u_core, vh_core.mT, rl, rr))
         sigmas.append(sigma)
         cores.append(scaled)
-    lengths = {len(s) for s in sigmas}
-    dims = torch.tensor([float(max(u.shape)) for u in updates], dtype=torch.float64)
-    if len(lengths) == 1:
-        ranks = batch_numerical_rank(Spectra(sigmas), dims).tolist()
-    else:
-        ranks = [int(batch_numerical_rank(Spectra([s]), dims[i : i + 1])[0]) for i, s in enumerate(sigmas)]
+    ranks = _ranks(sigmas, updates)
     for (left, right, u_core, v_core, rl, rr), rank in zip(sides, ranks, strict=True):
         for side, vectors, r in ((left, u_core, rl), (right, v_core, rr)):
             chosen = vectors[:, :rank]
             implicit = side.to_factor is None
             side.basis = torch.linalg.solve_triangular(r, chosen, upper=True) if implicit and rank else chosen
-    energies = [float((s * s).sum()) for s in sigmas]
+
+    def pair(i: int, j: int) -> PairValues:
+        left_bases, left_factors = _cross(sides[i][0], sides[j][0])
+        right_bases, right_factors = _cross(sides[i][1], sides[j][1])
+        inner = float(((cores[i].mT @ left_factors @ cores[j]) * right_factors).sum())
+        k = min(ranks[i], ranks[j])
+        if k == 0:
+            return inner, None
+        return inner, {"left": _overlap_and_angles(left_bases[:k, :k]),
+                       "right": _overlap_and_angles(right_bases[:k, :k])}  # fmt: skip
+
+    return _Aligned(ranks, [float((s * s).sum()) for s in sigmas], pair)
+
+
+def _spans(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None) -> list[tuple[int, int]] | None:
+    """The columns I_i = [a, b) of each component in the composite's inner dimension, or None where the
+    composite is not the concatenation of the components' factors (plain factored updates only: a block-diagonal
+    one's ``left`` is materialised on every access)."""
+    if type(composite) is not FactoredUpdate or any(type(u) is not FactoredUpdate for u in updates):
+        return None
+    widths = [u.inner_dim for u in updates]
+    if composite.shape != updates[0].shape or composite.inner_dim != sum(widths):
+        return None
+    spans = list(itertools.pairwise([sum(widths[:i]) for i in range(len(widths) + 1)]))
+    for (a, b), update in zip(spans, updates, strict=True):
+        if not (_same(composite.left[:, a:b], update.left) and _same(composite.right[a:b], update.right)):
+            return None
+    return spans
+
+
+_SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same(part: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether ``part`` of the composite's factor holds ``factor``'s values: bit for bit where the dtypes agree
+    (an integer view: ~2× faster than comparing floats; a −0 that became +0 only sends the layer to the other
+    path), else by value after weighted_sum's promotion (exact for floats)."""
+    if part.shape != factor.shape or part.device != factor.device:
+        return False
+    if part.dtype != factor.dtype:
+        return torch.equal(part, factor.to(part.dtype))
+    width = _SAME_WIDTH.get(part.element_size()) if part.dtype.is_floating_point else None
+    if width is None:
+        return torch.equal(part, factor)
+    return torch.equal(part.view(width), factor.view(width))
+
+
+def _in_coordinates(
+    layers: Sequence[Sequence[FactoredUpdate]], lefts: list[torch.Tensor], rights: list[torch.Tensor]
+) -> list[_Aligned]:
+    """N layers of k components each, ``lefts[c]``/``rights[c]`` the N × d × K_c stacks of component c's columns
+    of the composites' R factors. With L = Q_L·R_L and Rᵀ = Q_R·R_R (Q orthonormal, never formed), component c is
+    ΔW_c = Q_L·(P_c·S_cC_c·P'_cᵀ)·Q_Rᵀ with P_c = R_L[:, I_c], P'_c = R_R[:, I_c]: its singular bases are Q_L·X_c
+    and Q_R·Y_c with X_c, Y_c those of the small M_c = P_c·S_cC_c·P'_cᵀ (thin QRs of P_c and P'_c, the SVD of the
+    K_c×K_c core), so U_iᵀU_j = X_iᵀX_j and ⟨ΔW_i, ΔW_j⟩_F = ⟨M_i, M_j⟩_F."""
+    count, k = len(layers), len(lefts)
+    sigmas, bases, products = [], [], []
+    for c in range(k):
+        scaled = torch.stack([_scaled_core(updates[c]) for updates in layers])
+        q_left, r_left = torch.linalg.qr(lefts[c])
+        q_right, r_right = torch.linalg.qr(rights[c])
+        u_core, sigma, vh_core = torch.linalg.svd(r_left @ scaled @ r_right.mT, full_matrices=False)
+        sigmas.append(sigma)
+        bases.append((q_left @ u_core, q_right @ vh_core.mT))
+        products.append(lefts[c] @ scaled @ rights[c].mT)
+    dims = torch.tensor([float(max(updates[0].shape)) for updates in layers], dtype=torch.float64)
+    ranks = [batch_numerical_rank(Spectra(list(sigma)), dims).tolist() for sigma in sigmas]  # [c][layer]
+    energies = [(sigma * sigma).sum(dim=1).tolist() for sigma in sigmas]
+    pairs: dict[tuple[int, int], list[PairValues]] = {}
+    for i in range(k):
+        for j in range(i + 1, k):
+            inner = (products[i] * products[j]).sum(dim=(1, 2)).tolist()
+            sides: list[dict[str, tuple[float, list[float]]]] = [{} for _ in range(count)]
+            smaller = [min(a, b) for a, b in zip(ranks[i], ranks[j], strict=True)]
+            for side in (0, 1):
+                cross = bases[i][side].mT @ bases[j][side]  # N × K_i' × K_j'
+                for rank in set(smaller) - {0}:  # the layers whose pair has this k, in one batch
+                    chosen = [n for n in range(count) if smaller[n] == rank]
+                    blocks = cross[chosen, :rank, :rank]
+                    degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(blocks).clamp(0.0, 1.0))).tolist()
+                    overlaps = (blocks.pow(2).sum(dim=(1, 2)) / rank).tolist()
+                    for n, overlap, angles in zip(chosen, overlaps, degrees, strict=True):
+                        sides[n]["left" if side == 0 else "right"] = (overlap, angles)
+            pairs[(i, j)] = [(inner[n], sides[n] or None) for n in range(count)]
+    out = []
+    for n in range(count):
+        values = {pair: per_layer[n] for pair, per_layer in pairs.items()}
+        out.append(_Aligned([r[n] for r in ranks], [e[n] for e in energies], lambda i, j, v=values: v[(i, j)]))
+    return out
+
+
+def _matrices(aligned: _Aligned, shape: tuple[int, int]) -> dict:
+    """The k×k matrices from each component's rank and energy and each pair's values; the diagonal exact."""
+    ranks, energies = aligned.ranks, aligned.energies
+    n = len(ranks)
     out: dict[str, list[list[float | None]]] = {key: [[None] * n for _ in range(n)] for key in ALIGNMENT_KEYS}
-    shape = updates[0].shape
     for i in range(n):
         if energies[i] > 0:  # UᵀU = I: overlap 1, every angle 0
             out["cosine"][i][i] = 1.0
@@ -164,20 +317,17 @@ def factored_pairwise_alignment(updates: Sequence[FactoredUpdate]) -> dict:
                 for key, value in values.items():
                     out[f"{name}_{key}"][i][i] = value
         for j in range(i + 1, n):
-            left_bases, left_factors = _cross(sides[i][0], sides[j][0])
-            right_bases, right_factors = _cross(sides[i][1], sides[j][1])
+            inner, sides = aligned.pair(i, j)
             if energies[i] > 0 and energies[j] > 0:
-                inner = float(((cores[i].mT @ left_factors @ cores[j]) * right_factors).sum())
                 cosine = max(-1.0, min(1.0, inner / math.sqrt(energies[i] * energies[j])))
                 out["cosine"][i][j] = out["cosine"][j][i] = cosine
-            k = min(ranks[i], ranks[j])
-            if k == 0:
+            if sides is None:
                 continue
-            for name, cross, dim in (("left", left_bases, shape[0]), ("right", right_bases, shape[1])):
-                block = cross[:k, :k]
-                degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(block).clamp(0.0, 1.0))).tolist()
+            k = min(ranks[i], ranks[j])
+            for name, dim in (("left", shape[0]), ("right", shape[1])):
+                overlap, degrees = sides[name]
                 values = {
-                    "overlap": float(block.pow(2).sum()) / k,
+                    "overlap": overlap,
                     "baseline": overlap_baseline(k, k, dim),
                     "min_angle": min(degrees),
                     "mean_angle": sum(degrees) / len(degrees),

@@ -6,6 +6,7 @@ component has null entries (alignment with a zero update is undefined, never NaN
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -22,13 +23,35 @@ def _degrees(radians: torch.Tensor) -> list[float]:
     return [math.degrees(float(v)) for v in radians]
 
 
-def pairwise_alignment(updates: Sequence[Update]) -> dict:
+def pairwise_alignment(updates: Sequence[Update], composite: Update | None = None) -> dict:
     """k×k matrices over the components: exact update cosine, and for the left (output) and right (input)
     singular subspaces of each pair, with k_ij = min of the two numerical ranks: projection overlap, its random
-    baseline, and the smallest and mean principal angle in degrees."""
-    if all(isinstance(update, FactoredUpdate) for update in updates):
-        # from the R factors the spectra computed and cross-Grams, one upcast per factor (no per-pair QR)
-        return alignment.factored_pairwise_alignment(updates)
+    baseline, and the smallest and mean principal angle in degrees.
+
+    ``composite``: the layer's update built from these components (a composition's weighted sum), whose cached
+    R factors hold the cross-Grams of concatenated components (``alignment.factored_pairwise_alignment``)."""
+    return pairwise_alignments([(updates, composite)])[0]
+
+
+def pairwise_alignments(layers: Sequence[tuple[Sequence[Update], Update | None]]) -> list[dict]:
+    """:func:`pairwise_alignment` of many layers' (components, composite) at once: factored ones batched from the
+    R factors the spectra computed (``alignment.factored_pairwise_alignments``), the others one by one from their
+    singular vectors."""
+    results: list[dict | None] = [None] * len(layers)
+    factored = [i for i, (updates, _) in enumerate(layers) if all(isinstance(u, FactoredUpdate) for u in updates)]
+    found = alignment.factored_pairwise_alignments(
+        [(layers[i][0], c if isinstance(c := layers[i][1], FactoredUpdate) else None) for i in factored]
+    )
+    for i, matrices in zip(factored, found, strict=True):
+        results[i] = matrices
+    for i, (updates, _) in enumerate(layers):
+        if results[i] is None:
+            results[i] = _from_singular_vectors(updates)
+    return results  # type: ignore[return-value]
+
+
+def _from_singular_vectors(updates: Sequence[Update]) -> dict:
+    """Any kind of update (dense, Kronecker): each one's singular vectors, then pair by pair."""
     bases = []
     for update in updates:
         u, sigma, v = singular_vectors(update)
@@ -139,5 +162,11 @@ def weight_fields(raw: Sequence[float], applied: Sequence[float], *, normalize: 
         "signs": [1 if w > 0 else -1 if w < 0 else 0 for w in applied],
         "normalize": normalize,
         "mode": mode,
-        "concentration": concentration(applied),
+        "concentration": dict(_weight_concentration(tuple(float(w) for w in applied))),
     }
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_concentration(applied: tuple[float, ...]) -> dict:
+    """``concentration`` of the applied weights: the same for every layer of a composition, so computed once."""
+    return concentration(applied)
