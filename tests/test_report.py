@@ -335,7 +335,9 @@ def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
     pair = [analyses["lora"], analyses["other"]]
     several = figure_slots(pair, ["a/b", "c d"], None)
-    assert {s.id for s in several if s.kind == "erank-heatmap"} == {"erank-heatmap-a-b", "erank-heatmap-c-d"}
+    # one heatmap of every checkpoint, a panel each (issue 14/15), not one figure per checkpoint
+    (heatmap,) = [s for s in several if s.kind == "erank-heatmap"]
+    assert heatmap.id == "erank-heatmap" and heatmap.members == (0, 1) and heatmap.checkpoint is None
     compared = figure_slots(pair, ["a/b", "c d"], compare(pair, ["a/b", "c d"]))
     assert [(s.kind, s.layer) for s in compared if s.section == "comparison"] == [
         ("subspace-similarity", "model.layers.0.self_attn.q_proj")
@@ -435,8 +437,7 @@ def test_several_checkpoints_summary_csv_and_figures(analyses, tmp_path):
     assert (tmp_path / "r" / "summary.md").read_text().startswith("## Comparison:")
     figures = {p.name for p in (tmp_path / "r" / "figures").iterdir()}
     assert {
-        "erank-heatmap-cmd.svg",
-        "erank-heatmap-r2.svg",
+        "erank-heatmap.svg",
         "subspace-similarity.svg",
         "spectrum-q_proj.svg",
     } <= figures

@@ -165,15 +165,27 @@ def test_bad_rule_exits_2_before_reading(tmp_path, rule):
     assert not out.exists()
 
 
-def test_several_checkpoints_get_a_resize_figure_each(based):
+def test_several_checkpoints_get_one_resize_figure_with_a_panel_each(based):
     from rankscope.report.build import build_report
+    from rankscope.report.bundle import _figure
+    from rankscope.resize.suggest import suggest
 
     r32 = rankscope.analyze(rankscope.load(ADAPTER))
     r8 = rankscope.analyze(rankscope.load(EXAMPLES / "adapters" / "lora-r8"))
     report = build_report([r32, r8], ["r32", "r8"], suggest_rule="fixed:4")
-    resize = [s for s in report.figures if s.kind == "resize"]
-    assert [(s.id, s.checkpoint) for s in resize] == [("resize-r32", 0), ("resize-r8", 1)]
-    assert "fixed:4" in resize[0].rules and not any(s.kind == "base-heatmap" for s in report.figures)
+    (resize,) = [s for s in report.figures if s.kind == "resize"]
+    assert (resize.id, resize.members) == ("resize", (0, 1))
+    assert "fixed:4" in resize.rules and not any(s.kind == "base-heatmap" for s in report.figures)
+    # each panel is its checkpoint's: the rule's point at the total rank and retained energy suggest() gives
+    fig = _figure(resize, [r32, r8], ["r32", "r8"])
+    panels = {ax.get_title(loc="left"): ax for ax in fig.axes}
+    assert set(panels) == {"r32", "r8"}
+    for label, analysis in (("r32", r32), ("r8", r8)):
+        want = suggest(analysis, "fixed:4")
+        points = {(float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+                  for line in panels[label].lines if len(line.get_xdata()) == 1}  # fmt: skip
+        total = sum(layer.rank for layer in want.layers)
+        assert any(x == total and y == pytest.approx(want.retained_energy) for x, y in points)
     column = [c.title for c in report.layers.columns].index("suggested r")
     assert {row.cells[column].value for row in report.layers.rows} == {4}
     assert len(report.layers.rows) == len(r32.layers) + len(r8.layers)
@@ -189,3 +201,29 @@ def test_plot_kinds_resize_and_base_heatmap(tmp_path):
     result = runner.invoke(main, ["plot", "base-heatmap", str(ADAPTER), "-o", str(tmp_path / "no.svg"), "-q"])
     assert result.exit_code == 1 and "--base" in result.output
     assert not (tmp_path / "no.svg").exists()
+
+
+def test_base_heatmap_of_several_checkpoints_one_scale_per_measure():
+    """Several checkpoints against the base: one figure, a panel per checkpoint and measure, each measure on one
+    colour scale (0 … the largest relative update of any checkpoint; 0 … k for intruders) with one colour bar."""
+    from matplotlib.collections import QuadMesh
+
+    from rankscope import figures
+
+    analyses = [
+        rankscope.analyze(rankscope.load(path, base=BASE)) for path in (ADAPTER, EXAMPLES / "adapters" / "lora-r8")
+    ]
+    fig = figures.base_heatmap_figure(analyses, ["r32", "r8"])
+    bars = [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
+    panels = [ax for ax in fig.axes if ax not in bars]
+    assert len(panels) == 4 and len(bars) == 2
+    assert [ax.get_title(loc="left") for ax in panels] == ["r32", "r8", "r32", "r8"]
+    meshes = [next(c for c in ax.collections if isinstance(c, QuadMesh)) for ax in panels]
+    relative = [sorted(r.base["relative_update"] for r in a.layers if r.valid) for a in analyses]
+    intruders = [sorted(float(r.base["intruders"]["count"]) for r in a.layers if r.valid) for a in analyses]
+    for mesh, want in zip(meshes, relative + intruders, strict=True):
+        assert sorted(mesh.get_array().compressed().tolist()) == pytest.approx(want)
+    top = max(max(values) for values in relative)
+    assert meshes[0].get_clim() == meshes[1].get_clim() == (0.0, pytest.approx(top))
+    assert meshes[2].get_clim() == meshes[3].get_clim() == (0.0, 10.0)  # the top k of the intruder count
+    assert [bar.get_ylabel() for bar in bars] == ["‖ΔW‖_F / ‖W₀‖_F", "intruder dimensions (of the top 10)"]

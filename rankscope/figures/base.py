@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING
 from ._common import (
     FigureInputError,
     axes_given,
-    block_of,
-    block_positions,
-    by_module,
     check_axes,
+    check_labels,
     ellipsize,
     new_figure,
+    plain_log_axis,
     root_figure,
 )
-from .heatmaps import _annotate, _columns, _edges, _masked
-from .style import MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style, series_style
+from .heatmaps import Block, draw_heatmaps, layer_columns, layer_matrix
+from .style import paper_style, series_style
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -46,61 +45,46 @@ def _base_value(record: LayerRecord, key: str) -> float | None:
 
 
 def base_heatmap_figure(
-    analysis: Analysis, *, width: str | float = "column", ax: Sequence[Axes] | None = None
+    analyses: Analysis | Sequence[Analysis],
+    labels: Sequence[str] | None = None,
+    *,
+    width: str | float = "column",
+    ax: Sequence[Axes] | None = None,
 ) -> Figure:
     """Two heatmaps, one cell per layer (layer index across, module type down): the relative update
     ‖ΔW‖_F/‖W₀‖_F and the count of intruder dimensions (of the top k); grey cells have no value (no base weight,
-    intruders not computed, an invalid layer). ``ax``: two Axes to draw into; by default a new figure."""
-    records = [record for record in analysis.layers if record.valid and record.base is not None]
-    if not records:
-        raise FigureInputError(f"{analysis.checkpoint.path}: no layer measured against a base (give --base)")
-    modules = list(by_module(analysis.layers))
-    positions, xlabel = block_positions(analysis.layers)
-    columns = _columns(positions)
-    column_of = {index: c for c, index in enumerate(columns)}
-    top_k = max((r.base["intruders"]["top_k"] for r in records if r.base["intruders"] is not None), default=None)
-    given = axes_given(ax)
-    inches = figure_width(width)
-    cell = (inches - 0.12 - 0.055 * max(len(m) for m in modules) - 0.75) / len(columns)
-    with paper_style():
-        if given is not None:
-            axes = check_axes(given, len(BASE_PANELS), "base_heatmap_figure")
-            fig = root_figure(axes[0])
-        else:
-            height = 0.9 + 2 * (0.17 * len(modules) + 0.22)
-            fig = new_figure(width, min(height, 9.0) / inches)
-            axes = list(fig.subplots(len(BASE_PANELS), 1, sharex=True, squeeze=False)[:, 0])
-        for panel_ax, (key, title) in zip(axes, BASE_PANELS, strict=True):
-            matrix: list[list[float | None]] = [[None] * len(columns) for _ in modules]
-            for record in records:
-                column = column_of.get(positions[block_of(record.name)])
-                if column is not None:
-                    matrix[modules.index(record.module_type)][column] = _base_value(record, key)
-            values = [v for row in matrix for v in row if v is not None]
-            high = max(values, default=1.0)
-            if key == "intruders":
-                high = float(top_k or high or 1.0)
-            panel_ax.set_facecolor(MISSING_COLOR)
-            mesh = panel_ax.pcolormesh(
-                _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
-                cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=high if high > 0 else 1.0, edgecolors="white", linewidth=0.4,
-            )  # fmt: skip
-            panel_ax.set_ylim(len(modules) - 0.5, -0.5)
-            panel_ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
-            panel_ax.tick_params(axis="y", length=0)
-            shown = range(0, len(columns), max(1, -(-len(columns) // 8)))  # at most about 8 labels
-            panel_ax.set_xticks(list(shown), [str(columns[c]) for c in shown])
-            for side in ("top", "right", "left", "bottom"):
-                panel_ax.spines[side].set_visible(False)
-            suffix = f" (of the top {top_k})" if key == "intruders" and top_k else ""
-            panel_ax.set_title(title + suffix, fontsize=7, loc="left")
-            if cell >= 0.22 and len(modules) <= 12:
-                fmt = ".0f" if key == "intruders" or high >= 10 else ".2g"
-                _annotate(panel_ax, matrix, mesh, fmt=fmt, xs=range(len(columns)), ys=range(len(modules)))
-            colorbar = fig.colorbar(mesh, ax=panel_ax, fraction=0.05, pad=0.02)
-            colorbar.outline.set_linewidth(0.4)
-        axes[-1].set_xlabel(xlabel)
-    return fig
+    intruders not computed, an invalid layer).
+
+    ``analyses``: one analysis, or several — then each measure is a block of panels, one per checkpoint (titled
+    by ``labels``), on one colour scale with one colour bar (0 … the largest relative update of any checkpoint;
+    0 … k for intruders). ``ax``: two Axes per checkpoint (all relative-update panels, then all intruder
+    panels) to draw into; by default a new figure of ``width``."""
+    analyses = [analyses] if hasattr(analyses, "layers") else list(analyses)
+    labels = check_labels(analyses, labels)
+    measured = [[r for r in a.layers if r.valid and r.base is not None] for a in analyses]
+    for analysis, records in zip(analyses, measured, strict=True):
+        if not records:
+            raise FigureInputError(f"{analysis.checkpoint.path}: no layer measured against a base (give --base)")
+    modules, positions, columns, column_of, xlabel = layer_columns([r for a in analyses for r in a.layers])
+    every = [r for records in measured for r in records]
+    top_k = max((r.base["intruders"]["top_k"] for r in every if r.base["intruders"] is not None), default=None)
+    several = len(analyses) > 1
+    blocks = []
+    for key, title in BASE_PANELS:
+        matrices = [
+            layer_matrix(records, modules, positions, column_of, lambda r, key=key: _base_value(r, key))
+            for records in measured
+        ]
+        high = max((v for m in matrices for row in m for v in row if v is not None), default=1.0)
+        if key == "intruders":
+            high = float(top_k or high or 1.0)
+        title += f" (of the top {top_k})" if key == "intruders" and top_k else ""
+        fmt = ".0f" if key == "intruders" or high >= 10 else ".2g"
+        # one checkpoint: each panel is titled by its measure; several: by checkpoint, the colour bar by measure
+        titles, name = (labels, title) if several else ([title], "")
+        blocks.append(Block(matrices, titles, 0.0, high if high > 0 else 1.0, name, fmt, key == "intruders"))
+    return draw_heatmaps(blocks, modules, columns, xlabel, width=width, given=axes_given(ax),
+                         what="base_heatmap_figure")  # fmt: skip
 
 
 def base_spectrum_figure(
@@ -128,6 +112,7 @@ def base_spectrum_figure(
             style = series_style(index, marker=len(values) <= 64)
             panel_ax.plot(range(1, len(values) + 1), values, label=label, **style)
         panel_ax.set_yscale("log")
+        plain_log_axis(panel_ax.yaxis)
         panel_ax.set_xlabel("index i")
         panel_ax.set_ylabel("singular value σ_i")
         panel_ax.set_title(ellipsize(record.name, 48), fontsize=7, loc="left")

@@ -8,7 +8,8 @@ the cells are large enough to hold 7 pt text, which also keeps the figures reada
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._common import (
@@ -96,12 +97,153 @@ def heatmap_limits(analyses: Sequence[Analysis], metric: str = "erank") -> tuple
 
 def _metric_matrix(records, modules, positions, column_of, key, parameter) -> list[list[float | None]]:
     """Rows: module types; columns: blocks; None where the checkpoint has no valid layer."""
+    return layer_matrix(records, modules, positions, column_of, lambda r: metric_value(r, key, parameter))
+
+
+def layer_matrix(records, modules, positions, column_of, value: Callable) -> list[list[float | None]]:
+    """``value(record)`` of each valid record at (its module type's row, its block's column); None elsewhere."""
     matrix: list[list[float | None]] = [[None] * len(column_of) for _ in modules]
     for record in records:
-        if record.valid:
-            column = column_of[positions[block_of(record.name)]]
-            matrix[modules.index(record.module_type)][column] = metric_value(record, key, parameter)
+        column = column_of.get(positions[block_of(record.name)]) if record.valid else None
+        if column is not None:
+            matrix[modules.index(record.module_type)][column] = value(record)
     return matrix
+
+
+@dataclass
+class Block:
+    """Heatmap panels drawn on one colour scale with one colour bar: one matrix per panel (rows: module types,
+    columns: layer columns), each panel titled; ``name`` labels the colour bar."""
+
+    matrices: list[list[list[float | None]]]
+    titles: list[str]
+    low: float
+    high: float
+    name: str = ""
+    fmt: str = ".2f"
+    integral: bool = False  # whole-number colour-bar ticks
+
+
+MIN_CELL = 0.3  # inches: the narrowest cell of a panel laid side by side with others (holds "0.12" at 7 pt)
+PANEL_GAP = 0.12  # inches between panels side by side
+
+
+def panels_per_row(count: int, columns: int, room: float) -> int:
+    """How many panels of ``columns`` cells fit side by side in ``room`` inches (1: stacked), balanced so the
+    last row is not nearly empty (11 panels in 6 + 5, not 8 + 3)."""
+    most = max(1, min(count, int((room + PANEL_GAP) // (columns * MIN_CELL + PANEL_GAP))))
+    rows = math.ceil(count / most)
+    return math.ceil(count / rows)
+
+
+def draw_heatmaps(
+    blocks: Sequence[Block],
+    modules: list[str],
+    columns: list[int],
+    xlabel: str,
+    *,
+    width: str | float,
+    given: list[Axes] | None,
+    what: str,
+) -> Figure:
+    """Draw ``blocks`` of layer × module-type heatmaps into a new figure of ``width`` (panels side by side where
+    their cells stay wide enough, each block's rows under the previous block's, one colour bar per block) or
+    into the caller's axes (one per panel); grey cells have no value. Returns the figure."""
+    count = max(len(b.matrices) for b in blocks)
+    inches = figure_width(width)
+    label_room = 0.12 + 0.055 * max(len(m) for m in modules)
+    titled = any(t for b in blocks for t in b.titles)
+    missing = any(v is None for b in blocks for matrix in b.matrices for row in matrix for v in row)
+    per_row = panels_per_row(count, len(columns), inches - label_room - 0.75)
+    rows = math.ceil(count / per_row)
+    # a vertical colour bar's label needs the height of several rows; with few rows it goes underneath
+    beneath = len(blocks) == 1 and len(modules) * rows <= 4
+    room = inches - label_room - (0.1 if beneath else 0.75) - PANEL_GAP * (per_row - 1)
+    cell = room / (per_row * len(columns))
+    with paper_style():
+        if given is not None:
+            axes = check_axes(given, sum(len(b.matrices) for b in blocks), what)
+            fig = root_figure(axes[0])
+            grids = []
+            for b in blocks:
+                grids.append(axes[: len(b.matrices)])
+                axes = axes[len(b.matrices) :]
+        else:
+            panel = 0.17 * len(modules) + (0.22 if titled else 0.0)  # rows, and the panel's title
+            height = 0.68 + panel * rows * len(blocks) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
+            fig = new_figure(width, min(height, 24.0) / inches)
+            every = fig.subplots(rows * len(blocks), per_row, sharex=True, sharey=True, squeeze=False)
+            grids = []
+            for number, b in enumerate(blocks):
+                cells = [ax for row in every[number * rows : (number + 1) * rows] for ax in row]
+                for ax in cells[len(b.matrices) :]:
+                    fig.delaxes(ax)
+                for i, ax in enumerate(cells[: len(b.matrices)]):
+                    # x tick labels under the lowest panel of each column of the block; none inside the stack
+                    last = i + per_row >= len(b.matrices)
+                    ax.tick_params(axis="x", labelbottom=last, length=2.5 if last else 0)
+                    ax.tick_params(axis="y", labelleft=i % per_row == 0)
+                grids.append(cells[: len(b.matrices)])
+        shown = list(range(len(columns)))
+        most = 12 if per_row == 1 else max(2, int(cell * len(columns) / 0.25))  # tick labels a panel holds
+        if len(columns) > most:
+            step = math.ceil(len(columns) / (8 if per_row == 1 else most))
+            shown = [c for c in range(len(columns)) if columns[c] % step == 0] or shown[::step]
+        title_chars = max(8, int(cell * len(columns) / 0.045))  # 7 pt: ~0.045 in a character
+        for b, panel_axes in zip(blocks, grids, strict=True):
+            for panel_ax, matrix, title in zip(panel_axes, b.matrices, b.titles, strict=True):
+                panel_ax.set_facecolor(MISSING_COLOR)
+                mesh = panel_ax.pcolormesh(
+                    _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
+                    cmap=SEQUENTIAL_CMAP, vmin=b.low, vmax=b.high, edgecolors="white",
+                    linewidth=0.4 if cell > 0.08 else 0.0,
+                )  # fmt: skip
+                panel_ax.set_ylim(len(modules) - 0.5, -0.5)
+                panel_ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
+                panel_ax.tick_params(axis="y", length=0)
+                panel_ax.set_xticks(shown, [str(columns[c]) for c in shown])
+                for side in ("top", "right", "left", "bottom"):
+                    panel_ax.spines[side].set_visible(False)
+                if title:
+                    panel_ax.set_title(ellipsize(title, title_chars), fontsize=7, loc="left")
+                if cell >= MIN_ANNOTATED_CELL and len(modules) <= 12:
+                    _annotate(panel_ax, matrix, mesh, fmt=b.fmt, xs=range(len(columns)), ys=range(len(modules)))
+            if beneath:
+                colorbar = fig.colorbar(mesh, ax=panel_axes, orientation="horizontal", fraction=0.12, aspect=35,
+                                        pad=0.03)  # fmt: skip
+            else:
+                tall = len(modules) * (rows if given is None else len(panel_axes))
+                colorbar = fig.colorbar(mesh, ax=panel_axes, fraction=0.05, pad=0.02, aspect=min(40, max(8, 4 * tall)))
+            if b.name:
+                colorbar.set_label(b.name)
+            if b.integral:  # counts: whole-number ticks
+                step = max(1, math.ceil((b.high - b.low) / 5))
+                colorbar.set_ticks(range(math.ceil(b.low), math.floor(b.high) + 1, step))
+            colorbar.outline.set_linewidth(0.4)
+        if given is None and per_row > 1:
+            fig.supxlabel(xlabel, fontsize=8)
+        else:
+            for panel_axes in grids:
+                panel_axes[-1].set_xlabel(xlabel)
+        if missing:
+            from matplotlib.patches import Patch
+
+            key_patch, key_text = [Patch(facecolor=MISSING_COLOR)], ["no layer or invalid"]
+            if given is None:
+                fig.legend(key_patch, key_text, loc="outside lower right")
+            else:  # above the first panel, right-aligned (its title, if any, is on the left)
+                first = grids[0][0]
+                first.legend(key_patch, key_text, loc="lower right", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
+    return fig
+
+
+def layer_columns(records: Sequence[LayerRecord]) -> tuple[list[str], dict[str, int], list[int], dict[int, int], str]:
+    """What a layer heatmap's rows and columns are: module types (model order), each block's position, the
+    columns drawn, the column of each position, and what the columns are called."""
+    modules = list(by_module(records))
+    positions, xlabel = block_positions(records)
+    columns = _columns(positions)
+    return modules, positions, columns, {index: c for c, index in enumerate(columns)}, xlabel
 
 
 def erank_heatmap_figure(
@@ -118,91 +260,32 @@ def erank_heatmap_figure(
     with the layer index across and the module type down; grey cells have no (valid) layer.
 
     ``analyses``: one analysis, or several — one panel per checkpoint (titled by ``labels``), on the same rows
-    and columns and ONE colour bar. Colours run over ``vmin``…``vmax`` (default :func:`heatmap_limits` of all the
+    and columns and ONE colour bar; panels sit side by side where their cells stay readable (few layers), else
+    one under the other. Colours run over ``vmin``…``vmax`` (default :func:`heatmap_limits` of all the
     analyses: fixed by the metric's meaning, so that a 0.3 % spread does not fill the whole scale, and equal
     colours mean equal values in every panel). ``ax``: one Axes per checkpoint to draw into (their figure is
     returned, the colour bar beside them); by default a new figure of ``width``.
     """
     analyses = [analyses] if hasattr(analyses, "layers") else list(analyses)
-    several = len(analyses) > 1
     labels = check_labels(analyses, labels)
     key, parameter, name = parse_metric(metric, analyses[0])
     for analysis in analyses:
         if not any(r.valid for r in analysis.layers):
             raise FigureInputError(f"{analysis.checkpoint.path}: no valid layer to draw")
-    every = [r for analysis in analyses for r in analysis.layers]
-    modules = list(by_module(every))
-    positions, xlabel = block_positions(every)
-    columns = _columns(positions)
-    column_of = {index: c for c, index in enumerate(columns)}
+    modules, positions, columns, column_of, xlabel = layer_columns([r for a in analyses for r in a.layers])
     matrices = [_metric_matrix(a.layers, modules, positions, column_of, key, parameter) for a in analyses]
-    missing = any(v is None for matrix in matrices for row in matrix for v in row)
     values = [v for matrix in matrices for row in matrix for v in row if v is not None]
     default_low, default_high = heatmap_limits(analyses, metric)
     low = default_low if vmin is None else float(vmin)
     high = default_high if vmax is None else float(vmax)
     if not high > low:
         raise FigureInputError(f"the colour range {low:g}…{high:g} is empty: vmax must be above vmin")
-    inches = figure_width(width)
-    label_room = 0.12 + 0.055 * max(len(m) for m in modules)
-    # a vertical colour bar's label needs the height of several rows; with few rows it goes underneath
-    beneath = len(modules) * len(analyses) <= 4
-    cell = (inches - label_room - (0.1 if beneath else 0.75)) / len(columns)
-    given = axes_given(ax)
-    with paper_style():
-        if given is not None:
-            axes = check_axes(given, len(analyses), "erank_heatmap_figure")
-            fig = root_figure(axes[0])
-        else:
-            panel = 0.17 * len(modules) + (0.22 if several else 0.0)  # rows, and the panel's title
-            height = 0.68 + panel * len(analyses) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
-            fig = new_figure(width, min(height, 9.0 if not several else 24.0) / inches)
-            axes = list(fig.subplots(len(analyses), 1, sharex=True, squeeze=False)[:, 0])
-        shown = list(range(len(columns)))
-        if len(columns) > 12:
-            step = math.ceil(len(columns) / 8)
-            shown = [c for c in range(len(columns)) if columns[c] % step == 0] or shown[::step]
-        integral = all(float(v).is_integer() for v in values)
-        for panel_ax, matrix, label in zip(axes, matrices, labels, strict=True):
-            panel_ax.set_facecolor(MISSING_COLOR)
-            mesh = panel_ax.pcolormesh(
-                _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
-                cmap=SEQUENTIAL_CMAP, vmin=low, vmax=high, edgecolors="white", linewidth=0.4 if cell > 0.08 else 0.0,
-            )  # fmt: skip
-            panel_ax.set_ylim(len(modules) - 0.5, -0.5)
-            panel_ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
-            panel_ax.tick_params(axis="y", length=0)
-            panel_ax.set_xticks(shown, [str(columns[c]) for c in shown])
-            for side in ("top", "right", "left", "bottom"):
-                panel_ax.spines[side].set_visible(False)
-            if several:
-                panel_ax.set_title(ellipsize(label, 40), fontsize=7, loc="left")
-            if cell >= MIN_ANNOTATED_CELL and len(modules) <= 12:
-                fmt = ".0f" if integral or high >= 100 else ".2f" if high < 1 else ".1f"
-                _annotate(panel_ax, matrix, mesh, fmt=fmt, xs=range(len(columns)), ys=range(len(modules)))
-        axes[-1].set_xlabel(xlabel)
-        if given is None:  # inner panels of the stack: no tick marks poking into the next panel's title
-            for panel_ax in axes[:-1]:
-                panel_ax.tick_params(axis="x", length=0)
-        if beneath:
-            colorbar = fig.colorbar(mesh, ax=axes, orientation="horizontal", fraction=0.12, aspect=35, pad=0.03)
-        else:
-            rows = len(modules) * len(analyses)
-            colorbar = fig.colorbar(mesh, ax=axes, fraction=0.05, pad=0.02, aspect=min(40, max(8, 4 * rows)))
-        colorbar.set_label(name)
-        if integral:  # counts: whole-number ticks
-            step = max(1, math.ceil((high - low) / 5))
-            colorbar.set_ticks(range(math.ceil(low), math.floor(high) + 1, step))
-        colorbar.outline.set_linewidth(0.4)
-        if missing:
-            from matplotlib.patches import Patch
-
-            key_patch, key_text = [Patch(facecolor=MISSING_COLOR)], ["no layer or invalid"]
-            if given is None:
-                fig.legend(key_patch, key_text, loc="outside lower right")
-            else:  # above the first panel, right-aligned (its title, if any, is on the left)
-                axes[0].legend(key_patch, key_text, loc="lower right", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
-    return fig
+    integral = all(float(v).is_integer() for v in values)
+    fmt = ".0f" if integral or high >= 100 else ".2f" if high < 1 else ".1f"
+    titles = labels if len(analyses) > 1 else [""]
+    block = Block(matrices, titles, low, high, name, fmt, integral)
+    return draw_heatmaps([block], modules, columns, xlabel, width=width, given=axes_given(ax),
+                         what="erank_heatmap_figure")  # fmt: skip
 
 
 # -- alignment of components ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ each file is written to a temporary name beside its target and renamed into plac
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import RankscopeError
+from .fonts import shared_subsets
 from .style import paper_style
 
 if TYPE_CHECKING:
@@ -37,7 +39,8 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     buffer = io.BytesIO()
-    with paper_style():  # font embedding, SVG ids and dpi are read when saving
+    # font embedding, SVG ids and dpi are read when saving; PDFs embed the process' shared font subsets
+    with paper_style(), shared_subsets() if fmt == "pdf" else contextlib.nullcontext():
         fig.savefig(buffer, format=fmt, dpi=PNG_DPI, metadata=_METADATA[fmt])
     return buffer.getvalue()
 
@@ -106,11 +109,33 @@ def save_figure(fig: Figure, path: str | Path, formats: Sequence[str] = ("pdf", 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"figure formats must be among {', '.join(FORMATS)}, got {list(formats)}")
-    targets = output_paths(path, formats)
-    rendered = [(target, figure_bytes(fig, fmt)) for target, fmt in zip(targets, formats, strict=True)]
-    for target, data in rendered:
+    return write_rendered(path, {fmt: figure_bytes(fig, fmt) for fmt in formats})
+
+
+def write_rendered(path: str | Path, rendered: dict[str, bytes]) -> list[Path]:
+    """Write each ``format → bytes`` of ``rendered`` beside ``path`` as :func:`save_figure` names them."""
+    targets = output_paths(path, list(rendered))
+    for target, data in zip(targets, rendered.values(), strict=True):
         _write_figure(target, data)
     return targets
 
 
-__all__ = ["FORMATS", "figure_bytes", "output_paths", "save_figure", "set_usual_mode", "svg_text", "write_atomically"]
+def page_and_files(fig: Figure, formats: Sequence[str]) -> tuple[str, dict[str, bytes]]:
+    """The figure as inline SVG and as the bytes of each of ``formats``. The SVG draw solves the constrained
+    layout; the files reuse its positions instead of solving it again per format (a third of each later save)."""
+    svg = svg_text(fig)
+    fig.set_layout_engine("none")
+    return svg, {fmt: figure_bytes(fig, fmt) for fmt in formats}
+
+
+__all__ = [
+    "FORMATS",
+    "figure_bytes",
+    "output_paths",
+    "page_and_files",
+    "save_figure",
+    "set_usual_mode",
+    "svg_text",
+    "write_atomically",
+    "write_rendered",
+]

@@ -36,6 +36,7 @@ from ._common import (
     integer_ticks,
     legend_above,
     new_figure,
+    plain_log_axis,
     quartiles,
     root_figure,
     saturation_extent,
@@ -152,25 +153,35 @@ def _draw_curve(ax: Axes, curve: Curve, *, start: int, log: bool, bands: bool):
     return line
 
 
+@dataclass(frozen=True)
+class CurveKind:
+    """What a curve figure draws: each record's vector (``values``) against its index from ``start``, on a log
+    or linear scale; ``extent``: an index the x axis must reach (rank bounds); ``fit``: the last index worth
+    showing (where every curve has levelled off); ``name``: the public function, for errors."""
+
+    name: str
+    values: Callable[[LayerRecord], list[float]]
+    start: int
+    log: bool
+    xlabel: str
+    ylabel: str
+    extent: Callable[[Panel], int] = lambda panel: 0
+    fit: Callable[[Panel], int] | None = None
+
+
 def _curve_figure(
+    kind: CurveKind,
+    guides: Callable[[Axes, Panel, bool], dict],
     analyses: Sequence[Analysis],
     labels: Sequence[str] | None,
     layers,
     width,
     ax,
-    *,
-    values: Callable[[LayerRecord], list[float]],
-    start: int,
-    log: bool,
-    xlabel: str,
-    ylabel: str,
-    guides: Callable[[Axes, Panel, bool], dict],
-    extent: Callable[[Panel], int] = lambda panel: 0,
-    fit: Callable[[Panel], int] | None = None,
-    name: str,
 ) -> Figure:
-    """Draw the planned panels into a new figure or the caller's axes; ``extent``: an index the x axis must
-    reach (rank bounds); ``fit``: the last index worth showing (where every curve has levelled off)."""
+    """Draw the planned panels of ``kind`` into a new figure or the caller's axes; ``guides`` marks a panel's
+    reference lines (labelled in place when the figure has one panel) and returns their legend handles."""
+    values, start, log, extent, fit = kind.values, kind.start, kind.log, kind.extent, kind.fit
+    xlabel, ylabel, name = kind.xlabel, kind.ylabel, kind.name
     labels = check_labels(analyses, labels)
     given = axes_given(ax)
     panels = _plan(analyses, labels, layers, values, one_panel=given is not None and len(given) == 1)
@@ -209,11 +220,14 @@ def _curve_figure(
         if fit is not None:
             last = max(start + 1, min(last, max(fit(panel) for panel in panels)))
         for panel_ax in axes:
+            if log:
+                plain_log_axis(panel_ax.yaxis)
             if last > 100:  # full dense spectra: log index, labelled 1, 10, 100
                 from matplotlib.ticker import FuncFormatter
 
                 panel_ax.set_xscale("log")
                 panel_ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                panel_ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
                 panel_ax.set_xlim(right=last * 1.05)
             else:
                 integer_ticks(panel_ax.xaxis, last, start=start, most=6 if len(panels) > 1 else 9)
@@ -254,6 +268,17 @@ def _drawn_bounds(panel: Panel) -> list[int]:
     return bounds if len(bounds) <= MAX_BOUND_LINES else []
 
 
+SPECTRUM = CurveKind(
+    "spectrum_figure",
+    significant,
+    start=1,
+    log=True,
+    xlabel="index i",
+    ylabel="singular value σᵢ",
+    extent=lambda panel: max(_drawn_bounds(panel), default=0),  # the rank bounds drawn are in view
+)
+
+
 def spectrum_figure(
     analyses: Sequence[Analysis],
     labels: Sequence[str] | None = None,
@@ -286,21 +311,7 @@ def spectrum_figure(
             empty_note(ax, "all singular values are 0")
         return marks
 
-    return _curve_figure(
-        analyses,
-        labels,
-        layers,
-        width,
-        ax,
-        values=significant,
-        extent=lambda panel: max(_drawn_bounds(panel), default=0),  # the rank bounds drawn are in view
-        start=1,
-        log=True,
-        xlabel="index i",
-        ylabel="singular value σᵢ",
-        name="spectrum_figure",
-        guides=guides,
-    )
+    return _curve_figure(SPECTRUM, guides, analyses, labels, layers, width, ax)
 
 
 # -- cumulative energy ------------------------------------------------------------------------------------
@@ -318,6 +329,17 @@ def _saturation(panel: Panel) -> int:
         low, mid, _ = quartiles(curve.vectors)
         lines.extend((mid, low) if _shaded(panel) else (mid,))
     return saturation_extent(lines, start=0)
+
+
+ENERGY = CurveKind(
+    "energy_figure",
+    _cumulative_energy,
+    start=0,
+    log=False,
+    xlabel="number of singular values k",
+    ylabel="cumulative energy",
+    fit=_saturation,
+)
 
 
 def energy_figure(
@@ -344,18 +366,4 @@ def energy_figure(
             )
         return marks
 
-    return _curve_figure(
-        analyses,
-        labels,
-        layers,
-        width,
-        ax,
-        values=_cumulative_energy,
-        fit=_saturation,
-        start=0,
-        log=False,
-        xlabel="number of singular values k",
-        ylabel="cumulative energy",
-        name="energy_figure",
-        guides=guides,
-    )
+    return _curve_figure(ENERGY, guides, analyses, labels, layers, width, ax)

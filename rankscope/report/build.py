@@ -98,8 +98,10 @@ def figure_specs(
     *,
     suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
 ) -> list[FigureSpec]:
-    """The figures a report holds, in page order. A checkpoint's figures carry its label in the id when there
-    are several. One spectrum figure per module type (not per layer), so a 224-layer report stays small.
+    """The figures a report holds, in page order. One figure per kind, the checkpoints in panels or overlaid
+    (erank and base heatmaps, resize: a panel each, ``members``); a composition's figures carry its checkpoint's
+    label in the id when there are several. One spectrum figure per module type (not per layer), so a 224-layer
+    report stays small.
     ``suggest_rule``: the rank rule the resize figure marks beside the usual ones (None: no resize figure)."""
     ids = _Ids()
     several = len(analyses) > 1
@@ -108,18 +110,19 @@ def figure_specs(
     def tag(label: str) -> tuple[str, str]:
         return (f"-{slug(label)}", f" — {label}") if several else ("", "")
 
-    specs = []
-    for index, label in enumerate(labels):
-        suffix, of = tag(label)
-        specs.append(
-            FigureSpec(
-                ids(f"erank-heatmap{suffix}"),
-                "erank-heatmap",
-                "overview",
-                f"Effective rank (erank) by layer index and module type{of}",
-                checkpoint=index,
-            )
+    drawable = [i for i, a in enumerate(analyses) if any(r.valid for r in a.layers)]
+    # one heatmap for all the checkpoints, a panel each on one colour scale (issue 14), not one figure each
+    specs = [
+        FigureSpec(
+            ids("erank-heatmap"),
+            "erank-heatmap",
+            "overview",
+            "Effective rank (erank) by layer index and module type" + (", one panel per checkpoint" if several else ""),
+            checkpoint=None if several else 0,
+            wide=len(drawable) > 2,
+            members=tuple(drawable or range(len(analyses))),  # none drawable: the figure's error says why
         )
+    ]
     specs += [
         FigureSpec(
             ids("spectrum"),

@@ -111,10 +111,14 @@ def _figure(slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str
     """Draw one slot with rankscope.figures (None when there is nothing to draw)."""
     from .. import figures as F
 
+    # figures with a panel per checkpoint: full width when there are more than two
+    members = slot.members if slot.members is not None else (slot.checkpoint,) if slot.checkpoint is not None else ()
+    chosen, names = [analyses[i] for i in members], [labels[i] for i in members]
+    width = "full" if slot.wide else "column"
     if slot.kind == "erank-heatmap":
-        # one colour scale for every checkpoint's heatmap: the same colour is the same erank in each panel
+        # one colour scale for every checkpoint: the same colour is the same erank in each panel
         low, high = F.heatmap_limits(analyses)
-        return F.erank_heatmap_figure(analyses[slot.checkpoint], vmin=low, vmax=high)
+        return F.erank_heatmap_figure(chosen, names, vmin=low, vmax=high, width=width)
     if slot.kind == "count-above":
         return F.count_above_figure(analyses, labels)
     if slot.kind == "energy":
@@ -124,9 +128,9 @@ def _figure(slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str
     if slot.kind == "growth":
         return F.growth_figure(analyses[slot.checkpoint])
     if slot.kind == "resize":
-        return F.resize_figure(analyses[slot.checkpoint], slot.rules)
+        return F.resize_figure(chosen, slot.rules, labels=names, width=width)
     if slot.kind == "base-heatmap":
-        return F.base_heatmap_figure(analyses[slot.checkpoint])
+        return F.base_heatmap_figure(chosen, names, width=width)
     if slot.kind == "alignment":
         record = next(r for r in analyses[slot.checkpoint].layers if r.name == slot.layer)
         return F.alignment_figure(record)
@@ -162,20 +166,19 @@ def render_figures(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Each slot's figure as inline SVG (and saved as ``folder/<id>.<fmt>``); plus a warning per figure that
-    could not be drawn — the report goes on without it."""
-    from ..figures import save_figure, svg_text
+    could not be drawn — the report goes on without it. (Rendering in a pool of spawned processes was measured
+    and not kept: on 2 shared cores it cost ~50 % more CPU and wall time — reports/benchmarks.md, Round 3.)"""
+    from ..figures.output import page_and_files, write_rendered
 
+    formats = tuple(formats) if folder is not None else ()
     svgs, warnings = {}, []
     for done, slot in enumerate(slots, 1):
         try:
             fig = _figure(slot, analyses, labels)
             if fig is not None:
-                svgs[slot.id] = svg_text(fig)
-                # the SVG draw ran the constrained layout; the files reuse its positions instead of solving it
-                # again per format (about a third of each later savefig)
-                fig.set_layout_engine("none")
-                if folder is not None and formats:
-                    save_figure(fig, folder / slot.id, formats)
+                svgs[slot.id], files = page_and_files(fig, formats)
+                if files:
+                    write_rendered(folder / slot.id, files)
         except RankscopeError as exc:
             warnings.append(f"figure {slot.id} left out: {exc}")
         except Exception as exc:  # a drawing bug costs one figure, not the report; the warning says so

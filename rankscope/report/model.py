@@ -94,7 +94,7 @@ class FigureSpec:
     """One figure of the report: ``id`` is also its file name under ``figures/``; ``kind`` one of
     ``rankscope.figures.KINDS``; ``checkpoint`` an index into the analyses (None: all of them overlaid);
     ``layers`` the layer names it covers (None: all); ``layer`` the one layer it shows; ``rules`` the rank rules
-    a ``resize`` figure marks."""
+    a ``resize`` figure marks; ``members`` the checkpoints of a figure with one panel per checkpoint."""
 
     id: str
     kind: str
@@ -106,6 +106,7 @@ class FigureSpec:
     layer: str | None = None
     wide: bool = False
     rules: tuple[str, ...] = ()
+    members: tuple[int, ...] | None = None  # the checkpoints drawn, one panel each (None: as ``checkpoint`` says)
 
 
 @dataclass(frozen=True)

@@ -76,35 +76,29 @@ def resize_base_specs(
     tag: Callable[[str], tuple[str, str]],
     labels: Sequence[str],
 ) -> list[FigureSpec]:
-    """Per checkpoint: the energy kept against total rank for the rules (with the report's own; none without
-    one), and, where it was measured against a base, the relative update and intruder heatmaps."""
+    """The energy kept against total rank for the rules (with the report's own; none without one), and, where
+    layers were measured against a base, the relative update and intruder heatmaps: one figure of each for all
+    the checkpoints that have something to draw (a panel each; ``checkpoint`` set when that is one)."""
     specs = []
     rules = tuple(dict.fromkeys([*DEFAULT_RULES, rule])) if rule is not None else ()
-    for index, (analysis, label) in enumerate(zip(analyses, labels, strict=True)):
-        suffix, of = tag(label)
-        if rules and any(record.valid for record in analysis.layers):
-            specs.append(
-                FigureSpec(
-                    ids(f"resize{suffix}"),
-                    "resize",
-                    "overview",
-                    f"Energy kept against total rank: the best at each size, rank rules (the report's: {rule}) "
-                    f"and the adapter's present size{of}",
-                    checkpoint=index,
-                    rules=rules,
-                )
-            )
-        if any(record.valid and record.base is not None for record in analysis.layers):
-            specs.append(
-                FigureSpec(
-                    ids(f"base-heatmap{suffix}"),
-                    "base-heatmap",
-                    "overview",
-                    f"Against the base: relative update ‖ΔW‖_F/‖W₀‖_F and intruder dimensions by layer index and "
-                    f"module type{of}",
-                    checkpoint=index,
-                )
-            )
+    drawable = [i for i, a in enumerate(analyses) if any(record.valid for record in a.layers)]
+    based = [i for i in drawable if any(r.valid and r.base is not None for r in analyses[i].layers)]
+
+    def one(kind: str, members: list[int], caption: str) -> None:
+        if not members:
+            return
+        alone = len(members) == 1
+        suffix, of = tag(labels[members[0]]) if alone else ("", "")
+        specs.append(FigureSpec(ids(f"{kind}{suffix}"), kind, "overview", caption + of,
+                                checkpoint=members[0] if alone else None,
+                                wide=len(members) > 2, rules=rules if kind == "resize" else (),
+                                members=tuple(members)))  # fmt: skip
+
+    if rules:
+        one("resize", drawable, f"Energy kept against total rank: the best at each size, rank rules (the report's: "
+            f"{rule}) and the adapter's present size")  # fmt: skip
+    one("base-heatmap", based, "Against the base: relative update ‖ΔW‖_F/‖W₀‖_F and intruder dimensions by layer "
+        "index and module type")  # fmt: skip
     return specs
 
 
