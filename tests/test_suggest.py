@@ -116,8 +116,11 @@ def test_params_budget_is_greedy_by_energy_per_parameter(adapter):
         if cost <= left:
             want[key], left = want[key] + 1, left - cost
     got = {layer.name: layer.rank for layer in suggestion.layers}
-    assert got["model.layers.0.self_attn.q_proj"] == want["q0"]
-    assert got["model.layers.1.self_attn.q_proj"] == want["q1"]
+    # the two q_proj layers have the same σ (ties broken by rounding): which of them takes a tied direction is
+    # arbitrary, how many the two take together and what is left for v_proj is not
+    q0, q1 = got["model.layers.0.self_attn.q_proj"], got["model.layers.1.self_attn.q_proj"]
+    assert q0 + q1 == want["q0"] + want["q1"]
+    assert sorted((q0, q1)) == sorted((want["q0"], want["q1"]))
     assert got["model.layers.0.self_attn.v_proj"] == want["v0"]
     assert suggestion.params_after <= budget
 
