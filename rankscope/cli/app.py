@@ -62,6 +62,7 @@ def handle_errors(command: Callable) -> Callable:
             interrupt.report_interrupt()
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
+            interrupt.exit_if_pending()  # an error the Ctrl-C itself caused: an interrupt
             raise
         except Exception as exc:
             interrupt.exit_if_pending()  # an error the Ctrl-C itself caused: an interrupt
