@@ -111,13 +111,66 @@ def test_compare_shows_base_metrics_side_by_side(pair, tmp_path, monkeypatch):
     assert "against the base: lora ‖ΔW‖/‖W₀‖" in result.stdout
 
 
+BASE_KEYS = ("relative_update", "relative_sigma_max", "intruder_count")
+
+
 def test_compare_without_base_has_no_base_columns(pair, tmp_path):
+    """Without --base every output is as it was before base metrics came to compare: no base CSV columns, no base
+    JSON keys (values, summary means, ratios), no base table columns."""
     _, lora, _, _, _ = pair
-    result = CliRunner().invoke(main, ["compare", str(lora), str(lora), "--labels", "a,b", "--json", "-"])
+    result = CliRunner().invoke(
+        main,
+        ["compare", str(lora), str(lora), "--labels", "a,b", "--json", str(tmp_path / "c.json"),
+         "--csv", str(tmp_path / "c.csv"), "--markdown", str(tmp_path / "c.md")],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
-    document = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
-    assert all(v["relative_update"] is None for layer in document["layers"] for v in layer["values"].values())
-    assert "ΔW/W₀" not in result.output and "against the base" not in result.output
+    document = json.loads((tmp_path / "c.json").read_text())
+    header = (tmp_path / "c.csv").read_text().splitlines()[0].split(",")
+    assert not [column for column in header if column.split(":")[-1] in BASE_KEYS]
+    assert [column for column in header if column.startswith("a:")] == [
+        f"a:{key}" for key in ("rank_bound", "params", "count_above", "energy", "erank", "stable_rank",
+                               "utilization", "erank_per_kparam")
+    ]  # fmt: skip
+    assert all(set(v).isdisjoint(BASE_KEYS) for layer in document["layers"] for v in layer["values"].values())
+    summary = document["summary"]
+    assert all(not key.endswith(BASE_KEYS) for values in summary["per_label"].values() for key in values)
+    assert "mean_relative_update" not in summary["ratios_to_first"]["b"]
+    assert "mean_relative_update" not in json.dumps(summary["by_module"])
+    markdown = (tmp_path / "c.md").read_text()
+    for text in (result.output, markdown):
+        assert "ΔW/W₀" not in text and "intr." not in text and "against the base" not in text
+
+
+def test_markdown_and_report_show_the_base_columns(pair, tmp_path, monkeypatch):
+    """compare --markdown (means by module type) and the HTML page of report A B --base (the matched-layers table)
+    show the same base columns as the terminal, from report/tables.py."""
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
+    base, lora, full, deltas, weights = pair
+    result = CliRunner().invoke(
+        main,
+        ["compare", str(lora), str(full), "--base", str(base), "--labels", "lora,full",
+         "--markdown", str(tmp_path / "c.md"), "--json", str(tmp_path / "c.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "c.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| module"))
+    assert header.rstrip(" |").endswith("ΔW/W₀ | intr.")
+    overall = {line.split(" | ")[1]: line for line in markdown.splitlines() if line.startswith("| **all**")}
+    for label in ("lora", "full"):
+        expected = sum(float(deltas[label][n].norm() / weights[n].norm()) for n in weights) / len(weights)
+        assert f"| {format(expected, '.3g')} |" in overall[label], overall
+    report = CliRunner().invoke(
+        main,
+        ["report", str(lora), str(full), "--base", str(base), "--labels", "lora,full", "-o", str(tmp_path / "rep"),
+         "--figures", "none", "-q"],
+    )  # fmt: skip
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    for title in ("lora ΔW/W₀", "lora intr.", "full ΔW/W₀", "full intr."):
+        assert f">{title}</th>" in page, title
+    name = next(iter(weights))
+    relative = float(deltas["full"][name].norm() / weights[name].norm())
+    assert format(relative, ".3g") in page
 
 
 def test_narrow_terminal_table_keeps_the_base_columns(pair, tmp_path, monkeypatch):

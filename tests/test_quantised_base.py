@@ -186,7 +186,8 @@ def test_lora_against_a_quantised_base(models, adapter, name, tmp_path, monkeypa
         u = torch.linalg.svd(w0 + delta, full_matrices=False).U
         cosine = (u[:, :10].T @ u0).abs().max(dim=1).values
         assert got["intruders"]["indices"] == [i for i in range(10) if cosine[i] < 0.5]
-    assert any("the base is quantised (bitsandbytes" in note for note in analysis.notes)
+    (note,) = [n for n in analysis.notes if n.startswith("the base is quantised (bitsandbytes")]
+    assert "the weight the adapter was trained against" in note and "quantisation error" not in note
     result = CliRunner().invoke(main, ["spectrum", str(path), "--base", str(dirs[name]), "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
     layer = json.loads(result.output)["layers"][0]
@@ -200,6 +201,9 @@ def test_full_delta_against_a_quantised_base_is_the_quantisation_error(models):
     checkpoint = rankscope.load(dirs["float"], base=dirs["nf4"])
     assert any("the base is quantised (bitsandbytes 4-bit nf4" in w for w in checkpoint.warnings)
     analysis = rankscope.analyze(checkpoint, layers=r"layers\.0\.self_attn\.q_proj$")
+    # W₀ is not what a full fine-tune trained from: the note says the quantisation error is in ΔW, as the warning
+    (note,) = [n for n in analysis.notes if n.startswith("the base is quantised")]
+    assert "include the quantisation error" in note and "trained against" not in note
     (record,) = list(analysis)
     weight = load_file(str(dirs["float"] / "model.safetensors"))[f"{record.name}.weight"].double()
     expected = torch.linalg.svdvals(weight - _library_weight(loaded["nf4"], record.name).double())
@@ -232,7 +236,11 @@ def _hand_laid(directory: Path, method: str, with_g_idx: bool) -> Path:
 
 @pytest.mark.parametrize(
     ("method", "g_idx", "named"),
-    [("gptq", True, "GPTQ (qweight, qzeros, scales, g_idx)"), ("awq", False, "AWQ (qweight, qzeros, scales)")],
+    [
+        ("gptq", True, "GPTQ (qweight, qzeros, scales, g_idx)"),
+        ("gptq", False, "GPTQ (qweight, qzeros, scales)"),  # names the tensors the file holds, no absent g_idx
+        ("awq", False, "AWQ (qweight, qzeros, scales)"),
+    ],
 )
 def test_gptq_and_awq_bases_are_refused_naming_the_format(adapter, tmp_path, method, g_idx, named):
     path, _ = adapter
@@ -243,3 +251,90 @@ def test_gptq_and_awq_bases_are_refused_naming_the_format(adapter, tmp_path, met
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "qweight" in lines[0], result.output
+
+
+# -- broken or unsupported bitsandbytes bases: the specific one-line error, never "missing" or an internal error --
+
+Q = "model.layers.0.self_attn.q_proj"  # a layer the adapter fixture trains
+QW = f"{Q}.weight"
+
+
+def _edit_state(change):
+    """An edit of ``QW``'s quant_state JSON (the UTF-8 bytes bitsandbytes packs into a uint8 tensor)."""
+
+    def edit(tensors: dict) -> None:
+        (key,) = [k for k in tensors if k.startswith(f"{QW}.quant_state.")]
+        state = json.loads(bytes(tensors[key].numpy()).decode("utf-8"))
+        change(state)
+        tensors[key] = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+
+    return edit
+
+
+def _set(key, value):
+    return lambda tensors: tensors.__setitem__(key, value(tensors[key]) if callable(value) else value)
+
+
+BROKEN = {  # name → (real save it is edited from, the edit, the tensor the error names, words of the error)
+    "int8-tiled": ("int8", _set(f"{Q}.weight_format", torch.tensor([1], dtype=torch.uint8)), QW, "tiled GPU layout"),
+    "int8-empty-format": ("int8", _set(f"{Q}.weight_format", torch.zeros(0, dtype=torch.uint8)), f"{Q}.weight_format",
+                          "weight_format with 0 values"),
+    "int8-short-scb": ("int8", _set(f"{Q}.SCB", lambda t: t[:3].clone()), QW, "and 3 torch.float32 scales"),
+    "nf4-short-absmax": ("nf4", _set(f"{QW}.absmax", lambda t: t[:3].clone()), QW, "3 absmax values do not fit"),
+    "nf4-short-packed": ("nf4", _set(QW, lambda t: t[:10].clone()), QW, "bytes and"),
+    "nf4-no-dtype": ("nf4", _edit_state(lambda s: s.pop("dtype")), f"{QW}.quant_state.bitsandbytes__nf4", "no dtype"),
+    "nf4-bad-dtype": ("nf4", _edit_state(lambda s: s.update(dtype="nonsense")), f"{QW}.quant_state.bitsandbytes__nf4",
+                      "dtype 'nonsense'"),
+    "nf4-blocksize-0": ("nf4", _edit_state(lambda s: s.update(blocksize=0)), f"{QW}.quant_state.bitsandbytes__nf4",
+                        "blocksize 0"),
+    "double-no-nested-absmax": ("nf4-double", lambda t: t.pop(f"{QW}.nested_absmax"), QW, "but no nested_absmax"),
+    "double-no-nested-blocksize": ("nf4-double", _edit_state(lambda s: s.pop("nested_blocksize")),
+                                   f"{QW}.quant_state.bitsandbytes__nf4", "no nested_blocksize"),
+    "double-short-nested-absmax": ("nf4-double", _set(f"{QW}.nested_absmax", lambda t: t[:0].clone()),
+                                   f"{QW}.nested_absmax", "0 torch.float32 nested_absmax values"),
+}  # fmt: skip
+
+
+def _broken_copy(source: Path, target: Path, edit) -> Path:
+    """``source`` (a real save_pretrained directory) with its model.safetensors edited."""
+    tensors = load_file(str(source / "model.safetensors"))
+    edit(tensors)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text((source / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target / "model.safetensors"))
+    return target
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_bitsandbytes_base_is_one_line_naming_file_and_tensor(models, adapter, tmp_path, monkeypatch, case):
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
+    dirs, _ = models
+    source, edit, key, words = BROKEN[case]
+    if case.startswith("int8"):
+        assert f"{Q}.weight_format" in load_file(str(dirs["int8"] / "model.safetensors")), "no weight_format saved"
+    base = _broken_copy(dirs[source], tmp_path / case, edit)
+    path, _ = adapter
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        rankscope.analyze(rankscope.load(path, base=base))
+    result = CliRunner().invoke(main, ["spectrum", str(path), "--base", str(base), "-q"])
+    # before: "--base has no weight of the update's shape" and exit 0, or "internal error: KeyError…"
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert f"{base / 'model.safetensors'}: tensor '{key}':" in line and words in line, line
+    assert "internal error" not in line and "no weight of the update's shape" not in line
+
+
+def test_a_base_without_the_layer_still_only_warns(models, adapter, tmp_path, monkeypatch):
+    """An absent weight (not a broken one) is still "missing": a warning, no base object for it, exit 0."""
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
+    dirs, _ = models
+    base = _broken_copy(
+        dirs["nf4-double"], tmp_path / "without_q", lambda t: [t.pop(k) for k in list(t) if k.startswith(QW)]
+    )
+    path, _ = adapter
+    result = CliRunner().invoke(main, ["spectrum", str(path), "--base", str(base), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert f"--base has no weight of the update's shape for 1 layer(s): {Q}" in result.stderr
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert layers[Q].get("base") is None
+    assert all(layer["base"] is not None for name, layer in layers.items() if name != Q)

@@ -4,7 +4,8 @@ The mathematics is in :mod:`..measures.base_relative`; here W₀ is read (``Chec
 :class:`~..core.base.BaseWeights` a reader was given), ΔW's singular vectors found (exact from the factors where
 there are factors, ``core.spectrum.singular_vectors``; a dense SVD otherwise) and W₀'s decompositions taken from
 the on-disk cache (:mod:`..core.svd_cache`) or computed and stored there. A bitsandbytes base (QLoRA) is W₀ as
-bitsandbytes dequantises it (``core.quantised``); a GPTQ/AWQ base is refused in one line. Everything is in float64,
+bitsandbytes dequantises it (``core.quantised``); a GPTQ/AWQ base is refused in one line, and so is a base
+weight that is there but unreadable (only an absent one is "missing", a warning). Everything is in float64,
 of ΔW as the model applies it (α/r included, also under ``unscaled``), on the analysed out×in matrix
 (``core.base.as_matrix``).
 
@@ -64,12 +65,23 @@ def measure_against_base(
             record.base = _layer_fields(layer, base, options, device, cache, outcome)
     warnings, notes = _messages(outcome, options)
     if base.dequantised:
-        formats = ", ".join(sorted(set(base.dequantised.values())))
-        notes.append(
-            f"the base is quantised ({formats}): W₀ is its dequantisation, as bitsandbytes computes it (the weight "
-            "the adapter was trained against)"
-        )
+        notes.append(_quantised_note(base, layers))
     return warnings, notes
+
+
+def _quantised_note(base: BaseWeights, layers: list[Layer]) -> str:
+    """What W₀ is when bitsandbytes stored it: for an adapter the weight it was trained against; for a full
+    fine-tune (read as ΔW = W − dequant(W₀), warned by formats.full_delta) not the weight it started from."""
+    formats = ", ".join(sorted(set(base.dequantised.values())))
+    head = f"the base is quantised ({formats}): W₀ is its dequantisation, as bitsandbytes computes it"
+    full = [layer.name for layer in layers if layer.family == "full-delta"]
+    if not full:
+        return f"{head} (the weight the adapter was trained against)"
+    adapters = " (for the adapter layers, the weight they were trained against)" if len(full) < len(layers) else ""
+    return (
+        f"{head}{adapters}; a full fine-tune was not trained on it (bitsandbytes weights are frozen), so its "
+        "ΔW = W − dequant(W₀) and its 'base' metrics include the quantisation error"
+    )
 
 
 def _layer_fields(
@@ -81,12 +93,17 @@ def _layer_fields(
     if options.max_memory is not None and 3 * 8 * m * n > options.max_memory:
         outcome.refused.append(layer.name)  # W₀, W₀ + ΔW and the SVD's workspace in float64
         return None
-    try:
-        file, key, stored = _base_tensor(base, layer)
-    except CheckpointError:
+    # only an absent weight is "missing"; one that is there but cannot be read (a corrupt or unsupported
+    # bitsandbytes layout, a bad quant_state) raises its own one-line error, as every other reader of the base does
+    found = _base_tensor(base, layer)
+    if found is None:
         base.refuse_quantised(layer.name)  # a GPTQ/AWQ base: one line naming the format, not a missing weight
         outcome.missing.append(layer.name)
         return None
+    if isinstance(found, str):  # a stacked expert parameter that holds no slice of this index
+        outcome.missing.append(f"{layer.name} ({found})")
+        return None
+    file, key, stored = found
     weight = as_matrix(stored, layer.kind).to(torch.float64)
     if tuple(weight.shape) != (m, n):
         outcome.missing.append(f"{layer.name} (base {list(weight.shape)}, update {[m, n]})")
@@ -135,10 +152,14 @@ def _layer_fields(
 _EXPERT_SLICE = re.compile(r"^(?P<module>.+)\.(?P<parameter>[^.\[]+)\[(?P<index>\d+)\]$")
 
 
-def _base_tensor(base: BaseWeights, layer: Layer) -> tuple[Path, str, torch.Tensor]:
-    """(file, key, stored tensor) of ``layer``'s base weight; an expert slice ``p[e]`` is ``base[p][e]``."""
+def _base_tensor(base: BaseWeights, layer: Layer) -> tuple[Path, str, torch.Tensor] | str | None:
+    """(file, key, stored tensor) of ``layer``'s base weight; an expert slice ``p[e]`` is ``base[p][e]``. None where
+    the base has no such tensor, a reason where a stacked parameter has no slice ``e``; a tensor that is there but
+    unreadable raises (CheckpointError)."""
     match = _EXPERT_SLICE.match(layer.name) if layer.kind in ("expert", "expert_transposed") else None
     if match is None:
+        if base.key_for(layer.name) is None:
+            return None
         file, key = base.location(layer.name)
         return file, key, base.get(layer.name)
     module, parameter, index = match["module"], match["parameter"], int(match["index"])
@@ -147,7 +168,7 @@ def _base_tensor(base: BaseWeights, layer: Layer) -> tuple[Path, str, torch.Tens
     file, key = base.location(module, parameter)
     stacked = base.get(module, parameter)
     if stacked.ndim != 3 or index >= stacked.shape[0]:
-        raise CheckpointError(f"base {key} has shape {list(stacked.shape)}, not E stacked experts", path=file, key=key)
+        return f"base {key} has shape {list(stacked.shape)}, not E stacked experts"
     return file, f"{key}[{index}]", stacked[index]
 
 
@@ -156,15 +177,15 @@ def _base_tensor(base: BaseWeights, layer: Layer) -> tuple[Path, str, torch.Tens
 _LEGACY_EXPERTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
 
 
-def _legacy_expert(base: BaseWeights, module: str, parameter: str, index: int) -> tuple[Path, str, torch.Tensor]:
-    """Expert ``index`` of ``module.parameter`` from per-expert Linear weights; CheckpointError where none fit."""
+def _legacy_expert(base: BaseWeights, module: str, parameter: str, index: int) -> tuple[Path, str, torch.Tensor] | None:
+    """Expert ``index`` of ``module.parameter`` from per-expert Linear weights; None where none are there."""
     mixtral = module.replace(".mlp.experts", ".block_sparse_moe.experts")
     for owner, names in zip((module, mixtral), _LEGACY_EXPERTS.get(parameter, ()), strict=False):
         layers = [f"{owner}.{index}.{name}" for name in names]
         if all(base.key_for(layer) is not None for layer in layers):
             file, key = base.location(layers[0])
             return file, key, torch.cat([base.get(layer) for layer in layers], dim=0)
-    raise CheckpointError(f"base model has no tensor for expert {index} of {module}.{parameter}", path=base.path)
+    return None
 
 
 def _delta_vectors(

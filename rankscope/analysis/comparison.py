@@ -17,13 +17,14 @@ from ..measures.metrics import parameter_key
 from .records import Analysis, LayerRecord
 from .summary import ALIGNMENT_OVERLAPS, alignment_means, mean
 
-# the per-layer quantities compared side by side; the last three need --base (the record's ``base`` object) and
-# are None without it: ‖ΔW‖_F/‖W₀‖_F, σ₁(ΔW)/σ₁(W₀) and the count of intruder dimensions
-BASE_COMPARED = ("relative_update", "relative_sigma_max", "intruder_count")
-COMPARED = (
+# the per-layer quantities compared side by side
+PLAIN_COMPARED = (
     "rank_bound", "params", "count_above", "energy", "erank", "stable_rank", "utilization", "erank_per_kparam",
-    *BASE_COMPARED,
 )  # fmt: skip
+# and, where some layer was measured against --base (its record's ``base`` object), ‖ΔW‖_F/‖W₀‖_F, σ₁(ΔW)/σ₁(W₀)
+# and the count of intruder dimensions: without a base these keys (JSON, CSV columns, summary means) are absent
+BASE_COMPARED = ("relative_update", "relative_sigma_max", "intruder_count")
+COMPARED = (*PLAIN_COMPARED, *BASE_COMPARED)
 
 
 @dataclass
@@ -54,9 +55,20 @@ class Comparison:
         """The counts' τ: the baseline's first threshold that every analysis computed."""
         return shared_thresholds(self.analyses)[0]
 
+    @property
+    def against_base(self) -> bool:
+        """Whether some matched layer of some checkpoint was measured against a base (has a ``base`` object)."""
+        return any(record.base is not None for layer in self.layers for record in layer.records)
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        """The compared quantities: :data:`COMPARED` with a base, :data:`PLAIN_COMPARED` without one."""
+        return COMPARED if self.against_base else PLAIN_COMPARED
+
     def values(self, record: LayerRecord) -> dict[str, float | None]:
-        """The compared quantities of one record."""
-        return compared_values(record, self.threshold)
+        """The compared quantities of one record (:attr:`compared`; a base one is None where not measured)."""
+        values = compared_values(record, self.threshold)
+        return {key: values[key] for key in self.compared}
 
     def summary(self) -> dict:
         return summarize(self)
@@ -166,16 +178,18 @@ def compare(
 
 def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
     per_label = {}
+    keys = comparison.compared
     for index, label in enumerate(comparison.labels):
         rows = [comparison.values(layer.records[index]) for layer in layers]
         per_label[label] = {
             "layers": len(layers),
             "params": sum(row["params"] or 0 for row in rows),
-            **{f"mean_{key}": mean([row[key] for row in rows]) for key in COMPARED if key != "params"},
+            **{f"mean_{key}": mean([row[key] for row in rows]) for key in keys if key != "params"},
         }
     first = per_label[comparison.labels[0]]
     ratios = {}
-    ratio_keys = ("params", "mean_count_above", "mean_energy", "mean_erank", "mean_stable_rank", "mean_relative_update")
+    ratio_keys = ("params", "mean_count_above", "mean_energy", "mean_erank", "mean_stable_rank")
+    ratio_keys += ("mean_relative_update",) if comparison.against_base else ()
     for label in comparison.labels[1:]:
         ratios[label] = {
             key: (per_label[label][key] / first[key]) if first[key] and per_label[label][key] is not None else None
@@ -208,12 +222,12 @@ def headlines(comparison: Comparison, overall: dict) -> list[str]:
             parts.append(f"{ratio['mean_count_above']:.2f}× {first}'s count above {comparison.threshold:g}")
         if ratio["mean_erank"] is not None:
             parts.append(f"{ratio['mean_erank']:.2f}× its erank")
-        if ratio["mean_relative_update"] is not None:
+        if ratio.get("mean_relative_update") is not None:
             parts.append(f"{ratio['mean_relative_update']:.2f}× its relative update ‖ΔW‖/‖W₀‖")
         if ratio["params"] is not None:
             lines.append(f"{label} reaches {' and '.join(parts)} with {ratio['params']:.2f}× its parameters")
     per_label = overall["per_label"]
-    if any(per_label[label]["mean_relative_update"] is not None for label in comparison.labels):
+    if any(per_label[label].get("mean_relative_update") is not None for label in comparison.labels):
         lines.append(
             "against the base: "
             + "; ".join(

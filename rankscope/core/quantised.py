@@ -125,14 +125,15 @@ def stored_format(key: str, keys: set[str] | dict) -> str | None:
 
 
 def unsupported_format(module: str, keys: set[str] | dict, config: dict | None = None) -> str | None:
-    """The name of a quantised format that stores ``module``'s weight and is not read (GPTQ, AWQ), or None."""
+    """The name of a quantised format that stores ``module``'s weight and is not read (GPTQ, AWQ), with the
+    tensors of it the file holds, or None."""
     if f"{module}.qweight" not in keys:
         return None
     method = str(((config or {}).get("quantization_config") or {}).get("quant_method") or "").lower()
+    present = ", ".join(part for part in ("qweight", "qzeros", "scales", "g_idx") if f"{module}.{part}" in keys)
     if method == "awq" or (not method and f"{module}.g_idx" not in keys):
-        name = "AWQ" if method == "awq" else "GPTQ/AWQ"
-        return f"{name} (qweight, qzeros, scales)"
-    return f"{method.upper() if method else 'GPTQ'} (qweight, qzeros, scales, g_idx)"
+        return f"{'AWQ' if method == 'awq' else 'GPTQ/AWQ'} ({present})"
+    return f"{method.upper() if method else 'GPTQ'} ({present})"
 
 
 def refusal(fmt: str, path: object, key: str) -> CheckpointError:
@@ -145,19 +146,57 @@ def refusal(fmt: str, path: object, key: str) -> CheckpointError:
     )
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_BLOCKSIZE = _CHUNK // 2  # a chunk holds whole blocks (bitsandbytes itself writes 32 … 4096)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def state_of(key: str, keys: set[str] | dict, get: Callable[[str], torch.Tensor], path: object) -> dict:
-    """The 4-bit quant_state JSON of weight ``key`` (``get`` reads a stored tensor)."""
+    """The 4-bit quant_state JSON of weight ``key`` (``get`` reads a stored tensor), its fields checked: what the
+    dequantisation reads is there and of a usable type, so bad metadata is a one-line error naming the tensor."""
     state_key = _quant_state_key(key, keys)
-    if state_key is None or f"{key}.absmax" not in keys:
-        raise CheckpointError(f"{BNB4} weight without its absmax and quant_state", path=path, key=key)
+    absent = [k for k in (f"{key}.absmax", state_key) if k is None or k not in keys]
+    if absent:
+        what = absent[0] or f"{key}.quant_state.bitsandbytes__<nf4|fp4>"
+        raise CheckpointError(f"{BNB4} weight without its absmax or quant_state (missing: {what})", path=path, key=key)
+    assert state_key is not None
     try:
         state = json.loads(bytes(get(state_key).to(torch.uint8).numpy()).decode("utf-8"))
-        state["shape"] = [int(s) for s in state["shape"]]
-        int(state["blocksize"])
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         raise CheckpointError(f"unreadable bitsandbytes quant_state ({error})", path=path, key=state_key) from None
+
+    def bad(field: str, expected: str) -> CheckpointError:
+        got = f"{field} {state[field]!r}" if field in state else f"no {field}"
+        return CheckpointError(f"bitsandbytes quant_state: {got} (expected {expected})", path=path, key=state_key)
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"bitsandbytes quant_state is a JSON {type(state).__name__}, not an object", path=path,
+                              key=state_key)  # fmt: skip
+    dtypes = f"one of {', '.join(_DTYPES)}"
     if state.get("quant_type") not in ("nf4", "fp4"):
-        raise CheckpointError(f"{BNB4} quant_type {state.get('quant_type')!r}", path=path, key=state_key)
+        raise bad("quant_type", "'nf4' or 'fp4'")
+    shape = state.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise bad("shape", "a list of non-negative integers")
+    if not _positive_int(state.get("blocksize")) or state["blocksize"] > _MAX_BLOCKSIZE:
+        raise bad("blocksize", f"an integer from 1 to {_MAX_BLOCKSIZE}")
+    if state.get("dtype") not in _DTYPES:
+        raise bad("dtype", dtypes)
+    if "nested_offset" in state:  # double quantisation: the absmax is itself 8-bit
+        if isinstance(state["nested_offset"], bool) or not isinstance(state["nested_offset"], (int, float)):
+            raise bad("nested_offset", "a number")
+        if not _positive_int(state.get("nested_blocksize")):
+            raise bad("nested_blocksize", "a positive integer")
+        if state.get("nested_dtype", "float32") not in _DTYPES:
+            raise bad("nested_dtype", dtypes)
+        for part in ("nested_absmax", "nested_quant_map"):
+            if f"{key}.{part}" not in keys:
+                raise CheckpointError(
+                    f"{BNB4} weight with double quantisation (nested_offset) but no {part}", path=path, key=key
+                )
     return state
 
 
@@ -168,13 +207,22 @@ def dequantise_stored(
     fmt = stored_format(key, keys)
     if fmt == BNB8:
         module = key.rpartition(".")[0]
-        if f"{module}.weight_format" in keys and int(get(f"{module}.weight_format").reshape(-1)[0]) != 0:
-            raise CheckpointError(f"{BNB8} weight in a tiled GPU layout (weight_format ≠ row)", path=path, key=key)
+        if f"{module}.weight_format" in keys:
+            code = get(f"{module}.weight_format")
+            if code.numel() != 1:  # bitsandbytes saves one format code (and reads it with .item())
+                raise CheckpointError(
+                    f"{BNB8} weight_format with {code.numel()} values (expected one format code)",
+                    path=path,
+                    key=f"{module}.weight_format",
+                )
+            if int(code.reshape(-1)[0]) != 0:
+                raise CheckpointError(f"{BNB8} weight in a tiled GPU layout (weight_format ≠ row)", path=path, key=key)
         weight, scb = get(key), get(f"{module}.SCB")
-        if weight.dtype != torch.int8 or weight.ndim != 2 or scb.numel() != weight.shape[0]:
+        fits = weight.dtype == torch.int8 and weight.ndim == 2 and scb.numel() == weight.shape[0]
+        if not (fits and scb.is_floating_point()):
             raise CheckpointError(
-                f"{BNB8}: expected an int8 matrix and one SCB scale a row, got {weight.dtype} "
-                f"{list(weight.shape)} and {scb.numel()} scales",
+                f"{BNB8}: expected an int8 matrix and one float SCB scale a row, got {weight.dtype} "
+                f"{list(weight.shape)} and {scb.numel()} {scb.dtype} scales",
                 path=path,
                 key=key,
             )
@@ -184,14 +232,11 @@ def dequantise_stored(
     if quant_map is not None and not torch.equal(quant_map.to(torch.float32), code_table(state["quant_type"])):
         # bitsandbytes' kernels use their built-in table whatever the file says: a different map is ambiguous
         raise CheckpointError(f"quant_map is not bitsandbytes' {state['quant_type']} table", path=path, key=key)
-    nested = None
-    if "nested_offset" in state:
-        nested = (get(f"{key}.nested_absmax"), get(f"{key}.nested_quant_map"))
     packed, absmax = get(key), get(f"{key}.absmax")
     count = 1
     for size in state["shape"]:
         count *= size
-    blocks = -(-count // int(state["blocksize"]))
+    blocks = -(-count // state["blocksize"])
     if packed.numel() * packed.element_size() < (count + 1) // 2 or absmax.numel() != blocks:
         raise CheckpointError(
             f"{BNB4}: {packed.numel() * packed.element_size()} bytes and {absmax.numel()} absmax values do not fit "
@@ -199,7 +244,44 @@ def dequantise_stored(
             path=path,
             key=key,
         )
+    nested = None
+    if "nested_offset" in state:
+        nested = (get(f"{key}.nested_absmax"), get(f"{key}.nested_quant_map"))
+        _check_nested(key, absmax, nested, state["nested_blocksize"], path)
+    elif not absmax.is_floating_point():
+        raise CheckpointError(
+            f"{BNB4}: {absmax.dtype} absmax without double quantisation (no nested_offset in the quant_state)",
+            path=path,
+            key=f"{key}.absmax",
+        )
     return dequantise_4bit(packed, absmax, state, quant_map, nested)
+
+
+def _check_nested(
+    key: str, absmax: torch.Tensor, nested: tuple[torch.Tensor, torch.Tensor], blocksize: int, path: object
+) -> None:
+    """Double quantisation's parts fit: uint8 absmax indices, a 256-entry map, one nested scale a block."""
+    nested_absmax, nested_map = nested
+    if absmax.dtype != torch.uint8:
+        raise CheckpointError(
+            f"{BNB4}: double quantisation needs uint8 absmax indices, got {absmax.dtype}",
+            path=path,
+            key=f"{key}.absmax",
+        )
+    if nested_map.numel() != 256 or not nested_map.is_floating_point():
+        raise CheckpointError(
+            f"{BNB4}: nested_quant_map has {nested_map.numel()} {nested_map.dtype} values (expected 256 floats)",
+            path=path,
+            key=f"{key}.nested_quant_map",
+        )
+    expected = -(-absmax.numel() // blocksize)
+    if nested_absmax.numel() != expected or not nested_absmax.is_floating_point():
+        raise CheckpointError(
+            f"{BNB4}: {nested_absmax.numel()} {nested_absmax.dtype} nested_absmax values where {absmax.numel()} absmax "
+            f"values in blocks of nested_blocksize {blocksize} need {expected}",
+            path=path,
+            key=f"{key}.nested_absmax",
+        )
 
 
 def describe(key: str, keys: set[str] | dict, get: Callable[[str], torch.Tensor], path: object) -> str:

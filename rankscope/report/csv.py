@@ -120,18 +120,18 @@ def components_csv(analysis: Analysis) -> str:
 def comparison_csv(comparison: Comparison) -> str:
     """One row per matched layer: each checkpoint's compared values (``<label>:<quantity>``), then the mean
     off-diagonal alignment across checkpoints."""
-    from ..analysis.comparison import COMPARED
     from .tables import mean_alignment
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    columns = [f"{label}:{key}" for label in comparison.labels for key in COMPARED]
+    compared = comparison.compared  # the base columns only where some layer was measured against --base
+    columns = [f"{label}:{key}" for label in comparison.labels for key in compared]
     writer.writerow(["name", "module_type", *columns, "mean_cosine", "mean_left_overlap", "mean_right_overlap"])
     for layer in comparison.layers:
         values = [comparison.values(record) for record in layer.records]
         writer.writerow(
             [text_cell(layer.name), text_cell(layer.module_type)]
-            + [_cell(v[key]) for v in values for key in COMPARED]
+            + [_cell(v[key]) for v in values for key in compared]
             + [_cell(value) for value in mean_alignment(layer.alignment).values()]
         )
     return buffer.getvalue()

@@ -79,19 +79,22 @@ def comparison_module_table(comparison: Comparison) -> Table:
     """Per module type and overall, each checkpoint's means side by side."""
     summary = comparison.summary()
     tau = comparison.threshold
+    base = comparison.against_base
     columns = [
         Column("module", numeric=False),
         Column("checkpoint", numeric=False),
         Column("params"),
         *_mean_columns(tau),
         Column("erank per 1k params", short="erank / 1k params"),
+        *([Column("mean ‖ΔW‖/‖W₀‖", short="ΔW/W₀"), Column("mean intruders", short="intr.")] if base else []),
     ]
+    specs = _COMPARED_SPECS + (_BASE_MEAN_SPECS if base else ())
     rows = []
     for name, block, total in by_module_blocks(summary):
         for label in comparison.labels:
             v = block["per_label"][label]
             cells = [Cell(name), Cell(label), Cell(v["params"], ",")]
-            cells += [Cell(v[f"mean_{key}"], spec) for key, spec in _COMPARED_SPECS]
+            cells += [Cell(v[f"mean_{key}"], spec) for key, spec in specs]
             rows.append(Row(cells, total=total))
     return Table("comparison-modules", columns, rows, "Means by module type")
 
@@ -104,15 +107,27 @@ _COMPARED_SPECS = (
     ("utilization", ".0%"),
     ("erank_per_kparam", ".3g"),
 )
+_BASE_MEAN_SPECS = (("relative_update", ".3g"), ("intruder_count", ".2f"))  # with --base only
+_BASE_TITLES = ("ΔW/W₀", "intr.")  # a record's ‖ΔW‖_F/‖W₀‖_F and intruder count, with --base only
+
+
+def _base_cells(comparison: Comparison, record: LayerRecord) -> list[Cell]:
+    """A record's ‖ΔW‖_F/‖W₀‖_F and intruder count (— where it was not measured against the base)."""
+    values = comparison.values(record)
+    return [Cell(values["relative_update"], ".3g"), Cell(values["intruder_count"], "d")]
 
 
 def comparison_layer_table(comparison: Comparison) -> Table:
-    """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment."""
+    """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment;
+    with a base, each checkpoint's ‖ΔW‖/‖W₀‖ and intruder count after it."""
     tau = comparison.threshold
+    base = comparison.against_base
     columns = [Column("layer", numeric=False)]
     for label in comparison.labels:
         columns += [Column(f"{label} #σ>{tau:g}"), Column(f"{label} erank"), Column(f"{label} util")]
     columns += [Column("cos"), Column("overlap L"), Column("overlap R")]
+    if base:
+        columns += [Column(f"{label} {title}") for label in comparison.labels for title in _BASE_TITLES]
     rows = []
     for layer in comparison.layers:
         cells = [Cell(layer.name)]
@@ -124,16 +139,20 @@ def comparison_layer_table(comparison: Comparison) -> Table:
                 Cell(values["utilization"], ".0%"),
             ]
         cells += [Cell(value, ".3f") for value in mean_alignment(layer.alignment).values()]
+        if base:
+            cells += [cell for record in layer.records for cell in _base_cells(comparison, record)]
         rows.append(Row(cells, layer=layer.name, search=layer.name.lower()))
     return Table("comparison-layers", columns, rows)
 
 
 def comparison_long_table(comparison: Comparison) -> Table:
     """The layer comparison one row per (layer, checkpoint) — as narrow for a dozen checkpoints as for two: the
-    layer's name and its alignment on its first row."""
+    layer's name and its alignment on its first row; with a base, each row's ‖ΔW‖/‖W₀‖ and intruder count."""
     tau = comparison.threshold
+    base = comparison.against_base
     columns = [Column("layer", numeric=False), Column("checkpoint", numeric=False), Column(f"#σ>{tau:g}")]
     columns += [Column("erank"), Column("util"), Column("cos"), Column("overlap L"), Column("overlap R")]
+    columns += [Column(title) for title in _BASE_TITLES] if base else []
     rows = []
     for layer in comparison.layers:
         alignment = [Cell(value, ".3f") for value in mean_alignment(layer.alignment).values()]
@@ -142,6 +161,7 @@ def comparison_long_table(comparison: Comparison) -> Table:
             cells = [Cell(layer.name if index == 0 else ""), Cell(label), Cell(values["count_above"], "d")]
             cells += [Cell(values["erank"], ".2f"), Cell(values["utilization"], ".0%")]
             cells += alignment if index == 0 else [Cell("")] * len(alignment)
+            cells += _base_cells(comparison, record) if base else []
             rows.append(Row(cells, layer=layer.name, search=layer.name.lower()))
     return Table("comparison-layers-long", columns, rows)
 
@@ -180,6 +200,7 @@ __all__ = [
     "alignment_summary",
     "by_module_blocks",
     "comparison_layer_table",
+    "comparison_long_table",
     "comparison_module_table",
     "components_table",
     "mean_alignment",

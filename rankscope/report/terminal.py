@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from typing import TYPE_CHECKING
 
@@ -242,38 +241,10 @@ def comparison_table(comparison: Comparison, width: int | None = None) -> str:
     """One row per matched layer: each checkpoint's count above τ, erank and utilisation, then the alignment (and,
     with a base, each checkpoint's ‖ΔW‖/‖W₀‖ and intruder count). Where that is wider than ``width`` (many
     checkpoints), one row per layer and checkpoint instead."""
-    wide = render(_with_base_columns(comparison_layer_table(comparison), comparison, long=False))
+    wide = render(comparison_layer_table(comparison))
     if width is None or _widest(wide) <= width:
         return wide
-    return render(_with_base_columns(comparison_long_table(comparison), comparison, long=True), width)
-
-
-def _with_base_columns(table: Table, comparison: Comparison, *, long: bool) -> Table:
-    """``table`` with the base-aware columns appended where any checkpoint was measured against a base: per
-    checkpoint (one column pair each in the wide table, one pair per row in the long one)."""
-    if not any(record.base for layer in comparison.layers for record in layer.records):
-        return table
-    from .model import Cell, Column
-
-    def cells(record: LayerRecord) -> list[Cell]:
-        values = comparison.values(record)
-        return [Cell(values["relative_update"], ".3g"), Cell(values["intruder_count"], "d")]
-
-    if long:
-        columns = [*table.columns, Column("ΔW/W₀"), Column("intr.")]
-        records = [record for layer in comparison.layers for record in layer.records]
-    else:
-        extra = [Column(f"{label} {title}") for label in comparison.labels for title in ("ΔW/W₀", "intr.")]
-        columns = [*table.columns, *extra]
-        records = None
-    rows = []
-    for index, row in enumerate(table.rows):
-        if long:
-            added = cells(records[index])
-        else:
-            added = [cell for record in comparison.layers[index].records for cell in cells(record)]
-        rows.append(dataclasses.replace(row, cells=row.cells + added))
-    return Table(table.id, columns, rows, table.caption)
+    return render(comparison_long_table(comparison), width)
 
 
 def _widest(text: str) -> int:
