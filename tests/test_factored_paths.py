@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from rankscope.core.factored import FACTOR_CACHE, factored_singular_values
@@ -228,3 +229,113 @@ def test_a_composite_of_other_factors_is_not_trusted() -> None:
         other.right[0, 0] += 1.0  # one element differs: the composite is not these components' concatenation
     assert factored_pairwise_alignment(parts, other) == factored_pairwise_alignment(parts)
     assert factored_pairwise_alignment(parts, weighted_sum(parts[:2], [1, 1])) == factored_pairwise_alignment(parts)
+
+
+# -- a composition's components from the composite's Gram (core.factor_sides) ----------------------------------
+def assert_sigma_tight(got: torch.Tensor, matrix: torch.Tensor, count: int) -> None:
+    """σ within 1e-12 relative of a dense float64 SVD, over σ ≥ 1e-3·σ₁ (the dense SVD's own error is ε·σ₁)."""
+    expected = dense_sigma(matrix)[:count]
+    assert got.shape[0] == count
+    if count == 0 or expected[0] == 0:
+        assert bool((got == 0).all()) if expected.numel() and expected[0] == 0 else True
+        return
+    significant = expected >= 1e-3 * expected[0]
+    error = ((got[:count] - expected).abs() / expected)[significant].max().item()
+    assert error <= 1e-12, error
+
+
+def grams_taken(monkeypatch) -> list[torch.Tensor]:
+    """The factors whose Gram the factored path computes from the factor itself, recorded."""
+    import rankscope.core.factored as factored
+
+    seen: list[torch.Tensor] = []
+    real = factored._gram
+
+    def recording(factor, workspace):
+        seen.append(factor)
+        return real(factor, workspace)
+
+    monkeypatch.setattr(factored, "_gram", recording)
+    return seen
+
+
+def read(seen: list[torch.Tensor], update: FactoredUpdate) -> tuple[bool, bool]:
+    """Whether the left factor, and the right one (whose factor is ``right``ᵀ), were read for a Gram."""
+    right = update.right
+    return (any(f is update.left for f in seen),
+            any(f.data_ptr() == right.data_ptr() and f.shape == right.mT.shape for f in seen))  # fmt: skip
+
+
+def test_components_take_their_r_factors_from_the_composites_gram(monkeypatch) -> None:
+    from rankscope.core.factored import update_r_factors
+
+    g = torch.Generator().manual_seed(7)
+    mixed, parallel, narrow = composition_cases(g)
+    ill = FactoredUpdate(conditioned(90, 4, 1e7, g).float(), torch.randn(4, 70, generator=g), scale=1.0)
+    refusing = [mixed[0], ill]  # the ill-conditioned part is refused by its block's test: Householder on its own
+    cases = [mixed, parallel, narrow, refusing]
+    composites = [weighted_sum(parts, [0.5, -1.0, 2.0][: len(parts)]) for parts in cases]
+    growth = [weighted_sum(mixed[:t], [0.5, -1.0][:t]) for t in (1, 2)]  # a sequential composition's partial sums
+    nested = weighted_sum([composites[0], parallel[0]], [1.0, 0.3])  # a composite inside a composite
+    components = [u for parts in cases for u in parts]
+    updates = [*composites, *growth, nested, *components]
+    seen = grams_taken(monkeypatch)
+    FACTOR_CACHE.clear()
+    values, exact = singular_values(updates)
+    assert all(exact)
+    for update, sigma in zip(updates, values, strict=True):
+        assert_sigma_tight(sigma, update.materialize(), update.rank_bound)
+    # the path that answered: only the widest tall composites were read for a Gram ("hosts": the nested one, and
+    # those not inside it); every other composite and component took a block of a host's Gram. The narrow layer's
+    # composite has a wide left factor (6 × 12: no Gram), so its components' left factors took their own passes.
+    left_hosts = [nested, composites[1], composites[3], *narrow]
+    right_hosts = [nested, composites[1], composites[3], composites[2]]
+    for update in updates:
+        expected = (any(update is h for h in left_hosts), any(update is h for h in right_hosts))
+        assert read(seen, update) == expected, update
+    assert len(seen) == len(left_hosts) + len(right_hosts)
+    # the methods: the nearly parallel composite is refused, its (well-conditioned) components are not; the
+    # ill-conditioned part took Householder QR — all of it from the cache now
+    _, _, how_left, _ = update_r_factors([composites[1], *parallel[:2], ill, mixed[0]])
+    assert how_left == ["householder", "cholesky", "cholesky", "householder", "cholesky"]
+    assert len(seen) == len(left_hosts) + len(right_hosts)
+
+
+def test_a_component_changed_in_place_after_composing_takes_its_own_pass(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(8)
+    parts = [FactoredUpdate(torch.randn(60, 3, generator=g), torch.randn(3, 50, generator=g)) for _ in range(3)]
+    composite = weighted_sum(parts, [1.0, 2.0, -0.5])
+    before = composite.materialize()
+    with torch.no_grad():
+        parts[1].left.mul_(4.0)  # the composite holds a copy: it no longer equals the components' concatenation
+    assert composite.concatenation is not None and not composite.concatenation.holds(composite)
+    seen = grams_taken(monkeypatch)
+    FACTOR_CACHE.clear()
+    values, _ = singular_values([composite, *parts])
+    assert_sigma_tight(values[0], before, 9)
+    for update, sigma in zip(parts, values[1:], strict=True):
+        assert_sigma_tight(sigma, update.materialize(), 3)
+        assert read(seen, update) == (True, True)
+
+
+def test_the_alignment_trusts_a_concatenation_only_of_the_very_tensors(monkeypatch) -> None:
+    import rankscope.measures.alignment as alignment
+
+    g = torch.Generator().manual_seed(9)
+    parts = composition_cases(g)[0]
+    composite = weighted_sum(parts, [1.0, -1.0, 0.5])
+    expected = factored_pairwise_alignment(parts)
+
+    def refuse(part, factor):
+        raise AssertionError("the factors were compared")
+
+    monkeypatch.setattr(alignment, "_same", refuse)
+    got = factored_pairwise_alignment(parts, composite)
+    for key, matrix in expected.items():
+        for row, other in zip(matrix, got[key], strict=True):
+            assert other == pytest.approx(row, abs=1e-5 if key.endswith("angle") else 1e-9), key
+    # components whose factors are copies of the joined ones: their spans are checked by comparing values
+    copies = [FactoredUpdate(p.left.clone(), p.right.clone(), p.core, p.scale) for p in parts]
+    assert composite.concatenation.spans_of(composite, copies) is None
+    with pytest.raises(AssertionError, match="compared"):
+        factored_pairwise_alignment(copies, composite)

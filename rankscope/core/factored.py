@@ -9,17 +9,16 @@ needed: they come from CholeskyQR where that is provably accurate (see ``r_facto
 from __future__ import annotations
 
 import math
-import threading
-import weakref
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy
 import torch
 
 from .dense import DEFAULT_MEMORY_BUDGET, Progress, svdvals_or_nan
+from .factor_cache import FACTOR_CACHE
+from .factor_sides import Side, derivations, sides_of
 from .threads import thread_budget
 from .update import BlockDiagonalUpdate, FactoredUpdate, upcast
 
@@ -197,6 +196,14 @@ def r_factors(
     Factors are streamed one at a time through a reused float64 buffer per thread (one upcast per element, no
     copy of the whole set); the K × K work is batched.
     """
+    results, methods, _ = _r_factors_and_grams(factors, device)
+    return results, methods
+
+
+def _r_factors_and_grams(
+    factors: Sequence[torch.Tensor], device: torch.device | str
+) -> tuple[list[torch.Tensor], list[str], list[torch.Tensor | None]]:
+    """:func:`r_factors`, and the float64 Gram FᵀF of every tall factor (None for the others)."""
     results: list[torch.Tensor | None] = [None] * len(factors)
     methods = ["householder"] * len(factors)
     tall: list[int] = []
@@ -219,34 +226,10 @@ def r_factors(
     computed = _map_factors(_householder_r, [factors[i] for i in householder], device)
     for i, r in zip(householder, computed, strict=True):
         results[i] = r
-    return results, methods  # type: ignore[return-value]
-
-
-# -- one side of an update: its factor, whole or in row blocks; R factors kept for later (alignment) ------------
-@dataclass(frozen=True)
-class _Side:
-    """The factor F (rows × K) of one side of an update — ``left``, or ``right``ᵀ — split into ``blocks`` row
-    blocks when the side is block-diagonal (BoRA: R = blockdiag(R(F_i)) from each block's own Gram).
-    ``stored`` is the tensor the update holds (what the cache is keyed on)."""
-
-    stored: torch.Tensor
-    factor: torch.Tensor
-    blocks: int
-    tag: str
-
-    def block(self, index: int) -> torch.Tensor:
-        rows = self.factor.shape[0] // self.blocks
-        return self.factor[index * rows : (index + 1) * rows]
-
-
-def _sides(update: FactoredUpdate) -> tuple[_Side, _Side]:
-    if isinstance(update, BlockDiagonalUpdate):
-        blocks = update.blocks
-        return (
-            _Side(update.left_stack, update.left_stack, blocks, "left"),
-            _Side(update.right_stack, update.right_stack.mT, blocks, "right"),
-        )
-    return _Side(update.left, update.left, 1, "left"), _Side(update.right, update.right.mT, 1, "right")
+    all_grams: list[torch.Tensor | None] = [None] * len(factors)
+    for i, gram in zip(tall, grams, strict=True):
+        all_grams[i] = gram
+    return results, methods, all_grams  # type: ignore[return-value]
 
 
 def _block_grams(factor: torch.Tensor, blocks: int, workspace: _Workspace) -> torch.Tensor:
@@ -260,79 +243,33 @@ def _block_grams(factor: torch.Tensor, blocks: int, workspace: _Workspace) -> to
     return y.mT @ y
 
 
-class _FactorCache:
-    """R factors computed once per stored factor, for whoever asks next (``compare``'s alignment after the
-    spectra). Keyed by the tensor's identity and checked against its version counter (an in-place change is a
-    miss); an entry goes when its tensor is freed, the oldest go beyond ``budget`` bytes."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.RLock()  # a weakref callback may run while the lock is held, in the same thread
-
-    @staticmethod
-    def _key(side: _Side, device) -> tuple:
-        return (id(side.stored), side.tag, side.blocks, str(device), CHOLESKY_QR_TOLERANCE)
-
-    def get(self, side: _Side, device) -> tuple[torch.Tensor, str] | None:
-        key = self._key(side, device)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry[0]() is not side.stored or entry[1] != _version(side.stored):
-                return None
-            self._entries.move_to_end(key)
-            return entry[2], entry[3]
-
-    def put(self, side: _Side, device, r: torch.Tensor, method: str) -> None:
-        version = _version(side.stored)
-        if version is None:
-            return
-        key = self._key(side, device)
-        size = r.numel() * r.element_size()
-
-        def forget(ref, key=key) -> None:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None and entry[0] is ref:
-                    self._drop(key)
-
-        with self._lock:
-            if key in self._entries:
-                self._drop(key)
-            self._entries[key] = (weakref.ref(side.stored, forget), version, r, method, size)
-            self._bytes += size
-            while self._bytes > self.budget and self._entries:
-                self._drop(next(iter(self._entries)))
-
-    def _drop(self, key: tuple) -> None:
-        self._bytes -= self._entries.pop(key)[4]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+def _cache_key(side: Side, device) -> tuple:
+    return (side.tag, side.blocks, str(device), CHOLESKY_QR_TOLERANCE)
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return int(tensor._version)
-    except RuntimeError:  # inference tensors have no version counter: not cached
-        return None
-
-
-FACTOR_CACHE = _FactorCache(budget=128 << 20)
-
-
-def _side_r_factors(sides: Sequence[_Side], device) -> list[tuple[torch.Tensor, str]]:
-    """(R, method) of every side: whole factors through :func:`r_factors`, block-diagonal ones block by block
-    (method "cholesky" only where every block took CholeskyQR); from the cache where it holds them."""
-    results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(side, device) for side in sides]
-    whole = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
+def _side_r_factors(sides: Sequence[Side], device) -> list[tuple[torch.Tensor, str]]:
+    """(R, method) of every side: whole factors through :func:`r_factors`, a composite's parts from blocks of its
+    Gram, block-diagonal ones block by block (method "cholesky" only where every block took CholeskyQR); from the
+    cache where it holds them."""
+    results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(s.stored, _cache_key(s, device)) for s in sides]
+    missing = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
+    derived = derivations(sides, missing)
+    whole = [i for i in missing if i not in derived]
     split = [i for i, side in enumerate(sides) if results[i] is None and side.blocks > 1]
-    computed, methods = r_factors([sides[i].factor for i in whole], device=device)
+    computed, methods, grams = _r_factors_and_grams([sides[i].factor for i in whole], device)
+    gram_of = {i: gram for i, gram in zip(whole, grams, strict=True)}
     for i, r, method in zip(whole, computed, methods, strict=True):
         results[i] = (r, method)
+    inside = list(derived)  # a composite's parts: CholeskyQR from a block of its Gram, under the same test
+    blocks = [gram_of[host][a:b, a:b] for host, a, b in (derived[i] for i in inside)]  # type: ignore[index]
+    fallback = []
+    for i, r in zip(inside, _r_from_grams(blocks, [sides[i].factor.shape[0] for i in inside]), strict=True):
+        if r is None:
+            fallback.append(i)
+        else:
+            results[i] = (r, "cholesky")
+    for i, r in zip(fallback, _map_factors(_householder_r, [sides[i].factor for i in fallback], device), strict=True):
+        results[i] = (r, "householder")
     if split:
         blocks_of = {id(sides[i].factor): sides[i].blocks for i in split}
         grams = _map_factors(
@@ -355,7 +292,7 @@ def _side_r_factors(sides: Sequence[_Side], device) -> list[tuple[torch.Tensor, 
                 parts.append(r)
             results[i] = (torch.block_diag(*parts), "householder" if refused else "cholesky")
     for side, (r, method) in zip(sides, results, strict=True):  # type: ignore[misc]
-        FACTOR_CACHE.put(side, device, r, method)
+        FACTOR_CACHE.put(side.stored, _cache_key(side, device), r, method)
     return results  # type: ignore[return-value]
 
 
@@ -364,7 +301,7 @@ def update_r_factors(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], list[str]]:
     """R_L and R_R (R factors of ``left`` and ``right``ᵀ: block by block for a :class:`BlockDiagonalUpdate`) of
     every update, and the method of each ("cholesky": R is well conditioned, ε·κ² ≤ the tolerance)."""
-    sides = [side for update in updates for side in _sides(update)]
+    sides = [side for update in updates for side in sides_of(update)]
     both = _side_r_factors(sides, device)
     left, right = both[0::2], both[1::2]
     return [r for r, _ in left], [r for r, _ in right], [m for _, m in left], [m for _, m in right]

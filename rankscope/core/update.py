@@ -6,8 +6,9 @@ are not (DoRA, IA3, …) are dense recipes that materialise themselves on reques
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +35,9 @@ class FactoredUpdate:
     right: torch.Tensor
     core: torch.Tensor | None = None
     scale: Scale = 1.0
+    # set by weighted_sum: which stored factors ``left`` and ``right`` concatenate (the spectrum path then takes
+    # their Grams from the composite's); not part of the update's value
+    concatenation: Concatenation | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -130,6 +134,53 @@ class BlockDiagonalUpdate(FactoredUpdate):
 
     def unscaled(self) -> BlockDiagonalUpdate:
         return BlockDiagonalUpdate(self.left_stack, self.right_stack, self.blocks, self.core, 1.0)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+@dataclass(frozen=True)
+class Concatenation:
+    """How ``weighted_sum`` built a composite: its ``left`` is cat(lefts, dim=1), its ``right`` cat(rights, dim=0),
+    component i in the inner columns ``spans[i]`` = [a, b) — the values equal (a promotion to a wider float dtype
+    is exact), while no tensor's version counter has moved since (``versions``: the composite's two factors, then
+    the lefts, then the rights)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    lefts: tuple[torch.Tensor, ...]
+    rights: tuple[torch.Tensor, ...]
+    spans: tuple[tuple[int, int], ...]
+    versions: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, composite: FactoredUpdate, parts: Sequence[FactoredUpdate]) -> Concatenation:
+        lefts, rights = tuple(p.left for p in parts), tuple(p.right for p in parts)
+        edges = [0]
+        for part in parts:
+            edges.append(edges[-1] + part.inner_dim)
+        versions = tuple(_version(t) for t in (composite.left, composite.right, *lefts, *rights))
+        spans = tuple(itertools.pairwise(edges))
+        return cls(composite.left, composite.right, lefts, rights, spans, versions)
+
+    def holds(self, update: FactoredUpdate) -> bool:
+        """Whether ``update``'s factors are still this concatenation: the very tensors, none changed in place."""
+        if update.left is not self.left or update.right is not self.right or None in self.versions:
+            return False
+        tensors = (self.left, self.right, *self.lefts, *self.rights)
+        return all(_version(t) == v for t, v in zip(tensors, self.versions, strict=True))
+
+    def spans_of(self, update: FactoredUpdate, parts: Sequence[FactoredUpdate]) -> list[tuple[int, int]] | None:
+        """Each part's inner columns [a, b) in ``update`` where this concatenation holds and ``parts`` are the very
+        updates' factors it joined (by identity: no comparison of values needed); else None."""
+        if len(parts) != len(self.lefts) or not self.holds(update):
+            return None
+        mine = zip(parts, self.lefts, self.rights, strict=True)
+        return list(self.spans) if all(p.left is a and p.right is b for p, a, b in mine) else None
 
 
 @dataclass(frozen=True)
@@ -259,12 +310,15 @@ def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
         dtype = lefts[0].dtype
         for tensor in lefts + rights:
             dtype = torch.promote_types(dtype, tensor.dtype)
-        return FactoredUpdate(
+        composite = FactoredUpdate(
             left=torch.cat([t.to(dtype) for t in lefts], dim=1),
             right=torch.cat([t.to(dtype) for t in rights], dim=0),
             core=torch.block_diag(*(_weighted_core(u, float(w)) for u, w in zip(factored, weights, strict=True))),
             scale=torch.cat([_scale_vector(u) for u in factored]),
         )
+        if all(type(u) is FactoredUpdate for u in factored):  # a block-diagonal one's .left is built on each access
+            composite = replace(composite, concatenation=Concatenation.of(composite, factored))
+        return composite
 
     def build(dtype: torch.dtype, device: Device, parts: Sequence[Update] = tuple(updates)) -> torch.Tensor:
         return sum(float(w) * u.materialize(dtype, device) for u, w in zip(parts, weights, strict=True))
