@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import tempfile
 import time
@@ -30,15 +30,23 @@ from rankscope.resize.convert import convert
 RULE, ENERGY = "energy:0.95", 0.95
 
 
-def timed(function, repeats: int) -> float:
-    """The median wall time of ``repeats`` calls, each under rankscope's single-threaded policy (as the CLI runs)."""
+CPU: dict[str, float] = {}  # label → CPU seconds of the median call (a shared machine: wall time alone misleads)
+
+
+def timed(function, repeats: int, label: str | None = None) -> float:
+    """The median wall time of ``repeats`` calls, each under rankscope's single-threaded policy (as the CLI runs);
+    the CPU time of the same call goes into :data:`CPU` under ``label``."""
     times = []
     for _ in range(repeats):
+        cpu = time.process_time()
         start = time.perf_counter()
         with rankscope.single_threaded():
             function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
+    wall, cpu = sorted(times)[len(times) // 2]
+    if label is not None:
+        CPU[label] = cpu
+    return wall
 
 
 def kohya_resize(a: torch.Tensor, b: torch.Tensor, scale: float) -> int:
@@ -78,13 +86,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     shape = ModelShape("Llama-3-8B/8 (quick)", 2, 512, 128, 1792) if args.quick else LLAMA3_8B
+    load_before = os.getloadavg()
+    # PEFT's first call imports peft and transformers (seconds): outside the timing, or the first shape's time —
+    # multiplied by its layer count in the extrapolation — would be mostly the import
+    peft_convert(torch.randn(2, 8), torch.randn(8, 2), 2.0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         source = write_lora(root / "adapter", shape, args.rank, condition_b=100.0)
-        spectrum_s = timed(lambda: rankscope.analyze(rankscope.load(source)), args.repeats)
+        spectrum_s = timed(lambda: rankscope.analyze(rankscope.load(source)), args.repeats, "spectrum")
         outputs = iter(range(args.repeats))
         convert_s = timed(
-            lambda: convert(rankscope.load(source), RULE).save(root / f"out{next(outputs)}"), args.repeats
+            lambda: convert(rankscope.load(source), RULE).save(root / f"out{next(outputs)}"), args.repeats, "convert"
         )
         written = convert(rankscope.load(source), RULE)
         layers = {layer.name: layer for layer in rankscope.load(source).layers}
@@ -93,9 +105,10 @@ def main() -> None:
             update = layers[path].update
             a, b, scale = update.right, update.left, float(update.scale)
             count = sum(1 for _, mm, nn in shape.modules() if (mm, nn) == (m, n))
-            kohya = timed(lambda a=a, b=b, scale=scale: kohya_resize(a, b, scale), 1)
-            peft = timed(lambda a=a, b=b, scale=scale: peft_convert(a, b, scale * args.rank), 1)
+            kohya = timed(lambda a=a, b=b, scale=scale: kohya_resize(a, b, scale), 1, f"kohya {m}x{n}")
+            peft = timed(lambda a=a, b=b, scale=scale: peft_convert(a, b, scale * args.rank), 1, f"peft {m}x{n}")
             dense[f"{m}x{n}"] = {"layers": count, "kohya_s": kohya, "peft_convert_to_lora_s": peft}
+            print(f"  {m}x{n} ({count} layers): kohya {kohya:.1f} s, PEFT {peft:.1f} s", flush=True)
     kohya_total = sum(v["layers"] * v["kohya_s"] for v in dense.values())
     peft_total = sum(v["layers"] * v["peft_convert_to_lora_s"] for v in dense.values())
     result = {
@@ -113,12 +126,17 @@ def main() -> None:
         "kohya_extrapolated_s": kohya_total,
         "peft_convert_to_lora_extrapolated_s": peft_total,
         "threads": torch.get_num_threads(),
+        "cpu_s": CPU,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
     }
     print(f"{shape.name}, {result['layers']} layers, r={args.rank}, {RULE}")
     print(f"  spectrum            {spectrum_s:8.2f} s")
     print(f"  convert (+ write)   {convert_s:8.2f} s   {result['ratio']:.2f}× spectrum (target ≤ 2×)")
     print(f"  kohya dense resize  {kohya_total:8.2f} s   extrapolated from one layer per shape")
     print(f"  PEFT convert_to_lora{peft_total:8.2f} s   extrapolated from one layer per shape")
+    print(f"  CPU s of the timed calls: {json.dumps({k: round(v, 2) for k, v in CPU.items()})}")
+    print(f"  load average before {load_before}, after {result['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

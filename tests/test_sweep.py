@@ -3,7 +3,10 @@ runtime; resume, duplicates, error rows; σ-derived metrics against a float64 de
 
 from __future__ import annotations
 
+import faulthandler
 import math
+import multiprocessing
+import pickle
 import shutil
 from pathlib import Path
 
@@ -15,8 +18,8 @@ from safetensors.torch import save_file
 
 import rankscope
 from rankscope.cli import main
+from rankscope.sweeps import executors, worker
 from rankscope.sweeps import run as sweep_run
-from rankscope.sweeps import worker
 from tests.factories import lora_config, random_factors, write_lora
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "checkpoints" / "adapters"
@@ -64,7 +67,7 @@ def _sorted(data: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def serial(zoo):
     warnings: list[str] = []
     layers = rankscope.sweep([zoo], jobs=1, warnings=warnings)
-    return layers, layers.attrs["checkpoints"], warnings
+    return layers, layers.checkpoints, warnings
 
 
 def test_zoo_rows_duplicates_errors_and_runs(zoo, serial):
@@ -115,8 +118,61 @@ def test_metrics_match_a_dense_float64_svd(zoo, serial, seed):
 
 
 def _comparable(layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    checkpoints = layers.attrs["checkpoints"].drop(columns=["seconds"])
+    checkpoints = layers.checkpoints.drop(columns=["seconds"])
     return _sorted(layers, ["id", "layer"]), _sorted(checkpoints, ["id"])
+
+
+def test_the_frame_keeps_only_scalars_in_attrs_so_pandas_works_on_it(serial):
+    layers, checkpoints, _ = serial
+    assert all(isinstance(value, (int, float, str, bool)) for value in layers.attrs.values())
+    described = layers.groupby("module_type").describe()  # refused while attrs held the checkpoints DataFrame
+    q = layers[layers["module_type"] == "q_proj"]["erank"]
+    assert described.loc["q_proj", ("erank", "count")] == len(q)
+    assert described.loc["q_proj", ("erank", "mean")] == pytest.approx(q.mean(), rel=1e-12)
+    assert len(pd.concat([layers, layers])) == 2 * len(layers)
+    again = pickle.loads(pickle.dumps(layers))
+    pd.testing.assert_frame_equal(again.checkpoints, checkpoints)
+    assert type(layers[layers["r"] == 4]) is pd.DataFrame  # a derived frame does not claim the whole sweep's table
+
+
+class _KillsItsReader:
+    """Unpickling it runs ``os.kill(os.getpid(), SIGKILL)`` in whatever process reads the file."""
+
+    def __reduce__(self):
+        return (exec, ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)",))
+
+
+def test_a_killed_worker_is_the_error_row_of_its_checkpoint_and_the_sweep_goes_on(zoo, serial, tmp_path):
+    """Real deaths: two checkpoints whose adapter_model.bin, unpickled in full (trust_pickle, as --trust-pickle
+    does), SIGKILLs the worker process reading it — what the out-of-memory killer does. Workers are recycled too."""
+    assert executors.pool_problem() is None  # serially, the file would kill pytest itself
+    killers = []
+    for name in ("kill-a", "kill-b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(zoo / "grid" / "lora-001" / "adapter_config.json", folder)
+        torch.save({"base_model.model.x.lora_A.weight": _KillsItsReader()}, folder / "adapter_model.bin")
+        killers.append(folder)
+    grid = sorted((zoo / "grid").iterdir())[:12]
+    inputs = [*grid[:3], killers[0], *grid[3:5], killers[1], *grid[5:]]
+    faulthandler.dump_traceback_later(180, exit=True)  # a hang would be the bug under test: end the run, loudly
+    try:
+        layers = rankscope.sweep(inputs, jobs=2, max_tasks_per_child=4, trust_pickle=True)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert multiprocessing.active_children() == []
+    checkpoints = layers.checkpoints.set_index("id")
+    assert list(checkpoints.index) == [p.name for p in inputs]
+    for folder in killers:
+        row = checkpoints.loc[folder.name]
+        assert row["status"] == "error"
+        assert row["error"] == f"{folder}: worker died (signal 9: SIGKILL, e.g. out of memory) while reading it"
+    ids = [p.name for p in grid]
+    assert (checkpoints.loc[ids, "status"] == "ok").all()
+    expected = serial[0][serial[0]["id"].isin(ids)]
+    assert layers["run"].isna().all() and expected["run"].isna().all()  # no run here: None, an object column
+    got, want = (_sorted(data, ["id", "layer"]).drop(columns=["run", "step"]) for data in (layers, expected))
+    pd.testing.assert_frame_equal(got, want, rtol=1e-12)
 
 
 def test_the_pool_gives_the_serial_rows(zoo, serial):

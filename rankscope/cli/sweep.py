@@ -76,7 +76,7 @@ def sweep(inputs, out_dir, jobs, use_ray, ray_address, table, resume, from_list,
         line.close()
         for message in found:
             warn(message)
-    checkpoints = layers.attrs["checkpoints"]
+    checkpoints = layers.checkpoints
     for row in checkpoints[checkpoints["status"] == "error"].itertuples():
         warn(row.error)
     if not (checkpoints["status"] == "ok").any():

@@ -3,14 +3,16 @@ Each yields :func:`~.worker.analyse_one`'s results as they finish (in any order)
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator
 
 from ..core.errors import RankscopeError
-from .worker import analyse_one, analyse_star, failed_row, pool_initializer, ray_task
+from . import pool as worker_pool
+from .worker import analyse_one, failed_row, ray_task
 
-DEFAULT_MAX_TASKS_PER_CHILD = 100  # a worker is replaced after this many checkpoints, which bounds its memory
+# a worker is replaced after this many checkpoints, which bounds its memory; a replacement costs a spawn and a
+# torch import (seconds on busy cores), so not too often
+DEFAULT_MAX_TASKS_PER_CHILD = 500
 
 
 def serial(tasks: list[tuple]) -> Iterator[dict]:
@@ -19,17 +21,9 @@ def serial(tasks: list[tuple]) -> Iterator[dict]:
 
 
 def pool(tasks: list[tuple], jobs: int, max_tasks_per_child: int = DEFAULT_MAX_TASKS_PER_CHILD) -> Iterator[dict]:
-    """A spawned process pool of ``jobs`` single-threaded workers, each recycled after ``max_tasks_per_child``
-    chunks; small chunks keep the order of results close to the input's and the progress line smooth."""
-    chunksize = max(1, min(8, len(tasks) // (jobs * 8)))
-    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and locks
-    workers = context.Pool(jobs, initializer=pool_initializer, maxtasksperchild=max_tasks_per_child)
-    try:
-        yield from workers.imap_unordered(analyse_star, tasks, chunksize=chunksize)
-        workers.close()
-    finally:
-        workers.terminate()
-        workers.join()
+    """A spawned process pool of ``jobs`` single-threaded workers, each replaced after ``max_tasks_per_child``
+    checkpoints; a worker that dies is an error row for the checkpoint it was reading (see :mod:`.pool`)."""
+    return worker_pool.pool(tasks, jobs, max_tasks_per_child)
 
 
 def pool_problem() -> str | None:

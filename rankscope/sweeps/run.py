@@ -38,17 +38,19 @@ def sweep(
     max_tasks_per_child: int = executors.DEFAULT_MAX_TASKS_PER_CHILD,
     **settings,
 ):
-    """Analyse every checkpoint the inputs name; one row per (checkpoint, layer), returned as a pandas DataFrame
-    whose ``attrs["checkpoints"]`` is the one-row-per-checkpoint DataFrame (status, error, seconds, config fields,
-    content hash, ``duplicate_of``) and ``attrs["resumed"]`` the number of checkpoints an earlier sweep had done.
+    """Analyse every checkpoint the inputs name; one row per (checkpoint, layer), returned as a
+    :class:`~.frame.SweepFrame` (a pandas DataFrame) whose ``.checkpoints`` is the one-row-per-checkpoint DataFrame
+    (status, error, seconds, config fields, content hash, ``duplicate_of``) and ``attrs["resumed"]`` the number of
+    checkpoints an earlier sweep had done.
 
     ``inputs``: paths, folders (searched for adapters; a training run's ``checkpoint-N/`` folders get ``run`` and
     ``step``), glob patterns; ``from_list``: a file naming more, one a line. With ``out_dir`` both tables are
     written there (``table``: "parquet" or "csv"), rewritten atomically as results come in, so an interrupted sweep
     leaves the last complete batch; ``resume`` skips checkpoints whose content hash (sha256 of config and
     weights) has an ``ok`` row there already. ``jobs``: 1 runs in this process; more (default: the CPU count) on a
-    spawned process pool, each worker single-threaded and replaced after ``max_tasks_per_child`` tasks; ``ray``
-    runs one Ray task per checkpoint (``ray_address``, else ``RAY_ADDRESS``, else a running cluster, else a local
+    spawned process pool, each worker single-threaded and replaced after ``max_tasks_per_child`` checkpoints (a
+    worker that dies — killed, out of memory — is an error row for the checkpoint it held); ``ray`` runs one Ray
+    task per checkpoint (``ray_address``, else ``RAY_ADDRESS``, else a running cluster, else a local
     runtime of ``jobs`` CPUs). ``settings``: :func:`rankscope.load`'s options (``alpha``, ``base``, ``format`` …)
     and :class:`AnalysisOptions` fields (``thresholds`` …). ``progress(done, failed, total)`` is called as
     checkpoints finish; ``warnings`` (a list) collects inputs left out and why.
@@ -101,10 +103,9 @@ def sweep(
     checkpoints, layers = _assemble(items, done, earlier)
     if out is not None:
         _write(out, table, checkpoints, layers)
-    result = frame(layers)
-    result.attrs["checkpoints"] = frame(checkpoints)
-    result.attrs["resumed"] = sum(r["resumed"] for r in done.values())
-    return result
+    from .frame import sweep_frame  # pandas is there: check_table asked for it
+
+    return sweep_frame(frame(layers), frame(checkpoints), sum(r["resumed"] for r in done.values()))
 
 
 def _earlier(out: Path, table: str) -> tuple[list[dict], dict[str, list[dict]]]:

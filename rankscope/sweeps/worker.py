@@ -171,10 +171,6 @@ def pool_initializer() -> None:
     _threads.__enter__()
 
 
-def analyse_star(arguments: tuple) -> dict:
-    return analyse_one(*arguments)
-
-
 def ray_task(index: int, item: SweepItem, load_options: dict, settings: AnalysisOptions, skip: frozenset) -> dict:
     """One checkpoint as a Ray task: single-threaded while it runs (Ray gives it one CPU)."""
     from ..core.threads import single_threaded
