@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -372,3 +373,50 @@ def test_modules_to_save_are_warned_and_written_down_as_not_converted(tmp_path):
     assert result.exit_code == 0, result.output
     assert "NOT analysed" in result.stderr and "lm_head" in result.stderr
     assert "not converted" in (tmp_path / "out" / "README.md").read_text()
+
+
+def _factor(rows: int, cols: int, condition: float, seed: int) -> torch.Tensor:
+    """A rows×cols float32 factor with singular values spread geometrically over ``condition``."""
+    g = torch.Generator().manual_seed(seed)
+    q1 = torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+    q2 = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64)).Q
+    values = torch.logspace(0, -math.log10(condition), cols, dtype=torch.float64)
+    return (q1 * values @ q2.mT).float()
+
+
+@pytest.mark.parametrize(
+    ("condition", "zero_column", "core", "vector_scale", "fast"),
+    [(1.0, False, False, False, True), (1e3, False, True, True, True), (1e9, False, False, False, False),
+     (1.0, True, False, False, False)],
+)  # fmt: skip
+def test_vectors_from_r_factors_match_a_dense_float64_svd(
+    monkeypatch, condition, zero_column, core, vector_scale, fast
+):
+    """convert's U_k = L·R_L⁻¹·U_c,k (from the spectrum's R factors) against the truncated float64 dense SVD of ΔW;
+    ill-conditioned or rank-deficient factors must take the QR path instead."""
+    from rankscope.core.update import FactoredUpdate
+    from rankscope.resize import convert as module
+
+    calls, real = [], module.singular_vectors
+    monkeypatch.setattr(module, "singular_vectors", lambda u: calls.append(u) or real(u))
+    left = _factor(300, 12, condition, 3)
+    if zero_column:
+        left[:, 5] = 0
+    right = _factor(200, 12, 10.0, 4).mT.contiguous()
+    update = FactoredUpdate(
+        left,
+        right,
+        core=_factor(12, 12, 5.0, 5) if core else None,
+        scale=torch.linspace(0.5, 2.0, 12) if vector_scale else 0.7,
+    )
+    ((sigma, form),) = module._spectra([update])
+    assert calls == ([] if fast else [update])
+    dense = update.materialize()
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    want_sigma = s[: sigma.numel()]
+    assert torch.allclose(sigma, want_sigma, rtol=1e-9, atol=1e-12 * float(s[0]))
+    for k in (3, 7):
+        got_u, got_v = form(k)
+        got = got_u * sigma[:k] @ got_v.mT
+        want = u[:, :k] * s[:k] @ vh[:k]
+        assert float((got - want).norm() / want.norm()) < 1e-9

@@ -1,7 +1,8 @@
 """Any update rankscope reads, written back as a plain LoRA: the truncated SVD taken from the factored core.
 
-For a kept rank k with U_k, Σ_k, V_k from ``core.spectrum.singular_vectors`` (U = Q_L·U_core: no dense ΔW for
-factored and Kronecker updates) and the LoRA scale s_k = α_k/k (α_k/√k under rsLoRA):
+For a kept rank k with U_k, Σ_k, V_k — for plain factored updates U_k = L·R_L⁻¹·U_core,k from the spectrum's R
+factors (``_from_r_factors``), otherwise ``core.spectrum.singular_vectors`` (U = Q_L·U_core; no dense ΔW for
+factored and Kronecker updates) — and the LoRA scale s_k = α_k/k (α_k/√k under rsLoRA):
 
     B′ = U_k·Σ_k^{½}/√s_k,   A′ = Σ_k^{½}·V_kᵀ/√s_k,   so   s_k·B′A′ = U_kΣ_kV_kᵀ,
 
@@ -20,6 +21,7 @@ import torch
 
 from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import UsageProblem
+from ..core.factored import update_r_factors
 from ..core.spectrum import singular_vectors
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast, weighted_sum
 from .rules import Rule, parse_rule
@@ -115,6 +117,66 @@ def _merged_bias(parts: list[tuple[float, Layer]]) -> torch.Tensor | None:
     return total
 
 
+# κ(R) above which U_k = L·R_L⁻¹·U_core,k is not used: its error is about u·κ (below, ~1e-10 relative)
+MAX_R_CONDITION = 1e6
+
+
+def _from_r_factors(update: FactoredUpdate, r_left: torch.Tensor, r_right: torch.Tensor, methods: tuple[str, str]):
+    """(σ, vectors(k) → (U_k, V_k)) of a factored update from the R factors the spectrum already has (cached).
+
+    L·diag(s) = Q_L·R_L·diag(s) and Rightᵀ = Q_R·R_R, so ΔW = Q_L·(R_L·diag(s)·C·R_Rᵀ)·Q_Rᵀ; with the core's SVD
+    U_c·Σ·V_cᵀ, U_k = Q_L·U_c,k = L·(R_L⁻¹·U_c,k) — a K×K triangular solve and one m×K×k product, instead of a
+    Householder QR that forms all of Q_L. With R backward stable (Householder, or CholeskyQR under the core's
+    κ test) the error of L·R⁻¹ is about u·κ(R); None where κ(R) is above ``MAX_R_CONDITION`` (or R is singular),
+    and the caller takes the QR path.
+    """
+    for r, method in zip((r_left, r_right), methods, strict=True):
+        if method == "cholesky":  # accepted by the core's test ε·κ² ≤ 1e-7: κ is small already
+            continue
+        values = torch.linalg.svdvals(r)
+        if values.numel() == 0 or not bool(values[-1] * MAX_R_CONDITION > values[0]):
+            return None
+    left_r = r_left * (
+        update.scale.reshape(1, -1).to(r_left) if isinstance(update.scale, torch.Tensor) else update.scale
+    )
+    if update.core is not None:
+        left_r = left_r @ upcast(update.core)
+    u_core, sigma, vh_core = torch.linalg.svd(left_r @ r_right.mT, full_matrices=False)
+    bound = update.rank_bound
+    left, right = update.left, update.right
+
+    def vectors(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x_left = torch.linalg.solve_triangular(r_left, u_core[:, :k], upper=True)
+        x_right = torch.linalg.solve_triangular(r_right, vh_core[:k].mT, upper=True)
+        return upcast(left) @ x_left, upcast(right).mT @ x_right
+
+    return sigma[:bound], vectors
+
+
+def _spectra(updates: Sequence[Update]) -> list[tuple[torch.Tensor, object]]:
+    """(σ, vectors(k) → (U_k, V_k)) of each update: plain factored ones (square R factors) from their R factors,
+    the rest (and ill-conditioned factors) from ``singular_vectors``."""
+    plain = [
+        i
+        for i, u in enumerate(updates)
+        if type(u) is FactoredUpdate and u.rank_bound > 0 and u.left.shape[0] >= u.left.shape[1]
+        and u.right.shape[1] >= u.right.shape[0]
+    ]  # fmt: skip
+    r_left, r_right, m_left, m_right = update_r_factors([updates[i] for i in plain]) if plain else ([], [], [], [])
+    fast = {
+        i: _from_r_factors(updates[i], rl, rr, (ml, mr))
+        for i, rl, rr, ml, mr in zip(plain, r_left, r_right, m_left, m_right, strict=True)
+    }
+    out = []
+    for i, update in enumerate(updates):
+        if fast.get(i) is not None:
+            out.append(fast[i])
+            continue
+        u, sigma, v = singular_vectors(update)
+        out.append((sigma, lambda k, u=u, v=v: (u[:, :k], v[:, :k])))
+    return out
+
+
 def convert(
     checkpoints: Checkpoint | str | Path | Sequence[Checkpoint | str | Path],
     rule: Rule | str | None = None,
@@ -171,13 +233,13 @@ def convert(
             f"{len(dense)} dense layer(s) decomposed by a float64 SVD of ΔW and truncated "
             "(per-layer errors: rankscope suggest --json)"
         )
-    vectors = [singular_vectors(update) for _, update, *_ in writable]
+    vectors = _spectra([update for _, update, *_ in writable])
     configs = [c.config or {} for c in loaded]
     use_rslora = all(bool(config.get("use_rslora")) for config in configs) and given_weights is None
     single = len(loaded) == 1 and given_weights is None
     suggestion = plan(
         [name for name, *_ in writable],
-        [sigma for _, sigma, _ in vectors],
+        [sigma for sigma, _ in vectors],
         [update.shape for _, update, *_ in writable],
         rule=parsed,
         current_ranks=[update.rank_bound for _, update, *_ in writable],
@@ -190,19 +252,20 @@ def convert(
     suggestion.left_out = left_out
     suggestion.source = {"path": ", ".join(str(c.path) for c in loaded), "family": loaded[0].family}
     layers = []
-    for (name, _, template, _, bias), (u, sigma, v), choice in zip(writable, vectors, suggestion.layers, strict=True):
+    for (name, _, template, _, bias), (sigma, form), choice in zip(writable, vectors, suggestion.layers, strict=True):
         k = choice.rank
         if k == 0:
             continue
         s_k = choice.alpha / (math.sqrt(k) if use_rslora else k)
         root = torch.sqrt(sigma[:k] / s_k)
+        u, v = form(k)  # only the k kept columns are formed
         layers.append(
             ConvertedLayer(
                 name=name,
                 kind=template.kind,
                 weight_shape=tuple(int(x) for x in template.shape),
-                down=root[:, None] * v[:, :k].mT,
-                up=u[:, :k] * root[None, :],
+                down=root[:, None] * v.mT,
+                up=u * root[None, :],
                 alpha=choice.alpha,
                 bias=bias / s_k if bias is not None else None,
             )

@@ -81,18 +81,21 @@ class Suggestion:
     @property
     def lora_alpha(self) -> float:
         """The most common α among the layers of rank ``r``."""
-        counts = Counter(layer.alpha for layer in self.kept if layer.rank == self.r)
+        r = self.r  # once: a property, and one pass over the layers per call (inside the loop it was quadratic)
+        counts = Counter(layer.alpha for layer in self.kept if layer.rank == r)
         return max(counts, key=lambda a: (counts[a], a)) if counts else 0
 
     @property
     def rank_pattern(self) -> dict[str, int]:
         """Module path (no ``base_model.model.``) → rank, for the layers whose rank is not ``r``."""
-        return {layer.name: layer.rank for layer in self.kept if layer.rank != self.r}
+        r = self.r
+        return {layer.name: layer.rank for layer in self.kept if layer.rank != r}
 
     @property
     def alpha_pattern(self) -> dict[str, float]:
         """Module path → α_k, for the layers whose α is not ``lora_alpha``."""
-        return {layer.name: layer.alpha for layer in self.kept if layer.alpha != self.lora_alpha}
+        alpha = self.lora_alpha
+        return {layer.name: layer.alpha for layer in self.kept if layer.alpha != alpha}
 
     @property
     def exclude_modules(self) -> list[str]:
