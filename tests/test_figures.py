@@ -263,6 +263,27 @@ def test_energy_curve_is_the_cumulative_share_of_sigma_squared(data):
     assert list(line.get_ydata()) == pytest.approx(expected.tolist())
 
 
+def _guide_levels(ax) -> list[float]:
+    """The y of each horizontal guide line (two x points spanning the axes) drawn in ``ax``."""
+    return sorted(
+        line.get_ydata()[0]
+        for line in ax.get_lines()
+        if len(line.get_xdata()) == 2 and line.get_ydata()[0] == line.get_ydata()[1]
+    )
+
+
+def test_guides_are_the_given_thresholds_and_levels(data):
+    name = "model.layers.1.self_attn.v_proj"
+    default = figures.spectrum_figure([data.lora4], ["r=4"], layers=[name])
+    assert _guide_levels(default.axes[0]) == pytest.approx(sorted(data.lora4.options.thresholds))
+    chosen = figures.spectrum_figure([data.lora4], ["r=4"], layers=[name], thresholds=[0.02, 0.001, 0])
+    assert _guide_levels(chosen.axes[0]) == pytest.approx([0.001, 0.02])  # τ = 0 draws nothing on a log axis
+    energy = figures.energy_figure([data.tiny], ["tiny"], layers=[name], levels=[0.5, 0.8])
+    assert _guide_levels(energy.axes[0]) == pytest.approx([0.5, 0.8])
+    with pytest.raises(ValueError, match="levels"):
+        figures.energy_figure([data.tiny], ["tiny"], levels=[1.5])
+
+
 def test_count_above_matches_an_independent_count(tmp_path):
     ranks = [1, 3, 2, 4, 4]
     path, factors = ranked_lora(tmp_path / "ranked", ranks)

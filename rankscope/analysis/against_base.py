@@ -18,7 +18,7 @@ limit on the CPU a dense update's amplification (which needs ΔW's vectors by a 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +40,10 @@ from .records import LayerRecord
 DENSE_VECTORS_CPU_LIMIT = 2048  # a 2048² float64 SVD with vectors takes about a second on two cores
 
 
-@dataclass
-class _Outcome:
-    """What happened across the layers, for one warning or note each."""
-
-    missing: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    no_intruders: list[str] = field(default_factory=list)
-    no_amplification: list[str] = field(default_factory=list)
+# what happened across the layers ("missing", "refused", "no_intruders", "no_amplification") → the layers' names,
+# for one warning or note each
+_Outcome = defaultdict[str, list[str]]
+_OUTCOMES = ("missing", "refused", "no_intruders", "no_amplification")
 
 
 def measure_against_base(
@@ -59,7 +55,7 @@ def measure_against_base(
         return [], []
     device = resolve_device(options.device)
     cache = SVDCache()
-    outcome = _Outcome()
+    outcome: _Outcome = defaultdict(list)
     for layer, record in zip(layers, records, strict=True):
         if record.valid and layer.update is not None:
             record.base = _layer_fields(layer, base, options, device, cache, outcome)
@@ -91,22 +87,22 @@ def _layer_fields(
     assert update is not None
     m, n = update.shape
     if options.max_memory is not None and 3 * 8 * m * n > options.max_memory:
-        outcome.refused.append(layer.name)  # W₀, W₀ + ΔW and the SVD's workspace in float64
+        outcome["refused"].append(layer.name)  # W₀, W₀ + ΔW and the SVD's workspace in float64
         return None
     # only an absent weight is "missing"; one that is there but cannot be read (a corrupt or unsupported
     # bitsandbytes layout, a bad quant_state) raises its own one-line error, as every other reader of the base does
     found = _base_tensor(base, layer)
     if found is None:
         base.refuse_quantised(layer.name)  # a GPTQ/AWQ base: one line naming the format, not a missing weight
-        outcome.missing.append(layer.name)
+        outcome["missing"].append(layer.name)
         return None
     if isinstance(found, str):  # a stacked expert parameter that holds no slice of this index
-        outcome.missing.append(f"{layer.name} ({found})")
+        outcome["missing"].append(f"{layer.name} ({found})")
         return None
     file, key, stored = found
     weight = as_matrix(stored, layer.kind).to(torch.float64)
     if tuple(weight.shape) != (m, n):
-        outcome.missing.append(f"{layer.name} (base {list(weight.shape)}, update {[m, n]})")
+        outcome["missing"].append(f"{layer.name} (base {list(weight.shape)}, update {[m, n]})")
         return None
     cheap = device.type == "cuda" or min(m, n) <= DENSE_VECTORS_CPU_LIMIT
     dense_allowed = cheap or options.intruders is True
@@ -122,7 +118,7 @@ def _layer_fields(
         delta = update.materialize(torch.float64, "cpu")
         delta_frobenius, delta_sigma_max = float(delta.norm()), _sigma_max(delta)
         k, amplification = 0, None
-        outcome.no_amplification.append(layer.name)
+        outcome["no_amplification"].append(layer.name)
 
     what = f"{layer.kind}:{'svd' if want_intruders else 'sigma_max'}"
     cache_key = CacheKey.of(file, key, stored.dtype, what)
@@ -136,7 +132,7 @@ def _layer_fields(
         indices = BR.intruder_dimensions(decomposition["left"].to(device), merged_left, top_k, options.intruder_epsilon)
         intruders = {"top_k": top_k, "epsilon": options.intruder_epsilon, "count": len(indices), "indices": indices}
     else:
-        outcome.no_intruders.append(layer.name)
+        outcome["no_intruders"].append(layer.name)
     return BR.base_fields(
         weight_frobenius=float(weight.norm()),
         weight_sigma_max=float(decomposition["values"][0]),
@@ -247,26 +243,27 @@ def weight_spectrum(checkpoint: Checkpoint, name: str, *, device: str = "auto") 
 
 def _messages(outcome: _Outcome, options: AnalysisOptions) -> tuple[list[str], list[str]]:
     warnings, notes = [], []
-    if outcome.missing:
+    missing, refused, no_intruders, no_amplification = (outcome[what] for what in _OUTCOMES)
+    if missing:
         warnings.append(
-            f"--base has no weight of the update's shape for {listed(outcome.missing, counted='layer(s)')}: no "
+            f"--base has no weight of the update's shape for {listed(missing, counted='layer(s)')}: no "
             "'base' metrics for them"
         )
-    if outcome.refused:
+    if refused:
         warnings.append(
-            f"the base weights of {listed(outcome.refused, counted='layer(s)')} need more than --max-memory in "
+            f"the base weights of {listed(refused, counted='layer(s)')} need more than --max-memory in "
             "float64: no 'base' metrics for them"
         )
-    if outcome.no_intruders and options.intruders is None:
+    if no_intruders and options.intruders is None:
         notes.append(
-            f"intruder dimensions not computed for {listed(outcome.no_intruders, counted='layer(s)')} with "
+            f"intruder dimensions not computed for {listed(no_intruders, counted='layer(s)')} with "
             f"min(m, n) > {DENSE_VECTORS_CPU_LIMIT} on the CPU (two dense SVDs with vectors each; 'intruders' is "
             "null): --intruders computes them"
         )
-    if outcome.no_amplification:
+    if no_amplification:
         notes.append(
             f"amplification not computed for the dense update(s) of "
-            f"{listed(outcome.no_amplification, counted='layer(s)')} (a dense SVD with vectors of each, above "
+            f"{listed(no_amplification, counted='layer(s)')} (a dense SVD with vectors of each, above "
             f"min(m, n) = {DENSE_VECTORS_CPU_LIMIT} on the CPU): --intruders computes it"
         )
     if options.unscaled:

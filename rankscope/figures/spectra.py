@@ -284,18 +284,22 @@ def spectrum_figure(
     labels: Sequence[str] | None = None,
     *,
     layers: Sequence[str] | None = None,
+    thresholds: Sequence[float] | None = None,
     width: str | float = "column",
     ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
     """Singular values σ_i of each layer's ΔW against i, log scale, checkpoints overlaid.
 
-    The absolute thresholds τ of the analyses (default 0.005) are dashed lines, the layers' rank bounds dotted
-    verticals; numerically zero values (beyond each layer's numerical rank) are not drawn. ``layers``: names of
+    The absolute thresholds τ (``thresholds``; default: the analyses', 0.005 unless set) are dashed lines, the
+    layers' rank bounds dotted verticals; numerically zero values (beyond each layer's numerical rank) are not
+    drawn. ``layers``: names of
     the layers to draw (default: every valid layer, summarised as the module docstring says). ``ax``: draw into
     this Axes (one panel: the checkpoints' medians over all layers) or into one Axes per module-type panel, and
     return its figure; by default a new figure of ``width``.
     """
-    thresholds = sorted({t for a in analyses for t in a.options.thresholds if t > 0})
+    if thresholds is None:
+        thresholds = [t for a in analyses for t in a.options.thresholds]
+    thresholds = sorted({float(t) for t in thresholds if t > 0})
 
     def guides(ax: Axes, panel: Panel, inline: bool) -> dict:
         bottom, top = _spectrum_limits(panel, thresholds)
@@ -347,13 +351,19 @@ def energy_figure(
     labels: Sequence[str] | None = None,
     *,
     layers: Sequence[str] | None = None,
+    levels: Sequence[float] | None = None,
     width: str | float = "column",
     ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
-    """Cumulative energy Σ_{j≤k} σ_j² / Σσ² against k; the analyses' energy levels p (0.9, 0.99) dashed. The
-    k axis ends a little past the last k at which a drawn curve is still below 0.999, not at the rank bound.
-    ``layers`` and ``ax`` as for :func:`spectrum_figure`."""
-    levels = sorted({p for a in analyses for p in a.options.energies})
+    """Cumulative energy Σ_{j≤k} σ_j² / Σσ² against k; the energy levels p dashed (``levels``; default: the
+    analyses', 0.9 and 0.99 unless set; of more than two only the lowest and highest). The k axis ends a little
+    past the last k at which a drawn curve is still below 0.999, not at the rank bound. ``layers`` and ``ax`` as
+    for :func:`spectrum_figure`."""
+    if levels is None:
+        levels = [p for a in analyses for p in a.options.energies]
+    elif any(not 0 < p <= 1 for p in levels):
+        raise ValueError(f"levels: energy fractions must be in (0, 1], got {list(levels)}")
+    levels = sorted({float(p) for p in levels})
     if len(levels) > 2:  # labels of close levels would collide: the lowest and highest say enough
         levels = [levels[0], levels[-1]]
 

@@ -18,6 +18,10 @@ from .common import reader
 from .common.peft import pattern_value, positive_number
 from .common.source import AdapterSource
 
+ROUTER_NOTE = (
+    "HydraLoRA's update depends on the input through its router: each layer reports the uniform-router mean "
+    "(s/N)·Σ B_i A, with the heads s·B_i A as its components"
+)
 _KEY = re.compile(r"^(?P<module>.+)\.(?:lora_A\.weight|lora_B(?P<head>\d+)\.weight|(?P<route>lora_route)\.weight)$")
 
 
@@ -97,10 +101,6 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         for module in modules.values()
         if "route" in module.keys
     ]
-    notes = [
-        "HydraLoRA's update depends on the input through its router: each layer reports the uniform-router mean "
-        "(s/N)·Σ B_i A, with the heads s·B_i A as its components"
-    ]
     return reader.build_checkpoint(
         source,
         family="hydralora",
@@ -108,7 +108,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         layers=layers,
         skipped=skipped,
         warnings=warnings,
-        notes=notes,
+        notes=[ROUTER_NOTE],
     )
 
 

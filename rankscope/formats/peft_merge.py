@@ -45,21 +45,21 @@ from .common.reader import build_checkpoint, invalid_layer, nonfinite_among
 from .common.source import AdapterSource
 
 FAMILY = "peft-merge"
-# PEFT tuners whose change to the model is not a fixed change of a weight: why each has nothing to analyse
-NO_STATIC_DELTA = {
-    "PROMPT_TUNING": "it learns virtual token embeddings prepended to the input",
-    "MULTITASK_PROMPT_TUNING": "it learns virtual token embeddings prepended to the input",
-    "P_TUNING": "it learns a prompt encoder whose virtual tokens are prepended to the input",
-    "PREFIX_TUNING": "it learns key/value prefixes prepended in every attention layer",
-    "ADAPTION_PROMPT": "it learns gated prompts added to the attention of the top layers",
-    "CPT": "it learns context-aware prompt tokens prepended to the input",
-    "CARTRIDGE": "it learns a key/value cache prefix prepended in every attention layer",
-    "LILY": "its update is routed by the input (a learned router mixes the experts per token)",
-    "POLY": "its update is routed by the task (a learned router mixes the skills per task)",
-    "XLORA": "its update is routed by the input (a learned classifier mixes the LoRA experts per token)",
-    "SHADOW": "its update is a gated side network of the input, not a change of a weight",
-    "BEFT": "it trains biases only (no weight changes)",
+# PEFT tuners whose change to the model is not a fixed change of a weight, by why each has nothing to analyse
+_NO_STATIC_DELTA_BY_REASON = {
+    "it learns virtual token embeddings prepended to the input": ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING"),
+    "it learns a prompt encoder whose virtual tokens are prepended to the input": ("P_TUNING",),
+    "it learns key/value prefixes prepended in every attention layer": ("PREFIX_TUNING",),
+    "it learns gated prompts added to the attention of the top layers": ("ADAPTION_PROMPT",),
+    "it learns context-aware prompt tokens prepended to the input": ("CPT",),
+    "it learns a key/value cache prefix prepended in every attention layer": ("CARTRIDGE",),
+    "its update is routed by the input (a learned router mixes the experts per token)": ("LILY",),
+    "its update is routed by the task (a learned router mixes the skills per task)": ("POLY",),
+    "its update is routed by the input (a learned classifier mixes the LoRA experts per token)": ("XLORA",),
+    "its update is a gated side network of the input, not a change of a weight": ("SHADOW",),
+    "it trains biases only (no weight changes)": ("BEFT",),
 }
+NO_STATIC_DELTA = {kind: why for why, kinds in _NO_STATIC_DELTA_BY_REASON.items() for kind in kinds}
 # tuners whose layers index state shared across the whole model (one trained vector, a joint decomposition): a
 # layer cannot be rebuilt alone, so these are read by building the whole base model (common/peft_model.py)
 WHOLE_MODEL = {
