@@ -66,6 +66,40 @@ def llama_like(directory: Path, layers: int = 3, hidden: int = 32, rank: int = 4
     return write_lora(directory, factors, lora_config(r=rank))
 
 
+def run_spectrum(*args):
+    """``rankscope spectrum ARGS`` through click's test runner (exceptions propagate)."""
+    from click.testing import CliRunner
+
+    from rankscope.cli import main
+
+    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The one stderr line of a run that exited 1 without a traceback (it contains each of ``fragments``)."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def saved_tiny_llama(directory: Path, seed: int = 0):
+    """A randomly initialised 2-layer LlamaForCausalLM (hidden 32, vocab 64) in eval mode, saved as safetensors
+    to ``directory``; returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
 def tiny_clip_config(hidden: int):
     """A 2-layer CLIP text encoder's config (transformers), small enough to build in a test."""
     from transformers import CLIPTextConfig
@@ -114,6 +148,16 @@ def records(path, **kwargs) -> dict:
     import rankscope
 
     return {record.name: record for record in rankscope.analyze(rankscope.load(path, **kwargs))}
+
+
+def assert_spectrum(record, delta: torch.Tensor) -> None:
+    """The record's rank_bound σ match a float64 SVD of the reference ΔW (rel 1e-6); the rest of ΔW's σ are ≈ 0."""
+    expected = torch.linalg.svdvals(delta)
+    k = record.rank_bound
+    got = torch.tensor(record.singular_values, dtype=torch.float64)
+    assert got.shape == (k,)
+    torch.testing.assert_close(got, expected[:k], rtol=1e-6, atol=1e-12 * float(expected[0]))
+    assert bool((expected[k:] <= 1e-10 * expected[0]).all())
 
 
 def assert_matches(got: dict, deltas: dict[str, torch.Tensor], tol: float = 1e-10) -> None:

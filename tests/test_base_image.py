@@ -131,10 +131,14 @@ def test_single_file_and_lycoris_names(tmp_path):
 
 def test_messages_name_base(pipeline, tmp_path):
     root, _ = pipeline
-    with pytest.raises(CheckpointError, match="--base"):
+    # the library speaks of the argument (base), the CLI of its flag (RankscopeError.spelled)
+    with pytest.raises(CheckpointError, match=r"no tensor for layer 'unet.no.such.module' in base \(is it") as caught:
         BaseWeights(root).get("unet.no.such.module")
-    with pytest.raises(CheckpointError, match="--base"):
+    assert "in --base (is it" in caught.value.spelled(lambda name: f"--{name}")
+    with pytest.raises(CheckpointError, match=r"missing: base \(the base model\): no such file") as caught:
         BaseWeights(tmp_path / "missing")
+    assert caught.value.arguments == ("base",) and "--" not in str(caught.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="--base"):
+    with pytest.raises(CheckpointError, match=r"base \(the base model\): no ") as caught:
         BaseWeights(tmp_path / "empty")
+    assert caught.value.spelled(lambda name: f"--{name}").startswith(f"{tmp_path / 'empty'}: --base (the base model)")

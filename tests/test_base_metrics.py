@@ -25,6 +25,7 @@ from torch import nn
 import rankscope
 from rankscope.analysis import against_base
 from rankscope.cli import main
+from rankscope.cli.app import flag
 from rankscope.core.base import BaseWeights
 from rankscope.core.checkpoint import Checkpoint, Layer
 from rankscope.core.update import DenseUpdate
@@ -274,8 +275,9 @@ def test_base_figures(adapter, cache_dir, tmp_path):
     assert [len(line.get_xdata()) for line in panel.lines] == [48, 4]
     assert all(p.stat().st_size > 0 for p in save_figure(heatmap, tmp_path / "base", ("pdf",)))
     plain = rankscope.analyze(rankscope.load(adapter_dir))
-    with pytest.raises(rankscope.figures.FigureInputError, match="--base"):
+    with pytest.raises(rankscope.figures.FigureInputError, match="give base") as caught:
         base_heatmap_figure(plain)
+    assert "--" not in str(caught.value) and "give --base (the base model)" in caught.value.spelled(flag)
 
 
 def test_cli_flags_and_csv(adapter, cache_dir, tmp_path):

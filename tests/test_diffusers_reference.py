@@ -282,7 +282,7 @@ def test_dora_against_component_folder(models, dora_file):
 
 def test_dora_without_base_asks_for_it(dora_file):
     file, _ = dora_file
-    with pytest.raises(rankscope.CheckpointError, match="--base"):
+    with pytest.raises(rankscope.CheckpointError, match="pass base=PATH"):
         rankscope.load(file)
 
 

@@ -301,7 +301,7 @@ def test_count_above_matches_an_independent_count(tmp_path):
 
 
 def test_count_above_needs_a_computed_threshold(data):
-    with pytest.raises(FigureInputError, match="--threshold"):
+    with pytest.raises(FigureInputError, match="thresholds or energies"):
         figures.count_above_figure([data.tiny], threshold=0.01)
     fig = figures.count_above_figure([analyze(TINY_LORA, thresholds=(0.005, 1.0))], threshold=1.0)
     assert "count σ > 1" in [t.get_text() for t in visible_texts(fig)]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 pytest.importorskip("peft")
@@ -27,6 +26,8 @@ from transformers.pytorch_utils import Conv1D
 
 import rankscope
 from rankscope.formats.vera import regenerate_projections
+
+from .factories import run_spectrum as run_cli
 
 REL_TOL = 1e-12  # exact factored paths against a float64 SVD (measured: ≤ 3e-15 on every layer here)
 TAIL_TOL = 1e-9  # the reference spectrum beyond rank_bound, relative to σ₁
@@ -147,12 +148,6 @@ def edit_config(path: Path, **changes) -> None:
 
 
 _DELETE = object()
-
-
-def run_cli(*args) -> object:
-    from rankscope.cli import main
-
-    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
 
 
 # -- AdaLoRA -----------------------------------------------------------------------------------------------
@@ -449,7 +444,7 @@ def test_vera_redraws_unsaved_projections_like_peft(tmp_path):
     assert torch.equal(a, peft_model.base_model.vera_A["default"])
     assert torch.equal(b, peft_model.base_model.vera_B["default"])
 
-    with pytest.raises(rankscope.CheckpointError, match=r"'base_model.vera_A'.*save_projection=false.*--base"):
+    with pytest.raises(rankscope.CheckpointError, match=r"'base_model.vera_A'.*save_projection=false.*pass base=PATH"):
         rankscope.load(tmp_path / "vera")
     result = run_cli(tmp_path / "vera")
     assert result.exit_code == 1 and "base_model.vera_A" in result.stderr

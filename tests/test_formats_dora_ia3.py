@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("peft")
 
@@ -26,7 +25,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rankscope
-from rankscope.cli import main
+
+from .factories import one_line_error as assert_one_line_error
+from .factories import run_spectrum as spectrum
 
 REL_TOL = 1e-5  # on singular values ≥ FLOOR·σ₁
 FLOOR = 1e-6
@@ -166,18 +167,6 @@ def assert_full_spectrum(record, matrix: torch.Tensor, *, beyond: int | None = N
 
 def by_name(analysis) -> dict:
     return {record.name: record for record in analysis}
-
-
-def spectrum(*args) -> object:
-    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # -- DoRA -----------------------------------------------------------------------------------------------------

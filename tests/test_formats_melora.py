@@ -17,6 +17,8 @@ from rankscope.cli import main
 from rankscope.formats import melora
 from rankscope.formats.common.source import locate
 
+from .factories import assert_spectrum, records
+
 PREFIX = "base_model.model."
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 V_PROJ = "model.layers.0.self_attn.v_proj"
@@ -70,20 +72,6 @@ def write(directory: Path, tensors: dict, config: dict | None, *, safetensors: b
     if config is not None:
         (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory
-
-
-def records(path: Path, **load) -> dict[str, rankscope.LayerRecord]:
-    return {record.name: record for record in rankscope.analyze(rankscope.load(path, **load))}
-
-
-def assert_spectrum(record: rankscope.LayerRecord, delta: torch.Tensor) -> None:
-    """The top rank_bound σ match a float64 SVD of the reference ΔW (rel 1e-6); the rest of it is ≈ 0."""
-    expected = torch.linalg.svdvals(delta)
-    k = record.rank_bound
-    got = torch.tensor(record.singular_values, dtype=torch.float64)
-    assert got.shape == (k,)
-    torch.testing.assert_close(got, expected[:k], rtol=1e-6, atol=1e-12 * float(expected[0]))
-    assert bool((expected[k:] <= 1e-10 * expected[0]).all())
 
 
 @pytest.mark.parametrize("safetensors", [False, True], ids=["bin", "safetensors"])

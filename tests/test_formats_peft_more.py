@@ -17,12 +17,13 @@ from click.testing import CliRunner
 peft = pytest.importorskip("peft")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import rankscope  # noqa: E402
 from rankscope.cli import main  # noqa: E402
 from rankscope.core.base import BaseWeights  # noqa: E402
 from rankscope.formats.common.lora_replication import ReplicatedBase, sources  # noqa: E402
+
+from .factories import saved_tiny_llama  # noqa: E402
 
 RTOL = 1e-10
 TARGETS = ["q_proj", "v_proj"]
@@ -30,15 +31,8 @@ TARGETS = ["q_proj", "v_proj"]
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=64,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("llama") / "base"
-    model.save_pretrained(path, safe_serialization=True)
-    return model, path
+    return saved_tiny_llama(path), path
 
 
 def perturbed(model, **options):

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("peft")
 
@@ -20,9 +19,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 import rankscope
-from rankscope.cli import main
 from rankscope.formats import detect
 from rankscope.formats.common.source import locate
+
+from .factories import one_line_error as assert_one_line_error
+from .factories import run_spectrum as spectrum
 
 REL_TOL = 1e-5
 FLOOR = 1e-6
@@ -99,18 +100,6 @@ def assert_spectra(analysis, expected: dict[str, torch.Tensor], *, rank: int | N
         rel = ((got[big] - reference[:k][big]).abs() / reference[:k][big]).max().item()
         assert rel <= REL_TOL, f"{name}: relative error {rel:.2e}"
         assert reference[k:].numel() == 0 or reference[k:].max() <= FLOOR * reference[0]
-
-
-def spectrum(*args):
-    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from rankscope.cli import main
 from rankscope.core.checkpoint import adapter_module
 from rankscope.formats import load
+
+from .factories import run_spectrum as spectrum
 
 
 class _Classifier(torch.nn.Module):
@@ -40,10 +40,6 @@ def peft_with_modules_to_save(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("peft") / "adapter"
     model.save_pretrained(directory)
     return directory
-
-
-def spectrum(*args: object):
-    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
 
 
 def test_a_modules_to_save_copy_is_a_warning_not_a_note(peft_with_modules_to_save):

@@ -19,11 +19,14 @@ from click.testing import CliRunner
 peft = pytest.importorskip("peft")
 
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import rankscope  # noqa: E402
 from rankscope.cli import main  # noqa: E402
 from rankscope.formats import detection_order  # noqa: E402
+
+from .factories import one_line_error, saved_tiny_llama  # noqa: E402
+from .factories import run_spectrum as spectrum  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32×32 twice and 32×64: square and wide layers
 # PEFT type (and a variant label) → the config's arguments that fit hidden 32 / intermediate 64
@@ -63,15 +66,8 @@ RTOL = 1e-10
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=64,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("llama") / "base"
-    model.save_pretrained(path, safe_serialization=True)
-    return model, path
+    return saved_tiny_llama(path), path
 
 
 def perturbed(model, config):
@@ -174,17 +170,6 @@ def oft_adapter(llama, tmp_path_factory):
         model, PEFT_TYPE_TO_CONFIG_MAPPING["OFT"](target_modules=["q_proj"], r=0, oft_block_size=8)
     ).save_pretrained(directory)
     return directory, base
-
-
-def spectrum(*args):
-    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_json_records_the_reader_and_peft_version(oft_adapter):

@@ -17,13 +17,14 @@ peft = pytest.importorskip("peft", reason="the peft extra (rankscope[peft]) is n
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import torch  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import rankscope  # noqa: E402
-from rankscope.cli import main  # noqa: E402
 from rankscope.formats.common import peft_model  # noqa: E402
 from tests.factories import quiet_library_warnings  # noqa: E402, F401  (autouse: the tests' own chatter)
+
+from .factories import one_line_error  # noqa: E402
+from .factories import run_spectrum as spectrum  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 CONFIGS = {
@@ -130,17 +131,6 @@ def test_sigma_per_layer_matches_peft_merge_in_float64(adapter, base_dir):
         assert ((sigma[:k] - in_training[:k]).abs() / in_training[0]).max() <= 1e-4, name
     warned = any("float32" in w and "frod_U" in w for w in checkpoint.warnings)
     assert warned is (peft_type == "FROD"), checkpoint.warnings
-
-
-def spectrum(*args):
-    return CliRunner().invoke(main, ["spectrum", *map(str, args)], catch_exceptions=False)
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_cli_spectrum_reads_it(adapter, base_dir):

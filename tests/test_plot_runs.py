@@ -4,6 +4,7 @@ exit 2 for usage, no file)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -116,6 +117,8 @@ BAD = [
     (("trajectory", "run", "--labels", "a"), 2, ("--labels",)),
     (("trajectory-heatmap", "run", "--layer", MODULES[0]), 2, ("--layer",)),
     (("drift", "run", "--metric", "erank"), 2, ("--metric", "not drift")),
+    (("trajectory", "run", "--drift-k", "2"), 2, ("--drift-k", "not trajectory")),
+    (("drift", "run", "--drift-k", "0"), 2, ("--drift-k",)),
     (("trajectory", "run", "--vmin", "0"), 2, ("--vmin",)),
     (("trajectory-heatmap", "run", "adapter"), 2, ("is a run folder",)),
     (("drift", "log.jsonl", "adapter"), 2, ("read on its own",)),
@@ -153,3 +156,41 @@ def test_one_panel_figures_draw_into_the_callers_axes(run):
     assert distribution_figure({"r=4": [1.0, 2.0]}, value_label="erank", group_label="r", ax=other.subplots()) is other
     with pytest.raises(FigureInputError, match="draws 1 panel here; ax= gave 2 axes"):
         F.metric_by_step_figure(result, "erank", ax=Figure().subplots(1, 2))
+
+
+def _top_k_overlap(w_a: torch.Tensor, w_b: torch.Tensor, k: int) -> float:
+    """‖U_a,kᵀ U_b,k‖_F² / k from dense float64 SVDs: the overlap of the top-k left singular subspaces."""
+    u_a, u_b = torch.linalg.svd(w_a)[0][:, :k], torch.linalg.svd(w_b)[0][:, :k]
+    return float((u_a.T @ u_b).pow(2).sum()) / k
+
+
+def test_drift_k_is_the_k_of_the_drift_drawn(run, tmp_path, monkeypatch):
+    """``plot drift --drift-k 1`` draws the mean over layers of 1 − (left + right overlap)/2 of the top singular
+    vector alone, from dense float64 SVDs of each checkpoint's B·A; without it the drift of all r = 4 differs."""
+    from rankscope.figures import trajectory as F
+
+    drawn = []
+    real = F.drift_figure
+    monkeypatch.setattr(F, "drift_figure", lambda t, **kw: drawn.append(real(t, **kw)) or drawn[-1])
+
+    def previous_line(*extra) -> list[float]:
+        result = plot("drift", run, "-o", tmp_path / "d.svg", "-q", *extra)
+        assert result.exit_code == 0, result.output
+        fig = drawn.pop()
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        line = fig.axes[0].get_lines()[legend.index("subspace drift vs t−1")]
+        assert list(line.get_xdata()) == [200, 300, 400]
+        return list(line.get_ydata())
+
+    entries = run_checkpoints(run)
+    expected = []
+    for (_, before), (_, now) in itertools.pairwise(entries):
+        drifts = []
+        for module in MODULES:
+            w_now, w_before = _dense(now, module), _dense(before, module)
+            left, right = _top_k_overlap(w_now, w_before, 1), _top_k_overlap(w_now.T, w_before.T, 1)
+            drifts.append(1 - (left + right) / 2)
+        expected.append(sum(drifts) / len(drifts))
+    top_one = previous_line("--drift-k", "1")
+    assert top_one == pytest.approx(expected, abs=1e-9)
+    assert previous_line()[:2] != pytest.approx(top_one[:2], abs=1e-3)  # the option changes what is drawn

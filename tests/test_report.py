@@ -447,7 +447,7 @@ def test_an_existing_folder_is_replaced_only_when_rankscope_wrote_it(quick_figur
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(RankscopeError, match="not written by rankscope report; pass --force"):
+    with pytest.raises(RankscopeError, match="not written by rankscope report; pass force=True"):
         write_report([analyses["lora"]], foreign, formats=())
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     write_report([analyses["lora"]], foreign, formats=(), force=True)

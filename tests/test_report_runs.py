@@ -252,3 +252,40 @@ def test_trajectory_o_writes_the_run_report_page_without_final(tmp_path):
                        r'<a href="final/index.html">final/index.html</a>\.</p>')  # fmt: skip
     assert link in page and about.search(page)
     assert about.sub("", page.replace(link, "")) == (alone / "index.html").read_text()
+
+
+def test_run_report_takes_the_drift_options_of_rankscope_trajectory(tmp_path):
+    """``report RUN --drift-k K --drift-threshold D`` writes the trajectory ``trajectory --drift-k K
+    --drift-threshold D --json`` does (the k and the threshold reach the drift and the headlines), not the
+    default's."""
+    options = ("--drift-k", "1", "--drift-threshold", "0.5")
+    reference, default = tmp_path / "t.json", tmp_path / "default.json"
+    assert invoke("trajectory", RUN, "--json", reference, "-q", *options).exit_code == 0
+    assert invoke("trajectory", RUN, "--json", default, "-q").exit_code == 0
+    expected = json.loads(reference.read_text())
+    assert expected["headlines"]["drift_threshold"] == 0.5
+    assert expected["step_drift"] != json.loads(default.read_text())["step_drift"]  # k = 1 is not the default k
+    out = tmp_path / "run-report"
+    result = invoke("report", RUN, "-o", out, "--figures", "none", "-q", *options)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "trajectory.json").read_text()) == expected
+    settled = expected["headlines"]["settled_step"]
+    assert "stays below 0.5" in (out / "index.html").read_text() and settled is not None
+
+
+def test_drift_options_are_refused_where_there_is_no_run(swept, tmp_path):
+    adapter = write_lora(tmp_path / "adapter", {"model.layers.0.self_attn.q_proj": random_factors(8, 8, 2, 0)},
+                         lora_config(r=2))  # fmt: skip
+    for option in (("--drift-k", "2"), ("--drift-threshold", "0.1")):
+        result = invoke("report", adapter, "-o", tmp_path / "r", *option)
+        assert result.exit_code == 2 and f"{option[0]} applies to a training run's report" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+        result = invoke("report", swept, "-o", tmp_path / "r", *option)
+        assert result.exit_code == 2 and f"{option[0]} does not apply to a sweep folder" in result.output
+
+
+def test_the_cli_drift_threshold_default_is_the_library_default():
+    from rankscope.cli.options import DRIFT_THRESHOLD
+    from rankscope.trajectory.document import DEFAULT_DRIFT_THRESHOLD
+
+    assert DRIFT_THRESHOLD == DEFAULT_DRIFT_THRESHOLD

@@ -14,8 +14,17 @@ from ..core.errors import RankscopeError, UsageProblem, one_line
 EXIT_INPUT = 1
 EXIT_USAGE = 2
 
-# The library's argument names whose flag is not ``--`` + the name with dashes (repeatable options are singular).
-FLAGS = {"thresholds": "--threshold", "energies": "--energy", "rel_thresholds": "--rel-threshold"}
+# The library's argument names whose flag is not ``--`` + the name with dashes (repeatable options are singular;
+# positional arguments are written as click's usage line writes them).
+FLAGS = {
+    "thresholds": "--threshold",
+    "energies": "--energy",
+    "rel_thresholds": "--rel-threshold",
+    "from_list": "--from",
+    "out_dir": "--output",
+    "inputs": "INPUTS",
+    "paths": "PATHS",
+}
 
 
 def flag(argument: str) -> str:

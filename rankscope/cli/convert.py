@@ -8,7 +8,7 @@ import click
 
 from ..core.errors import UsageProblem
 from .app import EXIT_INPUT, error, handle_errors, note
-from .options import checkpoint_options, load_checkpoint
+from .options import checkpoint_options, choice_option, load_checkpoint
 from .suggest import RULE_HELP, rank_options
 
 
@@ -17,8 +17,8 @@ from .suggest import RULE_HELP, rank_options
 @click.option("-o", "--output", required=True, metavar="OUT", help="Where to write (a new folder for peft and diffusers, a .safetensors file for kohya); never over or into an input's folder.")  # fmt: skip
 @click.option("--rule", metavar="RULE", help=RULE_HELP + " Without it: lossless (every nonzero direction kept; factored families only).")  # fmt: skip
 @rank_options
-@click.option("--to", "target", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True, help="Output format.")  # fmt: skip
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32", show_default=True, help="Precision of the written factors.")  # fmt: skip
+@choice_option("--to", ["peft", "kohya", "diffusers"], "Output format.", "target")
+@choice_option("--dtype", ["float32", "float16", "bfloat16", "float64"], "Precision of the written factors.")
 @checkpoint_options
 @click.option("--strict", is_flag=True, help="Exit 1 (nothing written) when any layer cannot be analysed.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors and warnings only.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import click
@@ -60,6 +60,12 @@ def _stack(*decorators: Callable) -> Callable:
     return apply
 
 
+def choice_option(flag: str, choices: Sequence[str], help: str, *names: str) -> Callable:
+    """``--flag`` taking one of ``choices``, the first by default (shown in --help); ``names``: its parameter
+    name where it is not the flag's."""
+    return click.option(flag, *names, type=click.Choice(list(choices)), default=choices[0], show_default=True, help=help)  # fmt: skip
+
+
 checkpoint_options = _stack(
     click.option("--adapter", metavar="NAME", help="Pick one adapter of a multi-adapter directory by name."),
     click.option("--alpha", type=float, help="LoRA α where the checkpoint does not say (overrides the config's)."),
@@ -80,7 +86,7 @@ analysis_options = _stack(
     click.option("--layers", metavar="REGEX", help="Analyse only layers whose name matches REGEX (re.search)."),
     click.option("--unscaled", is_flag=True, help="Analyse B·A without α/r (labelled so in every output)."),
     click.option("--dense", is_flag=True, help="Materialise ΔW and take a dense SVD instead of the exact factored path."),
-    click.option("--dense-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Dense SVD precision (float32 is faster, labelled approximate)."),
+    choice_option("--dense-dtype", ["float64", "float32"], "Dense SVD precision (float32 is faster, labelled approximate)."),
     click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda", help="Where the dense path runs."),
     click.option("--top-k", "top_k", type=click.IntRange(min=1), metavar="K", help="Dense layers wider than K+10: only the top K σ, by a seeded randomised SVD with power iterations (exact: false; norm-based metrics kept, a certificate that no larger σ was missed)."),
     click.option("--max-memory", type=ByteSize(), metavar="SIZE", help="Refuse (per layer, with the size it would need) a dense SVD above SIZE, e.g. 8G. Default: half the RAM."),
@@ -98,6 +104,26 @@ ANALYSIS_KEYS = frozenset(
      "intruders", "intruder_k", "intruder_epsilon", "amplification_k"}
 )  # fmt: skip
 COMPOSE_ONLY = ("weights", "normalize", "mode")  # options that mean something only with --compose
+
+
+# trajectory.document.DEFAULT_DRIFT_THRESHOLD, not imported: it reads torch, and the CLI must stay cheap to import
+DRIFT_THRESHOLD = 0.05
+
+
+def _scoped(scope: str, text: str) -> str:
+    """``text`` as the help of an option that applies only where ``scope`` says (``drift: compare …``)."""
+    return f"{scope}: {text[0].lower()}{text[1:]}" if scope else text
+
+
+def drift_k_option(scope: str = "") -> Callable:
+    """``--drift-k K``: the k of the subspace overlaps between steps (``rankscope trajectory``'s, ``plot drift``'s,
+    a run report's); ``scope`` prefixes its help where it applies to only some of a command's inputs."""
+    return click.option("--drift-k", type=click.IntRange(min=1), metavar="K", help=_scoped(scope, "Compare the top K singular vectors (default: the smaller numerical rank of the two steps)."))  # fmt: skip
+
+
+def drift_threshold_option(scope: str = "") -> Callable:
+    """``--drift-threshold D``: the mean drift below which a run has settled (headlines, the run page)."""
+    return click.option("--drift-threshold", type=click.FloatRange(0, 1), default=DRIFT_THRESHOLD, show_default=True, metavar="D", help=_scoped(scope, "The run has settled from the first step whose mean subspace drift against the previous checkpoint stays below D."))  # fmt: skip
 
 
 def load_and_settings(path: str, options: dict):

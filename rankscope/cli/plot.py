@@ -7,7 +7,16 @@ import click
 from ..core.naming import checkpoint_labels
 from ..figures import KINDS
 from .app import handle_errors, note
-from .options import CommaList, analysis_options, checkpoint_options, load_and_settings, report_problems, run_analysis
+from .options import (
+    CommaList,
+    analysis_options,
+    checkpoint_options,
+    choice_option,
+    drift_k_option,
+    load_and_settings,
+    report_problems,
+    run_analysis,
+)
 
 SUFFIXES = (".pdf", ".png", ".svg")
 ONE_CHECKPOINT = ("alignment", "weights", "growth", "resize", "base-heatmap")  # figures of a single checkpoint
@@ -99,12 +108,13 @@ def _subspace_figure(paths, labels, layer_names, side, width, options):
     return subspace_similarity_figure(grid, labels, width=width or "column", title=title)
 
 
-def _run_figure(kind: str, paths, metric: str | None, width, quiet: bool, options: dict):
-    """A figure of a training run (``RUN_KINDS``): PATHS read as ``rankscope trajectory`` reads them."""
+def _run_figure(kind: str, paths, metric: str | None, width, quiet: bool, options: dict, drift_k: int | None = None):
+    """A figure of a training run (``RUN_KINDS``): PATHS read as ``rankscope trajectory`` reads them (``drift_k``:
+    its ``--drift-k``)."""
     from ..figures import trajectory as F
     from .trajectory import read_trajectory
 
-    trajectory = read_trajectory(paths, options, quiet=quiet)
+    trajectory = read_trajectory(paths, options, drift_k=drift_k, quiet=quiet)
     if kind == "trajectory":
         return F.metric_by_step_figure(trajectory, metric or "erank", width=width or "column")
     if kind == "trajectory-heatmap":
@@ -190,18 +200,15 @@ def _figure(kind, analyses, labels, layer_names, metric, width, threshold, limit
     metavar="X",
     help="erank-heatmap: the colour scale's high end (default: 1 for utilization, the largest rank bound for rank-like metrics, else the largest value).",
 )
-@click.option(
-    "--side",
-    type=click.Choice(["right", "left"]),
-    default="right",
-    show_default=True,
-    help="subspace-similarity: compare input (right) or output (left) singular vectors.",
+@choice_option(
+    "--side", ["right", "left"], "subspace-similarity: compare input (right) or output (left) singular vectors."
 )
+@drift_k_option("drift")
 @checkpoint_options
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; errors and warnings only.")
 @handle_errors
-def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_names, metric, vmin, vmax, side, quiet: bool, **options) -> None:  # fmt: skip
+def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_names, metric, vmin, vmax, side, drift_k, quiet: bool, **options) -> None:  # fmt: skip
     """Draw one figure of the adapters at PATHS into FILE (-o), paper-ready: vector PDF with embedded TrueType
     fonts, 7–9 pt text, colour-blind-safe colours with line styles that survive black-and-white print.
 
@@ -241,6 +248,8 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
         raise click.UsageError(f"--metric applies to {', '.join(METRIC_KINDS[:-1])} and {METRIC_KINDS[-1]}, not {kind}")
     if (vmin is not None or vmax is not None) and kind != "erank-heatmap":
         raise click.UsageError(f"--vmin/--vmax apply to erank-heatmap, not {kind}")
+    if drift_k is not None and kind != "drift":
+        raise click.UsageError(f"--drift-k applies to drift, not {kind}")
     if layer_names and kind not in ("spectrum", "energy", "alignment", "subspace-similarity"):
         raise click.UsageError(f"--layer applies to spectrum, energy, alignment and subspace-similarity, not {kind}")
     from ..figures import save_figure
@@ -248,7 +257,7 @@ def plot(kind: str, paths: tuple[str, ...], output: str, labels, width, layer_na
     if kind == "subspace-similarity":
         fig = _subspace_figure(paths, labels, layer_names, side, width, options)
     elif kind in RUN_KINDS:
-        fig = _run_figure(kind, paths, metric, width, quiet, options)
+        fig = _run_figure(kind, paths, metric, width, quiet, options, drift_k)
     else:
         analyses = []
         for path in paths:

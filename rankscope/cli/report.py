@@ -6,7 +6,17 @@ import click
 
 from .app import handle_errors, note, warn
 from .folders import figures_option, folder_option, read_figure_formats
-from .options import CommaList, analyse_paths, analysis_options, checkpoint_options, report_problems
+from .options import (
+    CommaList,
+    analyse_paths,
+    analysis_options,
+    checkpoint_options,
+    drift_k_option,
+    drift_threshold_option,
+    report_problems,
+)
+
+RUN_ONLY = ("drift_threshold", "drift_k")  # options of a training run's report
 
 
 @click.command()
@@ -26,11 +36,13 @@ from .options import CommaList, analyse_paths, analysis_options, checkpoint_opti
     "figure, as 'rankscope suggest --rule' takes it (energy:P, fixed:K, sv_ratio:X, erank, params:N, …); none: "
     "neither.",
 )
+@drift_threshold_option("A training run's report")
+@drift_k_option("A training run's report")
 @checkpoint_options
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or closing line; errors and warnings only.")
 @handle_errors
-def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: bool, suggest_rule: str, quiet: bool, **options) -> None:  # fmt: skip
+def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: bool, suggest_rule: str, drift_threshold: float, drift_k, quiet: bool, **options) -> None:  # fmt: skip
     """Write a report of the adapter(s) at PATHS to the folder DIR: a self-contained index.html (summary, effective-rank
     heatmap, spectra, a sortable per-layer table, per-layer detail, composition and comparison sections), layers.csv,
     summary.json, summary.md and figures/. Several PATHS are compared layer by layer.
@@ -53,8 +65,14 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
     except UsageProblem as exc:
         raise click.BadParameter(str(exc), param_hint="--suggest-rule") from None
     final = {"suggest_rule": rule}  # the run report's final/ is the usual report: the same report options
-    if len(paths) == 1 and _runs_or_sweeps(paths[0], out_dir, formats, labels, force, quiet, options, final):
+    drift = {"drift_threshold": drift_threshold, "drift_k": drift_k}
+    if len(paths) == 1 and _runs_or_sweeps(paths[0], out_dir, formats, labels, force, quiet, options, final, drift):
         return
+    ctx = click.get_current_context()
+    given = [name for name in RUN_ONLY if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} applies to a training run's report (one PATH with "
+                               "checkpoint-N/ folders or step=N.ckpt files), not to adapters")  # fmt: skip
     guarded = [*paths, *([options["base"]] if options.get("base") else [])]
     check_target(out_dir, guarded, force=force)  # before the analysis: a refusal should not wait for it
     analyses, labels, progress = analyse_paths(paths, labels, options, quiet=quiet)
@@ -82,7 +100,7 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
              f"{', figures/' if formats else ''})")  # fmt: skip
 
 
-def _runs_or_sweeps(path: str, out_dir: str, formats, labels, force, quiet, options: dict, final: dict) -> bool:
+def _runs_or_sweeps(path: str, out_dir: str, formats, labels, force, quiet, options: dict, final: dict, drift: dict) -> bool:  # fmt: skip
     """The report of a sweep folder or of a training run when PATH is one (True: written), else False."""
     from pathlib import Path
 
@@ -101,7 +119,7 @@ def _runs_or_sweeps(path: str, out_dir: str, formats, labels, force, quiet, opti
     if own and not quiet:  # a Trainer output_dir often holds the final save too: say which report this is
         note(f"{path} holds checkpoint-N/ folders: reporting the run (its own {own[0].name} is not in the trajectory;"
              f" give {own[0]} for a report of that adapter alone)")  # fmt: skip
-    _run_report(path, entries, out_dir, formats, force, quiet, options, final)
+    _run_report(path, entries, out_dir, formats, force, quiet, options, final, drift)
     return True
 
 
@@ -126,7 +144,9 @@ def _sweep_report(path: str, out_dir: str, formats, labels, force: bool, quiet: 
              f"{', figures/' if formats else ''})")  # fmt: skip
 
 
-def _run_report(path: str, entries, out_dir: str, formats, force, quiet, options: dict, final: dict) -> None:
+def _run_report(path: str, entries, out_dir: str, formats, force, quiet, options: dict, final: dict, drift: dict) -> None:  # fmt: skip
+    """The run's page (``drift``: ``--drift-threshold`` and ``--drift-k``, as ``rankscope trajectory`` takes them) and
+    the final checkpoint's report in final/."""
     from ..report.bundle import COMMIT, check_target
     from ..report.trajectory import write_run_report
     from ..trajectory.build import checkpoint_trajectory
@@ -140,8 +160,8 @@ def _run_report(path: str, entries, out_dir: str, formats, force, quiet, options
         # the final checkpoint is read and analysed once: final/ and the trajectory's last step share it
         trajectory = checkpoint_trajectory(entries, analyses[0].options, final=analyses[0],
                                            load=lambda p: load_and_settings(str(p), options)[0],
-                                           progress=progress.phase)  # fmt: skip
-        document = trajectory_document(trajectory)
+                                           drift_k=drift["drift_k"], progress=progress.phase)  # fmt: skip
+        document = trajectory_document(trajectory, drift_threshold=drift["drift_threshold"])
 
         def phase(name: str) -> None:
             progress.phase(name)

@@ -10,7 +10,14 @@ import click
 from ..core.errors import UsageProblem
 from .app import EXIT_INPUT, error, handle_errors, note, warn
 from .folders import folder_option
-from .options import ANALYSIS_KEYS, COMPOSE_ONLY, analysis_options, analysis_settings, checkpoint_options
+from .options import (
+    ANALYSIS_KEYS,
+    COMPOSE_ONLY,
+    analysis_options,
+    analysis_settings,
+    checkpoint_options,
+    choice_option,
+)
 
 
 @click.command()
@@ -31,24 +38,28 @@ from .options import ANALYSIS_KEYS, COMPOSE_ONLY, analysis_options, analysis_set
 @click.option(
     "--ray-address", metavar="ADDR", help="The Ray cluster to join (ray://host:10001, or host:6379); implies --ray."
 )
-@click.option(
-    "--table",
-    type=click.Choice(["parquet", "csv"]),
-    default="parquet",
-    show_default=True,
-    help="The tables' file format (Parquet needs pyarrow: pip install 'rankscope[sweep]').",
+@choice_option(
+    "--table", ["parquet", "csv"], "The tables' file format (Parquet needs pyarrow: pip install 'rankscope[sweep]')."
 )
 @click.option(
     "--resume",
     is_flag=True,
     help="Skip checkpoints DIR already holds an ok row for (same sha256 of config and weights).",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="A checkpoint still being read after S seconds is an error row ('timed out after S s'): its worker is "
+    "killed and a new one carries on (default: no limit). It needs a worker process, so with --jobs 1 one is "
+    "spawned; with --ray the task is cancelled, its S counted from its submission.",
+)
 @click.option("--from", "from_list", metavar="FILE", help="Read more inputs from FILE, one a line ('#' comments).")
 @checkpoint_options
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress line or closing summary; errors and warnings only.")
 @handle_errors
-def sweep(inputs, out_dir, jobs, use_ray, ray_address, table, resume, from_list, quiet, **options) -> None:  # fmt: skip
+def sweep(inputs, out_dir, jobs, use_ray, ray_address, table, resume, timeout, from_list, quiet, **options) -> None:  # fmt: skip
     """Analyse every adapter INPUTS name into one table: DIR/layers.parquet (one row per checkpoint and layer,
     every metric) and DIR/checkpoints.parquet (one row per checkpoint: ok or its error, config, content hash,
     duplicates).
@@ -69,8 +80,8 @@ def sweep(inputs, out_dir, jobs, use_ray, ray_address, table, resume, from_list,
     try:
         layers = run_sweep(
             inputs, out_dir, jobs=jobs, ray=use_ray or ray_address is not None, ray_address=ray_address,
-            table=table, resume=resume, from_list=from_list, options=settings, progress=line, warnings=found,
-            **load_options,
+            table=table, resume=resume, timeout=timeout, from_list=from_list, options=settings, progress=line,
+            warnings=found, **load_options,
         )  # fmt: skip
     finally:
         line.close()

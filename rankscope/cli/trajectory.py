@@ -14,6 +14,8 @@ from .options import (
     analysis_options,
     analysis_settings,
     checkpoint_options,
+    drift_k_option,
+    drift_threshold_option,
     load_checkpoint,
     output_option,
 )
@@ -31,20 +33,8 @@ if TYPE_CHECKING:
                "figures/.", required=False)  # fmt: skip
 @figures_option("With -o: the figure files to write under figures/ (the page has its figures inline either way).")
 @click.option("--force", is_flag=True, help="With -o: replace DIR even when rankscope did not write it.")
-@click.option(
-    "--drift-threshold",
-    type=click.FloatRange(0, 1),
-    default=0.05,
-    show_default=True,
-    metavar="D",
-    help="The run has settled from the first step whose mean subspace drift against the previous checkpoint stays below D.",
-)
-@click.option(
-    "--drift-k",
-    type=click.IntRange(min=1),
-    metavar="K",
-    help="Compare the top K singular vectors (default: the smaller numerical rank of the two steps).",
-)
+@drift_threshold_option()
+@drift_k_option()
 @checkpoint_options
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No table or headlines; errors and warnings only.")

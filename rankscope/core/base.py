@@ -96,11 +96,13 @@ class BaseWeights:
     def _index(self) -> dict[str, Path]:
         path = self.path
         if not path.exists():
-            raise CheckpointError("base model (--base): no such file or directory", path=path)
+            raise CheckpointError("base (the base model): no such file or directory", path=path, argument="base")
         if path.is_file():
             if path.suffix not in TENSOR_SUFFIXES:
                 raise CheckpointError(
-                    f"base model (--base): expected a directory or a {'/'.join(TENSOR_SUFFIXES)} file", path=path
+                    f"base (the base model): expected a directory or a {'/'.join(TENSOR_SUFFIXES)} file",
+                    path=path,
+                    argument="base",
                 )
             return dict.fromkeys(self._open(path).keys(), path)
         for name in _INDEX_NAMES:
@@ -113,9 +115,10 @@ class BaseWeights:
         if len(candidates) == 1:
             return dict.fromkeys(self._open(candidates[0]).keys(), candidates[0])
         raise CheckpointError(
-            f"base model (--base): no {' or '.join(_SINGLE_NAMES)} (or an index of shards) in this directory, and "
+            f"base (the base model): no {' or '.join(_SINGLE_NAMES)} (or an index of shards) in this directory, and "
             f"no pipeline subfolders ({', '.join(COMPONENTS)})",
             path=path,
+            argument="base",
         )
 
     def _open(self, path: Path) -> TensorFile:
@@ -208,9 +211,10 @@ class BaseWeights:
             if packed is not None:  # GPTQ/AWQ: the weight is stored under other keys, in a format not read
                 self.refuse_quantised(layer)
             raise CheckpointError(
-                f"base model has no tensor for layer {layer!r} (is --base the model this adapter was trained on?)",
+                f"no tensor for layer {layer!r} in base (is it the model this adapter was trained on?)",
                 path=self.path,
                 key=f"{layer}.{suffix}",
+                argument="base",
             )
         return found
 

@@ -139,10 +139,11 @@ def unsupported_format(module: str, keys: set[str] | dict, config: dict | None =
 def refusal(fmt: str, path: object, key: str) -> CheckpointError:
     """The one-line error for a base stored in a quantised format that is not read."""
     return CheckpointError(
-        f"the base model (--base) is quantised ({fmt}), a format rankscope does not dequantise (it reads "
-        "bitsandbytes 4-bit and 8-bit): give the unquantised base",
+        f"base (the base model) is quantised ({fmt}), a format rankscope does not dequantise (it reads "
+        "bitsandbytes 4-bit and 8-bit): give the unquantised model",
         path=path,
         key=key,
+        argument="base",
     )
 
 

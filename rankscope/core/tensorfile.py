@@ -84,8 +84,9 @@ class TensorFile:
         return CheckpointError(
             "refused to unpickle: the file holds objects other than tensors, and rankscope loads pickles "
             f"only with weights_only=True ({one_line(refused, 160)}); if this is "
-            "your own file, --trust-pickle loads it in full (unpickling runs code)",
+            "your own file, trust_pickle=True loads it in full (unpickling runs code)",
             path=self.path,
+            argument="trust_pickle",
         )
 
     def _tensor_mapping(self, obj: object) -> dict[str, torch.Tensor]:

@@ -154,7 +154,8 @@ def metric_from(metrics: dict | None, key: str, parameter: float | None) -> floa
         computed = ", ".join(values) or "none"
         raise FigureInputError(
             f"{key} at {parameter:g} was not computed (computed: {computed}); analyse with that parameter "
-            "(--threshold/--energy)"
+            "(thresholds or energies)",
+            argument=("thresholds", "energies"),
         )
     return values[parameter_key(parameter)]
 

@@ -64,7 +64,11 @@ def base_heatmap_figure(
     measured = [[r for r in a.layers if r.valid and r.base is not None] for a in analyses]
     for analysis, records in zip(analyses, measured, strict=True):
         if not records:
-            raise FigureInputError(f"{analysis.checkpoint.path}: no layer measured against a base (give --base)")
+            raise FigureInputError(
+                f"{analysis.checkpoint.path}: no layer was measured against W₀: give base (the base model) when "
+                "reading the checkpoint",
+                argument="base",
+            )
     modules, positions, columns, column_of, xlabel = layer_columns([r for a in analyses for r in a.layers])
     every = [r for records in measured for r in records]
     top_k = max((r.base["intruders"]["top_k"] for r in every if r.base["intruders"] is not None), default=None)

@@ -45,7 +45,8 @@ def composed_records(analysis: Analysis, kind: str) -> list[LayerRecord]:
     if not records:
         raise FigureInputError(
             f"{analysis.checkpoint.path}: no composed layers ({analysis.checkpoint.adapter_type}): {kind} needs a "
-            "composition (a composition.json manifest, --compose, or a BoostLoRA checkpoint)"
+            "composition (a composition.json manifest, adapters read with compose, or a BoostLoRA checkpoint)",
+            argument="compose",
         )
     return records
 

@@ -70,10 +70,11 @@ def _missing_base(base: BaseWeights, layer: Layer) -> str | None:
     shape = tuple(base.shape(layer.name))
     if shape != tuple(layer.shape):
         raise CheckpointError(
-            f"base weight shape {list(shape)} does not match the adapter's {list(layer.shape)} for layer "
-            f"{layer.name!r} (is --base the model this adapter was trained on?)",
+            f"the weight's shape {list(shape)} does not match the adapter's {list(layer.shape)} for layer "
+            f"{layer.name!r} (is base the model this adapter was trained on?)",
             path=base.path,
             key=key,
+            argument="base",
         )
     return None
 
@@ -128,8 +129,10 @@ def read_dora(
     if base is None and not directional:
         raise CheckpointError(
             "DoRA (use_dora) rescales W0 + s·B·A row by row, so its ΔW needs the base model's weights: pass "
-            "--base PATH (the base model directory or safetensors file), or --directional-only to analyse s·B·A alone",
+            "base=PATH (the base model directory or safetensors file), or directional_only=True to analyse s·B·A "
+            "alone",
             path=source.where,
+            argument=("base", "directional_only"),
         )
     parsed = lora.parse(source, options, adapter=adapter, allow=ALLOW)
     layers = [

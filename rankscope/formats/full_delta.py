@@ -293,7 +293,7 @@ def read(source: PathSource, options: ReadOptions) -> Checkpoint:
         )
     if options.base is None:
         raise CheckpointError(
-            "a full model (no adapter files), so ΔW = W − W₀ needs the base model's weights: pass base (the base "
+            "a full model (no adapter files), so ΔW = W − W₀ needs the base model's weights: pass base=PATH (the base "
             "model directory or safetensors file)",
             path=path,
             argument="base",

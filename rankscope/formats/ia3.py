@@ -101,10 +101,11 @@ def _check_base(base: BaseWeights, name: str, key: str, vector: torch.Tensor, ki
     if not ok:
         role = "input channels" if feedforward else "output channels"
         raise CheckpointError(
-            f"base weight shape {list(shape)} does not fit the (IA)³ vector {key!r} of shape {list(vector.shape)} "
-            f"({role} of a {kind} layer; is --base the model this adapter was trained on?)",
+            f"the weight's shape {list(shape)} does not fit the (IA)³ vector {key!r} of shape "
+            f"{list(vector.shape)} ({role} of a {kind} layer; is base the model this adapter was trained on?)",
             path=base.path,
             key=base_key,
+            argument="base",
         )
 
 
@@ -166,8 +167,9 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     if options.base is None:
         raise CheckpointError(
             "(IA)³ rescales the base weights (ΔW = W0 ⊙ (l − 1)), so its ΔW needs the base model's weights: pass "
-            "--base PATH (the base model directory or safetensors file)",
+            "base=PATH (the base model directory or safetensors file)",
             path=source.where,
+            argument="base",
         )
     config = source.config or {}
     modules, unused = group_keys(source.tensors, _KEY)

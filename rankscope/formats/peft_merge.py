@@ -168,8 +168,8 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         return read_whole(peft, source, options.base, FAMILY, WHOLE_MODEL[peft_type])
     if options.base is None:
         raise CheckpointError(
-            f"{peft_type}'s ΔW is read from PEFT's merge into the base weights (W_merged − W0): pass base (the base "
-            "model directory or safetensors file)",
+            f"{peft_type}'s ΔW is read from PEFT's merge into the base weights (W_merged − W0): pass base=PATH "
+            "(the base model directory or safetensors file)",
             path=source.where,
             argument="base",
         )

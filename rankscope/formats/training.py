@@ -59,7 +59,9 @@ def choose_adapter(names: list[str | None], requested: str | None, path: Path) -
         return "default"
     if len(named) == 1:
         return named[0]
-    raise CheckpointError(f"this file holds adapters {listed}: pick one with --adapter NAME", path=path)
+    raise CheckpointError(
+        f"this file holds adapters {listed}: pick one with adapter=NAME", path=path, argument="adapter"
+    )
 
 
 def _reason(skipped: Skipped, adapter: str | None) -> Skipped:

@@ -116,10 +116,11 @@ def _regenerated(
     if options.base is None:
         raise CheckpointError(
             f"the shared projection {_SHARED['A'][0]!r} is not in the file (save_projection=false): PEFT redraws "
-            "it from projection_prng_key at the size of the base model's largest adapted layer; pass the base model "
-            "(--base) so rankscope can redraw it",
+            "it from projection_prng_key at the size of the base model's largest adapted layer; pass "
+            "base=PATH (the base model) so rankscope can redraw it",
             path=source.weights_path,
             key=_SHARED["A"][0],
+            argument="base",
         )
     seed = config.get("projection_prng_key")
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -56,7 +56,7 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
     """
     target = Path(out_dir)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise RankscopeError(f"{target}: exists and is not a report folder; choose another -o DIR")
+        raise RankscopeError(f"{target}: exists and is not a report folder; choose another out_dir", argument="out_dir")
     resolved = target.resolve()
     guarded = [Path.cwd().resolve(), Path.home().resolve(), *(Path(p).resolve() for p in inputs)]
     for path in guarded:
@@ -66,7 +66,8 @@ def check_target(out_dir: str | Path, inputs: Sequence[str | Path] = (), *, forc
         raise RankscopeError(f"{target}: refusing to write a report over a filesystem root")
     if target.is_dir() and not force and not (target / MARKER).is_file() and any(target.iterdir()):
         raise RankscopeError(
-            f"{target}: the folder exists and was not written by rankscope report; pass --force to replace it"
+            f"{target}: the folder exists and was not written by rankscope report; pass force=True to replace it",
+            argument="force",
         )
     return target
 

@@ -212,7 +212,9 @@ def kohya_tensors(adapter: ConvertedAdapter, dtype: torch.dtype) -> dict[str, to
     alpha = float(adapter.suggestion.r or 1)
     for layer in adapter.layers:
         if layer.bias is not None:
-            raise UsageProblem(f"layer {layer.name} has a bias update, which kohya files cannot hold: use --to peft")
+            raise UsageProblem(
+                f"layer {layer.name} has a bias update, which kohya files cannot hold: use to='peft'", argument="to"
+            )
         down, up = _factors(layer, torch.float64)
         factor = (adapter.scale(layer) / (alpha / layer.rank)) ** 0.5
         name = kohya_name(layer.name)
@@ -235,7 +237,7 @@ def diffusers_file(adapter: ConvertedAdapter, dtype: torch.dtype) -> tuple[dict[
         if component not in _KOHYA_PREFIXES:
             raise UsageProblem(
                 f"layer {layer.name} names no diffusers component (unet., text_encoder., transformer.): "
-                "use --to peft or --to kohya",
+                "use to='peft' or to='kohya'",
                 argument="to",
             )
         components.setdefault(component, []).append(layer)

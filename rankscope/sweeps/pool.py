@@ -1,6 +1,8 @@
 """The sweep's local process pool: spawned single-threaded workers, one checkpoint in flight per worker, each worker
 replaced after ``max_tasks`` checkpoints, and a worker that dies (SIGKILL, the out-of-memory killer, a crash in
-native code) turned into an error row for the checkpoint it was reading, after which the sweep goes on.
+native code) turned into an error row for the checkpoint it was reading, after which the sweep goes on. With a
+time limit, a worker still busy with one checkpoint after ``timeout`` seconds is killed the same way: its checkpoint
+is an error row ("timed out after S s") and a new worker takes the queue on.
 
 ``multiprocessing.Pool`` cannot do the last part: it replaces a killed worker but never learns that its task is
 lost, so ``imap`` waits for ever. ``concurrent.futures.ProcessPoolExecutor`` notices (``BrokenProcessPool``) but
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import signal
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +52,7 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     connection: Connection
     task: tuple[int, SweepItem] | None = None  # the checkpoint it is reading
+    started: float = 0.0  # time.monotonic() when it was handed that checkpoint
     done: int = 0
     ready: bool = False
     retired: bool = False  # sent None: it will exit of itself
@@ -68,10 +72,12 @@ def death(exitcode: int | None) -> str:
     return f"signal {-exitcode}: {name}{hint}"
 
 
-def pool(tasks: list[tuple], jobs: int, max_tasks: int) -> Iterator[dict]:
+def pool(tasks: list[tuple], jobs: int, max_tasks: int, timeout: float | None = None) -> Iterator[dict]:
     """:func:`~.worker.analyse_one`'s results for ``tasks`` (``(index, item, load_options, settings, skip)``, the
-    last three the same for all) from ``jobs`` spawned workers, in the order they finish. Raises
-    :class:`RankscopeError` where workers die before they are ready, :data:`STARTUP_FAILURES` times in a row."""
+    last three the same for all) from ``jobs`` spawned workers, in the order they finish. ``timeout``: the seconds
+    a worker may spend on one checkpoint (from when it is handed it, so its own start-up does not count) before it
+    is killed and the checkpoint is an error row. Raises :class:`RankscopeError` where workers die before they are
+    ready, :data:`STARTUP_FAILURES` times in a row."""
     if not tasks:
         return
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and locks
@@ -90,7 +96,7 @@ def pool(tasks: list[tuple], jobs: int, max_tasks: int) -> Iterator[dict]:
     def next_task(worker: _Worker) -> None:
         """Give ``worker`` the next checkpoint, or let it go (queue empty, or its ``max_tasks`` are done)."""
         if queue and worker.done < max_tasks:
-            worker.task = queue.popleft()
+            worker.task, worker.started = queue.popleft(), time.monotonic()
             try:
                 worker.connection.send(worker.task)
             except OSError:  # it died before it could take it: the task is not its fault; its death is seen next
@@ -100,6 +106,24 @@ def pool(tasks: list[tuple], jobs: int, max_tasks: int) -> Iterator[dict]:
         retire(worker)
         if queue:
             start()
+
+    def wait_seconds() -> float | None:
+        """Until the first busy worker's time limit runs out (None: no limit, or nobody busy)."""
+        if timeout is None:
+            return None
+        ends = [w.started + timeout for w in workers if w.task is not None]
+        return max(0.0, min(ends) - time.monotonic()) if ends else None
+
+    def end(worker: _Worker, *, kill: bool = False) -> None:
+        """Reap a dead worker; one whose pipe broke but that lingers has 5 s to exit (its exit code says why it
+        died) before it is killed; ``kill``: at once (it ran out of time)."""
+        if not kill:
+            worker.process.join(5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        workers.remove(worker)
+        worker.connection.close()
 
     def retire(worker: _Worker) -> None:
         worker.retired = True
@@ -112,7 +136,7 @@ def pool(tasks: list[tuple], jobs: int, max_tasks: int) -> Iterator[dict]:
         while workers:
             # a retired worker's pipe is at EOF until it exits: wait on its sentinel only, not to spin
             watched = [w.connection for w in workers if not w.retired] + [w.process.sentinel for w in workers]
-            ready = set(wait(watched))
+            ready = set(wait(watched, timeout=wait_seconds()))
             for worker in list(workers):
                 dead = worker.process.sentinel in ready
                 if worker.connection in ready and not worker.retired:
@@ -130,23 +154,27 @@ def pool(tasks: list[tuple], jobs: int, max_tasks: int) -> Iterator[dict]:
                             yield message
                 if not dead:
                     continue
-                worker.process.join(5)
-                if worker.process.is_alive():  # its pipe broke but it lingers: end it
-                    worker.process.kill()
-                    worker.process.join()
-                workers.remove(worker)
-                worker.connection.close()
+                end(worker)
                 how = death(worker.process.exitcode)
                 if not worker.ready:
                     failures_at_start += 1
                     if failures_at_start >= STARTUP_FAILURES:
                         raise RankscopeError(
-                            f"sweep worker processes die as they start ({how}): run with --jobs 1 to see why"
+                            f"sweep worker processes die as they start ({how}): run with jobs=1 to see why",
+                            argument="jobs",
                         )
                 if worker.task is not None:
                     index, item = worker.task
                     yield failed_row(index, item, f"worker died ({how}) while reading it")
                 if queue and not worker.retired:  # a retired worker's successor is started already
+                    start()
+            for worker in list(workers):  # after the messages: a result that came in time is not a time-out
+                if timeout is None or worker.task is None or time.monotonic() - worker.started < timeout:
+                    continue
+                index, item = worker.task
+                end(worker, kill=True)
+                yield failed_row(index, item, f"timed out after {timeout:g} s (its worker was killed)")
+                if queue:
                     start()
     finally:
         for worker in workers:

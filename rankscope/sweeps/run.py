@@ -36,6 +36,7 @@ def sweep(
     progress: Callable[[int, int, int], None] | None = None,
     warnings: list[str] | None = None,
     max_tasks_per_child: int = executors.DEFAULT_MAX_TASKS_PER_CHILD,
+    timeout: float | None = None,
     **settings,
 ):
     """Analyse every checkpoint the inputs name; one row per (checkpoint, layer), returned as a
@@ -51,8 +52,12 @@ def sweep(
     spawned process pool, each worker single-threaded and replaced after ``max_tasks_per_child`` checkpoints (a
     worker that dies — killed, out of memory — is an error row for the checkpoint it held); ``ray`` runs one Ray
     task per checkpoint (``ray_address``, else ``RAY_ADDRESS``, else a running cluster, else a local
-    runtime of ``jobs`` CPUs). ``settings``: :func:`rankscope.load`'s options (``alpha``, ``base``, ``format`` …)
-    and :class:`AnalysisOptions` fields (``thresholds`` …). ``progress(done, failed, total)`` is called as
+    runtime of ``jobs`` CPUs). ``timeout``: seconds one checkpoint may take; one still being read then is an error
+    row ("timed out after S s") — its worker process is killed (a Ray task cancelled) and a new one goes on. A
+    checkpoint cannot be stopped safely inside this process, so with a time limit ``jobs=1`` runs one spawned
+    worker rather than in this process; on Ray the clock starts when a task is submitted (see
+    :func:`~.executors.ray_tasks`). ``settings``: :func:`rankscope.load`'s options (``alpha``, ``base``,
+    ``format`` …) and :class:`AnalysisOptions` fields (``thresholds`` …). ``progress(done, failed, total)`` is called as
     checkpoints finish; ``warnings`` (a list) collects inputs left out and why.
     """
     unknown = set(settings) - LOAD_OPTIONS - _ANALYSIS_FIELDS
@@ -61,6 +66,8 @@ def sweep(
     check_table(table)
     if jobs is not None and jobs < 1:
         raise UsageProblem(f"jobs must be at least 1, found {jobs}", argument="jobs")
+    if timeout is not None and not timeout > 0:  # not: NaN too
+        raise UsageProblem(f"timeout must be a positive number of seconds, found {timeout}", argument="timeout")
     analysis = {k: v for k, v in settings.items() if k in _ANALYSIS_FIELDS}
     options = dataclasses.replace(options, **analysis) if options is not None else AnalysisOptions(**analysis)
     load_options = {k: v for k, v in settings.items() if k in LOAD_OPTIONS}
@@ -71,7 +78,7 @@ def sweep(
     inputs = [*inputs, *(read_list(from_list) if from_list is not None else [])]
     items = discover(inputs, warnings)
     if not items:
-        raise UsageProblem("the inputs name no checkpoint (see the warnings for what was left out)", argument="inputs")
+        raise UsageProblem("inputs name no checkpoint (see the warnings for what was left out)", argument="inputs")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -80,15 +87,16 @@ def sweep(
     tasks = [(index, item, load_options, options, skip) for index, item in enumerate(items)]
 
     workers = min(jobs or os.cpu_count() or 1, len(tasks))
-    problem = executors.pool_problem() if workers > 1 and not ray else None
+    # a time limit needs a worker process to kill, even for one worker
+    problem = executors.pool_problem() if (workers > 1 or timeout is not None) and not ray else None
     if problem is not None:
-        warnings.append(problem)
+        warnings.append(problem + (" (and without the time limit)" if timeout is not None else ""))
     if ray:
-        results = executors.ray_tasks(tasks, address=ray_address, jobs=jobs)
-    elif workers == 1 or problem is not None:
+        results = executors.ray_tasks(tasks, address=ray_address, jobs=jobs, timeout=timeout)
+    elif (workers == 1 and timeout is None) or problem is not None:
         results = executors.serial(tasks)
     else:
-        results = executors.pool(tasks, workers, max_tasks_per_child)
+        results = executors.pool(tasks, workers, max_tasks_per_child, timeout)
 
     done: dict[int, dict] = {}
     failed, last_write = 0, time.monotonic()

@@ -30,7 +30,7 @@ def check_table(table: str) -> None:
             import pyarrow  # noqa: F401
         except ImportError as exc:
             raise RankscopeError(
-                "Parquet tables need pyarrow: pip install 'rankscope[sweep]' (or give --table csv)"
+                "Parquet tables need pyarrow: pip install 'rankscope[sweep]' (or give table='csv')", argument="table"
             ) from exc
 
 

@@ -107,10 +107,11 @@ def _with_init(layer: Layer, init: Init, base: BaseWeights, outcome: _Outcome) -
     weight = as_matrix(stored, layer.kind)
     if tuple(weight.shape) != update.shape:
         raise CheckpointError(
-            f"base weight shape {list(stored.shape)} does not match the adapter's {list(layer.shape)} for layer "
-            f"{layer.name!r} (is --base the model this adapter was trained on?)",
+            f"the weight's shape {list(stored.shape)} does not match the adapter's {list(layer.shape)} for layer "
+            f"{layer.name!r} (is base the model this adapter was trained on?)",
             path=base.path,
             key=key,
+            argument="base",
         )
     exact = layer.exact
     if init.name == "olora":

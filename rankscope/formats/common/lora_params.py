@@ -243,7 +243,11 @@ def _experts(
             return f"{a_key}: {rows} rows do not fit {experts} expert(s) of r={rank} (--base stores {list(stored)})"
         return experts, rows // experts
     if rank is None:
-        raise CheckpointError(f"no r in the config: the expert count of {path} is unknown (pass --base)", path=where)
+        raise CheckpointError(
+            f"no r in the config: the expert count of {path} is unknown (pass base: the base model stores it)",
+            path=where,
+            argument="base",
+        )
     if rows % rank:
         return f"{a_key}: {rows} rows are not a whole number of experts of r={rank}"
     return rows // rank, rank

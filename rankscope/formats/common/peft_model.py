@@ -73,8 +73,8 @@ def _architecture(base_dir: Path, peft_type: str, where: Path):
     config_path = base_dir / "config.json"
     if not base_dir.is_dir() or not config_path.is_file():
         raise CheckpointError(
-            f"{peft_type}'s layers share state across the whole model, so rankscope builds the base model with "
-            f"transformers and loads the adapter with PEFT: --base must be a model directory with config.json, "
+            f"{peft_type}'s layers share state across the whole model, so rankscope builds the whole model with "
+            f"transformers and loads the adapter with PEFT: base must be a model directory with config.json, "
             f"not {base_dir}",
             path=where,
             argument="base",
@@ -263,7 +263,7 @@ def read_whole(peft, source: AdapterSource, base: BaseWeights | None, reader: st
     peft_type = source.peft_type
     if base is None:
         raise CheckpointError(
-            f"{peft_type}'s ΔW is read from PEFT's merge of the whole base model (W_merged − W0): pass base (the "
+            f"{peft_type}'s ΔW is read from PEFT's merge of the whole base model (W_merged − W0): pass base=PATH (the "
             "base model directory with config.json)",
             path=source.where,
             argument="base",

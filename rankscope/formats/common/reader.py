@@ -131,7 +131,8 @@ def require_base(source: AdapterSource, base: BaseWeights | None, why: str) -> B
     """``base``, or a one-line error naming the argument: ``why`` says what of ΔW needs the base weights."""
     if base is None:
         raise CheckpointError(
-            f"{why}, so ΔW needs the base model's weights: pass base (the base model directory or safetensors file)",
+            f"{why}, so ΔW needs the base model's weights: pass base=PATH (the base model directory or safetensors "
+            "file)",
             path=source.where,
             argument="base",
         )

@@ -86,8 +86,9 @@ def locate(path: str | Path, adapter: str | None = None, *, trust_pickle: bool =
             if siblings:
                 raise CheckpointError(
                     f"no adapter at the top of this directory; it holds adapters {_describe(siblings)}: "
-                    "pick one with --adapter NAME or give its folder",
+                    "pick one with adapter=NAME or give its folder",
                     path=path,
+                    argument="adapter",
                 )
             raise CheckpointError(
                 f"no adapter here: expected {CONFIG_NAME} with one of {', '.join(WEIGHT_NAMES)}, or a single "
@@ -106,9 +107,10 @@ def locate(path: str | Path, adapter: str | None = None, *, trust_pickle: bool =
         # only a whole model's state dict keeps adapter names in its keys (``lin.lora_A.<name>.weight``)
         if not any(f".{adapter}." in f"{key}." for key in source.tensors):
             raise CheckpointError(
-                f"no adapter named {adapter!r} in this file: --adapter picks an adapter of a directory, or one "
+                f"no adapter named {adapter!r} in this file: adapter=NAME picks an adapter of a directory, or one "
                 f"inside a training checkpoint (keys like '….lora_A.{adapter}.weight')",
                 path=path,
+                argument="adapter",
             )
         source.adapter = adapter
     return source
