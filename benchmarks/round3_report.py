@@ -1,4 +1,4 @@
-"""Round-3 report timings (issue 15's report targets): `rankscope report` of the 11 bundled adapters and of one
+"""Round-3/4 report timings (issue 15's report targets): `rankscope report` of the 11 bundled adapters and of one
 8B-shaped LoRA r=16, against `rankscope spectrum` of the same file, in one or more source trees, interleaved.
 
     python benchmarks/round3_report.py [--repeats 3] [--tree NAME=DIR ...]
@@ -32,10 +32,12 @@ def commands(lora: Path, out: Path) -> dict[str, list[str]]:
     base = ["--base", str(EXAMPLES / "tiny-base")]
     report = ["-m", "rankscope.cli", "report"]
     table = {
-        "demo report (pdf,png)": [*report, *demo, *base, "-o", str(out / "d1")],
+        # formats named explicitly: the default changed from pdf,png to pdf in round 4
+        "demo report (--figures pdf,png)": [*report, *demo, *base, "-o", str(out / "d1"), "--figures", "pdf,png"],
         "demo report (--figures pdf)": [*report, *demo, *base, "-o", str(out / "d2"), "--figures", "pdf"],
         "demo report (--figures none)": [*report, *demo, *base, "-o", str(out / "d3"), "--figures", "none"],
-        "8B LoRA report (pdf,png)": [*report, str(lora), "-o", str(out / "l1")],
+        "8B LoRA report (--figures pdf,png)": [*report, str(lora), "-o", str(out / "l1"), "--figures", "pdf,png"],
+        "8B LoRA report (--figures pdf)": [*report, str(lora), "-o", str(out / "l3"), "--figures", "pdf"],
         "8B LoRA report (--figures none)": [*report, str(lora), "-o", str(out / "l2"), "--figures", "none"],
     }
     table = {name: [*arguments, "--force", "-q"] for name, arguments in table.items()}

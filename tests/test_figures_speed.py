@@ -68,3 +68,47 @@ def test_pdf_bytes_do_not_depend_on_what_was_rendered_before():
 )
 def test_decade_labels_are_plain_text(value, label):
     assert decade_label(value) == label
+
+
+@pytest.mark.parametrize(("low", "high", "minor"), [(1e-3, 10.0, False), (0.5, 5.0, True)])
+def test_log_axes_keep_minor_ticks_only_where_they_are_labelled(low, high, minor):
+    """Over two decades or more the unlabelled minor ticks are left out (drawing time); over fewer they stay,
+    labelled as matplotlib's own formatter would."""
+    from matplotlib.figure import Figure
+
+    from rankscope.figures._common import plain_log_axis
+
+    fig = Figure(figsize=(2, 2))
+    ax = fig.subplots()
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    plain_log_axis(ax.yaxis)
+    figure_bytes(fig, "svg")
+    locations = [v for v in ax.yaxis.get_minorticklocs() if low <= v <= high]
+    assert bool(locations) is minor
+    if minor:
+        assert "2" in [t.get_text() for t in ax.yaxis.get_minorticklabels()]
+    assert [t.get_text() for t in ax.yaxis.get_majorticklabels() if low <= t.get_position()[1] <= high]
+
+
+def test_module_spectra_figure_is_a_panel_per_module_type_of_medians(tmp_path):
+    """The report's per-module spectra in one figure (issue 15): a panel per module type in the model's order, each
+    the checkpoint's median σ_i over that type's layers (numpy's median of the records' σ), quartiles shaded."""
+    import numpy as np
+
+    import rankscope
+    from rankscope.figures import module_spectra_figure
+
+    from .factories import llama_like
+
+    analysis = rankscope.analyze(rankscope.load(llama_like(tmp_path / "a", layers=5, hidden=16, rank=4, seed=3)))
+    fig = module_spectra_figure([analysis], ["a"])
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["q_proj", "v_proj"]
+    for ax in panels:
+        sigma = np.array([r.singular_values[:4] for r in analysis.layers if r.module_type == ax.get_title()])
+        (line,) = [line for line in ax.get_lines() if line.get_label() == "a"]
+        np.testing.assert_allclose(line.get_ydata(), np.median(sigma, axis=0), rtol=1e-12)
+        assert ax.collections, "quartile band"
+    assert len(fig.legends) == 1 and "median of 5 layers" in fig.legends[0].get_title().get_text()
+    assert figure_bytes(fig, "svg") == figure_bytes(module_spectra_figure([analysis], ["a"]), "svg")

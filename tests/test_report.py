@@ -328,13 +328,23 @@ def test_inline_svg_prefixes_ids_and_references():
 
 def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     slots = figure_slots([analyses["hostile"]], ["h"])
-    modules = [s for s in slots if s.section == "modules"]
+    (modules,) = [s for s in slots if s.section == "modules"]  # one figure, a panel per module type (issue 15)
+    assert modules.id == "spectrum-modules" and modules.kind == "spectrum" and modules.wide
+    module_of = {r.name: r.module_type for r in analyses["hostile"].layers}
     # the canonical order of module types (core.naming.MODULE_ORDER: q, k, v, o …), other types after them in
     # order of first appearance — the same order as the figures' panels and every table
-    assert [s.module for s in modules] == ["q_proj", "k_proj", "v_proj", HOSTILE[0], HOSTILE[1]]
+    order = ["q_proj", "k_proj", "v_proj", HOSTILE[0], HOSTILE[1]]
+    assert list(dict.fromkeys(module_of[name] for name in modules.layers)) == order
+    fig = bundle._figure(modules, [analyses["hostile"]], ["h"])
+    # k_proj's only layer is invalid: no panel for it (as before, no figure for it)
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [m for m in order if m != "k_proj"]
     assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
     pair = [analyses["lora"], analyses["other"]]
     several = figure_slots(pair, ["a/b", "c d"], None)
+    # several checkpoints: the overview spectrum already has a panel per module type; no second figure of them
+    assert not [s for s in several if s.section == "modules"]
+    overview = bundle._figure(next(s for s in several if s.id == "spectrum"), pair, ["a/b", "c d"])
+    assert [ax.get_title() for ax in overview.axes if ax.get_visible()] == ["q_proj", "v_proj"]
     # one heatmap of every checkpoint, a panel each (issue 14/15), not one figure per checkpoint
     (heatmap,) = [s for s in several if s.kind == "erank-heatmap"]
     assert heatmap.id == "erank-heatmap" and heatmap.members == (0, 1) and heatmap.checkpoint is None
@@ -439,7 +449,7 @@ def test_several_checkpoints_summary_csv_and_figures(analyses, tmp_path):
     assert {
         "erank-heatmap.svg",
         "subspace-similarity.svg",
-        "spectrum-q_proj.svg",
+        "spectrum.svg",
     } <= figures
 
 
@@ -534,8 +544,8 @@ def test_a_224_layer_report_stays_small(tmp_path):
     page = Page(text)
     assert (
         len([d for d in page.tags("details") if d.get("class") == "layer"]) == 224
-        and len(page.tags("figure")) == 4 + 1 + 7
-    )  # overview + the resize figure (energy:0.95 by default) + one per module
+        and len(page.tags("figure")) == 4 + 1 + 1
+    )  # overview + the resize figure (energy:0.95 by default) + the per-module spectra (a panel per type)
     assert len(table_rows(text, "layer-table")) == 224
 
 
@@ -563,7 +573,7 @@ def test_command_writes_a_report_and_runs_twice(adapters, tmp_path, monkeypatch)
     page = assert_self_contained((out / "index.html").read_text())
     assert "Composition" in page.text
     names = {p.name for p in (out / "figures").iterdir()}
-    assert {"weights.svg", "growth.svg", "spectrum.svg", "spectrum-q_proj.svg"} <= names
+    assert {"weights.svg", "growth.svg", "spectrum.svg", "spectrum-modules.svg"} <= names
 
 
 def test_command_compares_several_with_labels(quick_figures, adapters, tmp_path):

@@ -16,16 +16,16 @@ def folder_option(help: str, *, required: bool = True) -> Callable:
 
 
 def figures_option(help: str) -> Callable:
-    """``--figures pdf,png,svg|none`` (default pdf,png) → parameter ``figure_formats``; read it with
+    """``--figures pdf,png,svg|none`` (default pdf: the promised files; PNGs when asked) → parameter ``figure_formats``; read it with
     :func:`read_figure_formats`."""
     return click.option(
         "--figures",
         "figure_formats",
         type=CommaList(),
-        default="pdf,png",
+        default="pdf",
         show_default=True,
         metavar="pdf,png,svg|none",
-        help=help,
+        help=f"{help} PDF by default; pdf,png adds 300-dpi PNGs.",
     )
 
 

@@ -24,7 +24,7 @@ from .counts import count_above_figure
 from .heatmaps import alignment_figure, erank_heatmap_figure, heatmap_limits, subspace_similarity_figure
 from .output import FORMATS, figure_bytes, save_figure, svg_text
 from .resize import resize_figure
-from .spectra import energy_figure, spectrum_figure
+from .spectra import energy_figure, module_spectra_figure, spectrum_figure
 from .style import figure_size, paper_style
 
 KINDS = (
@@ -54,6 +54,7 @@ __all__ = [
     "figure_size",
     "growth_figure",
     "heatmap_limits",
+    "module_spectra_figure",
     "paper_style",
     "resize_figure",
     "save_figure",

@@ -317,13 +317,17 @@ def decade_label(value: float, _position=None) -> str:
 
 def plain_log_axis(axis) -> None:
     """A log-scaled axis labelled by :func:`decade_label`: the decades, and the minor ticks where fewer than two
-    decades are in view (as matplotlib's own formatter does)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    decades are in view (as matplotlib's own formatter does). Over more decades the unlabelled minor ticks are
+    left out: each is a tick object with lines and a text measured by every layout pass and draw, half of a
+    spectrum panel's drawing time (issue 15)."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     low, high = sorted(axis.get_view_interval())
     axis.set_major_formatter(FuncFormatter(decade_label))
-    few = low > 0 and math.log10(high / low) < 2
-    axis.set_minor_formatter(FuncFormatter(decade_label) if few else NullFormatter())
+    if low > 0 and math.log10(high / low) < 2:
+        axis.set_minor_formatter(FuncFormatter(decade_label))
+    else:
+        axis.set_minor_locator(NullLocator())
 
 
 def integer_ticks(axis, count: int, *, start: int = 1, most: int = 8) -> None:

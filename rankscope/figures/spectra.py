@@ -72,12 +72,17 @@ class Panel:
     records: list[LayerRecord]
 
 
-def _plan(analyses: Sequence[Analysis], labels: list[str], layers, values: Callable, *, one_panel: bool) -> list[Panel]:
-    """The panels and curves to draw (``one_panel``: never one panel per module type)."""
+def _plan(
+    analyses: Sequence[Analysis], labels: list[str], layers, values: Callable, *, one_panel: bool, per_module: bool
+) -> list[Panel]:
+    """The panels and curves to draw (``one_panel``: never one panel per module type; ``per_module``: always one
+    panel per module type, one curve per checkpoint in each)."""
     chosen = [selected(a, layers) for a in analyses]
     if not any(chosen):
         raise FigureInputError(f"{analyses[0].checkpoint.path}: no valid layer to draw")
     everything = [r for records in chosen for r in records]
+    if per_module:
+        return [_module_panel(module, labels, chosen, values) for module in by_module(everything)]
     if len(everything) <= MAX_LINES:
         curves, index = [], 0
         for label, records in zip(labels, chosen, strict=True):
@@ -99,20 +104,20 @@ def _plan(analyses: Sequence[Analysis], labels: list[str], layers, values: Calla
         return [Panel(None, curves, chosen[0])]
     modules = list(by_module(everything))
     if 1 < len(modules) <= MAX_FACETS and not one_panel:
-        panels = []
-        for module in modules:
-            curves = [
-                Curve(label, i, [values(r) for r in records if r.module_type == module])
-                for i, (label, records) in enumerate(zip(labels, chosen, strict=True))
-            ]
-            panels.append(
-                Panel(module, [c for c in curves if c.vectors], [r for r in everything if r.module_type == module])
-            )
-        return panels
+        return [_module_panel(module, labels, chosen, values) for module in modules]
     curves = [
         Curve(label, i, [values(r) for r in rs]) for i, (label, rs) in enumerate(zip(labels, chosen, strict=True))
     ]
     return [Panel(None, [c for c in curves if c.vectors], everything)]
+
+
+def _module_panel(module: str, labels: list[str], chosen: list[list[LayerRecord]], values: Callable) -> Panel:
+    """One module type's panel: each checkpoint's curve over its layers of that type (those that have any)."""
+    records = [[r for r in rs if r.module_type == module] for rs in chosen]
+    curves = [
+        Curve(label, i, [values(r) for r in rs]) for i, (label, rs) in enumerate(zip(labels, records, strict=True))
+    ]
+    return Panel(module, [c for c in curves if c.vectors], [r for rs in records for r in rs])
 
 
 def _shaded(panel: Panel) -> bool:
@@ -177,6 +182,7 @@ def _curve_figure(
     layers,
     width,
     ax,
+    per_module: bool = False,
 ) -> Figure:
     """Draw the planned panels of ``kind`` into a new figure or the caller's axes; ``guides`` marks a panel's
     reference lines (labelled in place when the figure has one panel) and returns their legend handles."""
@@ -184,7 +190,8 @@ def _curve_figure(
     xlabel, ylabel, name = kind.xlabel, kind.ylabel, kind.name
     labels = check_labels(analyses, labels)
     given = axes_given(ax)
-    panels = _plan(analyses, labels, layers, values, one_panel=given is not None and len(given) == 1)
+    one_panel = given is not None and len(given) == 1 and not per_module
+    panels = _plan(analyses, labels, layers, values, one_panel=one_panel, per_module=per_module)
     what = _summary(panels)
     with paper_style():
         if given is not None:
@@ -297,6 +304,24 @@ def spectrum_figure(
     this Axes (one panel: the checkpoints' medians over all layers) or into one Axes per module-type panel, and
     return its figure; by default a new figure of ``width``.
     """
+    return _spectrum(analyses, labels, layers, thresholds, width, ax, per_module=False)
+
+
+def module_spectra_figure(
+    analyses: Sequence[Analysis],
+    labels: Sequence[str] | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+    thresholds: Sequence[float] | None = None,
+    width: str | float = "full",
+) -> Figure:
+    """:func:`spectrum_figure` with one panel per module type whatever the number of checkpoints: in each panel,
+    each checkpoint's median σ_i over its layers of that type (quartiles shaded when at most three curves share
+    the panel), one legend. The report's per-module spectra, in one figure."""
+    return _spectrum(analyses, labels, layers, thresholds, width, None, per_module=True)
+
+
+def _spectrum(analyses, labels, layers, thresholds, width, ax, *, per_module: bool) -> Figure:
     if thresholds is None:
         thresholds = [t for a in analyses for t in a.options.thresholds]
     thresholds = sorted({float(t) for t in thresholds if t > 0})
@@ -315,7 +340,7 @@ def spectrum_figure(
             empty_note(ax, "all singular values are 0")
         return marks
 
-    return _curve_figure(SPECTRUM, guides, analyses, labels, layers, width, ax)
+    return _curve_figure(SPECTRUM, guides, analyses, labels, layers, width, ax, per_module)
 
 
 # -- cumulative energy ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..figures._common import significant
+from ..figures._common import MAX_FACETS, MAX_LINES, significant
 from ..measures.components import off_diagonal_mean
 from ..measures.metrics import parameter_key
 from .model import (
@@ -189,15 +189,19 @@ def figure_specs(
                     layer=matched.name,
                 )
             )
-    for module, names in layer_names_by_module(analyses).items():
+    modules = layer_names_by_module(analyses)
+    # several checkpoints: the overview spectrum already has these panels (one per module type, up to
+    # MAX_FACETS), so the modules section would repeat it (issue 15: a figure costs ~1 s to draw and save)
+    repeated = several and 1 < len(modules) <= MAX_FACETS and sum(len(a.layers) for a in analyses) > MAX_LINES
+    if modules and not repeated:
         specs.append(
             FigureSpec(
-                ids(f"spectrum-{slug(module)}"),
+                ids("spectrum-modules"),
                 "spectrum",
                 "modules",
-                f"Singular values of the {module} layers",
-                module=module,
-                layers=tuple(names),
+                "Singular values of each module type's layers, one panel per type",
+                layers=tuple(name for names in modules.values() for name in names),
+                wide=len(modules) > 1,
             )
         )
     return specs

@@ -146,14 +146,15 @@ def _figure(slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str
     if slot.kind == "spectrum" and slot.layers is None:
         return F.spectrum_figure(analyses, labels)
     if slot.kind == "spectrum":
-        # the layers of one module type that are valid in every checkpoint that has them
+        # the layers valid in every checkpoint that has them; the modules section's: a panel per module type
         having = [(a, label) for a, label in zip(analyses, labels, strict=True)
                   if any(r.name in slot.layers for r in a.layers)]  # fmt: skip
         valid = [name for name in slot.layers
                  if all(any(r.name == name and r.valid for r in a.layers) for a, _ in having)]  # fmt: skip
         if not valid:
             return None
-        return F.spectrum_figure([a for a, _ in having], [label for _, label in having], layers=valid)
+        draw = F.module_spectra_figure if slot.section == "modules" else F.spectrum_figure
+        return draw([a for a, _ in having], [label for _, label in having], layers=valid, width=width)
     raise ValueError(f"unknown figure kind {slot.kind!r}")
 
 
@@ -195,7 +196,7 @@ def write_report(
     out_dir: str | Path,
     *,
     labels: Sequence[str] | None = None,
-    formats: Sequence[str] = ("pdf", "png"),
+    formats: Sequence[str] = ("pdf",),
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,

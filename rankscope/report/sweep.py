@@ -225,7 +225,7 @@ def write_sweep_report(
     sweep_dir: str | Path,
     out_dir: str | Path,
     *,
-    formats: Sequence[str] = ("pdf", "png"),
+    formats: Sequence[str] = ("pdf",),
     force: bool = False,
     phase: Callable[[str], None] | None = None,
 ) -> dict:

@@ -151,7 +151,7 @@ def write_run_report(
     final: Analysis | None,
     out_dir: str | Path,
     *,
-    formats: Sequence[str] = ("pdf", "png"),
+    formats: Sequence[str] = ("pdf",),
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,

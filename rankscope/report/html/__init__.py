@@ -126,9 +126,10 @@ def _layers_section(report: Report) -> str:
 def _details_section(report: Report, svgs, numbers, formats) -> str:
     several = len(report.analyses) > 1
     parts = [
-        '<section id="detail"><h2>Per-layer detail</h2><p class="hint">First the spectra of each module type '
-        "together, then every layer: its singular values σᵢ (log scale; dashed: the thresholds τ and the rank "
-        "bound r) and its cumulative energy (dashed: the energy fractions).</p>"
+        '<section id="detail"><h2>Per-layer detail</h2><p class="hint">First the spectra of each module type, '
+        "a panel each (several checkpoints: the spectrum under Figures), then every layer: its singular values σᵢ "
+        "(log scale; dashed: the thresholds τ and the rank bound r) and its cumulative energy (dashed: the energy "
+        "fractions).</p>"
     ]
     parts.append(_figures(report, "modules", svgs, numbers, formats, cls="figs small"))
     if several:
