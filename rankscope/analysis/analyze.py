@@ -189,16 +189,18 @@ def _alignments(layers: list[Layer], refused: dict[int, str], options: AnalysisO
     in one batch, so a model's compositions cost a few batched factorisations rather than a dozen ops a layer."""
     chosen: list[Layer] = []
 
-    def collect(layer: Layer) -> None:
+    # recursive helpers take themselves as an argument: a closure naming itself is a reference cycle (its cell),
+    # which would hold what it closes over until a full collection of the cyclic collector (core.threads)
+    def collect(layer: Layer, again: Callable[[Layer, Callable], None]) -> None:
         if layer.update is None or id(layer) in refused or layer.components is None:
             return
         for component in layer.components:
-            collect(component)
+            again(component, again)
         if all(c.update is not None for c in layer.components):
             chosen.append(layer)
 
     for layer in layers:
-        collect(layer)
+        collect(layer, collect)
     parts = [[_analysed_update(c, options) for c in layer.components or ()] for layer in chosen]
     found = pairwise_alignments([(p, _analysed_update(layer, options)) for p, layer in zip(parts, chosen, strict=True)])
     return {id(layer): matrices for layer, matrices in zip(chosen, found, strict=True)}
@@ -298,7 +300,7 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
 
     alignments = _alignments(selected.layers, refused, options)
 
-    def build(layer: Layer) -> LayerRecord:
+    def build(layer: Layer, again: Callable[[Layer, Callable], LayerRecord]) -> LayerRecord:  # again: build (no cycle)
         if layer.update is None or id(layer) in refused:
             return _invalid_record(layer, layer.error or refused.get(id(layer)) or "cannot be analysed")
         sigma, exact_values, metrics_values = computed[id(layer)]
@@ -306,14 +308,14 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
         if id(layer) in spectra and record.valid:
             record.truncated = spectra[id(layer)].to_dict()
         if layer.components is not None:
-            record.components = [build(component) for component in layer.components]
+            record.components = [again(component, again) for component in layer.components]
             if all(c.update is not None for c in layer.components):
                 record.alignment = alignments[id(layer)]
         if layer.composition is not None and record.components and all(c.valid for c in record.components):
             record.composition = _composition(layer, record, growth_sigmas, options)
         return record
 
-    records = [build(layer) for layer in selected.layers]
+    records = [build(layer, build) for layer in selected.layers]
     # types decided over all of the checkpoint's layers: selecting some (options.layers) does not rename them
     types = module_types(layer.name for layer in checkpoint.layers)
     for record in records:

@@ -291,8 +291,9 @@ def _side_r_factors(sides: Sequence[Side], device) -> list[tuple[torch.Tensor, s
                     (r,) = _map_factors(_householder_r, [side.block(index)], device)
                 parts.append(r)
             results[i] = (torch.block_diag(*parts), "householder" if refused else "cholesky")
-    for side, (r, method) in zip(sides, results, strict=True):  # type: ignore[misc]
-        FACTOR_CACHE.put(side.stored, _cache_key(side, device), r, method)
+    for i in (*missing, *split):  # what was computed here; the cache's own entries stay as they are
+        r, method = results[i]  # type: ignore[misc]
+        FACTOR_CACHE.put(sides[i].stored, _cache_key(sides[i], device), r, method)
     return results  # type: ignore[return-value]
 
 

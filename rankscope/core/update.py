@@ -292,6 +292,23 @@ def _weighted_core(update: FactoredUpdate, weight: float) -> torch.Tensor:
     return upcast(update.core) * weight
 
 
+# a composed model builds these per layer: one tensor from a Python list where every component is plain (no core,
+# a scalar scale), instead of a few small ops per component (≈ 0.1 s of an 8B k=3 composition's reading)
+def _weighted_cores(updates: Sequence[FactoredUpdate], weights: Sequence[float]) -> torch.Tensor:
+    """blockdiag(w_i·C_i), float64: diag(w_1·1_{K_1}, …) where no component has a core."""
+    if all(u.core is None for u in updates):
+        diagonal = [float(w) for u, w in zip(updates, weights, strict=True) for _ in range(u.inner_dim)]
+        return torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+    return torch.block_diag(*(_weighted_core(u, float(w)) for u, w in zip(updates, weights, strict=True)))
+
+
+def _scale_vectors(updates: Sequence[FactoredUpdate]) -> torch.Tensor:
+    """The composite's per-dimension scales [s_1·1_{K_1}, …], float64."""
+    if not any(isinstance(u.scale, torch.Tensor) for u in updates):
+        return torch.tensor([float(u.scale) for u in updates for _ in range(u.inner_dim)], dtype=torch.float64)
+    return torch.cat([_scale_vector(u) for u in updates])
+
+
 def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
     """Σ_i w_i·ΔW_i as one update.
 
@@ -311,10 +328,10 @@ def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
         for tensor in lefts + rights:
             dtype = torch.promote_types(dtype, tensor.dtype)
         composite = FactoredUpdate(
-            left=torch.cat([t.to(dtype) for t in lefts], dim=1),
-            right=torch.cat([t.to(dtype) for t in rights], dim=0),
-            core=torch.block_diag(*(_weighted_core(u, float(w)) for u, w in zip(factored, weights, strict=True))),
-            scale=torch.cat([_scale_vector(u) for u in factored]),
+            left=torch.cat([t if t.dtype == dtype else t.to(dtype) for t in lefts], dim=1),
+            right=torch.cat([t if t.dtype == dtype else t.to(dtype) for t in rights], dim=0),
+            core=_weighted_cores(factored, weights),
+            scale=_scale_vectors(factored),
         )
         if all(type(u) is FactoredUpdate for u in factored):  # a block-diagonal one's .left is built on each access
             composite = replace(composite, concatenation=Concatenation.of(composite, factored))
