@@ -328,8 +328,8 @@ def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
         for tensor in lefts + rights:
             dtype = torch.promote_types(dtype, tensor.dtype)
         composite = FactoredUpdate(
-            left=torch.cat([t if t.dtype == dtype else t.to(dtype) for t in lefts], dim=1),
-            right=torch.cat([t if t.dtype == dtype else t.to(dtype) for t in rights], dim=0),
+            left=torch.cat([t.to(dtype) for t in lefts], dim=1),
+            right=torch.cat([t.to(dtype) for t in rights], dim=0),
             core=_weighted_cores(factored, weights),
             scale=_scale_vectors(factored),
         )

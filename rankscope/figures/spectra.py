@@ -299,10 +299,9 @@ def spectrum_figure(
 
     The absolute thresholds τ (``thresholds``; default: the analyses', 0.005 unless set) are dashed lines, the
     layers' rank bounds dotted verticals; numerically zero values (beyond each layer's numerical rank) are not
-    drawn. ``layers``: names of
-    the layers to draw (default: every valid layer, summarised as the module docstring says). ``ax``: draw into
-    this Axes (one panel: the checkpoints' medians over all layers) or into one Axes per module-type panel, and
-    return its figure; by default a new figure of ``width``.
+    drawn. ``layers``: names of the layers to draw (default: every valid layer, summarised as the module docstring
+    says). ``ax``: draw into this Axes (one panel: the checkpoints' medians over all layers) or into one Axes per
+    module-type panel, and return its figure; by default a new figure of ``width``.
     """
     return _spectrum(analyses, labels, layers, thresholds, width, ax, per_module=False)
 
