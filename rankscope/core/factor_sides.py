@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .formed import Factor, FormedUpdate
 from .update import BlockDiagonalUpdate, FactoredUpdate
 
 Span = tuple[int, int, int]  # (host side, a, b): columns [a, b) of the host's factor
@@ -27,8 +28,8 @@ class Side:
     ``stored`` is the tensor the update holds (what the cache is keyed on); ``parts`` (a composite's): the stored
     tensors whose factors are its columns [a, b)."""
 
-    stored: torch.Tensor
-    factor: torch.Tensor
+    stored: Factor
+    factor: Factor
     blocks: int
     tag: str
     parts: tuple[tuple[torch.Tensor, int, int], ...] = ()
@@ -55,6 +56,9 @@ def sides_of(update: FactoredUpdate) -> tuple[Side, Side]:
             Side(update.left_stack, update.left_stack, blocks, "left"),
             Side(update.right_stack, update.right_stack.mT, blocks, "right"),
         )
+    if isinstance(update, FormedUpdate):  # recipes (or stored tensors) formed into the workspace as they are read
+        left, right = update.left_factor, update.right_factor
+        return Side(left, left, 1, "left"), Side(right, right, 1, "right")
     joined = update.concatenation
     if joined is None or not joined.holds(update):
         return Side(update.left, update.left, 1, "left"), Side(update.right, update.right.mT, 1, "right")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import torch
@@ -19,7 +18,8 @@ import torch
 from .dense import DEFAULT_MEMORY_BUDGET, Progress, svdvals_or_nan
 from .factor_cache import FACTOR_CACHE
 from .factor_sides import Side, derivations, sides_of
-from .threads import thread_budget
+from .formed import FormedFactor
+from .threads import inside_single_threaded, thread_budget, worker_pool
 from .update import BlockDiagonalUpdate, FactoredUpdate, upcast
 
 # -- triangular factors of tall-skinny factors ---------------------------------------------------------------
@@ -49,8 +49,11 @@ def cholesky_qr_limit(rows: int, cols: int) -> float:
     return math.sqrt(CHOLESKY_QR_TOLERANCE / (cols * (rows + cols + 1) * UNIT_ROUNDOFF))
 
 
-def _stored(factor: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The factor as laid out in memory, and whether that is its transpose (LoRA's A is stored K×n)."""
+def _stored(factor: torch.Tensor | FormedFactor) -> tuple[torch.Tensor | FormedFactor, bool]:
+    """The factor as laid out in memory, and whether that is its transpose (LoRA's A is stored K×n); a recipe is
+    formed row-major."""
+    if isinstance(factor, FormedFactor):
+        return factor, False
     if not factor.is_contiguous() and factor.mT.is_contiguous():
         return factor.mT, True
     return factor, False
@@ -63,7 +66,9 @@ class _Workspace:
     def __init__(self, numel: int, device: torch.device | str) -> None:
         self.buffer = torch.empty(numel, dtype=torch.float64, device=device)
 
-    def float64(self, tensor: torch.Tensor) -> torch.Tensor:
+    def float64(self, tensor: torch.Tensor | FormedFactor) -> torch.Tensor:
+        if isinstance(tensor, FormedFactor):
+            return tensor.form(self.buffer[: tensor.numel()].view(tensor.shape))
         if tensor.dtype == torch.float64 and tensor.device == self.buffer.device:
             return tensor
         out = self.buffer[: tensor.numel()].view(tensor.shape)
@@ -74,8 +79,11 @@ class _Workspace:
 # numpy's ``dot(x.T, x)`` calls BLAS ``syrk``: one triangle, half the flops of torch's general product (measured
 # 1.7–2.2× faster on LoRA-shaped factors). numpy's OpenBLAS runs syrk of ≤ 16 columns on one thread but wider ones
 # on its own threads, which stall on a busy machine like torch's and serialise concurrent calls: wider factors
-# take torch's product.
+# take torch's product — except very wide ones while the BLAS pools are at one thread (``single_threaded``), where
+# syrk's half of the flops wins again (measured, one thread: 4096 × 256 15.7 against 24.2 ms, 14336 × 256 55 against
+# 92 ms; at 64–128 columns the two are even; VeRA's r = 256).
 NUMPY_GRAM_MAX_COLUMNS = 16
+NUMPY_GRAM_MIN_COLUMNS_SINGLE_THREADED = 192
 
 
 def _gram(factor: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
@@ -83,7 +91,9 @@ def _gram(factor: torch.Tensor, workspace: _Workspace) -> torch.Tensor:
     pass over every element of the factored path."""
     stored, flipped = _stored(factor)
     x = workspace.float64(stored)
-    if x.device.type == "cpu" and x.is_contiguous() and factor.shape[1] <= NUMPY_GRAM_MAX_COLUMNS:
+    columns = factor.shape[1]
+    wide = columns >= NUMPY_GRAM_MIN_COLUMNS_SINGLE_THREADED and inside_single_threaded()
+    if x.device.type == "cpu" and x.is_contiguous() and (columns <= NUMPY_GRAM_MAX_COLUMNS or wide):
         array = x.numpy()
         return torch.from_numpy(numpy.dot(array, array.T) if flipped else numpy.dot(array.T, array))
     return x @ x.mT if flipped else x.mT @ x
@@ -119,11 +129,36 @@ def _cholesky_r(grams: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, tor
     condition = torch.linalg.matrix_norm(equilibrated) * torch.linalg.matrix_norm(inverse)
     doubtful = usable & (info == 0) & ~(condition <= limits)
     if bool(doubtful.any()):
+        settled = doubtful.nonzero().squeeze(1)
+        settled = settled[_shifted_cholesky_test(scaled[settled], limits[settled])]
+        condition[settled], doubtful[settled] = limits[settled], False  # κ ≤ the limit, proven
+    if bool(doubtful.any()):
         sigma = torch.linalg.svdvals(equilibrated[doubtful])
         condition[doubtful] = sigma[:, 0] / sigma[:, -1]
     accepted = usable & (info == 0) & torch.isfinite(condition) & (condition <= limits)
     r_factors = torch.where(zero[:, None, None], torch.zeros_like(equilibrated), equilibrated * safe[:, None, :])
     return r_factors, accepted | zero
+
+
+def _shifted_cholesky_test(scaled: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Which of N equilibrated Grams S (N × K × K) provably have κ(S) ≤ limit², by one Cholesky each of S − t·I.
+
+    λ_max(S) ≤ λ̄ = min(‖S‖_∞, ‖S‖_F). A Cholesky factorisation that completes in floating point is exact for a
+    matrix within ‖E‖₂ ≤ δ = γ_{K+1}·K (Demmel: |E| ≤ γ_{K+1}·|L||Lᵀ|, a PSD matrix whose trace is ≤ K here, the
+    diagonal of S being ≤ 1). So where the Cholesky of S − t·I completes, λ_min(S) > t − δ; and the R̂ computed
+    from S (R̂ᵀR̂ = S + E', ‖E'‖₂ ≤ δ alike) has κ(R̂)² ≤ (λ̄ + δ)/(t − 2δ), below limit² for
+    t = (λ̄ + δ)/limit² + 2δ. A third of an SVD's work (K³/3 flops); for wide factors (K ≳ 100, where
+    ‖R‖_F·‖R⁻¹‖_F overstates κ up to K-fold) it settles the well-conditioned ones. A refusal proves nothing: the
+    SVD decides those.
+    """
+    k = scaled.shape[-1]
+    delta = (k + 1) * UNIT_ROUNDOFF / (1 - (k + 1) * UNIT_ROUNDOFF) * k
+    infinity = scaled.abs().sum(dim=-1).amax(dim=-1)
+    upper = torch.minimum(infinity, torch.linalg.matrix_norm(scaled))
+    shift = (upper + delta) / limits**2 + 2 * delta
+    identity = torch.eye(k, dtype=scaled.dtype, device=scaled.device)
+    _, info = torch.linalg.cholesky_ex(scaled - shift[:, None, None] * identity)
+    return info == 0
 
 
 PARALLEL_MIN_ELEMENTS = 1 << 20  # below this a factor set is done on the calling thread
@@ -161,11 +196,10 @@ def _map_factors(
     if not others:
         pairs = run(first)
     else:
-        with ThreadPoolExecutor(len(others)) as pool:
-            futures = [pool.submit(run, part) for part in others]
-            pairs = run(first)  # the calling thread takes a share too
-            for future in futures:
-                pairs += future.result()
+        futures = [worker_pool().submit(run, part) for part in others]
+        pairs = run(first)  # the calling thread takes a share too
+        for future in futures:
+            pairs += future.result()
     results: list[torch.Tensor | None] = [None] * len(factors)
     for i, value in pairs:
         results[i] = value
@@ -254,12 +288,23 @@ def _side_r_factors(sides: Sequence[Side], device) -> list[tuple[torch.Tensor, s
     results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(s.stored, _cache_key(s, device)) for s in sides]
     missing = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
     derived = derivations(sides, missing)
-    whole = [i for i in missing if i not in derived]
+    whole, repeats, first_of = [], {}, {}  # a factor several updates share (VeRA's A): computed once
+    for i in missing:
+        if i not in derived:
+            first = first_of.setdefault(sides[i].key, i) if not sides[i].parts else i
+            if first == i:
+                whole.append(i)
+            else:
+                repeats[i] = first
     split = [i for i, side in enumerate(sides) if results[i] is None and side.blocks > 1]
     computed, methods, grams = _r_factors_and_grams([sides[i].factor for i in whole], device)
-    gram_of = {i: gram for i, gram in zip(whole, grams, strict=True)}
+    hosts = {host for host, _, _ in derived.values()}  # only a host's Gram is needed again: the others go now
+    gram_of = {i: gram for i, gram in zip(whole, grams, strict=True) if i in hosts}
+    del grams
     for i, r, method in zip(whole, computed, methods, strict=True):
         results[i] = (r, method)
+    for i, first in repeats.items():
+        results[i] = results[first]
     inside = list(derived)  # a composite's parts: CholeskyQR from a block of its Gram, under the same test
     blocks = [gram_of[host][a:b, a:b] for host, a, b in (derived[i] for i in inside)]  # type: ignore[index]
     fallback = []
@@ -378,10 +423,9 @@ def _batched_svdvals(cores: torch.Tensor) -> torch.Tensor:
     if workers < 2 or n * a * b * min(a, b) < PARALLEL_MIN_CORE_FLOPS:
         return svdvals_or_nan(cores)
     parts = torch.chunk(cores, workers)
-    with ThreadPoolExecutor(len(parts) - 1) as pool:
-        futures = [pool.submit(svdvals_or_nan, part) for part in parts[1:]]
-        first = svdvals_or_nan(parts[0])
-        return torch.cat([first, *(future.result() for future in futures)])
+    futures = [worker_pool().submit(svdvals_or_nan, part) for part in parts[1:]]
+    first = svdvals_or_nan(parts[0])
+    return torch.cat([first, *(future.result() for future in futures)])
 
 
 def factored_singular_values(
@@ -394,23 +438,53 @@ def factored_singular_values(
     """Exact singular values (descending, float64, ``rank_bound`` of them) of each factored update.
 
     The factors stream through one float64 buffer of the largest factor's size (``memory_budget`` bounds only
-    the dense path); the K×K cores are batched by shape.
+    the dense path); the K×K cores are batched by shape, in chunks of updates that bound the K × K intermediates.
     """
     results: list[torch.Tensor | None] = [None] * len(updates)
-    live = [i for i, u in enumerate(updates) if u.rank_bound > 0]
     for i, update in enumerate(updates):
         if update.rank_bound == 0:
             results[i] = torch.zeros(0, dtype=torch.float64)
-    r_left, r_right, _, _ = update_r_factors([updates[i] for i in live], device)
+    for chunk in _chunks([i for i, u in enumerate(updates) if u.rank_bound > 0], updates):
+        computed = _chunk_singular_values([updates[i] for i in chunk], device, progress)
+        for i, values in zip(chunk, computed, strict=True):
+            results[i] = values
+    return results  # type: ignore[return-value]
+
+
+# the K × K intermediates (Grams, R factors, cores) of this many elements at most are alive at once: an 8B-shaped
+# LoRA (K = 16) is one chunk; VeRA's K = 256 takes 32 layers at a time, not 224 (≈ 0.7 GB of them)
+SPECTRUM_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(live: list[int], updates: Sequence[FactoredUpdate]) -> list[list[int]]:
+    """``live`` in consecutive runs whose updates' 2·K² elements sum to at most SPECTRUM_CHUNK_ELEMENTS."""
+    chunks: list[list[int]] = [[]]
+    size = 0
+    for i in live:
+        cost = 2 * updates[i].inner_dim ** 2
+        if chunks[-1] and size + cost > SPECTRUM_CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += cost
+    return [chunk for chunk in chunks if chunk]
+
+
+def _chunk_singular_values(
+    updates: Sequence[FactoredUpdate], device: torch.device | str, progress: Progress | None
+) -> list[torch.Tensor]:
+    """σ of each update (rank_bound > 0): R factors of every side, then the cores batched by shape."""
+    results: list[torch.Tensor | None] = [None] * len(updates)
+    r_left, r_right, _, _ = update_r_factors(updates, device)
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for position, i in enumerate(live):
-        groups[_core_key(updates[i], r_left[position], r_right[position])].append(position)
+    for i, update in enumerate(updates):
+        groups[_core_key(update, r_left[i], r_right[i])].append(i)
     for positions in groups.values():
-        chosen = [updates[live[p]] for p in positions]
-        cores = _cores(chosen, [r_left[p] for p in positions], [r_right[p] for p in positions], device)
+        chosen = [updates[i] for i in positions]
+        cores = _cores(chosen, [r_left[i] for i in positions], [r_right[i] for i in positions], device)
         values = _batched_svdvals(cores).cpu()
-        for row, p in enumerate(positions):
-            results[live[p]] = values[row]
+        for row, i in enumerate(positions):
+            results[i] = values[row]
         if progress:
             progress(len(positions))
     return results  # type: ignore[return-value]

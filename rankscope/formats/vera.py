@@ -8,9 +8,10 @@ top-left corner:
     ΔW = diag(λ_b) · B[:out, :] · diag(λ_d) · A[:, :in]        (no scaling factor)
 
 transposed for GPT-2 Conv1D (``fan_in_fan_out``); the analysed matrix stays (out, in). As a
-``FactoredUpdate(left=λ_b[:, None]·B[:out], core=diag(λ_d), right=A[:, :in])`` its spectrum is exact, rank
-≤ min(r, out, in). ``λ_b·B`` is formed in float64 (out×r values, cheap): the products of float32 values are
-then exact, so nothing is rounded before the float64 spectrum.
+``FormedUpdate(left=λ_b[:, None]·B[:out], core=diag(λ_d), right=A[:, :in])`` its spectrum is exact, rank
+≤ min(r, out, in). ``λ_b·B`` is a recipe (``core.formed.RowScaled``), formed in float64 only while the spectrum
+reads it — exact products of float32 values, and nothing of out × r held per layer (at r = 256 and the
+Llama-3-8B shape that would be 2.8 GB); the layers with the same fan-in share one view of A.
 
 The file does not store a layer's input width ``in``. With the base model (``--base``) it is read from the base
 weight; without it every layer is taken to use all max_in columns of A — right where all adapted layers have
@@ -35,7 +36,7 @@ import torch
 
 from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import CheckpointError
-from ..core.update import FactoredUpdate, upcast
+from ..core.formed import FormedUpdate, RowScaled
 from . import Format, ReadOptions, register_format
 from .common import reader
 from .common.peft import nonfinite_problem, positive_integer, skip_reason
@@ -194,6 +195,7 @@ def _layer(
     projections: tuple[torch.Tensor, torch.Tensor],
     options: ReadOptions,
     fan_in_fan_out: bool,
+    columns: dict[int, torch.Tensor],
 ) -> Layer:
     tensors = source.tensors
     name = module.name
@@ -228,9 +230,10 @@ def _layer(
             f"{b_key}: the layer has {orientation.width} inputs but the shared vera_A has only "
             f"{proj_a.shape[1]} columns"
         )
-    # in float64: a float32 product would round each entry (~6e-8 relative) before the float64 spectrum
-    left = upcast(lambda_b)[:, None] * upcast(proj_b[:out])
-    update = FactoredUpdate(left, proj_a[:, : orientation.width], core=torch.diag(lambda_d))
+    # one view of A's first columns per width (the factor cache and the spectrum then take its R once); λ_b·B is
+    # formed in float64 as it is read (a float32 product would round each entry, ~6e-8 relative)
+    right = columns.setdefault(orientation.width, proj_a[:, : orientation.width].mT)
+    update = FormedUpdate(RowScaled(proj_b[:out], lambda_b), right, core=torch.diag(lambda_d))
     kind = "conv1d_gpt2" if orientation.transposed else "linear"
     return Layer(name, update, orientation.shape, params, kind=kind, family="vera")
 
@@ -250,7 +253,8 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     shared_keys = {key for keys in _SHARED.values() for key in keys}
     unused = [key for key in unused if key not in shared_keys]
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    layers = [_layer(source, module, (proj_a, proj_b), options, fan_in_fan_out) for module in modules.values()]
+    columns: dict[int, torch.Tensor] = {}
+    layers = [_layer(source, module, (proj_a, proj_b), options, fan_in_fan_out, columns) for module in modules.values()]
     warnings.append(
         f"the shared random projections vera_A {list(proj_a.shape)} and vera_B {list(proj_b.shape)} "
         f"({proj_a.numel() + proj_b.numel()} values) are frozen, not trained: params count only λ_b and λ_d"

@@ -9,8 +9,9 @@ only the scale rules differ, and those stay in the readers. Everything here is a
 
 with P1 ⊙ᵣ P2 the row-wise Kronecker product (m×r², row i = P1[i] ⊗ P2[i]) and Q1 ⊙꜀ Q2 the column-wise
 Khatri–Rao product (r²×n, column j = Q1[:, j] ⊗ Q2[:, j]), ΔW is an exact rank-≤r² product whose spectrum
-comes from an r²×r² core. Where r² ≥ min(m, n) the factored form is no cheaper than ΔW itself, so ΔW is
-materialised instead (a dense recipe, exact in float64).
+comes from an r²×r² core. Both r²-wide factors stay recipes (``core.formed.FaceSplit``), formed exactly in
+float64 only while the spectrum reads them, never held for every layer. Where r² ≥ min(m, n) the factored form
+is no cheaper than ΔW itself, so ΔW is materialised instead (a dense recipe, exact in float64).
 
 Stored forms of W_i = P_i·Q_i (matrix (out, in·∏k)):
 
@@ -34,12 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from ...core.base import BaseWeights
+from ...core.formed import FaceSplit, FormedUpdate
 from ...core.update import DenseUpdate, FactoredUpdate, KroneckerUpdate, upcast
 from .peft import nonfinite_problem
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-_HALF = (torch.float16, torch.bfloat16)
 
 Stored = Mapping[str, tuple[str, torch.Tensor]]
 """One module's tensors: role (``hada_w1_a`` …) → (stored key, tensor)."""
@@ -54,33 +55,6 @@ def check_finite(stored: Stored) -> None:
         problem = nonfinite_problem(tensor, key)
         if problem:
             raise FactorError(problem)
-
-
-# -- products ----------------------------------------------------------------------------------------------
-
-
-def product_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The narrowest dtype in which elementwise products of these tensors are exact.
-
-    A product of two fp16/bf16 numbers has at most 22 significant bits and fits float32's 24; a product of two
-    float32 numbers has at most 48 and fits float64's 53 (for magnitudes inside float32's / float64's range;
-    float64 inputs round once, at 1e-16).
-    """
-    return torch.float32 if all(t.dtype in _HALF for t in tensors) else torch.float64
-
-
-def face_splitting(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """Row-wise Kronecker product of m×r1 and m×r2: m×(r1·r2), row i = p1[i] ⊗ p2[i], computed exactly."""
-    dtype = product_dtype(p1, p2)
-    m = p1.shape[0]
-    return (upcast(p1, dtype)[:, :, None] * upcast(p2, dtype)[:, None, :]).reshape(m, -1)
-
-
-def khatri_rao(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
-    """Column-wise Khatri–Rao product of r1×n and r2×n: (r1·r2)×n, column j = q1[:, j] ⊗ q2[:, j], exactly."""
-    dtype = product_dtype(q1, q2)
-    n = q1.shape[1]
-    return (upcast(q1, dtype)[:, None, :] * upcast(q2, dtype)[None, :, :]).reshape(-1, n)
 
 
 def tucker_right(core: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -100,8 +74,8 @@ def hadamard_update(
     (p1, q1), (p2, q2) = first, second
     m, n = p1.shape[0], q1.shape[1]
     inner = p1.shape[1] * p2.shape[1]
-    if inner < min(m, n):
-        return FactoredUpdate(face_splitting(p1, p2), khatri_rao(q1, q2), scale=scale)
+    if inner < min(m, n):  # the r² wide factors stay recipes, formed (exactly, in float64) as the spectrum reads them
+        return FormedUpdate(FaceSplit(p1, p2), FaceSplit(q1.mT, q2.mT), scale=scale)
 
     def build(dtype: torch.dtype, device, factor: float = scale) -> torch.Tensor:
         w1 = upcast(p1, dtype, device) @ upcast(q1, dtype, device)

@@ -1,0 +1,139 @@
+"""Factors an update keeps as a recipe and forms, exactly and in float64, only when a pass over them needs them.
+
+Some families' factors are products of small stored tensors: VeRA's ``diag(λ_b)·B[:out]`` (B one projection shared
+by every layer, K = r = 256 wide), LoHa's face-splitting products ``P1 ⊙ᵣ P2`` (r² wide). Formed at read time they
+would be held by the checkpoint for every layer at once — for VeRA at the Llama-3-8B shape, ≈ 2.8 GB of float64
+against an 18 MB file. As recipes they cost nothing until the factored path's one pass forms each into its float64
+workspace, takes the Gram (or a QR) and moves on; ``dense()`` forms one for any other caller.
+
+Every product here is exact: inputs are widened to float64 first, and a product of two numbers of at most 24
+significant bits (float32, bf16, fp16) has at most 48, which float64's 53 hold; float64 inputs round once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .update import Device, FactoredUpdate, Scale, upcast
+
+
+class FormedFactor:
+    """A rows × K factor given by a recipe over stored tensors; ``form`` writes it into a float64 buffer."""
+
+    tensors: tuple[torch.Tensor, ...] = ()
+    shape: tuple[int, int]
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def _version(self) -> int:
+        """The sum of the stored tensors' version counters: the factor cache's check for an in-place change."""
+        return sum(int(t._version) for t in self.tensors)
+
+    def form(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the factor into ``out`` (float64, rows × K, contiguous) and return it."""
+        raise NotImplementedError
+
+    def dense(self, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
+        """The factor as a tensor (formed in float64, then cast to ``dtype``)."""
+        device = torch.device(device)
+        out = self.form(torch.empty(self.shape, dtype=torch.float64, device=device))
+        return out if dtype == torch.float64 else out.to(dtype)
+
+
+class RowScaled(FormedFactor):
+    """diag(scale)·F: F (rows × K, any float dtype) with row i multiplied by scale[i] (VeRA's λ_b·B[:out])."""
+
+    def __init__(self, factor: torch.Tensor, scale: torch.Tensor) -> None:
+        if scale.ndim != 1 or scale.shape[0] != factor.shape[0]:
+            raise ValueError(f"a row scale of shape {list(scale.shape)} does not fit a factor {list(factor.shape)}")
+        self.factor, self.scale = factor, scale
+        self.tensors = (factor, scale)
+        self.shape = (int(factor.shape[0]), int(factor.shape[1]))
+
+    def form(self, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(self.factor)
+        return out.mul_(upcast(self.scale, device=out.device)[:, None])
+
+
+class FaceSplit(FormedFactor):
+    """The row-wise Kronecker product P1 ⊙ᵣ P2 of rows × r1 and rows × r2: rows × r1·r2, row i = P1[i] ⊗ P2[i]."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor) -> None:
+        if first.ndim != 2 or second.ndim != 2 or first.shape[0] != second.shape[0]:
+            raise ValueError(f"factors {list(first.shape)} and {list(second.shape)} have different row counts")
+        self.first, self.second = first, second
+        self.tensors = (first, second)
+        self.shape = (int(first.shape[0]), int(first.shape[1] * second.shape[1]))
+
+    def form(self, out: torch.Tensor) -> torch.Tensor:
+        rows, r1, r2 = self.shape[0], self.first.shape[1], self.second.shape[1]
+        first, second = (upcast(t, device=out.device) for t in (self.first, self.second))
+        torch.mul(first[:, :, None], second[:, None, :], out=out.view(rows, r1, r2))
+        return out
+
+
+Factor = torch.Tensor | FormedFactor
+
+
+def formed(factor: Factor, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
+    """A tensor of ``factor``: a stored one upcast, a recipe formed."""
+    if isinstance(factor, FormedFactor):
+        return factor.dense(dtype, device)
+    return upcast(factor, dtype, device)
+
+
+class FormedUpdate(FactoredUpdate):
+    """ΔW = F_L · diag(scale) · core · F_Rᵀ with F_L (m × K) and F_R (n × K) stored tensors or recipes.
+
+    The spectrum path takes each side's Gram straight from the recipe (formed into its workspace); ``left`` and
+    ``right`` form the m × K and K × n float64 matrices on each access, for the callers that want plain factors.
+    """
+
+    def __init__(
+        self, left_factor: Factor, right_factor: Factor, core: torch.Tensor | None = None, scale: Scale = 1.0
+    ) -> None:
+        if left_factor.shape[1] != right_factor.shape[1]:
+            shapes = f"{list(left_factor.shape)} and {list(right_factor.shape)}"
+            raise ValueError(f"factors {shapes} have different inner dimensions")
+        for name, value in (("left_factor", left_factor), ("right_factor", right_factor), ("core", core),
+                            ("scale", scale), ("concatenation", None)):  # fmt: skip
+            object.__setattr__(self, name, value)
+
+    # identity, not the fields' equality: comparing would form the factors
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    @property
+    def left(self) -> torch.Tensor:  # type: ignore[override]
+        return formed(self.left_factor) if isinstance(self.left_factor, FormedFactor) else self.left_factor
+
+    @property
+    def right(self) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(self.right_factor, FormedFactor):
+            return formed(self.right_factor).mT
+        return self.right_factor.mT
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.left_factor.shape[0]), int(self.right_factor.shape[0]))
+
+    @property
+    def inner_dim(self) -> int:
+        return int(self.left_factor.shape[1])
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("FactoredUpdate", "FormedUpdate", 1)
+
+    def unscaled(self) -> FormedUpdate:
+        return FormedUpdate(self.left_factor, self.right_factor, self.core, 1.0)
+
+    def sides(self) -> Sequence[Factor]:
+        """(F_L, F_R): the factors whose R factors the spectrum needs, as stored or as recipes."""
+        return (self.left_factor, self.right_factor)
+
+
+__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "RowScaled", "formed"]
