@@ -129,3 +129,15 @@ def test_wide_well_conditioned_factors_take_cholesky_without_an_svd(monkeypatch)
 
 def test_one_worker_pool_serves_every_call() -> None:
     assert worker_pool() is worker_pool()
+
+
+def _three_from_the_pool() -> int:
+    return worker_pool().submit(lambda: 3).result(timeout=30)
+
+
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    import multiprocessing
+
+    assert _three_from_the_pool() == 3  # the parent's pool has a live thread
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # the child inherits the pool object, not its threads
+        assert pool.apply_async(_three_from_the_pool).get(timeout=60) == 3

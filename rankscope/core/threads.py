@@ -39,7 +39,7 @@ _lock = threading.Lock()
 _depth = 0  # how many single_threaded blocks are open, in any thread
 _budget: int | None = None  # torch's thread count when the outermost block was entered
 _limits = None  # threadpoolctl's limiter of the outermost block (restores the BLAS/OpenMP pools)
-_pool: ThreadPoolExecutor | None = None  # worker_pool's
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # worker_pool's: (the owning process, the pool)
 _collecting = False  # whether automatic cyclic collection was on when the outermost block began
 
 
@@ -54,12 +54,12 @@ def worker_pool() -> ThreadPoolExecutor:
     """The process's one pool of worker threads for rankscope's parallel loops (callers submit at most
     ``thread_budget() - 1`` tasks and run a share themselves). Kept, not made per call: each new thread takes a
     fresh malloc arena, and glibc keeps what an arena freed — a pool per call grew VeRA's 8B-shaped spectrum by
-    ≈ 0.3 GB of freed, retained buffers."""
+    ≈ 0.3 GB of freed, retained buffers. A forked child makes its own (it inherits the pool but not its threads)."""
     global _pool
     with _lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="rankscope")
-        return _pool
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="rankscope"))
+        return _pool[1]
 
 
 def inside_single_threaded() -> bool:
