@@ -339,3 +339,18 @@ def test_the_alignment_trusts_a_concatenation_only_of_the_very_tensors(monkeypat
     assert composite.concatenation.spans_of(composite, copies) is None
     with pytest.raises(AssertionError, match="compared"):
         factored_pairwise_alignment(copies, composite)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_weighted_sum_joins_the_factors_bit_for_bit(dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    parts = [FactoredUpdate(torch.randn(30, 4, generator=g).to(dtype), torch.randn(4, 20, generator=g).to(dtype))
+             for _ in range(3)]  # fmt: skip
+    parts[1].left[3, 2] = -0.0  # a signed zero survives the integer view
+    composite = weighted_sum(parts, [0.5, 1.0, -2.0])
+    assert composite.left.dtype == composite.right.dtype == dtype
+    assert torch.equal(composite.left, torch.cat([p.left for p in parts], dim=1))
+    assert torch.signbit(composite.left[3, 6])
+    assert torch.equal(composite.right, torch.cat([p.right for p in parts], dim=0))
+    dense = sum(w * p.materialize() for p, w in zip(parts, [0.5, 1.0, -2.0], strict=True))
+    assert torch.allclose(composite.materialize(), dense, rtol=0, atol=1e-12)

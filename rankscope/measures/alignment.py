@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.factored import update_r_factors
-from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast
+from ..core.update import FactoredUpdate, KroneckerUpdate, Update, as_bits, upcast
 from .metrics import Spectra, batch_numerical_rank
 
 
@@ -244,9 +244,6 @@ def _spans(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None) 
     return spans
 
 
-_SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _same(part: torch.Tensor, factor: torch.Tensor) -> bool:
     """Whether ``part`` of the composite's factor holds ``factor``'s values: bit for bit where the dtypes agree
     (an integer view: ~2× faster than comparing floats; a −0 that became +0 only sends the layer to the other
@@ -255,10 +252,10 @@ def _same(part: torch.Tensor, factor: torch.Tensor) -> bool:
         return False
     if part.dtype != factor.dtype:
         return torch.equal(part, factor.to(part.dtype))
-    width = _SAME_WIDTH.get(part.element_size()) if part.dtype.is_floating_point else None
-    if width is None:
+    bits, other = as_bits(part), as_bits(factor)
+    if bits is None or other is None:
         return torch.equal(part, factor)
-    return torch.equal(part.view(width), factor.view(width))
+    return torch.equal(bits, other)
 
 
 def _in_coordinates(
