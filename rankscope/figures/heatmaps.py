@@ -39,8 +39,12 @@ MIN_ANNOTATED_CELL = 0.22  # inches: a cell this wide holds "0.12" at 7 pt
 
 
 def _annotate(ax: Axes, matrix, mesh, *, fmt: str, xs: Sequence[float], ys: Sequence[float]) -> None:
-    """Write each defined value in its cell, dark text on light cells and white on dark ones."""
+    """Write each defined value in its cell, dark text on light cells and white on dark ones: one
+    :class:`~._cells.CellLabels` artist for the whole panel, not a Text per cell (half of a heatmap's drawing)."""
+    from ._cells import CellLabels
+
     cmap, norm = mesh.get_cmap(), mesh.norm
+    cells: tuple[list, list, list, list] = ([], [], [], [])
     for row, y in enumerate(ys):
         for column, x in enumerate(xs):
             value = matrix[row][column]
@@ -48,8 +52,11 @@ def _annotate(ax: Axes, matrix, mesh, *, fmt: str, xs: Sequence[float], ys: Sequ
                 continue
             r, g, b, _ = cmap(norm(value))
             luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
-            ax.text(x, y, format(value, fmt), ha="center", va="center", fontsize=7,
-                    color="black" if luminance > 0.45 else "white")  # fmt: skip
+            colour = "black" if luminance > 0.45 else "white"
+            for part, item in zip(cells, (x, y, format(value, fmt), colour), strict=True):
+                part.append(item)
+    if cells[0]:
+        ax.add_artist(CellLabels(*cells, fontsize=7, transform=ax.transData))
 
 
 def _edges(count: int, start: float = 0.5) -> list[float]:
@@ -161,6 +168,7 @@ def draw_heatmaps(
     room = inches - label_room - (0.1 if beneath else 0.75) - PANEL_GAP * (per_row - 1)
     cell = room / (per_row * len(columns))
     with paper_style():
+        ticked: dict[Axes, tuple[bool, bool]] = {}  # (x, y) ticks of each panel of a new figure; given: both
         if given is not None:
             axes = check_axes(given, sum(len(b.matrices) for b in blocks), what)
             fig = root_figure(axes[0])
@@ -172,7 +180,9 @@ def draw_heatmaps(
             panel = 0.17 * len(modules) + (0.22 if titled else 0.0)  # rows, and the panel's title
             height = 0.68 + panel * rows * len(blocks) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
             fig = new_figure(width, min(height, 24.0) / inches)
-            every = fig.subplots(rows * len(blocks), per_row, sharex=True, sharey=True, squeeze=False)
+            # not shared: a panel inside the grid gets no ticks at all (its labels were hidden and its tick marks
+            # zero-length), where shared axes would give every panel every tick object to update and draw
+            every = fig.subplots(rows * len(blocks), per_row, squeeze=False)
             grids = []
             for number, b in enumerate(blocks):
                 cells = [ax for row in every[number * rows : (number + 1) * rows] for ax in row]
@@ -181,8 +191,8 @@ def draw_heatmaps(
                 for i, ax in enumerate(cells[: len(b.matrices)]):
                     # x tick labels under the lowest panel of each column of the block; none inside the stack
                     last = i + per_row >= len(b.matrices)
-                    ax.tick_params(axis="x", labelbottom=last, length=2.5 if last else 0)
-                    ax.tick_params(axis="y", labelleft=i % per_row == 0)
+                    ax.tick_params(axis="x", length=2.5)
+                    ticked[ax] = (last, i % per_row == 0)
                 grids.append(cells[: len(b.matrices)])
         shown = list(range(len(columns)))
         most = 12 if per_row == 1 else max(2, int(cell * len(columns) / 0.25))  # tick labels a panel holds
@@ -199,9 +209,11 @@ def draw_heatmaps(
                     linewidth=0.4 if cell > 0.08 else 0.0,
                 )  # fmt: skip
                 panel_ax.set_ylim(len(modules) - 0.5, -0.5)
-                panel_ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
+                ticks_x, ticks_y = ticked.get(panel_ax, (True, True))
+                panel_ax.set_yticks(range(len(modules)) if ticks_y else [],
+                                    [ellipsize(m, 24) for m in modules] if ticks_y else [])  # fmt: skip
                 panel_ax.tick_params(axis="y", length=0)
-                panel_ax.set_xticks(shown, [str(columns[c]) for c in shown])
+                panel_ax.set_xticks(shown if ticks_x else [], [str(columns[c]) for c in shown] if ticks_x else [])
                 for side in ("top", "right", "left", "bottom"):
                     panel_ax.spines[side].set_visible(False)
                 if title:
