@@ -11,7 +11,7 @@ import torch
 
 import rankscope.core.factored as factored
 from rankscope.core.factored import cholesky_qr_limit, factored_singular_values, update_r_factors
-from rankscope.core.formed import FaceSplit, FormedUpdate, RowScaled
+from rankscope.core.formed import FaceSplit, FormedUpdate, RowScaled, Summed
 from rankscope.core.threads import thread_policy, worker_pool
 
 
@@ -67,6 +67,20 @@ def test_loha_shaped_update_matches_a_dense_svd() -> None:
     assert _relative_error(sigma, torch.linalg.svdvals(dense)) < 1e-10
     assert torch.allclose(update.materialize(), dense, rtol=0, atol=1e-12)
     assert update.unscaled().scale == 1.0 and update.unscaled().left_factor is update.left_factor
+
+
+def test_summed_heads_match_their_float64_mean() -> None:
+    g = torch.Generator().manual_seed(7)
+    heads = [torch.randn(80, 5, generator=g).to(torch.bfloat16) for _ in range(3)]
+    a = torch.randn(5, 60, generator=g).to(torch.bfloat16)
+    update = FormedUpdate(Summed(heads, 3), a.mT, scale=2.0)
+    mean = sum(h.double() for h in heads) / 3
+    assert torch.equal(update.left, mean)
+    dense = 2.0 * mean @ a.double()
+    (sigma,) = factored_singular_values([update])
+    assert _relative_error(sigma, torch.linalg.svdvals(dense)) < 1e-10
+    with pytest.raises(ValueError, match="cannot be summed"):
+        Summed([heads[0], heads[1][:-1]])
 
 
 def test_layers_sharing_a_stored_factor_take_its_r_once(monkeypatch) -> None:

@@ -1,7 +1,8 @@
 """Factors an update keeps as a recipe and forms, exactly and in float64, only when a pass over them needs them.
 
 Some families' factors are products of small stored tensors: VeRA's ``diag(λ_b)·B[:out]`` (B one projection shared
-by every layer, K = r = 256 wide), LoHa's face-splitting products ``P1 ⊙ᵣ P2`` (r² wide). Formed at read time they
+by every layer, K = r = 256 wide), LoHa's face-splitting products ``P1 ⊙ᵣ P2`` (r² wide), HydraLoRA's mean head
+``(B_1 + … + B_N)/N``. Formed at read time they
 would be held by the checkpoint for every layer at once — for VeRA at the Llama-3-8B shape, ≈ 2.8 GB of float64
 against an 18 MB file. As recipes they cost nothing until the factored path's one pass forms each into its float64
 workspace, takes the Gram (or a QR) and moves on; ``dense()`` forms one for any other caller.
@@ -76,6 +77,24 @@ class FaceSplit(FormedFactor):
         return out
 
 
+class Summed(FormedFactor):
+    """(F_1 + … + F_N) / divisor of same-shaped factors, summed in float64 (HydraLoRA's uniform-router mean head)."""
+
+    def __init__(self, factors: Sequence[torch.Tensor], divisor: float = 1.0) -> None:
+        shapes = {tuple(f.shape) for f in factors}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"factors of shapes {sorted(shapes)} cannot be summed")
+        self.factors, self.divisor = tuple(factors), float(divisor)
+        self.tensors = self.factors
+        self.shape = (int(factors[0].shape[0]), int(factors[0].shape[1]))
+
+    def form(self, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(self.factors[0])
+        for factor in self.factors[1:]:
+            out.add_(factor.to(out.device))
+        return out.div_(self.divisor) if self.divisor != 1.0 else out
+
+
 Factor = torch.Tensor | FormedFactor
 
 
@@ -131,9 +150,5 @@ class FormedUpdate(FactoredUpdate):
     def unscaled(self) -> FormedUpdate:
         return FormedUpdate(self.left_factor, self.right_factor, self.core, 1.0)
 
-    def sides(self) -> Sequence[Factor]:
-        """(F_L, F_R): the factors whose R factors the spectrum needs, as stored or as recipes."""
-        return (self.left_factor, self.right_factor)
 
-
-__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "RowScaled", "formed"]
+__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "RowScaled", "Summed", "formed"]

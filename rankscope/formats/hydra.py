@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ..core.checkpoint import Checkpoint, Layer, Skipped
+from ..core.formed import FormedUpdate, Summed
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .common import reader
@@ -78,10 +79,9 @@ def _layer(source: AdapterSource, module: reader.Module, heads_expected: int | N
         Layer(f"head{i}", FactoredUpdate(head, a, scale=scale), shape, 0, family="hydralora")
         for i, head in zip(indices, heads, strict=True)
     ]
-    mean_head = sum(h.double() for h in heads) / count
-    return Layer(
-        name, FactoredUpdate(mean_head, a, scale=scale), shape, params, family="hydralora", components=components
-    )
+    # the mean head (1/N)·Σ B_i is summed in float64 as the spectrum reads it, not held per layer
+    mean = FormedUpdate(Summed(heads, count), a.mT, scale=scale)
+    return Layer(name, mean, shape, params, family="hydralora", components=components)
 
 
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
