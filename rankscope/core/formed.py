@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .update import Device, FactoredUpdate, Scale, upcast
+from .update import DerivedFactorsUpdate, Device, Scale, upcast
 
 
 class FormedFactor:
@@ -105,7 +105,7 @@ def formed(factor: Factor, dtype: torch.dtype = torch.float64, device: Device = 
     return upcast(factor, dtype, device)
 
 
-class FormedUpdate(FactoredUpdate):
+class FormedUpdate(DerivedFactorsUpdate):
     """ΔW = F_L · diag(scale) · core · F_Rᵀ with F_L (m × K) and F_R (n × K) stored tensors or recipes.
 
     The spectrum path takes each side's Gram straight from the recipe (formed into its workspace); ``left`` and
@@ -118,13 +118,7 @@ class FormedUpdate(FactoredUpdate):
         if left_factor.shape[1] != right_factor.shape[1]:
             shapes = f"{list(left_factor.shape)} and {list(right_factor.shape)}"
             raise ValueError(f"factors {shapes} have different inner dimensions")
-        for name, value in (("left_factor", left_factor), ("right_factor", right_factor), ("core", core),
-                            ("scale", scale), ("concatenation", None)):  # fmt: skip
-            object.__setattr__(self, name, value)
-
-    # identity, not the fields' equality: comparing would form the factors
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
+        self._fields(left_factor=left_factor, right_factor=right_factor, core=core, scale=scale, concatenation=None)
 
     @property
     def left(self) -> torch.Tensor:  # type: ignore[override]

@@ -88,7 +88,20 @@ class FactoredUpdate:
         return left @ upcast(self.right, dtype, device)
 
 
-class BlockDiagonalUpdate(FactoredUpdate):
+class DerivedFactorsUpdate(FactoredUpdate):
+    """A FactoredUpdate whose ``left`` and ``right`` are built from other fields on each access (BoRA's blocks,
+    core.formed's recipes): its fields are set by ``_fields``, and it compares by identity — comparing the fields'
+    values would build the factors."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def _fields(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+class BlockDiagonalUpdate(DerivedFactorsUpdate):
     """ΔW = blockdiag(B_1..B_b) · diag(scale) · core · blockdiag(A_1..A_b) (BoRA), kept as the stored factors.
 
     ``left_stack`` is B = [B_1; …; B_b] (m × r, row blocks of m/b), ``right_stack`` A = [A_1 … A_b] (r × n, column
@@ -104,13 +117,7 @@ class BlockDiagonalUpdate(FactoredUpdate):
         if blocks < 1 or m % blocks or n % blocks or right_stack.shape[0] != rank:
             shapes = f"{list(left_stack.shape)} and {list(right_stack.shape)}"
             raise ValueError(f"{blocks} blocks do not fit factors {shapes}")
-        for name, value in (("left_stack", left_stack), ("right_stack", right_stack), ("blocks", blocks),
-                            ("core", core), ("scale", scale)):  # fmt: skip
-            object.__setattr__(self, name, value)
-
-    # identity, not the fields' equality: comparing would materialise the factors
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
+        self._fields(left_stack=left_stack, right_stack=right_stack, blocks=blocks, core=core, scale=scale)
 
     @property
     def left(self) -> torch.Tensor:  # type: ignore[override]
