@@ -165,3 +165,37 @@ def test_log_labels_and_ligatures_share_the_common_pdf_font_subset():
     (key,) = fonts._CACHE
     fontfile, _, wanted = key
     assert wanted == fonts._common_glyphs(fontfile)  # nothing beyond the shared set
+
+
+def test_alignment_inner_panels_draw_as_shared_ones(monkeypatch):
+    """The reference is matplotlib's shared y axes (what alignment_figure drew before): its inner panels held
+    every row's tick, label hidden and mark of length 0; unshared and tickless, they draw the same pixels."""
+    from types import SimpleNamespace
+
+    from matplotlib.figure import Figure
+
+    from rankscope.figures import alignment_figure
+
+    square = [[1.0, 0.25, -0.5], [0.25, 1.0, None], [-0.5, 0.125, 1.0]]
+    keys = ("left_overlap", "left_baseline", "right_overlap", "right_baseline", "cosine")
+    record = SimpleNamespace(name="model.layers.0.q_proj", alignment=dict.fromkeys(keys, square))
+    labels = ["first", "a longer component", "c"]
+    fig = alignment_figure(record, labels=labels)
+    panels = [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
+    assert [len(ax.get_yticks()) for ax in panels] == [3, 0, 0]
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["1: first", "2: a lo…component", "3: c"]
+    got = _png(fig)
+    subplots = Figure.subplots
+
+    def shared(self, *args, **kwargs):
+        axes = subplots(self, *args, sharey=True, **kwargs)
+        for ax in axes[1:]:  # the shared ticks are the first panel's; an empty set would clear them all
+            ax.set_yticks = lambda *_, **__: None
+        return axes
+
+    monkeypatch.setattr(Figure, "subplots", shared)
+    reference = alignment_figure(record, labels=labels)
+    assert [len(ax.get_yticks()) for ax in reference.axes[:3]] == [3, 3, 3]  # really shared
+    want = _png(reference)
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)

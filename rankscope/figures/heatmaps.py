@@ -344,9 +344,12 @@ def alignment_figure(
             fig = root_figure(axes[0])
         else:
             fig = new_figure(width, (panel + 1.2) / inches)
-            axes = fig.subplots(1, 3, sharey=True)
+            # not shared: the inner panels get no y ticks at all (shared, each held every row's hidden label and
+            # a zero-length mark, measured in every layout pass and draw); the rows are named on the first
+            axes = list(fig.subplots(1, 3))
         mesh = None
         for ax, (key, baseline_key, title) in zip(axes, ALIGNMENT_PANELS, strict=True):
+            named = given is not None or ax is axes[0]  # a caller's panels each keep their row names
             matrix = alignment[key]
             mesh = ax.pcolormesh(
                 _edges(k, -0.5), _edges(k, -0.5), _masked(matrix), cmap=DIVERGING_CMAP, vmin=-1, vmax=1,
@@ -358,7 +361,7 @@ def alignment_figure(
             ax.set_title(title, fontsize=7)
             step = max(1, math.ceil(k / 8))
             ax.set_xticks(range(0, k, step), [str(i + 1) for i in range(0, k, step)])
-            ax.set_yticks(range(0, k, step), names[::step])
+            ax.set_yticks(range(0, k, step) if named else [], names[::step] if named else [])
             ax.tick_params(length=0)
             for side in ax.spines.values():
                 side.set_visible(False)
