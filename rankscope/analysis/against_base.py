@@ -9,10 +9,15 @@ weight that is there but unreadable (only an absent one is "missing", a warning)
 of ΔW as the model applies it (α/r included, also under ``unscaled``), on the analysed out×in matrix
 (``core.base.as_matrix``).
 
-Intruder dimensions need two dense SVDs with vectors per layer (W₀'s, cached, and W₀ + ΔW's): by default they are
-computed where min(m, n) ≤ :data:`DENSE_VECTORS_CPU_LIMIT` on the CPU, and for every layer on CUDA. Above that
-limit on the CPU a dense update's amplification (which needs ΔW's vectors by a dense SVD) is not computed either;
-σ₁ of such matrices comes from ARPACK's Lanczos iteration (scipy), converged to rounding.
+Intruder dimensions need W₀'s left singular vectors (a dense SVD, cached on disk: once per base) and the top
+``intruder_k`` left singular vectors of W₀ + ΔW; a dense update's amplification the top-k singular vectors of ΔW.
+Those top vectors come from the smaller Gram (:mod:`..core.top_vectors`: one GEMM and an eigensolver stopped at
+the top k, a fraction of one ``svdvals``), with the dense SVD where the Gram would be less exact than it; ‖ΔW‖_F,
+σ₁ and the numerical rank of a dense ΔW are the spectrum's own (the record's σ, where it is the exact float64
+spectrum of ΔW as applied), and ΔW is materialised once. By default both are computed where min(m, n) ≤
+:data:`DENSE_VECTORS_CPU_LIMIT` on the CPU, and for every layer on CUDA. Above that limit on the CPU neither is
+(``--intruders`` computes both); σ₁ of such a W₀ comes from ARPACK's Lanczos iteration (scipy), converged to
+rounding (and of ΔW too where the spectrum's σ is not the exact one).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..core.errors import CheckpointError
 from ..core.spectrum import singular_vectors
 from ..core.svd_cache import CacheKey, SVDCache
 from ..core.threads import all_threads
+from ..core.top_vectors import top_singular_triplets
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update
 from ..measures import base_relative as BR
 from ..measures.metrics import numerical_rank
@@ -58,7 +64,7 @@ def measure_against_base(
     outcome: _Outcome = defaultdict(list)
     for layer, record in zip(layers, records, strict=True):
         if record.valid and layer.update is not None:
-            record.base = _layer_fields(layer, base, options, device, cache, outcome)
+            record.base = _layer_fields(layer, record, base, options, device, cache, outcome)
     warnings, notes = _messages(outcome, options)
     if base.dequantised:
         notes.append(_quantised_note(base, layers))
@@ -81,7 +87,13 @@ def _quantised_note(base: BaseWeights, layers: list[Layer]) -> str:
 
 
 def _layer_fields(
-    layer: Layer, base: BaseWeights, options: AnalysisOptions, device: torch.device, cache: SVDCache, outcome: _Outcome
+    layer: Layer,
+    record: LayerRecord,
+    base: BaseWeights,
+    options: AnalysisOptions,
+    device: torch.device,
+    cache: SVDCache,
+    outcome: _Outcome,
 ) -> dict | None:
     update = layer.update
     assert update is not None
@@ -107,16 +119,24 @@ def _layer_fields(
     cheap = device.type == "cuda" or min(m, n) <= DENSE_VECTORS_CPU_LIMIT
     dense_allowed = cheap or options.intruders is True
     want_intruders = options.intruders if options.intruders is not None else cheap
+    spectrum = _record_spectrum(layer, record, options)
 
-    vectors = _delta_vectors(update, dense_allowed, device)
-    if vectors is not None:
-        left, sigma, right = vectors
+    delta: torch.Tensor | None = None  # ΔW materialised once, for the amplification and W₀ + ΔW alike
+    if isinstance(update, (FactoredUpdate, KroneckerUpdate)):
+        left, sigma, right = singular_vectors(update)  # exact from the factors
         delta_frobenius, delta_sigma_max = float(sigma.norm()), float(sigma[0]) if sigma.numel() else 0.0
         k = BR.amplification_rank(numerical_rank(sigma, (m, n)), update.rank_bound, (m, n), options.amplification_k)
         amplification = BR.amplification(weight, left[:, :k], right[:, :k], delta_frobenius)
+    elif dense_allowed:
+        delta = update.materialize(torch.float64, device)
+        k, left, right, delta_frobenius, delta_sigma_max = _dense_delta_vectors(delta, update, spectrum, options)
+        amplification = BR.amplification(weight, left, right, delta_frobenius)
     else:
-        delta = update.materialize(torch.float64, "cpu")
-        delta_frobenius, delta_sigma_max = float(delta.norm()), _sigma_max(delta)
+        if spectrum is not None:  # the spectrum's own σ: no second decomposition
+            delta_frobenius, delta_sigma_max = float(spectrum.norm()), float(spectrum[0]) if spectrum.numel() else 0.0
+        else:
+            delta = update.materialize(torch.float64, "cpu")
+            delta_frobenius, delta_sigma_max = float(delta.norm()), _sigma_max(delta)
         k, amplification = 0, None
         outcome["no_amplification"].append(layer.name)
 
@@ -126,10 +146,12 @@ def _layer_fields(
     intruders = None
     if want_intruders:
         top_k = min(options.intruder_k, m, n)
-        merged = weight.to(device) + update.materialize(torch.float64, device)
-        with all_threads():
-            merged_left = torch.linalg.svd(merged, full_matrices=False).U
-        indices = BR.intruder_dimensions(decomposition["left"].to(device), merged_left, top_k, options.intruder_epsilon)
+        if delta is None or delta.device != device:
+            delta = update.materialize(torch.float64, device)
+        merged = weight.to(device) + delta  # not in place: a reader's materialize may return a tensor it keeps
+        # only the top intruder_k left vectors, each on its own (core.top_vectors: the Gram's where as exact as the SVD)
+        merged_left = top_singular_triplets(merged, top_k, per_vector=True).left
+        indices = BR.intruder_dimensions(decomposition["left"], merged_left, top_k, options.intruder_epsilon)
         intruders = {"top_k": top_k, "epsilon": options.intruder_epsilon, "count": len(indices), "indices": indices}
     else:
         outcome["no_intruders"].append(layer.name)
@@ -184,17 +206,47 @@ def _legacy_expert(base: BaseWeights, module: str, parameter: str, index: int) -
     return None
 
 
-def _delta_vectors(
-    update: Update, dense_allowed: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(U, σ, V) of ΔW in float64 on the CPU: exact from the factors, else by a dense SVD where allowed."""
-    if isinstance(update, (FactoredUpdate, KroneckerUpdate)):
-        return singular_vectors(update)
-    if not dense_allowed:
+def _record_spectrum(layer: Layer, record: LayerRecord, options: AnalysisOptions) -> torch.Tensor | None:
+    """All float64 singular values of ΔW as the model applies it, from the spectrum ``record`` holds, where it is
+    that: exact (factored, or dense in float64), not truncated (``--top-k``), of the scaled update (not
+    ``--unscaled``, unless unscaling changes nothing). None otherwise."""
+    update = layer.update
+    assert update is not None
+    if not record.exact or record.truncated is not None or record.singular_values is None:
         return None
-    with all_threads():
-        u, sigma, vh = torch.linalg.svd(update.materialize(torch.float64, device), full_matrices=False)
-    return u.cpu(), sigma.cpu(), vh.mT.cpu()
+    if options.unscaled and update.unscaled() is not update:
+        return None
+    sigma = torch.tensor(record.singular_values, dtype=torch.float64)
+    return sigma if sigma.numel() == min(update.shape) and bool(torch.isfinite(sigma).all()) else None
+
+
+def _dense_delta_vectors(
+    delta: torch.Tensor, update: Update, spectrum: torch.Tensor | None, options: AnalysisOptions
+) -> tuple[int, torch.Tensor, torch.Tensor, float, float]:
+    """(k, U_k, V_k, ‖ΔW‖_F, σ₁) of a materialised dense ΔW, for the amplification factor.
+
+    Only the span of the top k is used, so ``core.top_vectors`` finds it from ΔW's Gram where that is as exact as
+    the dense SVD. k needs ΔW's numerical rank: from the spectrum's σ where given (exact); else from the Gram's top
+    values where σ_k is clearly above the rank threshold σ₁·max(m, n)·eps(float32) (the Gram's σ_k is then
+    accurate to ≪ 1e-3 relative); where it is not, one dense SVD gives σ and vectors exactly, as before."""
+    m, n = delta.shape
+    if spectrum is not None:
+        k = BR.amplification_rank(numerical_rank(spectrum, (m, n)), update.rank_bound, (m, n), options.amplification_k)
+        triplets = top_singular_triplets(delta, k, spectrum=spectrum)
+        top = float(spectrum[0]) if spectrum.numel() else 0.0
+        return k, triplets.left, triplets.right, float(spectrum.norm()), top
+    frobenius = float(delta.norm())
+    # k = min(numerical rank, cap) = #{i ≤ cap: σ_i > threshold}: only the top cap σ are needed
+    cap = BR.amplification_rank(min(m, n), update.rank_bound, (m, n), options.amplification_k)
+    triplets = top_singular_triplets(delta, cap)
+    sigma = triplets.sigma
+    top = float(sigma[0]) if sigma.numel() else 0.0
+    threshold = top * max(m, n) * float(torch.finfo(torch.float32).eps)
+    if triplets.method == "gram" and cap and float(sigma[cap - 1]) <= 2 * threshold:
+        triplets = top_singular_triplets(delta, cap, exact=True)  # near the rank threshold: exact σ and vectors
+        sigma = triplets.sigma
+    k = int((sigma > threshold).sum())
+    return k, triplets.left[:, :k], triplets.right[:, :k], frobenius, top
 
 
 def _base_decomposition(weight: torch.Tensor, vectors: bool, device: torch.device) -> dict[str, torch.Tensor]:
