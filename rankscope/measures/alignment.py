@@ -17,6 +17,7 @@ import torch
 
 from ..core.factored import update_r_factors
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update, as_bits, upcast
+from . import alignment_batched
 from .metrics import Spectra, batch_numerical_rank
 
 
@@ -163,7 +164,8 @@ def factored_pairwise_alignments(
 ) -> list[dict]:
     """:func:`factored_pairwise_alignment` of many layers' (components, composite): those whose composite is the
     concatenation of their components' factors in batches of one shape (a handful of batched QRs and SVDs for a
-    whole model instead of a dozen small ops per layer), the others one by one from their factors."""
+    whole model instead of a dozen small ops per layer); the others of plain factored components (HydraLoRA's
+    heads) batched from their own factors by ``alignment_batched``, any left one by one from their factors."""
     results: list[dict | None] = [None] * len(layers)
     spans = [_spans(updates, composite) for updates, composite in layers]
     chosen = [i for i, span in enumerate(spans) if span is not None]
@@ -180,6 +182,16 @@ def factored_pairwise_alignments(
         aligned = _in_coordinates([layers[i][0] for i in members], lefts, rights)
         for i, one in zip(members, aligned, strict=True):
             results[i] = _matrices(one, shape)
+    batches: dict[tuple, list[int]] = defaultdict(list)  # the others, batched by shape and component layout
+    for i, (updates, _) in enumerate(layers):
+        if results[i] is None and (key := alignment_batched.batch_key(updates)) is not None:
+            batches[key].append(i)
+    for members in batches.values():
+        for part in alignment_batched.chunks(members, layers[members[0]][0]):
+            batch = alignment_batched.aligned_batch([layers[i][0] for i in part], _scaled_core)
+            for i, (ranks, energies, values) in zip(part, batch, strict=True):
+                aligned = _Aligned(ranks, energies, lambda a, b, v=values: v[(a, b)])
+                results[i] = _matrices(aligned, layers[i][0][0].shape)
     for i, (updates, _) in enumerate(layers):
         if results[i] is None:
             results[i] = _matrices(_from_factors(updates), updates[0].shape)
