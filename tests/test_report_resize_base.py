@@ -134,8 +134,8 @@ def test_base_columns_and_heatmap_hold_the_records(based):
     report = build_report([analysis], ["lora-r32"])
     (spec,) = [s for s in report.figures if s.kind == "base-heatmap"]
     fig = _figure(spec, [analysis], ["lora-r32"])
-    panels = {ax.get_title(loc="left"): ax.collections[0].get_array().compressed().tolist()
-              for ax in fig.axes if ax.get_title(loc="left")}  # fmt: skip
+    # a block's panel title is a text of its Axes (one Axes per block, issue 15)
+    panels = {t.get_text(): ax.collections[0].get_array().compressed().tolist() for ax in fig.axes for t in ax.texts}
     assert sorted(panels["‖ΔW‖_F / ‖W₀‖_F"]) == sorted(b["relative_update"] for b in records.values())
     counts = sorted(float(b["intruders"]["count"]) for b in records.values())
     assert sorted(panels["intruder dimensions (of the top 10)"]) == counts
@@ -215,15 +215,20 @@ def test_base_heatmap_of_several_checkpoints_one_scale_per_measure():
     ]
     fig = figures.base_heatmap_figure(analyses, ["r32", "r8"])
     bars = [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
-    panels = [ax for ax in fig.axes if ax not in bars]
-    assert len(panels) == 4 and len(bars) == 2
-    assert [ax.get_title(loc="left") for ax in panels] == ["r32", "r8", "r32", "r8"]
-    meshes = [next(c for c in ax.collections if isinstance(c, QuadMesh)) for ax in panels]
+    blocks = [ax for ax in fig.axes if ax not in bars]  # one Axes per measure, its panels side by side in one mesh
+    assert len(blocks) == 2 and len(bars) == 2
+    assert [t.get_text() for ax in blocks for t in ax.texts] == ["r32", "r8", "r32", "r8"]
+    meshes = [next(c for c in ax.collections if isinstance(c, QuadMesh)) for ax in blocks]
+    assert [bar._colorbar.mappable for bar in bars] == meshes
     relative = [sorted(r.base["relative_update"] for r in a.layers if r.valid) for a in analyses]
     intruders = [sorted(float(r.base["intruders"]["count"]) for r in a.layers if r.valid) for a in analyses]
-    for mesh, want in zip(meshes, relative + intruders, strict=True):
-        assert sorted(mesh.get_array().compressed().tolist()) == pytest.approx(want)
+    columns = len({r.layer_index for a in analyses for r in a.layers})
+    for mesh, want in zip(meshes, (relative, intruders), strict=True):
+        values = mesh.get_array()  # the two panels, then a masked gap column between them
+        panels = [values[:, :columns], values[:, columns + 1 :]]
+        assert values[:, columns].mask.all()
+        assert [sorted(p.compressed().tolist()) for p in panels] == [pytest.approx(w) for w in want]
     top = max(max(values) for values in relative)
-    assert meshes[0].get_clim() == meshes[1].get_clim() == (0.0, pytest.approx(top))
-    assert meshes[2].get_clim() == meshes[3].get_clim() == (0.0, 10.0)  # the top k of the intruder count
+    assert meshes[0].get_clim() == (0.0, pytest.approx(top))
+    assert meshes[1].get_clim() == (0.0, 10.0)  # the top k of the intruder count
     assert [bar.get_ylabel() for bar in bars] == ["‖ΔW‖_F / ‖W₀‖_F", "intruder dimensions (of the top 10)"]

@@ -18,10 +18,11 @@ not import matplotlib; the drawing functions do.
 from __future__ import annotations
 
 from ._common import FigureInputError
+from .alignment import alignment_figure, subspace_similarity_figure
 from .base import base_heatmap_figure, base_spectrum_figure
 from .composition import growth_figure, weights_figure
 from .counts import count_above_figure
-from .heatmaps import alignment_figure, erank_heatmap_figure, heatmap_limits, subspace_similarity_figure
+from .heatmaps import erank_heatmap_figure, heatmap_limits
 from .output import FORMATS, figure_bytes, save_figure, svg_text
 from .resize import resize_figure
 from .spectra import energy_figure, module_spectra_figure, spectrum_figure

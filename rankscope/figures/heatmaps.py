@@ -1,5 +1,4 @@
-"""Heatmaps: a metric over layer index × module type, the k×k alignment of a composition's components, and the
-LoRA paper's subspace-similarity grid φ(i, j).
+"""Heatmaps of a metric over layer index × module type (the alignment and φ(i, j) heatmaps are in ``alignment``).
 
 Cells are vector patches (``pcolormesh``), so PDFs and SVGs stay vector; values are written in the cells when
 the cells are large enough to hold 7 pt text, which also keeps the figures readable in black and white.
@@ -12,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._blocks import GAP_X, cell_texts, draw_block, row_gap
 from ._common import (
     FigureInputError,
     axes_given,
@@ -21,13 +21,12 @@ from ._common import (
     check_axes,
     check_labels,
     ellipsize,
-    integer_ticks,
     metric_value,
     new_figure,
     parse_metric,
     root_figure,
 )
-from .style import DIVERGING_CMAP, MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style
+from .style import MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -39,22 +38,11 @@ MIN_ANNOTATED_CELL = 0.22  # inches: a cell this wide holds "0.12" at 7 pt
 
 
 def _annotate(ax: Axes, matrix, mesh, *, fmt: str, xs: Sequence[float], ys: Sequence[float]) -> None:
-    """Write each defined value in its cell, dark text on light cells and white on dark ones: one
-    :class:`~._cells.CellLabels` artist for the whole panel, not a Text per cell (half of a heatmap's drawing)."""
+    """Write each defined value in its cell: one :class:`~._cells.CellLabels` artist for the whole panel, not a
+    Text per cell (half of a heatmap's drawing)."""
     from ._cells import CellLabels
 
-    cmap, norm = mesh.get_cmap(), mesh.norm
-    cells: tuple[list, list, list, list] = ([], [], [], [])
-    for row, y in enumerate(ys):
-        for column, x in enumerate(xs):
-            value = matrix[row][column]
-            if value is None or not math.isfinite(value):
-                continue
-            r, g, b, _ = cmap(norm(value))
-            luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
-            colour = "black" if luminance > 0.45 else "white"
-            for part, item in zip(cells, (x, y, format(value, fmt), colour), strict=True):
-                part.append(item)
+    cells = cell_texts(matrix, mesh.get_cmap(), mesh.norm, fmt=fmt, xs=xs, ys=ys)
     if cells[0]:
         ax.add_artist(CellLabels(*cells, fontsize=7, transform=ax.transData))
 
@@ -143,6 +131,25 @@ def panels_per_row(count: int, columns: int, room: float) -> int:
     return math.ceil(count / rows)
 
 
+def _panel(ax: Axes, b: Block, matrix, title: str, modules: list[str], columns: list[int], *, shown: list[int],
+           title_chars: int, annotate: bool, linewidth: float):  # fmt: skip
+    """One panel in a caller's Axes (``ax=``): its own ticks, title and grey ground. Returns its mesh."""
+    ax.set_facecolor(MISSING_COLOR)
+    mesh = ax.pcolormesh(_edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix), cmap=SEQUENTIAL_CMAP,
+                         vmin=b.low, vmax=b.high, edgecolors="white", linewidth=linewidth)  # fmt: skip
+    ax.set_ylim(len(modules) - 0.5, -0.5)
+    ax.set_yticks(range(len(modules)), [ellipsize(m, 24) for m in modules])
+    ax.tick_params(axis="y", length=0)
+    ax.set_xticks(shown, [str(columns[c]) for c in shown])
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    if title:
+        ax.set_title(ellipsize(title, title_chars), fontsize=7, loc="left")
+    if annotate:
+        _annotate(ax, matrix, mesh, fmt=b.fmt, xs=range(len(columns)), ys=range(len(modules)))
+    return mesh
+
+
 def draw_heatmaps(
     blocks: Sequence[Block],
     modules: list[str],
@@ -167,8 +174,14 @@ def draw_heatmaps(
     beneath = len(blocks) == 1 and len(modules) * rows <= 4
     room = inches - label_room - (0.1 if beneath else 0.75) - PANEL_GAP * (per_row - 1)
     cell = room / (per_row * len(columns))
+    shown = list(range(len(columns)))
+    most = 12 if per_row == 1 else max(2, int(cell * len(columns) / 0.25))  # tick labels a panel holds
+    if len(columns) > most:
+        step = math.ceil(len(columns) / (8 if per_row == 1 else most))
+        shown = [c for c in range(len(columns)) if columns[c] % step == 0] or shown[::step]
+    title_chars = max(8, int(cell * len(columns) / 0.045))  # 7 pt: ~0.045 in a character
+    annotate = cell >= MIN_ANNOTATED_CELL and len(modules) <= 12
     with paper_style():
-        ticked: dict[Axes, tuple[bool, bool]] = {}  # (x, y) ticks of each panel of a new figure; given: both
         if given is not None:
             axes = check_axes(given, sum(len(b.matrices) for b in blocks), what)
             fig = root_figure(axes[0])
@@ -178,48 +191,36 @@ def draw_heatmaps(
                 axes = axes[len(b.matrices) :]
         else:
             panel = 0.17 * len(modules) + (0.22 if titled else 0.0)  # rows, and the panel's title
-            height = 0.68 + panel * rows * len(blocks) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
-            fig = new_figure(width, min(height, 24.0) / inches)
-            # not shared: a panel inside the grid gets no ticks at all (its labels were hidden and its tick marks
-            # zero-length), where shared axes would give every panel every tick object to update and draw
-            every = fig.subplots(rows * len(blocks), per_row, squeeze=False)
-            grids = []
-            for number, b in enumerate(blocks):
-                cells = [ax for row in every[number * rows : (number + 1) * rows] for ax in row]
-                for ax in cells[len(b.matrices) :]:
-                    fig.delaxes(ax)
-                for i, ax in enumerate(cells[: len(b.matrices)]):
-                    # x tick labels under the lowest panel of each column of the block; none inside the stack
-                    last = i + per_row >= len(b.matrices)
-                    ax.tick_params(axis="x", length=2.5)
-                    ticked[ax] = (last, i % per_row == 0)
-                grids.append(cells[: len(b.matrices)])
-        shown = list(range(len(columns)))
-        most = 12 if per_row == 1 else max(2, int(cell * len(columns) / 0.25))  # tick labels a panel holds
-        if len(columns) > most:
-            step = math.ceil(len(columns) / (8 if per_row == 1 else most))
-            shown = [c for c in range(len(columns)) if columns[c] % step == 0] or shown[::step]
-        title_chars = max(8, int(cell * len(columns) / 0.045))  # 7 pt: ~0.045 in a character
-        for b, panel_axes in zip(blocks, grids, strict=True):
-            for panel_ax, matrix, title in zip(panel_axes, b.matrices, b.titles, strict=True):
-                panel_ax.set_facecolor(MISSING_COLOR)
-                mesh = panel_ax.pcolormesh(
-                    _edges(len(columns), -0.5), _edges(len(modules), -0.5), _masked(matrix),
-                    cmap=SEQUENTIAL_CMAP, vmin=b.low, vmax=b.high, edgecolors="white",
-                    linewidth=0.4 if cell > 0.08 else 0.0,
-                )  # fmt: skip
-                panel_ax.set_ylim(len(modules) - 0.5, -0.5)
-                ticks_x, ticks_y = ticked.get(panel_ax, (True, True))
-                panel_ax.set_yticks(range(len(modules)) if ticks_y else [],
-                                    [ellipsize(m, 24) for m in modules] if ticks_y else [])  # fmt: skip
-                panel_ax.tick_params(axis="y", length=0)
-                panel_ax.set_xticks(shown if ticks_x else [], [str(columns[c]) for c in shown] if ticks_x else [])
-                for side in ("top", "right", "left", "bottom"):
-                    panel_ax.spines[side].set_visible(False)
-                if title:
-                    panel_ax.set_title(ellipsize(title, title_chars), fontsize=7, loc="left")
-                if cell >= MIN_ANNOTATED_CELL and len(modules) <= 12:
-                    _annotate(panel_ax, matrix, mesh, fmt=b.fmt, xs=range(len(columns)), ys=range(len(modules)))
+            height = min(
+                24.0, 0.68 + panel * rows * len(blocks) + (0.2 if missing else 0.0) + (0.45 if beneath else 0.0)
+            )
+            fig = new_figure(width, height / inches)
+            # one Axes per block (issue 15): its panels are one mesh with masked gaps, their titles text artists;
+            # the gaps' inches become data units through a cell's expected size once laid out (the layout leaves
+            # ~0.47 in above and below the stack of blocks, and a row gap between blocks)
+            block_axes = fig.subplots(len(blocks), 1, squeeze=False)[:, 0]
+            gap = row_gap(titled, rows > 1 and count % per_row != 0)
+            stack = height - 0.47 - (0.2 if missing else 0.0) - (0.45 if beneath else 0.0)
+            block_height = (stack - (len(blocks) - 1) * row_gap(titled, True)) / len(blocks)
+            cell_height = max(0.05, (block_height - (rows - 1) * gap) / (rows * len(modules)))
+            cell_width = (inches - label_room - (0.1 if beneath else 0.75) - GAP_X * (per_row - 1)) / (
+                per_row * len(columns)
+            )
+            grids, meshes = [], []
+            for block_ax, b in zip(block_axes, blocks, strict=True):
+                mesh = draw_block(block_ax, b, modules, columns, grid=(rows, per_row), cell=(cell_width, cell_height),
+                                  shown=shown, title_chars=title_chars, annotate=annotate, cmap=SEQUENTIAL_CMAP,
+                                  linewidth=0.4 if cell > 0.08 else 0.0,
+                                  missing_color=MISSING_COLOR)  # fmt: skip
+                meshes.append(mesh)
+                grids.append([block_ax])
+        for number, (b, panel_axes) in enumerate(zip(blocks, grids, strict=True)):
+            if given is None:
+                mesh = meshes[number]
+            else:
+                for panel_ax, matrix, title in zip(panel_axes, b.matrices, b.titles, strict=True):
+                    mesh = _panel(panel_ax, b, matrix, title, modules, columns, shown=shown, title_chars=title_chars,
+                                  annotate=annotate, linewidth=0.4 if cell > 0.08 else 0.0)  # fmt: skip
             if beneath:
                 colorbar = fig.colorbar(mesh, ax=panel_axes, orientation="horizontal", fraction=0.12, aspect=35,
                                         pad=0.03)  # fmt: skip
@@ -298,133 +299,3 @@ def erank_heatmap_figure(
     block = Block(matrices, titles, low, high, name, fmt, integral)
     return draw_heatmaps([block], modules, columns, xlabel, width=width, given=axes_given(ax),
                          what="erank_heatmap_figure")  # fmt: skip
-
-
-# -- alignment of components ------------------------------------------------------------------------------
-ALIGNMENT_PANELS = (
-    ("left_overlap", "left_baseline", "overlap\n(output space)"),
-    ("right_overlap", "right_baseline", "overlap\n(input space)"),
-    ("cosine", None, "update\ncosine"),
-)
-
-
-def alignment_figure(
-    record: LayerRecord,
-    *,
-    width: str | float = "column",
-    labels: Sequence[str] | None = None,
-    ax: Sequence[Axes] | None = None,
-) -> Figure:
-    """For a composed layer (or any object with ``.alignment`` and ``.name``, such as a compared layer): k×k
-    heatmaps of the projection overlap of the output (left) and input (right) singular subspaces, with their
-    random baseline, and of the exact update cosine. ``labels``: component names (default: the components').
-
-    Rows are named ``1: name``; columns, in the same order, by number. ``ax``: three Axes (output overlap, input
-    overlap, cosine) to draw into, whose figure is returned; by default a new figure of ``width``.
-    """
-    from ..measures.components import off_diagonal_mean
-
-    alignment = getattr(record, "alignment", None)
-    if not alignment:
-        raise FigureInputError(f"layer {record.name} has no alignment: it is not a composition of components")
-    k = len(alignment["cosine"])
-    if labels is None:
-        components = getattr(record, "components", None) or []
-        labels = [c.name for c in components] if len(components) == k else [str(i + 1) for i in range(k)]
-    if len(labels) != k:
-        raise FigureInputError(f"{len(labels)} labels for {k} components")
-    names = [f"{i + 1}: {ellipsize(str(s), 14)}" for i, s in enumerate(labels)]
-    inches = figure_width(width)
-    label_room = 0.1 + 0.055 * max(len(n) for n in names)
-    panel = (inches - label_room - 0.2) / 3.15
-    given = axes_given(ax)
-    with paper_style():
-        if given is not None:
-            axes = check_axes(given, len(ALIGNMENT_PANELS), "alignment_figure")
-            fig = root_figure(axes[0])
-        else:
-            fig = new_figure(width, (panel + 1.2) / inches)
-            # not shared: the inner panels get no y ticks at all (shared, each held every row's hidden label and
-            # a zero-length mark, measured in every layout pass and draw); the rows are named on the first
-            axes = list(fig.subplots(1, 3))
-        mesh = None
-        for ax, (key, baseline_key, title) in zip(axes, ALIGNMENT_PANELS, strict=True):
-            named = given is not None or ax is axes[0]  # a caller's panels each keep their row names
-            matrix = alignment[key]
-            mesh = ax.pcolormesh(
-                _edges(k, -0.5), _edges(k, -0.5), _masked(matrix), cmap=DIVERGING_CMAP, vmin=-1, vmax=1,
-                edgecolors="white", linewidth=0.5,
-            )  # fmt: skip
-            ax.set_facecolor(MISSING_COLOR)
-            ax.set_aspect("equal")
-            ax.set_ylim(k - 0.5, -0.5)
-            ax.set_title(title, fontsize=7)
-            step = max(1, math.ceil(k / 8))
-            ax.set_xticks(range(0, k, step), [str(i + 1) for i in range(0, k, step)])
-            ax.set_yticks(range(0, k, step) if named else [], names[::step] if named else [])
-            ax.tick_params(length=0)
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if panel / k >= MIN_ANNOTATED_CELL:
-                _annotate(ax, matrix, mesh, fmt=".2f", xs=range(k), ys=range(k))
-            baseline = off_diagonal_mean(alignment[baseline_key]) if baseline_key else None
-            if baseline is not None:
-                ax.set_xlabel(f"random ≈ {baseline:.2g}", fontsize=7)
-        colorbar = fig.colorbar(mesh, ax=list(axes), orientation="horizontal", fraction=0.06, aspect=40, pad=0.03)
-        colorbar.outline.set_linewidth(0.4)
-        colorbar.set_ticks([-1, -0.5, 0, 0.5, 1])
-        colorbar.set_label("overlap or cosine (1: aligned, 0: orthogonal)", fontsize=7)
-        if given is None:
-            fig.suptitle(record.name, fontsize=7)
-        else:  # the caller's figure may hold more than this layer
-            axes[0].set_title(f"{record.name}\n{ALIGNMENT_PANELS[0][2]}", fontsize=7)
-    return fig
-
-
-# -- subspace similarity ----------------------------------------------------------------------------------
-def subspace_similarity_figure(
-    grid, labels: Sequence[str], *, width: str | float = "column", title: str | None = None, ax: Axes | None = None
-) -> Figure:
-    """The LoRA paper's φ(i, j) = ‖U_iᵀV_j‖_F²/min(i, j) grid (from ``components.subspace_similarity_grid``):
-    i over the top-i directions of the first update (down), j over the second's (across), 0 to 1. ``ax``: the
-    Axes to draw into, whose figure is returned; by default a new figure of ``width``."""
-    import numpy as np
-
-    values = np.asarray(grid, dtype=float)
-    if values.ndim != 2 or values.size == 0:
-        raise FigureInputError("empty φ grid: one of the updates is zero (it has no singular directions)")
-    if len(labels) != 2:
-        raise FigureInputError(f"subspace similarity needs two labels, got {len(labels)}")
-    rows, columns = values.shape
-    inches = figure_width(width)
-    plot_width = inches - 1.25
-    box = min(1.0, max(0.3, rows / columns))
-    given = axes_given(ax)
-    with paper_style():
-        if given is not None:
-            (ax,) = check_axes(given, 1, "subspace_similarity_figure")
-            fig = root_figure(ax)
-            plot_width = ax.get_position().width * fig.get_figwidth()
-        else:
-            fig = new_figure(width, (plot_width * box + 0.62 + (0.15 if title else 0)) / inches)
-            ax = fig.subplots()
-        mesh = ax.pcolormesh(_edges(columns), _edges(rows), values, cmap=SEQUENTIAL_CMAP, vmin=0, vmax=1,
-                             linewidth=0, rasterized=False)  # fmt: skip
-        ax.set_ylim(rows + 0.5, 0.5)
-        ax.set_box_aspect(box)
-        integer_ticks(ax.xaxis, columns)
-        integer_ticks(ax.yaxis, rows)
-        ax.tick_params(length=2)
-        ax.set_xlabel(f"j: top-j directions of {ellipsize(str(labels[1]), 28)}")
-        ax.set_ylabel(f"i: top-i of {ellipsize(str(labels[0]), 20)}")
-        for side in ax.spines.values():
-            side.set_visible(False)
-        if plot_width / columns >= MIN_ANNOTATED_CELL and plot_width * box / rows >= 0.15:
-            _annotate(ax, values.tolist(), mesh, fmt=".2f", xs=range(1, columns + 1), ys=range(1, rows + 1))
-        # the colour bar as tall as the grid, whatever the grid's shape
-        colorbar = fig.colorbar(mesh, cax=ax.inset_axes((1.0 + 0.06 / plot_width, 0.0, 0.08 / plot_width, 1.0)))
-        colorbar.set_label("φ(i, j)")
-        colorbar.outline.set_linewidth(0.4)
-        if title:
-            ax.set_title(title, fontsize=7, loc="left")
-    return fig
