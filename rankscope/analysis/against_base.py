@@ -39,7 +39,7 @@ from ..core.threads import all_threads
 from ..core.top_vectors import top_singular_triplets
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update
 from ..measures import base_relative as BR
-from ..measures.metrics import numerical_rank
+from ..measures.metrics import numerical_rank, rank_threshold
 from .options import AnalysisOptions
 from .records import LayerRecord
 
@@ -239,13 +239,10 @@ def _dense_delta_vectors(
     # k = min(numerical rank, cap) = #{i ≤ cap: σ_i > threshold}: only the top cap σ are needed
     cap = BR.amplification_rank(min(m, n), update.rank_bound, (m, n), options.amplification_k)
     triplets = top_singular_triplets(delta, cap)
-    sigma = triplets.sigma
-    top = float(sigma[0]) if sigma.numel() else 0.0
-    threshold = top * max(m, n) * float(torch.finfo(torch.float32).eps)
-    if triplets.method == "gram" and cap and float(sigma[cap - 1]) <= 2 * threshold:
+    top = float(triplets.sigma[0]) if triplets.sigma.numel() else 0.0
+    if triplets.method == "gram" and cap and float(triplets.sigma[cap - 1]) <= 2 * rank_threshold(top, (m, n)):
         triplets = top_singular_triplets(delta, cap, exact=True)  # near the rank threshold: exact σ and vectors
-        sigma = triplets.sigma
-    k = int((sigma > threshold).sum())
+    k = numerical_rank(triplets.sigma, (m, n))  # of the top cap σ: min(numerical rank, cap)
     return k, triplets.left[:, :k], triplets.right[:, :k], frobenius, top
 
 

@@ -98,11 +98,9 @@ class Summed(FormedFactor):
 Factor = torch.Tensor | FormedFactor
 
 
-def formed(factor: Factor, dtype: torch.dtype = torch.float64, device: Device = "cpu") -> torch.Tensor:
-    """A tensor of ``factor``: a stored one upcast, a recipe formed."""
-    if isinstance(factor, FormedFactor):
-        return factor.dense(dtype, device)
-    return upcast(factor, dtype, device)
+def _tensor(factor: Factor) -> torch.Tensor:
+    """A stored factor as it is, a recipe formed (float64)."""
+    return factor.dense() if isinstance(factor, FormedFactor) else factor
 
 
 class FormedUpdate(DerivedFactorsUpdate):
@@ -118,17 +116,15 @@ class FormedUpdate(DerivedFactorsUpdate):
         if left_factor.shape[1] != right_factor.shape[1]:
             shapes = f"{list(left_factor.shape)} and {list(right_factor.shape)}"
             raise ValueError(f"factors {shapes} have different inner dimensions")
-        self._fields(left_factor=left_factor, right_factor=right_factor, core=core, scale=scale, concatenation=None)
+        self._fields(left_factor=left_factor, right_factor=right_factor, core=core, scale=scale)
 
     @property
     def left(self) -> torch.Tensor:  # type: ignore[override]
-        return formed(self.left_factor) if isinstance(self.left_factor, FormedFactor) else self.left_factor
+        return _tensor(self.left_factor)
 
     @property
     def right(self) -> torch.Tensor:  # type: ignore[override]
-        if isinstance(self.right_factor, FormedFactor):
-            return formed(self.right_factor).mT
-        return self.right_factor.mT
+        return _tensor(self.right_factor).mT
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -145,4 +141,4 @@ class FormedUpdate(DerivedFactorsUpdate):
         return FormedUpdate(self.left_factor, self.right_factor, self.core, 1.0)
 
 
-__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "RowScaled", "Summed", "formed"]
+__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "RowScaled", "Summed"]

@@ -140,12 +140,6 @@ class _Aligned:
     pair: Callable[[int, int], PairValues]
 
 
-def _overlap_and_angles(block: torch.Tensor) -> tuple[float, list[float]]:
-    """‖B‖_F²/k and the principal angles in degrees of a k×k block of U_iᵀU_j."""
-    degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(block).clamp(0.0, 1.0))).tolist()
-    return float(block.pow(2).sum()) / block.shape[0], degrees
-
-
 def factored_pairwise_alignment(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None = None) -> dict:
     """The k×k alignment matrices of ``measures.components.pairwise_alignment`` — exact update cosine; per side,
     with k_ij the smaller numerical rank, projection overlap, its baseline, smallest and mean principal angle in
@@ -229,11 +223,8 @@ def _from_factors(updates: Sequence[FactoredUpdate]) -> _Aligned:
         left_bases, left_factors = _cross(sides[i][0], sides[j][0])
         right_bases, right_factors = _cross(sides[i][1], sides[j][1])
         inner = float(((cores[i].mT @ left_factors @ cores[j]) * right_factors).sum())
-        k = min(ranks[i], ranks[j])
-        if k == 0:
-            return inner, None
-        return inner, {"left": _overlap_and_angles(left_bases[:k, :k]),
-                       "right": _overlap_and_angles(right_bases[:k, :k])}  # fmt: skip
+        (sides_of_pair,) = alignment_batched.pair_sides(left_bases[None], right_bases[None], [min(ranks[i], ranks[j])])
+        return inner, sides_of_pair
 
     return _Aligned(ranks, [float((s * s).sum()) for s in sigmas], pair)
 
@@ -295,18 +286,10 @@ def _in_coordinates(
     for i in range(k):
         for j in range(i + 1, k):
             inner = (products[i] * products[j]).sum(dim=(1, 2)).tolist()
-            sides: list[dict[str, tuple[float, list[float]]]] = [{} for _ in range(count)]
             smaller = [min(a, b) for a, b in zip(ranks[i], ranks[j], strict=True)]
-            for side in (0, 1):
-                cross = bases[i][side].mT @ bases[j][side]  # N × K_i' × K_j'
-                for rank in set(smaller) - {0}:  # the layers whose pair has this k, in one batch
-                    chosen = [n for n in range(count) if smaller[n] == rank]
-                    blocks = cross[chosen, :rank, :rank]
-                    degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(blocks).clamp(0.0, 1.0))).tolist()
-                    overlaps = (blocks.pow(2).sum(dim=(1, 2)) / rank).tolist()
-                    for n, overlap, angles in zip(chosen, overlaps, degrees, strict=True):
-                        sides[n]["left" if side == 0 else "right"] = (overlap, angles)
-            pairs[(i, j)] = [(inner[n], sides[n] or None) for n in range(count)]
+            crosses = [bases[i][side].mT @ bases[j][side] for side in (0, 1)]  # N × K_i' × K_j' each
+            sides = alignment_batched.pair_sides(*crosses, smaller)
+            pairs[(i, j)] = [(inner[n], sides[n]) for n in range(count)]
     out = []
     for n in range(count):
         values = {pair: per_layer[n] for pair, per_layer in pairs.items()}

@@ -37,6 +37,27 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.data_ptr() == b.data_ptr() and a.storage_offset() == b.storage_offset())  # fmt: skip
 
 
+def overlaps_and_angles(cross: torch.Tensor, ranks: Sequence[int]) -> list[tuple[float, list[float]] | None]:
+    """Per layer n of N × a × b ``cross`` (U_iᵀU_j of one pair), with k = ranks[n]: ‖B‖_F²/k and the principal
+    angles in degrees of its k×k block B (None where k = 0) — the layers of one k in one batched ``svdvals``."""
+    out: list[tuple[float, list[float]] | None] = [None] * len(ranks)
+    for rank in sorted(set(ranks) - {0}):
+        chosen = [n for n, k in enumerate(ranks) if k == rank]
+        blocks = cross[chosen, :rank, :rank]
+        degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(blocks).clamp(0.0, 1.0))).tolist()
+        overlaps = (blocks.pow(2).sum(dim=(1, 2)) / rank).tolist()
+        for n, overlap, angles in zip(chosen, overlaps, degrees, strict=True):
+            out[n] = (overlap, angles)
+    return out
+
+
+def pair_sides(left: torch.Tensor, right: torch.Tensor, ranks: Sequence[int]) -> list[dict | None]:
+    """Per layer {"left"/"right": (overlap, degrees)} of one pair from its two sides' cross matrices, None where
+    the pair's smaller rank is 0."""
+    lefts, rights = overlaps_and_angles(left, ranks), overlaps_and_angles(right, ranks)
+    return [None if a is None else {"left": a, "right": b} for a, b in zip(lefts, rights, strict=True)]
+
+
 def _pattern(factors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     """For each component, the first component holding the same stored factor (itself where none before does)."""
     return tuple(next(j for j in range(i + 1) if _same_tensor(factors[j], f)) for i, f in enumerate(factors))
@@ -153,16 +174,8 @@ def aligned_batch(layers: Sequence[Sequence[FactoredUpdate]], scaled_core) -> li
             right_bases, right_factors = right.cross(i, j)
             inner = ((cores[i].mT @ left_factors @ cores[j]) * right_factors).sum(dim=(1, 2)).tolist()
             smaller = [min(a, b) for a, b in zip(ranks[i], ranks[j], strict=True)]
-            sides: list[dict] = [{} for _ in range(count)]
-            for name, cross in (("left", left_bases), ("right", right_bases)):
-                for rank in sorted(set(smaller) - {0}):  # the layers whose pair has this k, in one batch
-                    chosen = [n for n in range(count) if smaller[n] == rank]
-                    blocks = cross[chosen, :rank, :rank]
-                    degrees = torch.rad2deg(torch.arccos(torch.linalg.svdvals(blocks).clamp(0.0, 1.0))).tolist()
-                    overlaps = (blocks.pow(2).sum(dim=(1, 2)) / rank).tolist()
-                    for n, overlap, angles in zip(chosen, overlaps, degrees, strict=True):
-                        sides[n][name] = (overlap, angles)
-            pairs[(i, j)] = [(inner[n], sides[n] or None) for n in range(count)]
+            sides = pair_sides(left_bases, right_bases, smaller)
+            pairs[(i, j)] = [(inner[n], sides[n]) for n in range(count)]
     return [
         ([r[n] for r in ranks], [e[n] for e in energies], {pair: values[n] for pair, values in pairs.items()})
         for n in range(count)

@@ -177,6 +177,11 @@ def participation_ratio(sigma: Sigma) -> float:
     return _one(batch_participation_ratio, sigma)
 
 
+def rank_threshold(sigma_max: float, shape: Sequence[int]) -> float:
+    """σ₁·max(m, n)·eps(float32): the value a σ must exceed to count in :func:`numerical_rank`."""
+    return sigma_max * max(shape) * FLOAT32_EPS
+
+
 def numerical_rank(sigma: Sigma, shape: Sequence[int]) -> int:
     """#{σ_i > σ₁·max(m, n)·eps(float32)}: numpy's ``matrix_rank`` rule for a float32 matrix of ``shape``."""
     return int(_one(batch_numerical_rank, sigma, torch.tensor([float(max(shape))], dtype=torch.float64)))
