@@ -1,10 +1,12 @@
-"""Round-3/4 report timings (issue 15's report targets): `rankscope report` of the 11 bundled adapters and of one
+"""Round-3/4/6 report timings (issue 15's report targets): `rankscope report` of the 11 bundled adapters and of one
 8B-shaped LoRA r=16, against `rankscope spectrum` of the same file, in one or more source trees, interleaved.
 
     python benchmarks/round3_report.py [--repeats 3] [--tree NAME=DIR ...]
 
 Each command runs as a fresh CLI process under ``/usr/bin/time`` (wall and user CPU, children included), from
-the tree's folder (``python -m rankscope.cli``: the tree's own ``rankscope`` package is imported). ``python -c
+the tree's folder (``python -m rankscope.cli``: the tree's own ``rankscope`` package is imported, unless an
+editable install's finder takes precedence). ``--jobs 1`` rows draw the figures in one process (round 6: the
+default is one process per core). ``python -c
 "import torch"`` is timed in the same loop; the targets are stated as CLI wall minus that. Prints a Markdown
 table of medians (for ``reports/benchmarks.md``).
 """
@@ -35,9 +37,11 @@ def commands(lora: Path, out: Path) -> dict[str, list[str]]:
         # formats named explicitly: the default changed from pdf,png to pdf in round 4
         "demo report (--figures pdf,png)": [*report, *demo, *base, "-o", str(out / "d1"), "--figures", "pdf,png"],
         "demo report (--figures pdf)": [*report, *demo, *base, "-o", str(out / "d2"), "--figures", "pdf"],
+        "demo report (--figures pdf --jobs 1)": [*report, *demo, *base, "-o", str(out / "d4"), "--jobs", "1"],
         "demo report (--figures none)": [*report, *demo, *base, "-o", str(out / "d3"), "--figures", "none"],
         "8B LoRA report (--figures pdf,png)": [*report, str(lora), "-o", str(out / "l1"), "--figures", "pdf,png"],
         "8B LoRA report (--figures pdf)": [*report, str(lora), "-o", str(out / "l3"), "--figures", "pdf"],
+        "8B LoRA report (--figures pdf --jobs 1)": [*report, str(lora), "-o", str(out / "l4"), "--jobs", "1"],
         "8B LoRA report (--figures none)": [*report, str(lora), "-o", str(out / "l2"), "--figures", "none"],
     }
     table = {name: [*arguments, "--force", "-q"] for name, arguments in table.items()}

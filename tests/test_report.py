@@ -26,7 +26,9 @@ from click.testing import CliRunner
 import rankscope
 from rankscope.analysis.comparison import compare
 from rankscope.cli import main
+from rankscope.core import forked
 from rankscope.core.errors import RankscopeError
+from rankscope.core.forked import fork_available
 from rankscope.figures.style import PALETTE
 from rankscope.report import bundle
 from rankscope.report.bundle import MARKER, check_target, write_report
@@ -159,7 +161,7 @@ def fake_svg(slot_id: str) -> str:
 def quick_figures(monkeypatch):
     """For tests about the folder rather than the figures: stand-in SVGs instead of drawing (seconds each)."""
 
-    def render(items, labels, slots, folder, formats, *, progress=None):
+    def render(items, labels, slots, folder, formats, *, progress=None, processes=1):
         return {slot.id: fake_svg(slot.id) for slot in slots}, []
 
     monkeypatch.setattr(bundle, "render_figures", render)
@@ -422,6 +424,27 @@ def test_report_folder_files(analyses, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left beside it
 
 
+@pytest.mark.skipif(not fork_available(), reason="forked helpers run on Linux only")
+def test_figures_drawn_by_forked_helpers_are_the_same_bytes(analyses, tmp_path, monkeypatch):
+    items = [analyses["lora"], analyses["boost"]]
+    original = bundle._figure
+
+    def figure(slot, *args):
+        if slot.kind == "energy":
+            raise RuntimeError("drawing bug")  # wherever it is drawn, the same warning
+        return original(slot, *args)
+
+    monkeypatch.setattr(bundle, "_figure", figure)
+    serial = write_report(items, tmp_path / "one", labels=["a", "b"], formats=("pdf",), processes=1)
+    shared = write_report(items, tmp_path / "two", labels=["a", "b"], formats=("pdf",), processes=3)
+    assert serial == shared and "figure energy left out: RuntimeError: drawing bug" in serial
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) > 8 and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
+                                              if p.is_file())  # fmt: skip
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 def test_report_files_get_the_usual_permissions(analyses, tmp_path):
     mask = os.umask(0o022)
     try:
@@ -559,6 +582,21 @@ def one_error_line(result) -> str:
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("rankscope: error: "), result.output
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def test_jobs_chooses_how_many_processes_draw_the_figures(adapters, tmp_path, monkeypatch):
+    asked = []
+
+    def render(items, labels, slots, folder, formats, *, progress=None, processes=1):
+        asked.append(processes)
+        return {}, []
+
+    monkeypatch.setattr(bundle, "render_figures", render)
+    assert cli(adapters["lora"], "-o", tmp_path / "a", "--jobs", "3", "-q").exit_code == 0
+    assert cli(adapters["lora"], "-o", tmp_path / "b", "-q").exit_code == 0
+    assert asked == [3, forked.default_processes()]
+    refused = CliRunner().invoke(main, ["report", str(adapters["lora"]), "-o", str(tmp_path / "c"), "--jobs", "0"])
+    assert refused.exit_code == 2 and "--jobs" in refused.output and not (tmp_path / "c").exists()
 
 
 def test_command_writes_a_report_and_runs_twice(adapters, tmp_path, monkeypatch):

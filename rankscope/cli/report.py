@@ -36,13 +36,20 @@ RUN_ONLY = ("drift_threshold", "drift_k")  # options of a training run's report
     "figure, as 'rankscope suggest --rule' takes it (energy:P, fixed:K, sv_ratio:X, erank, params:N, …); none: "
     "neither.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Processes drawing the figures (default: one per core, at most 8; 1: this process only). Forked helpers "
+    "on Linux; elsewhere one process draws them.",
+)
 @drift_threshold_option("A training run's report")
 @drift_k_option("A training run's report")
 @checkpoint_options
 @analysis_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or closing line; errors and warnings only.")
 @handle_errors
-def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: bool, suggest_rule: str, drift_threshold: float, drift_k, quiet: bool, **options) -> None:  # fmt: skip
+def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: bool, suggest_rule: str, jobs, drift_threshold: float, drift_k, quiet: bool, **options) -> None:  # fmt: skip
     """Write a report of the adapter(s) at PATHS to the folder DIR: a self-contained index.html (summary, effective-rank
     heatmap, spectra, a sortable per-layer table, per-layer detail, composition and comparison sections), layers.csv,
     summary.json, summary.md and figures/. Several PATHS are compared layer by layer.
@@ -64,7 +71,10 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
         rule = suggestion_rule(suggest_rule)  # a bad rule fails before any file is read
     except UsageProblem as exc:
         raise click.BadParameter(str(exc), param_hint="--suggest-rule") from None
-    final = {"suggest_rule": rule}  # the run report's final/ is the usual report: the same report options
+    from ..core.forked import default_processes
+
+    # the run report's final/ is the usual report: the same report options
+    final = {"suggest_rule": rule, "processes": jobs or default_processes()}
     drift = {"drift_threshold": drift_threshold, "drift_k": drift_k}
     if len(paths) == 1 and _runs_or_sweeps(paths[0], out_dir, formats, labels, force, quiet, options, final, drift):
         return
@@ -86,7 +96,7 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
     try:
         warnings = write_report(
             analyses, out_dir, labels=labels, formats=formats, force=force, progress=progress, phase=phase,
-            suggest_rule=rule,
+            **final,
         )  # fmt: skip
     finally:
         progress.close()

@@ -166,29 +166,53 @@ def render_figures(
     formats: Sequence[str],
     *,
     progress: Callable[[int, int], None] | None = None,
+    processes: int = 1,
 ) -> tuple[dict[str, str], list[str]]:
     """Each slot's figure as inline SVG (and saved as ``folder/<id>.<fmt>``); plus a warning per figure that
-    could not be drawn — the report goes on without it. (Rendering in a pool of spawned processes was measured
-    and not kept: on 2 shared cores it cost ~50 % more CPU and wall time — reports/benchmarks.md, Round 3.)"""
-    from ..figures.output import page_and_files, write_rendered
+    could not be drawn — the report goes on without it. ``processes`` > 1 draws them in that many processes
+    (:func:`~rankscope.core.forked.forked_map`: this one and forked helpers; the same bytes as one process)."""
+    from ..core.forked import forked_map
+    from ..figures.output import write_rendered
 
     formats = tuple(formats) if folder is not None else ()
+    if processes > 1:  # imported once, before the helpers fork, rather than once in each
+        import matplotlib.backends.backend_pdf
+        import matplotlib.backends.backend_svg  # noqa: F401
+
+        from .. import figures  # noqa: F401
+
+    done = None if progress is None else lambda finished: progress(finished, len(slots))
+    drawn = forked_map(lambda index: _render_slot(slots[index], analyses, labels, formats), len(slots),
+                       processes=processes, done=done)  # fmt: skip
     svgs, warnings = {}, []
-    for done, slot in enumerate(slots, 1):
-        try:
-            fig = _figure(slot, analyses, labels)
-            if fig is not None:
-                svgs[slot.id], files = page_and_files(fig, formats)
-                if files:
-                    write_rendered(folder / slot.id, files)
-        except RankscopeError as exc:
-            warnings.append(f"figure {slot.id} left out: {exc}")
-        except Exception as exc:  # a drawing bug costs one figure, not the report; the warning says so
-            logger.debug("figure %s failed", slot.id, exc_info=True)
-            warnings.append(f"figure {slot.id} left out: {type(exc).__name__}: {exc}")
-        if progress:
-            progress(done, len(slots))
+    for slot, (svg, files, warning) in zip(slots, drawn, strict=True):
+        if warning is not None:
+            warnings.append(warning)
+        elif svg is not None:
+            svgs[slot.id] = svg
+            if files:
+                write_rendered(folder / slot.id, files)
     return svgs, warnings
+
+
+def _render_slot(
+    slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str], formats: Sequence[str]
+) -> tuple[str | None, dict[str, bytes], str | None]:
+    """One slot's (inline SVG, files' bytes by format, warning): (None, {}, None) when there is nothing to draw,
+    (None, {}, warning) when it could not be drawn."""
+    from ..figures.output import page_and_files
+
+    try:
+        fig = _figure(slot, analyses, labels)
+        if fig is None:
+            return None, {}, None
+        svg, files = page_and_files(fig, formats)
+        return svg, files, None
+    except RankscopeError as exc:
+        return None, {}, f"figure {slot.id} left out: {exc}"
+    except Exception as exc:  # a drawing bug costs one figure, not the report; the warning says so
+        logger.debug("figure %s failed", slot.id, exc_info=True)
+        return None, {}, f"figure {slot.id} left out: {type(exc).__name__}: {exc}"
 
 
 def write_report(
@@ -201,6 +225,7 @@ def write_report(
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,
     suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
+    processes: int = 1,
 ) -> list[str]:
     """Write the report of ``analyses`` (one checkpoint, or several compared) to the folder ``out_dir``.
 
@@ -209,7 +234,8 @@ def write_report(
     ``COMMIT``, just before the finished folder is renamed into place); ``progress(done, total)`` within the
     comparison and the figures. ``suggest_rule``: the rank rule of the layers' suggested ranks and of the resize
     figure (``rankscope suggest``'s rules; None or ``"none"``: neither). Returns warnings (figures that could
-    not be drawn).
+    not be drawn). ``processes``: how many processes draw the figures (1: this one only; the CLI gives one per
+    core).
     """
     phase = phase or (lambda name: None)
     from ..analysis.comparison import compare
@@ -237,7 +263,7 @@ def write_report(
         report = build_report(analyses, labels, comparison, suggest_rule=suggest_rule)
         phase("figures")
         svgs, warnings = render_figures(analyses, labels, report.figures, staging / "figures", formats,
-                                        progress=progress)  # fmt: skip
+                                        progress=progress, processes=processes)  # fmt: skip
         phase("writing")
         files = {
             "summary.json": dumps(report_document(analyses, labels, comparison)),
