@@ -199,3 +199,43 @@ def test_alignment_inner_panels_draw_as_shared_ones(monkeypatch):
     want = _png(reference)
     assert got.shape == want.shape
     assert np.array_equal(got, want)
+
+
+def _texts_figure():
+    """Texts of every kind a layout depends on: rotated, multi-line, aligned, mathtext, a legend, a wrapped one
+    (laid out anew each time), the same string in two sizes."""
+    from matplotlib.figure import Figure
+
+    with paper_style():
+        fig = Figure(figsize=(4, 3), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for i, ax in enumerate(axes):
+            ax.plot([0, 1, 2], [1, 3, 2], label=f"series {i}")
+            ax.set_xticks([0, 1, 2], ["zero", "one\nline two", "two"], rotation=35 * i, ha="right")
+            ax.set_ylabel(r"$\sigma_i / \sigma_1$ (log)")
+            ax.legend(fontsize=6, title="legend")
+            ax.text(0.5, 0.5, "same", fontsize=6 + 3 * i, ha="center", va="baseline", transform=ax.transAxes)
+        axes[1].text(0.1, 0.2, "a long wrapped note " * 4, wrap=True, transform=axes[1].transAxes)
+        fig.suptitle("effective rank, multi-\nline", fontsize=8)
+    return fig
+
+
+@pytest.mark.parametrize("fmt", ["svg", "pdf", "png"])
+def test_shared_text_layouts_give_the_same_bytes(fmt, monkeypatch):
+    """The reference is matplotlib laying out every text at every measurement: the same bytes either way."""
+    import contextlib
+
+    from matplotlib.text import Text
+
+    from rankscope.figures import _text_layout, output
+
+    original = Text._get_layout
+    shared = figure_bytes(_texts_figure(), fmt)
+    assert Text._get_layout is original  # put back after the save
+    keys = []
+    key = _text_layout._key
+    monkeypatch.setattr(_text_layout, "_key", lambda text, renderer: keys.append(key(text, renderer)) or keys[-1])
+    assert figure_bytes(_texts_figure(), fmt) == shared
+    assert None in keys and len(set(keys)) < len(keys)  # the wrapped note laid out anew; the rest shared
+    monkeypatch.setattr(output, "shared_layouts", contextlib.nullcontext)
+    assert figure_bytes(_texts_figure(), fmt) == shared

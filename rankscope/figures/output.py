@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import RankscopeError
+from ._text_layout import shared_layouts
 from .fonts import shared_subsets
 from .style import paper_style
 
@@ -40,7 +41,12 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     buffer = io.BytesIO()
     # font embedding, SVG ids and dpi are read when saving; PDFs embed the process' shared font subsets
-    with paper_style(), settled_positions(fig), shared_subsets() if fmt == "pdf" else contextlib.nullcontext():
+    with (
+        paper_style(),
+        settled_positions(fig),
+        shared_layouts(),
+        shared_subsets() if fmt == "pdf" else contextlib.nullcontext(),
+    ):
         fig.savefig(buffer, format=fmt, dpi=PNG_DPI, metadata=_METADATA[fmt])
     return buffer.getvalue()
 
