@@ -124,3 +124,71 @@ def test_pairwise_alignment_known_cases():
     with_zero = pairwise_alignment([first, zero])
     assert with_zero["cosine"][0][1] is None and with_zero["left_overlap"][0][1] is None
     assert not any(isinstance(v, float) and math.isnan(v) for row in with_zero["cosine"] for v in row if v is not None)
+
+
+def _dense_update(matrix: torch.Tensor, built: list | None = None) -> DenseUpdate:
+    def build(dtype, device):
+        if built is not None:
+            built.append(1)
+        return matrix.to(dtype)
+
+    return DenseUpdate(shape=tuple(matrix.shape), build=build)
+
+
+def _low_rank(m: int, n: int, rank: int, seed: int) -> torch.Tensor:
+    """An m×n matrix of exactly ``rank`` with singular values 1 … 0.5 (an unambiguous numerical rank)."""
+    sigma = torch.linspace(1.0, 0.5, rank, dtype=torch.float64)
+    return orthonormal(m, rank, seed) @ torch.diag(sigma) @ orthonormal(n, rank, seed + 50).T
+
+
+@pytest.mark.parametrize("batch_numbers", [None, 1])
+def test_pairwise_alignment_of_dense_and_kronecker_updates_against_scipy(batch_numbers, monkeypatch):
+    """The singular-vector path (dense, Kronecker, a zero update): every pair's principal angles against scipy's
+    subspace_angles of the dense float64 SVD's top-k bases, overlaps and cosines against dense float64 here; in
+    one batched svdvals per k, or one pair per batch (``batch_numbers`` 1) — the same numbers."""
+    from rankscope.measures import components
+
+    if batch_numbers is not None:
+        monkeypatch.setattr(components, "_BATCH_NUMBERS", batch_numbers)
+    m, n = 12, 20
+    shared = _low_rank(m, n, 3, 1)
+    built = []
+    updates = [
+        _dense_update(shared, built),
+        _dense_update(_low_rank(m, n, 5, 2), built),
+        _dense_update(0.5 * shared + 0.1 * _low_rank(m, n, 2, 3), built),
+        KroneckerUpdate(
+            FactoredUpdate(
+                orthonormal(3, 2, 4) * torch.tensor([1.0, 0.6], dtype=torch.float64), orthonormal(4, 2, 5).T
+            ),
+            _dense_update(_low_rank(4, 5, 2, 6)),
+        ),
+        _dense_update(torch.zeros(m, n, dtype=torch.float64), built),
+    ]
+    result = pairwise_alignment(updates)
+    # each dense update formed once for its singular vectors and once for all of its inner products
+    assert len(built) == 2 * 4
+    matrices = [dense(u) for u in updates]
+    svds = [np.linalg.svd(w.numpy()) for w in matrices]
+    ranks = [int((s > 1e-9).sum()) for _, s, _ in svds]
+    for i in range(len(updates)):
+        for j in range(len(updates)):
+            a, b = matrices[i], matrices[j]
+            norm = float(a.norm() * b.norm())
+            want = None if norm == 0 else float((a * b).sum()) / norm
+            got = result["cosine"][i][j]
+            assert (got is None) if want is None else got == pytest.approx(want, rel=1e-9, abs=1e-12)
+            k = min(ranks[i], ranks[j])
+            if k == 0:
+                assert result["left_overlap"][i][j] is None and result["right_min_angle"][i][j] is None
+                continue
+            for side, (basis_i, basis_j) in (
+                ("left", (svds[i][0], svds[j][0])),
+                ("right", (svds[i][2].T, svds[j][2].T)),
+            ):
+                x, y = basis_i[:, :k], basis_j[:, :k]
+                angles = np.degrees(scipy.linalg.subspace_angles(x, y))
+                assert result[f"{side}_min_angle"][i][j] == pytest.approx(angles.min(), abs=1e-5)
+                assert result[f"{side}_mean_angle"][i][j] == pytest.approx(angles.mean(), abs=1e-5)
+                assert result[f"{side}_overlap"][i][j] == pytest.approx(float(np.sum((x.T @ y) ** 2)) / k, abs=1e-9)
+                assert result[f"{side}_baseline"][i][j] == pytest.approx(k / x.shape[0])

@@ -64,8 +64,9 @@ def _factored_inner(a: FactoredUpdate, b: FactoredUpdate) -> float:
     return float((gram_left * gram_right).sum())
 
 
-def inner_product(a: Update, b: Update) -> float:
-    """⟨ΔW_a, ΔW_b⟩_F, from factors where both are factored, ⟨F1,F2⟩·⟨G1,G2⟩ for matching Kronecker ones."""
+def inner_product(a: Update, b: Update, dense: Callable[[Update], torch.Tensor] | None = None) -> float:
+    """⟨ΔW_a, ΔW_b⟩_F, from factors where both are factored, ⟨F1,F2⟩·⟨G1,G2⟩ for matching Kronecker ones, else
+    from the matrices (``dense(update)``: where they come from; default each one's ``materialize()``)."""
     if a.shape != b.shape:
         raise ValueError(f"updates of different shapes {a.shape} and {b.shape} have no inner product")
     if isinstance(a, FactoredUpdate) and isinstance(b, FactoredUpdate):
@@ -77,15 +78,46 @@ def inner_product(a: Update, b: Update) -> float:
         and a.second.shape == b.second.shape
     ):
         return a.scale * b.scale * inner_product(a.first, b.first) * inner_product(a.second, b.second)
-    return float((a.materialize() * b.materialize()).sum())
+    form = dense or (lambda update: update.materialize())
+    return float((form(a) * form(b)).sum())
+
+
+def _cosine(ab: float, aa: float, bb: float) -> float | None:
+    norm = math.sqrt(max(aa, 0.0) * max(bb, 0.0))
+    if norm == 0.0:
+        return None
+    return max(-1.0, min(1.0, ab / norm))
 
 
 def update_cosine(a: Update, b: Update) -> float | None:
     """⟨ΔW_a, ΔW_b⟩_F / (‖ΔW_a‖_F‖ΔW_b‖_F); None when either update is zero."""
-    norm = math.sqrt(max(inner_product(a, a), 0.0) * max(inner_product(b, b), 0.0))
-    if norm == 0.0:
-        return None
-    return max(-1.0, min(1.0, inner_product(a, b) / norm))
+    return _cosine(inner_product(a, b), inner_product(a, a), inner_product(b, b))
+
+
+_HELD_NUMBERS = 1 << 26  # matrices kept formed while one layer's pairs are taken (512 MiB of float64 at most)
+
+
+def update_cosines(updates: Sequence[Update]) -> list[list[float | None]]:
+    """:func:`update_cosine` of every pair of ``updates`` (a symmetric k×k matrix, None where either is zero): each
+    inner product taken once, each ‖ΔW‖² once, and an update without a factored inner product formed once (while
+    they fit in :data:`_HELD_NUMBERS`) instead of once per pair."""
+    held: dict[int, torch.Tensor] = {}
+    room = [_HELD_NUMBERS]
+
+    def dense(update: Update) -> torch.Tensor:
+        found = held.get(id(update))
+        if found is None:
+            found = update.materialize()
+            if found.numel() <= room[0]:
+                held[id(update)], room[0] = found, room[0] - found.numel()
+        return found
+
+    n = len(updates)
+    inner = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            inner[i][j] = inner[j][i] = inner_product(updates[i], updates[j], dense)
+    return [[_cosine(inner[i][j], inner[i][i], inner[j][j]) for j in range(n)] for i in range(n)]
 
 
 # -- every pair of factored updates of one layer, from cross-Grams ----------------------------------------------

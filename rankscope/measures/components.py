@@ -7,7 +7,6 @@ component has null entries (alignment with a zero update is undefined, never NaN
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -15,12 +14,9 @@ import torch
 from ..core.spectrum import singular_vectors
 from ..core.update import FactoredUpdate, Update
 from . import alignment
+from .alignment_batched import overlaps_and_angles
 from .concentration import concentration
 from .metrics import numerical_rank
-
-
-def _degrees(radians: torch.Tensor) -> list[float]:
-    return [math.degrees(float(v)) for v in radians]
 
 
 def pairwise_alignment(updates: Sequence[Update], composite: Update | None = None) -> dict:
@@ -50,42 +46,40 @@ def pairwise_alignments(layers: Sequence[tuple[Sequence[Update], Update | None]]
     return results  # type: ignore[return-value]
 
 
+_MEASURES = ("overlap", "baseline", "min_angle", "mean_angle")  # per side, of each pair's top-k subspaces
+_KEYS = tuple(f"{side}_{what}" for side in ("left", "right") for what in _MEASURES)
+
+
+_BATCH_NUMBERS = 1 << 22  # the k×k blocks of one batched svdvals hold at most this many numbers (32 MiB)
+
+
 def _from_singular_vectors(updates: Sequence[Update]) -> dict:
-    """Any kind of update (dense, Kronecker): each one's singular vectors, then pair by pair."""
+    """Any kind of update (dense, Kronecker): each one's singular vectors, then the pairs i ≤ j (the matrices are
+    symmetric), each pair's top-k block U_iᵀU_j, and the principal angles of blocks of one k by batched
+    ``svdvals`` (``alignment_batched.overlaps_and_angles``), in batches of bounded size."""
     bases = []
     for update in updates:
         u, sigma, v = singular_vectors(update)
         rank = numerical_rank(sigma, update.shape)
-        bases.append((u[:, :rank], v[:, :rank]) if rank else None)
+        bases.append((u[:, :rank].double(), v[:, :rank].double()) if rank else None)
     n = len(updates)
-    out: dict[str, list[list[float | None]]] = {
-        key: [[None] * n for _ in range(n)]
-        for key in (
-            "cosine",
-            "left_overlap",
-            "left_baseline",
-            "left_min_angle",
-            "left_mean_angle",
-            "right_overlap",
-            "right_baseline",
-            "right_min_angle",
-            "right_mean_angle",
-        )
-    }
+    out: dict[str, list[list[float | None]]] = {"cosine": alignment.update_cosines(updates)}
+    out.update({key: [[None] * n for _ in range(n)] for key in _KEYS})
+    by_rank: dict[int, list[tuple[int, int]]] = {}
     for i in range(n):
-        for j in range(n):
-            out["cosine"][i][j] = alignment.update_cosine(updates[i], updates[j]) if j >= i else out["cosine"][j][i]
-            if bases[i] is None or bases[j] is None:
-                continue
+        for j in range(i, n):
+            if bases[i] is not None and bases[j] is not None:
+                by_rank.setdefault(min(bases[i][0].shape[1], bases[j][0].shape[1]), []).append((i, j))
+    for k, pairs in by_rank.items():
+        size = max(1, _BATCH_NUMBERS // (k * k))
+        for chunk in (pairs[p : p + size] for p in range(0, len(pairs), size)):
             for side, index in (("left", 0), ("right", 1)):
-                a, b = bases[i][index], bases[j][index]
-                k = min(a.shape[1], b.shape[1])
-                angles = alignment.principal_angles(a[:, :k], b[:, :k])
-                degrees = _degrees(angles)
-                out[f"{side}_overlap"][i][j] = alignment.projection_overlap(a[:, :k], b[:, :k])
-                out[f"{side}_baseline"][i][j] = alignment.overlap_baseline(k, k, a.shape[0])
-                out[f"{side}_min_angle"][i][j] = min(degrees)
-                out[f"{side}_mean_angle"][i][j] = sum(degrees) / len(degrees)
+                cross = torch.stack([bases[i][index][:, :k].mT @ bases[j][index][:, :k] for i, j in chunk])
+                baseline = alignment.overlap_baseline(k, k, updates[0].shape[index])
+                for (i, j), (overlap, degrees) in zip(chunk, overlaps_and_angles(cross, [k] * len(chunk)), strict=True):
+                    values = (overlap, baseline, min(degrees), sum(degrees) / len(degrees))
+                    for what, value in zip(_MEASURES, values, strict=True):
+                        out[f"{side}_{what}"][i][j] = out[f"{side}_{what}"][j][i] = value
     return out
 
 
