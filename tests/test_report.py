@@ -326,6 +326,9 @@ def test_inline_svg_prefixes_ids_and_references():
     assert 'id="f7-p0"' in svg and "url(#f7-p0)" in svg and 'xlink:href="#f7-g1"' in svg
     assert 'aria-label="cap &quot;q&quot; &lt;x&gt;"' in svg and 'class="f7"' in svg
     assert svg.startswith("<svg") and ".f7 *{stroke-linecap: butt}" in svg
+    # a colour spelled like an id stays a colour; only definitions, url(#…) and href="#…" are renamed
+    body = '<defs><clipPath id="{0}c0ffee"/></defs><g clip-path="url(#{0}c0ffee)" fill="#c0ffee"/><text>#c0ffee)</text>'
+    assert inline_svg(f"<svg>{body.format('')}</svg>", "f2-", "c").endswith(f"{body.format('f2-')}</svg>")
 
 
 def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
