@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 
 import pytest
@@ -65,3 +66,68 @@ def test_one_process_or_one_piece_forks_nothing() -> None:
 
 def test_default_processes_is_bounded_by_the_cores() -> None:
     assert 1 <= forked.default_processes() <= min(forked.available_cores(), forked.MAX_PROCESSES)
+
+
+# -- ForkedHelpers: forked before the work exists, prepared, then sent it ------------------------------------------
+_PREPARED: list[int] = []  # set by _prepare in a helper: what its pieces see (and this process does not)
+_PARENT = os.getpid()
+
+
+def _prepare() -> None:
+    _PREPARED.append(os.getpid())
+
+
+def _square(index: int) -> tuple[int, int, bool]:
+    time.sleep(0.05)  # long enough that the seed's copy takes pieces too
+    return index * index, os.getpid(), bool(_PREPARED)
+
+
+def _dies_in_a_helper(index: int) -> tuple[int, int]:
+    if os.getpid() != _PARENT and index % 2 == 0:
+        os._exit(3)  # a helper dies at the first even piece it takes
+    return index + 100, os.getpid()
+
+
+def _raises_in_a_helper(index: int) -> int:
+    if os.getpid() != _PARENT and index == 3:
+        raise RuntimeError("only in a helper")
+    return -index
+
+
+@needs_fork
+def test_prepared_helpers_do_the_work_sent_later_and_the_results_come_back_in_order() -> None:
+    parent = os.getpid()
+    with forked.ForkedHelpers(2, _prepare) as helpers:
+        time.sleep(0.1)  # this process goes on meanwhile (a report analyses here)
+        helpers.start(_square, 12)
+        seen = []
+        results = helpers.results(seen.append)
+    assert [value for value, _, _ in results] == [i * i for i in range(12)]
+    pids = {pid for _, pid, _ in results}
+    assert parent not in pids and len(pids) == 2  # the seed and its one copy, none of it here
+    assert all(prepared for _, _, prepared in results) and not _PREPARED  # prepared there, not here
+    assert seen == sorted(seen) and seen[-1] == 12
+
+
+@needs_fork
+def test_what_prepared_helpers_do_not_deliver_is_done_here() -> None:
+    with forked.ForkedHelpers(3, _prepare) as helpers:
+        helpers.start(_dies_in_a_helper, 8)
+        results = helpers.results()
+    assert [value for value, _ in results] == [i + 100 for i in range(8)]
+    assert all(pid == _PARENT for (value, pid) in results if (value - 100) % 2 == 0)
+    with forked.ForkedHelpers(2, _prepare) as helpers:
+        helpers.start(_raises_in_a_helper, 6)
+        assert helpers.results() == [-i for i in range(6)]  # piece 3 raised there, was done here
+
+
+@needs_fork
+def test_prepared_helpers_stop_when_closed_without_work_and_refuse_what_cannot_be_sent() -> None:
+    helpers = forked.ForkedHelpers(2, _prepare)
+    seed = helpers._seed
+    helpers.close()  # the seed reads EOF instead of work (or is stopped): nothing is left running
+    assert not seed.is_alive()
+    # a local function does not pickle: start raises, and leaving the block stops the waiting helper
+    with forked.ForkedHelpers(2, _prepare) as helpers, pytest.raises((pickle.PicklingError, AttributeError)):
+        helpers.start(lambda index: index, 3)
+    assert not helpers._seed.is_alive()

@@ -30,7 +30,7 @@ from rankscope.core import forked
 from rankscope.core.errors import RankscopeError
 from rankscope.core.forked import fork_available
 from rankscope.figures.style import PALETTE
-from rankscope.report import bundle
+from rankscope.report import bundle, drawing
 from rankscope.report.bundle import MARKER, check_target, write_report
 from rankscope.report.html import figure_slots, inline_svg, layer_svg, report_html
 from rankscope.report.model import SeriesView, cumulative_energy
@@ -161,10 +161,10 @@ def fake_svg(slot_id: str) -> str:
 def quick_figures(monkeypatch):
     """For tests about the folder rather than the figures: stand-in SVGs instead of drawing (seconds each)."""
 
-    def render(items, labels, slots, folder, formats, *, progress=None, processes=1):
-        return {slot.id: fake_svg(slot.id) for slot in slots}, []
+    def start(items, labels, slots, folder, formats, *, processes=1, helpers=None):
+        return lambda progress=None: ({slot.id: fake_svg(slot.id) for slot in slots}, [])
 
-    monkeypatch.setattr(bundle, "render_figures", render)
+    monkeypatch.setattr(bundle, "start_drawing", start)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +340,7 @@ def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     # order of first appearance — the same order as the figures' panels and every table
     order = ["q_proj", "k_proj", "v_proj", HOSTILE[0], HOSTILE[1]]
     assert list(dict.fromkeys(module_of[name] for name in modules.layers)) == order
-    fig = bundle._figure(modules, [analyses["hostile"]], ["h"])
+    fig = drawing._figure(modules, [analyses["hostile"]], ["h"])
     # k_proj's only layer is invalid: no panel for it (as before, no figure for it)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [m for m in order if m != "k_proj"]
     assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
@@ -348,7 +348,7 @@ def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     several = figure_slots(pair, ["a/b", "c d"], None)
     # several checkpoints: the overview spectrum already has a panel per module type; no second figure of them
     assert not [s for s in several if s.section == "modules"]
-    overview = bundle._figure(next(s for s in several if s.id == "spectrum"), pair, ["a/b", "c d"])
+    overview = drawing._figure(next(s for s in several if s.id == "spectrum"), pair, ["a/b", "c d"])
     assert [ax.get_title() for ax in overview.axes if ax.get_visible()] == ["q_proj", "v_proj"]
     # one heatmap of every checkpoint, a panel each (issue 14/15), not one figure per checkpoint
     (heatmap,) = [s for s in several if s.kind == "erank-heatmap"]
@@ -430,14 +430,14 @@ def test_report_folder_files(analyses, tmp_path):
 @pytest.mark.skipif(not fork_available(), reason="forked helpers run on Linux only")
 def test_figures_drawn_by_forked_helpers_are_the_same_bytes(analyses, tmp_path, monkeypatch):
     items = [analyses["lora"], analyses["boost"]]
-    original = bundle._figure
+    original = drawing._figure
 
     def figure(slot, *args):
         if slot.kind == "energy":
             raise RuntimeError("drawing bug")  # wherever it is drawn, the same warning
         return original(slot, *args)
 
-    monkeypatch.setattr(bundle, "_figure", figure)
+    monkeypatch.setattr(drawing, "_figure", figure)
     serial = write_report(items, tmp_path / "one", labels=["a", "b"], formats=("pdf",), processes=1)
     shared = write_report(items, tmp_path / "two", labels=["a", "b"], formats=("pdf",), processes=3)
     assert serial == shared and "figure energy left out: RuntimeError: drawing bug" in serial
@@ -543,14 +543,14 @@ def test_an_error_while_writing_leaves_the_old_report_and_no_debris(
 
 
 def test_a_figure_that_cannot_be_drawn_is_left_out_with_a_warning(analyses, tmp_path, monkeypatch):
-    real = bundle._figure
+    real = drawing._figure
 
-    def broken(slot, items, labels):
+    def broken(slot, items, labels, grids=None):
         if slot.kind == "energy":
             raise ValueError("no luck")
-        return real(slot, items, labels)
+        return real(slot, items, labels, grids)
 
-    monkeypatch.setattr(bundle, "_figure", broken)
+    monkeypatch.setattr(drawing, "_figure", broken)
     warnings = write_report([analyses["lora"]], tmp_path / "r", formats=("svg",))
     assert warnings == ["figure energy left out: ValueError: no luck"]
     assert not (tmp_path / "r" / "figures" / "energy.svg").exists()
@@ -590,22 +590,38 @@ def one_error_line(result) -> str:
 def test_jobs_chooses_how_many_processes_draw_the_figures(adapters, tmp_path, monkeypatch):
     asked = []
 
-    def render(items, labels, slots, folder, formats, *, progress=None, processes=1):
-        asked.append(processes)
-        return {}, []
+    def start(items, labels, slots, folder, formats, *, processes=1, helpers=None):
+        asked.append((processes, helpers is not None))
+        return lambda progress=None: ({}, [])
 
-    monkeypatch.setattr(bundle, "render_figures", render)
+    monkeypatch.setattr(bundle, "start_drawing", start)
     assert cli(adapters["lora"], "-o", tmp_path / "a", "--jobs", "3", "-q").exit_code == 0
     assert cli(adapters["lora"], "-o", tmp_path / "b", "-q").exit_code == 0
-    assert asked == [3, forked.default_processes()]
+    assert cli(adapters["lora"], "-o", tmp_path / "d", "--jobs", "1", "-q").exit_code == 0
+    cores = forked.default_processes()
+    # helpers forked before the analysis where there is more than one process and a fork; none for --jobs 1
+    assert asked == [(3, fork_available()), (cores, cores > 1 and fork_available()), (1, False)]
     refused = CliRunner().invoke(main, ["report", str(adapters["lora"]), "-o", str(tmp_path / "c"), "--jobs", "0"])
     assert refused.exit_code == 2 and "--jobs" in refused.output and not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(not fork_available(), reason="forked helpers run on Linux only")
+def test_figures_of_helpers_forked_before_the_analysis_are_the_same_bytes(adapters, tmp_path):
+    # two adapters compared: a subspace-similarity figure too, whose grid is computed here and sent
+    paths = (adapters["lora"], adapters["other"])
+    assert cli(*paths, "-o", tmp_path / "one", "--jobs", "1", "-q", "--figures", "pdf,svg").exit_code == 0
+    assert cli(*paths, "-o", tmp_path / "two", "--jobs", "2", "-q", "--figures", "pdf,svg").exit_code == 0
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert Path("figures/subspace-similarity.pdf") in files
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
 def test_command_writes_a_report_and_runs_twice(adapters, tmp_path, monkeypatch):
     out = tmp_path / "r"
     with monkeypatch.context() as patch:  # the first run only has to leave a report of ours behind
-        patch.setattr(bundle, "render_figures", lambda items, labels, slots, *args, **kwargs: ({}, []))
+        patch.setattr(bundle, "start_drawing", lambda *args, **kwargs: lambda progress=None: ({}, []))
         first = cli(adapters["boost"], "-o", out, "--figures", "svg", "--layers", "q_proj", "-q")
     assert first.exit_code == 0 and len(json.loads((out / "summary.json").read_text())["layers"]) == 2
     result = cli(adapters["boost"], "-o", out, "--figures", "svg")  # ours: replaced without --force

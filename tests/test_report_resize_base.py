@@ -128,7 +128,7 @@ def test_base_columns_and_heatmap_hold_the_records(based):
 
     # the heatmap's cells are the records' values (drawn from the report model's figure spec)
     from rankscope.report.build import build_report
-    from rankscope.report.bundle import _figure
+    from rankscope.report.drawing import _figure
 
     analysis = rankscope.analyze(rankscope.load(ADAPTER, base=BASE))
     report = build_report([analysis], ["lora-r32"])
@@ -167,7 +167,7 @@ def test_bad_rule_exits_2_before_reading(tmp_path, rule):
 
 def test_several_checkpoints_get_one_resize_figure_with_a_panel_each(based):
     from rankscope.report.build import build_report
-    from rankscope.report.bundle import _figure
+    from rankscope.report.drawing import _figure
     from rankscope.resize.suggest import suggest
 
     r32 = rankscope.analyze(rankscope.load(ADAPTER))

@@ -85,21 +85,23 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
                                "checkpoint-N/ folders or step=N.ckpt files), not to adapters")  # fmt: skip
     guarded = [*paths, *([options["base"]] if options.get("base") else [])]
     check_target(out_dir, guarded, force=force)  # before the analysis: a refusal should not wait for it
-    analyses, labels, progress = analyse_paths(paths, labels, options, quiet=quiet)
-    several = len(analyses) > 1
+    # forked now, with torch imported: a helper gets ready to draw while the checkpoints are read and analysed
+    with _figure_helpers(final["processes"]) as helpers:
+        analyses, labels, progress = analyse_paths(paths, labels, options, quiet=quiet)
+        several = len(analyses) > 1
 
-    def phase(name: str) -> None:
-        progress.phase(name)
-        if name == COMMIT:
-            commit()  # from here on a Ctrl-C no longer stops the run: the report is moved into place
+        def phase(name: str) -> None:
+            progress.phase(name)
+            if name == COMMIT:
+                commit()  # from here on a Ctrl-C no longer stops the run: the report is moved into place
 
-    try:
-        warnings = write_report(
-            analyses, out_dir, labels=labels, formats=formats, force=force, progress=progress, phase=phase,
-            **final,
-        )  # fmt: skip
-    finally:
-        progress.close()
+        try:
+            warnings = write_report(
+                analyses, out_dir, labels=labels, formats=formats, force=force, progress=progress, phase=phase,
+                helpers=helpers, **final,
+            )  # fmt: skip
+        finally:
+            progress.close()
     for message in warnings:
         warn(message)
     for label, analysis in zip(labels, analyses, strict=True):
@@ -108,6 +110,24 @@ def report(paths: tuple[str, ...], out_dir: str, figure_formats, labels, force: 
         layers = sum(len(a.layers) for a in analyses)
         note(f"report written to {out_dir}/index.html ({layers} layers; also layers.csv, summary.json, summary.md"
              f"{', figures/' if formats else ''})")  # fmt: skip
+
+
+def _figure_helpers(processes: int):
+    """:class:`~rankscope.core.forked.ForkedHelpers` for ``processes`` drawing processes — matplotlib imported and
+    fonts loaded while the command reads and analyses — as a context that stops them; ``nullcontext(None)`` for
+    one process, where there is no fork, or where forking fails (this process then draws)."""
+    import contextlib
+
+    from ..core.forked import ForkedHelpers, fork_available
+
+    if processes <= 1 or not fork_available():
+        return contextlib.nullcontext(None)
+    from ..report.drawing import prepare_to_draw
+
+    try:
+        return ForkedHelpers(processes, prepare_to_draw)
+    except OSError:  # no process to spare (EAGAIN, ENOMEM): the figures are drawn here
+        return contextlib.nullcontext(None)
 
 
 def _runs_or_sweeps(path: str, out_dir: str, formats, labels, force, quiet, options: dict, final: dict, drift: dict) -> bool:  # fmt: skip

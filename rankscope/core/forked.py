@@ -19,6 +19,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -136,6 +137,179 @@ def _helper(work: Callable[[int], object], count: int, counter, write_end: int) 
     os._exit(0)
 
 
+class ForkedHelpers:
+    """Helpers that get ready *now*, before this process has their work, and then share it.
+
+    One helper is forked at once and runs ``prepare()`` (imports, fonts: what the first piece would cost every
+    process) while this process goes on — a report reads and analyses its checkpoints meanwhile. Once prepared it
+    reads the work :meth:`start` sends (pickled: a module-level function or a ``functools.partial`` of one, with
+    picklable arguments) and forks ``processes - 1`` copies of itself, prepared already; all of them take pieces
+    from a shared counter as in :func:`forked_map`, each sending its results back through a pipe of its own, while
+    this process is free until :meth:`results`. What no helper delivers (one died, its piece raised) this process
+    does itself, so the results are a serial loop's. :meth:`close` (also on leaving the ``with`` block) stops
+    them; a helper whose parent is gone reads EOF instead of work, or fails to write, and exits."""
+
+    def __init__(self, processes: int, prepare: Callable[[], None]) -> None:
+        context = multiprocessing.get_context("fork")
+        self._counter = context.Value("q", 0)
+        self._work: tuple | None = None
+        self._queue: queue.Queue = queue.Queue()
+        task_read, self._task = os.pipe()
+        pipes = [os.pipe() for _ in range(max(1, processes))]
+        self._results = [read for read, _ in pipes]
+        ours = [self._task, *self._results]  # held in the helper, they would hide this process' exit from it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._pipes = len(pipes)
+        self._seed = context.Process(target=_seed_helper, daemon=True,
+                                     args=(prepare, task_read, [w for _, w in pipes], self._counter, ours))  # fmt: skip
+        try:
+            with warnings.catch_warnings():
+                # Python ≥ 3.12 warns of forking a process with threads (torch's, an idle worker pool): a helper
+                # only draws, and takes no lock those threads might hold
+                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+                self._seed.start()
+        except BaseException:
+            self._seed = None
+            self.close()
+            raise
+        finally:
+            for fd in [task_read, *(w for _, w in pipes)]:  # the helper's ends
+                os.close(fd)
+
+    def __enter__(self) -> ForkedHelpers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, work: Callable[[int], T], count: int) -> None:
+        """Hand ``work(0) … work(count - 1)`` to the helpers; raises (pickle's error) where ``work`` cannot be
+        sent, the helpers then left waiting (:meth:`close` them)."""
+        if self._work is not None or self._task is None:
+            raise RuntimeError("ForkedHelpers.start: the helpers have their work already, or were closed")
+        payload = pickle.dumps((work, count), protocol=pickle.HIGHEST_PROTOCOL)
+        self._work = (work, count)
+        task, self._task = self._task, None
+        # the helper reads its work once prepared: sent by a thread, so that this process goes on meanwhile
+        threading.Thread(target=_send, args=(task, payload), daemon=True).start()
+        for result in self._results:
+            threading.Thread(target=_collect_into, args=(result, self._queue), daemon=True).start()
+        self._results = []
+
+    def results(self, done: Callable[[int], None] | None = None) -> list:
+        """The work's results in order, once every helper has finished (``done(n)``: n pieces finished so far)."""
+        if self._work is None:
+            raise RuntimeError("ForkedHelpers.results: start() was not called")
+        work, count = self._work
+        finished: dict[int, object] = {}
+        open_pipes = self._pipes
+        while open_pipes:
+            item = self._queue.get()
+            if item is None:
+                open_pipes -= 1
+                continue
+            index, result = item
+            finished[index] = result
+            if done is not None:
+                done(len(finished))
+        self._seed.join()
+        for index in range(count):
+            if index not in finished:  # a helper died or its piece raised: done here, as the serial loop would
+                finished[index] = work(index)
+        if done is not None:
+            done(count)
+        return [finished[index] for index in range(count)]
+
+    def close(self) -> None:
+        """Stop the helpers and close this process' ends of their pipes."""
+        for fd in [*([self._task] if self._task is not None else []), *self._results]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._task, self._results = None, []
+        if self._seed is not None:
+            if self._seed.is_alive():
+                self._seed.terminate()  # its copies stop at their next result: the pipe is closed
+            self._seed.join()
+
+
+def _seed_helper(prepare: Callable[[], None], task_read: int, result_writes: list[int], counter, ours) -> None:
+    """:class:`ForkedHelpers`' first helper: prepare, read the work (EOF: none is coming), fork the others, then
+    take pieces like them; it waits for its copies before it exits."""
+    for fd in ours:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the helpers
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    with contextlib.suppress(Exception):  # a warm-up that fails costs only its time: the pieces still run
+        prepare()
+    try:
+        with os.fdopen(task_read, "rb") as tasks:
+            try:
+                work, count = pickle.load(tasks)
+            except EOFError:  # the parent went on without helpers, or is gone
+                os._exit(0)
+        copies, mine = [], result_writes[0]
+        for write_end in result_writes[1:]:
+            try:
+                pid = os.fork()
+            except OSError:  # no more processes: fewer helpers share the pieces
+                os.close(write_end)
+                continue
+            if pid == 0:
+                for other in result_writes:
+                    if other != write_end:
+                        with contextlib.suppress(OSError):
+                            os.close(other)
+                _take_pieces(work, count, counter, write_end)  # never returns
+            copies.append(pid)
+            os.close(write_end)
+        status = 0
+        try:
+            _send_results(work, count, counter, mine)
+        except BaseException:
+            status = 1
+        for pid in copies:
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+    except BaseException:
+        os._exit(1)
+    os._exit(status)
+
+
+def _take_pieces(work: Callable[[int], object], count: int, counter, write_end: int) -> None:
+    """A copy of the seed: pieces until none is left, then exit (1 at the first that raises)."""
+    try:
+        _send_results(work, count, counter, write_end)
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+def _send_results(work: Callable[[int], object], count: int, counter, write_end: int) -> None:
+    with os.fdopen(write_end, "wb") as pipe:
+        for index in _taken(counter, count):
+            pickle.dump((index, work(index)), pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            pipe.flush()
+
+
+def _send(write_end: int, payload: bytes) -> None:
+    with contextlib.suppress(OSError), os.fdopen(write_end, "wb") as pipe:
+        pipe.write(payload)
+
+
+def _collect_into(read_end: int, results: queue.Queue) -> None:
+    """Put a helper's ``(index, result)`` messages on ``results`` until its pipe closes, then None."""
+    try:
+        with os.fdopen(read_end, "rb") as pipe, contextlib.suppress(Exception):
+            while True:
+                results.put(pickle.load(pipe))
+    finally:
+        results.put(None)
+
+
 def _collect(read_end: int, finished: dict) -> None:
     """Read a helper's results until its pipe closes."""
     # EOF, or a last message cut short: what is missing is redone by the parent
@@ -145,4 +319,4 @@ def _collect(read_end: int, finished: dict) -> None:
             finished[index] = result
 
 
-__all__ = ["available_cores", "default_processes", "fork_available", "forked_map"]
+__all__ = ["ForkedHelpers", "available_cores", "default_processes", "fork_available", "forked_map"]

@@ -28,16 +28,18 @@ from ..core.naming import checkpoint_labels
 from .build import build_report, checkpoint_notes
 from .csv import layers_csv
 from .csv import text_cell as csv_text
+from .drawing import start_drawing
 from .html import render_page
 from .json import dumps
 from .markdown import comparison_markdown, notes_markdown, spectrum_markdown
-from .model import FigureSpec, Report
+from .model import Report
 from .output import set_usual_mode
 from .resize_base import DEFAULT_SUGGEST_RULE
 
 if TYPE_CHECKING:
     from ..analysis.comparison import Comparison
     from ..analysis.records import Analysis
+    from ..core.forked import ForkedHelpers
 
 logger = logging.getLogger(__name__)
 
@@ -108,113 +110,6 @@ def report_markdown(
     return "\n".join(parts)
 
 
-def _figure(slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str]):
-    """Draw one slot with rankscope.figures (None when there is nothing to draw)."""
-    from .. import figures as F
-
-    # figures with a panel per checkpoint: full width when there are more than two
-    members = slot.members if slot.members is not None else (slot.checkpoint,) if slot.checkpoint is not None else ()
-    chosen, names = [analyses[i] for i in members], [labels[i] for i in members]
-    width = "full" if slot.wide else "column"
-    if slot.kind == "erank-heatmap":
-        # one colour scale for every checkpoint: the same colour is the same erank in each panel
-        low, high = F.heatmap_limits(analyses)
-        return F.erank_heatmap_figure(chosen, names, vmin=low, vmax=high, width=width)
-    if slot.kind == "count-above":
-        return F.count_above_figure(analyses, labels)
-    if slot.kind == "energy":
-        return F.energy_figure(analyses, labels)
-    if slot.kind == "weights":
-        return F.weights_figure(analyses[slot.checkpoint])
-    if slot.kind == "growth":
-        return F.growth_figure(analyses[slot.checkpoint])
-    if slot.kind == "resize":
-        return F.resize_figure(chosen, slot.rules, labels=names, width=width)
-    if slot.kind == "base-heatmap":
-        return F.base_heatmap_figure(chosen, names, width=width)
-    if slot.kind == "alignment":
-        record = next(r for r in analyses[slot.checkpoint].layers if r.name == slot.layer)
-        return F.alignment_figure(record)
-    if slot.kind == "subspace-similarity":
-        from ..measures.components import subspace_similarity_grid
-
-        updates = [
-            next(layer.update for layer in a.checkpoint.layers if layer.name == slot.layer) for a in analyses[:2]
-        ]
-        grid = subspace_similarity_grid(*updates, side="right")
-        return F.subspace_similarity_figure(grid, labels[:2], title=slot.layer)
-    if slot.kind == "spectrum" and slot.layers is None:
-        return F.spectrum_figure(analyses, labels)
-    if slot.kind == "spectrum":
-        # the layers valid in every checkpoint that has them; the modules section's: a panel per module type
-        having = [(a, label) for a, label in zip(analyses, labels, strict=True)
-                  if any(r.name in slot.layers for r in a.layers)]  # fmt: skip
-        valid = [name for name in slot.layers
-                 if all(any(r.name == name and r.valid for r in a.layers) for a, _ in having)]  # fmt: skip
-        if not valid:
-            return None
-        draw = F.module_spectra_figure if slot.section == "modules" else F.spectrum_figure
-        return draw([a for a, _ in having], [label for _, label in having], layers=valid, width=width)
-    raise ValueError(f"unknown figure kind {slot.kind!r}")
-
-
-def render_figures(
-    analyses: Sequence[Analysis],
-    labels: Sequence[str],
-    slots: Sequence[FigureSpec],
-    folder: Path | None,
-    formats: Sequence[str],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-    processes: int = 1,
-) -> tuple[dict[str, str], list[str]]:
-    """Each slot's figure as inline SVG (and saved as ``folder/<id>.<fmt>``); plus a warning per figure that
-    could not be drawn — the report goes on without it. ``processes`` > 1 draws them in that many processes
-    (:func:`~rankscope.core.forked.forked_map`: this one and forked helpers; the same bytes as one process)."""
-    from ..core.forked import forked_map
-    from ..figures.output import write_rendered
-
-    formats = tuple(formats) if folder is not None else ()
-    if processes > 1:  # imported once, before the helpers fork, rather than once in each
-        import matplotlib.backends.backend_pdf
-        import matplotlib.backends.backend_svg  # noqa: F401
-
-        from .. import figures  # noqa: F401
-
-    done = None if progress is None else lambda finished: progress(finished, len(slots))
-    drawn = forked_map(lambda index: _render_slot(slots[index], analyses, labels, formats), len(slots),
-                       processes=processes, done=done)  # fmt: skip
-    svgs, warnings = {}, []
-    for slot, (svg, files, warning) in zip(slots, drawn, strict=True):
-        if warning is not None:
-            warnings.append(warning)
-        elif svg is not None:
-            svgs[slot.id] = svg
-            if files:
-                write_rendered(folder / slot.id, files)
-    return svgs, warnings
-
-
-def _render_slot(
-    slot: FigureSpec, analyses: Sequence[Analysis], labels: Sequence[str], formats: Sequence[str]
-) -> tuple[str | None, dict[str, bytes], str | None]:
-    """One slot's (inline SVG, files' bytes by format, warning): (None, {}, None) when there is nothing to draw,
-    (None, {}, warning) when it could not be drawn."""
-    from ..figures.output import page_and_files
-
-    try:
-        fig = _figure(slot, analyses, labels)
-        if fig is None:
-            return None, {}, None
-        svg, files = page_and_files(fig, formats)
-        return svg, files, None
-    except RankscopeError as exc:
-        return None, {}, f"figure {slot.id} left out: {exc}"
-    except Exception as exc:  # a drawing bug costs one figure, not the report; the warning says so
-        logger.debug("figure %s failed", slot.id, exc_info=True)
-        return None, {}, f"figure {slot.id} left out: {type(exc).__name__}: {exc}"
-
-
 def write_report(
     analyses: Sequence[Analysis],
     out_dir: str | Path,
@@ -226,6 +121,7 @@ def write_report(
     phase: Callable[[str], None] | None = None,
     suggest_rule: str | None = DEFAULT_SUGGEST_RULE,
     processes: int = 1,
+    helpers: ForkedHelpers | None = None,
 ) -> list[str]:
     """Write the report of ``analyses`` (one checkpoint, or several compared) to the folder ``out_dir``.
 
@@ -235,7 +131,8 @@ def write_report(
     comparison and the figures. ``suggest_rule``: the rank rule of the layers' suggested ranks and of the resize
     figure (``rankscope suggest``'s rules; None or ``"none"``: neither). Returns warnings (figures that could
     not be drawn). ``processes``: how many processes draw the figures (1: this one only; the CLI gives one per
-    core).
+    core). ``helpers``: :class:`~rankscope.core.forked.ForkedHelpers` forked earlier and prepared with
+    :func:`~rankscope.report.drawing.prepare_to_draw` draw them instead (the CLI's, forked before the analysis).
     """
     phase = phase or (lambda name: None)
     from ..analysis.comparison import compare
@@ -262,15 +159,17 @@ def write_report(
         (staging / "figures").mkdir()
         report = build_report(analyses, labels, comparison, suggest_rule=suggest_rule)
         phase("figures")
-        svgs, warnings = render_figures(analyses, labels, report.figures, staging / "figures", formats,
-                                        progress=progress, processes=processes)  # fmt: skip
-        phase("writing")
+        finish = start_drawing(analyses, labels, report.figures, staging / "figures", formats,
+                               processes=processes, helpers=helpers)  # fmt: skip
+        # the tables need no figure: written while helpers draw (before the figures where this process draws)
         files = {
             "summary.json": dumps(report_document(analyses, labels, comparison)),
             "layers.csv": report_csv(analyses, labels, report),
             "summary.md": report_markdown(analyses, comparison, labels, report),
-            "index.html": render_page(report, svgs, figure_formats=formats, companions=True),
         }
+        svgs, warnings = finish(progress)
+        phase("writing")
+        files["index.html"] = render_page(report, svgs, figure_formats=formats, companions=True)
         if not any((staging / "figures").iterdir()):  # --figures none, or nothing to draw: no empty folder
             (staging / "figures").rmdir()
         commit_folder(staging, target, files, phase)
