@@ -62,6 +62,34 @@ def test_pdf_bytes_do_not_depend_on_what_was_rendered_before():
     assert first == again and first.count(b"/FontFile2") == 1
 
 
+def test_a_subset_kept_on_disk_gives_the_same_pdf_and_a_damaged_one_is_computed_again(tmp_path, monkeypatch):
+    import matplotlib.backends._backend_pdf_ps as hook
+
+    monkeypatch.setattr(fonts, "store_folder", lambda: tmp_path / "subsets")
+    fonts._CACHE.clear()
+    computed = figure_bytes(_figure("erank 7.7 σ₁"), "pdf")  # subset by fontTools, then stored
+    (stored,) = (tmp_path / "subsets").glob("*.bin")
+    fonts._CACHE.clear()  # as in the next process
+
+    def refuse(*args):
+        raise AssertionError("subset again although it is stored")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hook, "get_glyphs_subset", refuse)
+        assert figure_bytes(_figure("erank 7.7 σ₁"), "pdf") == computed  # read from the disk
+    stored.write_bytes(stored.read_bytes()[:-10] + b"0123456789")  # damaged: fails its SHA-256
+    fonts._CACHE.clear()
+    assert figure_bytes(_figure("erank 7.7 σ₁"), "pdf") == computed  # computed again …
+    fonts._CACHE.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(hook, "get_glyphs_subset", refuse)
+        assert figure_bytes(_figure("erank 7.7 σ₁"), "pdf") == computed  # … and stored again
+    (tmp_path / "a file").write_text("")  # a cache folder that cannot be made costs only the time
+    monkeypatch.setattr(fonts, "store_folder", lambda: tmp_path / "a file" / "subsets")
+    fonts._CACHE.clear()
+    assert figure_bytes(_figure("erank 7.7 σ₁"), "pdf") == computed
+
+
 @pytest.mark.parametrize(
     ("value", "label"),
     [(1e-3, "10⁻³"), (1.0, "1"), (10.0, "10"), (100.0, "10²"), (1e-12, "10⁻¹²"), (0.02, "0.02"), (0.0, "")],
