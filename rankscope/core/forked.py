@@ -100,8 +100,14 @@ def forked_map(
             if child.is_alive():  # an exception or Ctrl-C here: the helpers stop with it
                 child.terminate()
                 child.join()
+    return _completed(work, count, finished, done)
+
+
+def _completed(work: Callable[[int], T], count: int, finished: dict, done: Callable[[int], None] | None) -> list[T]:
+    """The results in order, the pieces no helper delivered (it died, or its piece raised) done here, as the
+    serial loop would."""
     for index in range(count):
-        if index not in finished:  # a helper died or its piece raised: done here, as the serial loop would
+        if index not in finished:
             finished[index] = work(index)
     if done is not None:
         done(count)
@@ -122,19 +128,15 @@ def _taken(counter, count: int):
 def _helper(work: Callable[[int], object], count: int, counter, write_end: int) -> None:
     """A forked helper: take pieces until none is left, sending ``(index, result)`` after each; stop quietly at
     the first piece that raises (this process will do it again, and show its exception)."""
+    _as_helper()
+    _take_pieces(work, count, counter, write_end)
+
+
+def _as_helper() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the helpers
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)  # the parent's OpenMP threads were not forked; one thread needs none
-    try:
-        with os.fdopen(write_end, "wb") as pipe:
-            for index in _taken(counter, count):
-                result = work(index)
-                pickle.dump((index, result), pipe, protocol=pickle.HIGHEST_PROTOCOL)
-                pipe.flush()
-    except BaseException:  # the parent redoes what is missing and raises it there
-        os._exit(1)
-    os._exit(0)
 
 
 class ForkedHelpers:
@@ -214,12 +216,7 @@ class ForkedHelpers:
             if done is not None:
                 done(len(finished))
         self._seed.join()
-        for index in range(count):
-            if index not in finished:  # a helper died or its piece raised: done here, as the serial loop would
-                finished[index] = work(index)
-        if done is not None:
-            done(count)
-        return [finished[index] for index in range(count)]
+        return _completed(work, count, finished, done)
 
     def close(self) -> None:
         """Stop the helpers and close this process' ends of their pipes."""
@@ -239,10 +236,7 @@ def _seed_helper(prepare: Callable[[], None], task_read: int, result_writes: lis
     for fd in ours:
         with contextlib.suppress(OSError):
             os.close(fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the helpers
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
+    _as_helper()
     with contextlib.suppress(Exception):  # a warm-up that fails costs only its time: the pieces still run
         prepare()
     try:
@@ -280,7 +274,8 @@ def _seed_helper(prepare: Callable[[], None], task_read: int, result_writes: lis
 
 
 def _take_pieces(work: Callable[[int], object], count: int, counter, write_end: int) -> None:
-    """A copy of the seed: pieces until none is left, then exit (1 at the first that raises)."""
+    """A helper's loop: pieces until none is left, each result sent back, then exit; at the first piece that
+    raises it stops quietly (exit 1): the parent does that piece again and shows its exception."""
     try:
         _send_results(work, count, counter, write_end)
     except BaseException:
