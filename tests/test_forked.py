@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,34 @@ def test_prepared_helpers_stop_when_closed_without_work_and_refuse_what_cannot_b
     with forked.ForkedHelpers(2, _prepare) as helpers, pytest.raises((pickle.PicklingError, AttributeError)):
         helpers.start(lambda index: index, 3)
     assert not helpers._seed.is_alive()
+
+
+def _record_and_wait(folder: str, index: int) -> int:
+    (Path(folder) / f"{os.getpid()}").touch()
+    time.sleep(0.3)
+    return index
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has stopped; only its parent's wait is missing
+
+
+@needs_fork
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_closing_after_the_work_was_sent_stops_the_seed_and_its_copies(tmp_path) -> None:
+    import functools
+
+    helpers = forked.ForkedHelpers(3, _prepare)
+    helpers.start(functools.partial(_record_and_wait, str(tmp_path)), 30)  # ~3 s of pieces in three helpers
+    deadline = time.monotonic() + 10
+    while len(list(tmp_path.iterdir())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(pids) == 3  # the seed and both copies were drawing
+    helpers.close()  # an error or Ctrl-C in this process while they draw
+    time.sleep(0.3)
+    assert not [pid for pid in pids if _running(pid)]

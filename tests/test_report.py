@@ -606,11 +606,20 @@ def test_jobs_chooses_how_many_processes_draw_the_figures(adapters, tmp_path, mo
 
 
 @pytest.mark.skipif(not fork_available(), reason="forked helpers run on Linux only")
-def test_figures_of_helpers_forked_before_the_analysis_are_the_same_bytes(adapters, tmp_path):
+def test_figures_of_helpers_forked_before_the_analysis_are_the_same_bytes(adapters, tmp_path, monkeypatch):
     # two adapters compared: a subspace-similarity figure too, whose grid is computed here and sent
     paths = (adapters["lora"], adapters["other"])
     assert cli(*paths, "-o", tmp_path / "one", "--jobs", "1", "-q", "--figures", "pdf,svg").exit_code == 0
+    delivered = []
+    completed = forked._completed
+
+    def spy(work, count, finished, done):
+        delivered.append((len(finished), count))  # what the helpers sent back before this process fills gaps
+        return completed(work, count, finished, done)
+
+    monkeypatch.setattr(forked, "_completed", spy)
     assert cli(*paths, "-o", tmp_path / "two", "--jobs", "2", "-q", "--figures", "pdf,svg").exit_code == 0
+    assert len(delivered) == 1 and delivered[0][0] == delivered[0][1] > 0  # every figure drawn by the helpers
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert Path("figures/subspace-similarity.pdf") in files
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())

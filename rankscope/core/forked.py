@@ -23,12 +23,14 @@ import queue
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 MAX_PROCESSES = 8  # matplotlib's work per figure is small: more processes than this only add their start-up
+_ORPHAN_WAIT = 5.0  # seconds without a result after the seed is gone before its copies are given up
 
 
 def fork_available() -> bool:
@@ -205,9 +207,20 @@ class ForkedHelpers:
             raise RuntimeError("ForkedHelpers.results: start() was not called")
         work, count = self._work
         finished: dict[int, object] = {}
-        open_pipes = self._pipes
+        open_pipes, quiet_since = self._pipes, None
         while open_pipes:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                # the seed waits for its copies: gone while pipes are open, it was killed (OOM, a signal), and
+                # a copy may be stuck on the counter's lock it held — stop them and do the rest here
+                if self._seed.is_alive():
+                    continue
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since > _ORPHAN_WAIT:
+                    self._stop()
+                    break
+                continue
             if item is None:
                 open_pipes -= 1
                 continue
@@ -224,10 +237,18 @@ class ForkedHelpers:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._task, self._results = None, []
-        if self._seed is not None:
+        self._stop()
+
+    def _stop(self) -> None:
+        """End the seed and its copies: they share a process group of their own (the seed's)."""
+        if self._seed is None:
+            return
+        try:
+            os.killpg(self._seed.pid, signal.SIGTERM)
+        except OSError:  # the group is gone already, or the seed had not made it yet
             if self._seed.is_alive():
-                self._seed.terminate()  # its copies stop at their next result: the pipe is closed
-            self._seed.join()
+                self._seed.terminate()
+        self._seed.join()
 
 
 def _seed_helper(prepare: Callable[[], None], task_read: int, result_writes: list[int], counter, ours) -> None:
@@ -236,6 +257,8 @@ def _seed_helper(prepare: Callable[[], None], task_read: int, result_writes: lis
     for fd in ours:
         with contextlib.suppress(OSError):
             os.close(fd)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # its copies join this group: close() ends them all with one signal
     _as_helper()
     with contextlib.suppress(Exception):  # a warm-up that fails costs only its time: the pieces still run
         prepare()

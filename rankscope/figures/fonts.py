@@ -11,8 +11,8 @@ the figure's glyphs, never on what was drawn before). Outside the context matplo
 A subset is also kept on disk, beside matplotlib's own font cache (``matplotlib.get_cachedir()``), so that the next
 process (the next ``rankscope report``) reads it instead of subsetting again (~0.26 s): one file per font file,
 its size and modification time, the glyph set and the matplotlib and fontTools versions, checked by a SHA-256 of
-its bytes when read. A file that is missing, unreadable or fails the check is recomputed and rewritten; a cache
-folder that cannot be written costs only the time.
+its bytes and glyph map when read. A file that is missing, unreadable or fails the check is recomputed and
+rewritten; a cache folder that cannot be written costs only the time.
 """
 
 from __future__ import annotations
@@ -108,11 +108,16 @@ def _read_stored(path: Path | None) -> tuple[bytes, dict] | None:
         blob = path.read_bytes()
         head, _, rest = blob[len(_MAGIC) :].partition(b"\n")
         header = json.loads(head)
-        if not blob.startswith(_MAGIC) or hashlib.sha256(rest).hexdigest() != header["sha256"]:
+        if not blob.startswith(_MAGIC) or _digest(header["map"], rest) != header["sha256"]:
             return None
         return rest, {int(old): int(new) for old, new in header["map"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _digest(pairs: list, data: bytes) -> str:
+    """SHA-256 of the glyph index map and the font bytes together: a damaged map fails the check too."""
+    return hashlib.sha256(json.dumps(pairs).encode() + b"\n" + data).hexdigest()
 
 
 def _store(path: Path | None, data: bytes, mapping: dict) -> None:
@@ -120,7 +125,8 @@ def _store(path: Path | None, data: bytes, mapping: dict) -> None:
         return
     from .output import write_atomically
 
-    header = json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "map": sorted(mapping.items())})
+    pairs = [list(pair) for pair in sorted(mapping.items())]
+    header = json.dumps({"sha256": _digest(pairs, data), "map": pairs})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = sorted(path.parent.glob("*.bin"), key=lambda p: p.stat().st_mtime_ns)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -171,7 +170,7 @@ def start_drawing(
         try:
             helpers.start(work, len(slots))
             results = helpers.results
-        except (pickle.PicklingError, TypeError, AttributeError):  # something in the records will not pickle
+        except Exception:  # something in the records will not pickle (PicklingError, TypeError, RecursionError, …)
             logger.debug("figures drawn here: the work could not be sent", exc_info=True)
             helpers.close()
 
