@@ -204,3 +204,43 @@ def test_the_cli_runs_single_threaded_and_restores(adapter, two_threads):
     samples, probes, result = run_watched(command, during_load)
     assert result.exit_code == 0, result.output
     assert_single_threaded_during_and_restored(samples, probes, two_threads)
+
+
+LATE_IMPORT = """
+import sys
+import torch
+from threadpoolctl import threadpool_info
+import rankscope
+from rankscope.core.top_vectors import gram_top_eigen
+
+def pools():
+    found = threadpool_info()
+    return {(p["internal_api"], p["filepath"]): p["num_threads"] for p in found if p["internal_api"] != "openmp"}
+
+assert "scipy.linalg" not in sys.modules, "scipy.linalg already imported: the test would prove nothing"
+before = pools()
+with rankscope.single_threaded():
+    gram_top_eigen(torch.randn(64, 48, dtype=torch.float64), 5)  # imports scipy.linalg here, inside the block
+    inside = pools()
+after = pools()
+late = set(after) - set(before)
+assert late, f"scipy loaded no BLAS of its own here: {sorted(after)}"
+assert all(count == 1 for count in inside.values()), inside
+assert all(after[key] > 1 for key in late), (before, after)  # put back at its own default when the block ended
+print("ok")
+"""
+
+
+def test_a_blas_loaded_inside_the_block_runs_single_threaded_and_is_restored():
+    """scipy's own OpenBLAS, loaded by a lazy import inside ``single_threaded``, is limited too (threadpoolctl
+    limits only what was loaded when the block began) and is put back at its default afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: every pool defaults to one thread, nothing to tell apart")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", LATE_IMPORT], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"

@@ -35,7 +35,7 @@ from ..core.dense import resolve_device
 from ..core.errors import CheckpointError
 from ..core.spectrum import singular_vectors
 from ..core.svd_cache import CacheKey, SVDCache
-from ..core.threads import all_threads
+from ..core.threads import all_threads, import_limited
 from ..core.top_vectors import top_singular_triplets
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update
 from ..measures import base_relative as BR
@@ -264,7 +264,7 @@ def _sigma_max(matrix: torch.Tensor) -> float:
         with all_threads():
             values = torch.linalg.svdvals(matrix)
         return float(values[0]) if values.numel() else 0.0
-    from scipy.sparse.linalg import svds
+    svds = import_limited("scipy.sparse.linalg").svds
 
     start = np.random.default_rng(0).standard_normal(min(matrix.shape))
     with all_threads():

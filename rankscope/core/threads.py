@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import torch
 
@@ -39,6 +41,8 @@ _lock = threading.Lock()
 _depth = 0  # how many single_threaded blocks are open, in any thread
 _budget: int | None = None  # torch's thread count when the outermost block was entered
 _limits = None  # threadpoolctl's limiter of the outermost block (restores the BLAS/OpenMP pools)
+_late_limits: list = []  # limiters of pools loaded inside the block (import_limited), restored before _limits
+_late_modules: set[str] = set()  # the modules import_limited has limited in this block
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # worker_pool's: (the owning process, the pool)
 _collecting = False  # whether automatic cyclic collection was on when the outermost block began
 
@@ -94,10 +98,30 @@ def single_threaded() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 budget, limits, _budget, _limits = _budget, _limits, None, None
+                for late in reversed(_late_limits):  # newest first: each restores what the one before it set
+                    late.restore_original_limits()
+                _late_limits.clear()
+                _late_modules.clear()
                 limits.restore_original_limits()
                 torch.set_num_threads(budget)
                 if _collecting:
                     gc.enable()
+
+
+def import_limited(name: str) -> ModuleType:
+    """``importlib.import_module(name)``; inside :func:`single_threaded`, the BLAS/OpenMP pools it loads at one
+    thread too (threadpoolctl limits only the libraries loaded when the block began: scipy brings its own
+    OpenBLAS, whose threads, left at the core count, made each small ``eigh`` of the report's base comparison
+    2–10 ms instead of 0.3 — measured). Restored with the others when the block ends."""
+    module = importlib.import_module(name)
+    if _limits is not None and name not in _late_modules:
+        from threadpoolctl import threadpool_limits
+
+        with _lock:
+            if _limits is not None and name not in _late_modules:
+                _late_limits.append(threadpool_limits(limits=1))
+                _late_modules.add(name)
+    return module
 
 
 def thread_policy(threads: int | None) -> contextlib.AbstractContextManager[None]:
@@ -126,4 +150,12 @@ def all_threads() -> Iterator[None]:
         torch.set_num_threads(1)
 
 
-__all__ = ["all_threads", "inside_single_threaded", "single_threaded", "thread_budget", "thread_policy", "worker_pool"]
+__all__ = [
+    "all_threads",
+    "import_limited",
+    "inside_single_threaded",
+    "single_threaded",
+    "thread_budget",
+    "thread_policy",
+    "worker_pool",
+]

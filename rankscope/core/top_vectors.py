@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .threads import all_threads
+from .threads import all_threads, import_limited
 
 EPS = float(torch.finfo(torch.float64).eps)
 # accept the Gram's vectors where its error bound is this small outright, …
@@ -79,7 +79,7 @@ def gram_top_eigen(
     """(λ descending, their eigenvectors as columns, left) of the smaller Gram of ``matrix``: M·Mᵀ (left = True,
     eigenvectors are left singular vectors) or MᵀM; the top ``count`` only. ``full``: torch's full ``eigh``
     (the default on a GPU) instead of scipy's, which stops at the top ``count`` (the default on the CPU)."""
-    from scipy.linalg import eigh
+    eigh = import_limited("scipy.linalg").eigh  # its OpenBLAS at one thread inside single_threaded too
 
     m, n = matrix.shape
     left = m <= n
