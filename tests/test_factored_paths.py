@@ -70,6 +70,39 @@ def test_bora_from_blocks_matches_a_dense_svd() -> None:
         assert torch.allclose(update.unscaled().materialize() * scale, reference, rtol=1e-10, atol=1e-10)
 
 
+def test_bora_cores_from_diagonal_blocks_match_a_dense_svd() -> None:
+    """BoRA's Σ' (a grid of diagonal r × r blocks) takes the cores from the diagonals, a full core the general
+    products; with a scalar and a per-column scale, and one ill-conditioned block — σ against a dense SVD."""
+    from rankscope.core.block_diagonal import block_diagonals
+    from rankscope.formats.bora import block_core
+
+    g = torch.Generator().manual_seed(4)
+    m, n, r, blocks = 96, 64, 4, 4
+    cases = []
+    for scale, ill, diagonal in ((0.7, False, True), (0.7, True, True), ("vector", False, True), (0.7, False, False)):
+        b = torch.randn(m, r, generator=g, dtype=torch.float64)
+        if ill:
+            b[m // blocks : 2 * m // blocks] = conditioned(m // blocks, r, 1e7, g)
+        a = torch.randn(r, n, generator=g, dtype=torch.float64).to(torch.bfloat16)
+        if diagonal:
+            core = block_core(torch.randn(blocks, blocks, r, generator=g, dtype=torch.float64).exp())
+        else:
+            core = torch.randn(blocks * r, blocks * r, generator=g, dtype=torch.float64)
+        if scale == "vector":
+            scale = torch.rand(blocks * r, generator=g, dtype=torch.float64) + 0.5
+        cases.append((b.float(), a, blocks, core, scale))
+    assert [block_diagonals(core, blocks) is not None for _, _, _, core, _ in cases] == [True, True, True, False]
+    # the diagonal cores and the full one in separate batches (they share a shape, so also together below)
+    for chosen in (cases, cases[:3], cases[3:]):
+        updates = [BlockDiagonalUpdate(b, a, blocks, core, scale) for b, a, blocks, core, scale in chosen]
+        FACTOR_CACHE.clear()
+        values, exact = singular_values(updates)
+        assert all(exact)
+        for sigma, (b, a, blocks, core, scale) in zip(values, chosen, strict=True):
+            scaled = core * scale[:, None] if isinstance(scale, torch.Tensor) else core * scale
+            assert_sigma(sigma, dense_sigma(bora_dense(b, a, blocks, scaled, 1.0)), blocks * r)
+
+
 def test_composition_keeps_stored_precision_and_its_weights() -> None:
     g = torch.Generator().manual_seed(2)
     parts = []
@@ -246,16 +279,16 @@ def assert_sigma_tight(got: torch.Tensor, matrix: torch.Tensor, count: int) -> N
 
 def grams_taken(monkeypatch) -> list[torch.Tensor]:
     """The factors whose Gram the factored path computes from the factor itself, recorded."""
-    import rankscope.core.factored as factored
+    import rankscope.core.triangular as triangular
 
     seen: list[torch.Tensor] = []
-    real = factored._gram
+    real = triangular._gram
 
     def recording(factor, workspace):
         seen.append(factor)
         return real(factor, workspace)
 
-    monkeypatch.setattr(factored, "_gram", recording)
+    monkeypatch.setattr(triangular, "_gram", recording)
     return seen
 
 

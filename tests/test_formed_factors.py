@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rankscope.core.factored as factored
+import rankscope.core.triangular as triangular
 from rankscope.core.factored import cholesky_qr_limit, factored_singular_values, update_r_factors
 from rankscope.core.formed import FaceSplit, FormedUpdate, RowScaled, Summed
 from rankscope.core.threads import thread_policy, worker_pool
@@ -90,8 +91,8 @@ def test_layers_sharing_a_stored_factor_take_its_r_once(monkeypatch) -> None:
     updates = [FormedUpdate(RowScaled(torch.randn(200, 16, generator=g), torch.rand(200, generator=g)), shared)
                for _ in range(3)]  # fmt: skip
     passes: list[tuple[int, int]] = []
-    gram = factored._gram
-    monkeypatch.setattr(factored, "_gram", lambda f, w: passes.append(tuple(f.shape)) or gram(f, w))
+    gram = triangular._gram
+    monkeypatch.setattr(triangular, "_gram", lambda f, w: passes.append(tuple(f.shape)) or gram(f, w))
     factored.FACTOR_CACHE.clear()
     _, r_right, _, _ = update_r_factors(updates)
     assert passes.count((300, 16)) == 1 and passes.count((200, 16)) == 3
@@ -122,7 +123,7 @@ def test_shifted_cholesky_proves_only_what_holds() -> None:
     inside = [_known_condition(k, c * limit**2, g) for c in (1e-3, 0.01)]
     outside = [_known_condition(k, c * limit**2, g) for c in (1.001, 4.0, 1e6)]
     limits = torch.full((len(inside) + len(outside),), limit, dtype=torch.float64)
-    proven = factored._shifted_cholesky_test(torch.stack(inside + outside), limits)
+    proven = triangular._shifted_cholesky_test(torch.stack(inside + outside), limits)
     assert proven[len(inside) :].tolist() == [False] * len(outside)  # never accepts κ(S) above limit²
     assert proven[: len(inside)].all()  # a sound test that still settles well-conditioned matrices
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankscope.core import dense, factored
+from rankscope.core import dense, triangular
 from rankscope.core.dense import dense_singular_values
 from rankscope.core.factored import CHOLESKY_QR_TOLERANCE, cholesky_qr_limit, factored_singular_values, r_factors
 from rankscope.core.spectrum import singular_values
@@ -183,7 +183,7 @@ def test_plain_cholesky_qr_would_be_inaccurate_where_the_gate_refuses_it(monkeyp
     expected = reference(left, right, scale=0.5)
     (gated,) = factored_singular_values([FactoredUpdate(left, right, scale=0.5)])
     assert_spectrum_matches(gated, expected, 16)
-    monkeypatch.setattr(factored, "CHOLESKY_QR_TOLERANCE", 1e30)  # accept every Cholesky factor
+    monkeypatch.setattr(triangular, "CHOLESKY_QR_TOLERANCE", 1e30)  # accept every Cholesky factor
     (ungated,) = factored_singular_values([FactoredUpdate(left, right, scale=0.5)])
     significant = expected[:16] >= 1e-6 * expected[0]
     error = ((ungated - expected[:16]).abs() / expected[:16])[significant].max().item()
@@ -275,7 +275,7 @@ def test_parallel_factor_work_matches_the_serial_work_exactly(monkeypatch):
         for m, n, k in shapes
     ]
     before = torch.get_num_threads()
-    monkeypatch.setattr(factored, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(triangular, "PARALLEL_MIN_ELEMENTS", 0)
     try:
         torch.set_num_threads(2)
         serial = factored_singular_values(updates)  # outside single_threaded: the calling thread, torch's threads
