@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from rankscope.core import dense, triangular
 from rankscope.core.dense import dense_singular_values
-from rankscope.core.factored import CHOLESKY_QR_TOLERANCE, cholesky_qr_limit, factored_singular_values, r_factors
+from rankscope.core.factored import cholesky_qr_limit, factored_singular_values, r_factors
 from rankscope.core.spectrum import singular_values
 from rankscope.core.threads import single_threaded, thread_budget
+from rankscope.core.triangular import CHOLESKY_QR_TOLERANCE
 from rankscope.core.update import DenseUpdate, FactoredUpdate
 
 

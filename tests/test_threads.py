@@ -229,6 +229,7 @@ if not late:  # scipy uses numpy's BLAS in this build: no pool is loaded inside 
     sys.exit(0)
 assert all(count == 1 for count in inside.values()), inside
 assert all(after[key] > 1 for key in late), (before, after)  # put back at its own default when the block ended
+assert all(after[key] == before[key] for key in before), (before, after)  # the others as they were
 print("ok")
 """
 

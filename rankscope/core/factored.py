@@ -20,7 +20,6 @@ from .factor_cache import FACTOR_CACHE
 from .factor_sides import Side, derivations, sides_of
 from .threads import thread_budget, worker_pool
 from .triangular import (
-    CHOLESKY_QR_TOLERANCE,
     block_grams,
     cholesky_qr_limit,
     cholesky_r,
@@ -257,7 +256,6 @@ def _chunk_singular_values(
 
 
 __all__ = [
-    "CHOLESKY_QR_TOLERANCE",
     "FACTOR_CACHE",
     "cholesky_qr_limit",
     "factored_cores",

@@ -138,7 +138,7 @@ def thread_policy(threads: int | None) -> contextlib.AbstractContextManager[None
 @contextlib.contextmanager
 def all_threads() -> Iterator[None]:
     """Inside :func:`single_threaded`: torch's threads back, for one op big enough to use them (a dense SVD).
-    Outside it, nothing to give back."""
+    Outside it, nothing to give back. Only torch's: the BLAS pools (numpy's, scipy's) stay at one thread."""
     budget = _budget
     if budget is None or budget == torch.get_num_threads():
         yield
