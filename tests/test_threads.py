@@ -249,3 +249,19 @@ def test_a_blas_loaded_inside_the_block_runs_single_threaded_and_is_restored():
     if done.stdout.strip() == "shared":
         pytest.skip("this scipy build uses numpy's BLAS: no pool is loaded inside the block to limit")
     assert done.stdout.strip() == "ok"
+
+
+def test_all_threads_gives_back_torch_and_on_request_the_blas_pools(two_threads):
+    """Inside ``single_threaded`` everything is at 1; ``all_threads()`` gives torch its threads back,
+    ``all_threads(blas=True)`` the BLAS pools theirs too; both put them back at 1 (and nest)."""
+    with rankscope.single_threaded():
+        assert snapshot()[0] == 1 and set(blas_threads(snapshot())) == {1}
+        with thread_module.all_threads():
+            assert snapshot()[0] == 2 and set(blas_threads(snapshot())) == {1}
+        with thread_module.all_threads(blas=True):
+            assert snapshot()[0] == 2 and set(blas_threads(snapshot())) == {2}
+            with thread_module.all_threads():  # nested: changes nothing, restores nothing early
+                assert snapshot()[0] == 2 and set(blas_threads(snapshot())) == {2}
+            assert snapshot()[0] == 2
+        assert snapshot()[0] == 1 and set(blas_threads(snapshot())) == {1}
+    assert snapshot() == two_threads

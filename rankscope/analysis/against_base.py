@@ -267,7 +267,7 @@ def _sigma_max(matrix: torch.Tensor) -> float:
     svds = import_limited("scipy.sparse.linalg").svds
 
     start = np.random.default_rng(0).standard_normal(min(matrix.shape))
-    with all_threads():
+    with all_threads(blas=True):  # a large matrix: ARPACK's products on every BLAS thread
         values = svds(matrix.numpy(), k=1, tol=0, v0=start, return_singular_vectors=False)
     return float(values[0])
 

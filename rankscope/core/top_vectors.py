@@ -73,6 +73,9 @@ def gram_acceptable(lam: np.ndarray, k: int, shape: tuple[int, int], *, per_vect
     return float(sigma[0]) <= GRAM_RATIO * (float(sigma[k - 1]) + below)
 
 
+LARGE_GRAM = 256  # a Gram this wide or wider takes the BLAS pools' threads for its eigh (all_threads)
+
+
 def gram_top_eigen(
     matrix: torch.Tensor, count: int, *, full: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -91,7 +94,8 @@ def gram_top_eigen(
         lam_all, vectors_all = torch.linalg.eigh(gram)
         lam_top, vectors_top = lam_all[s - count :].flip(0), vectors_all[:, s - count :].flip(1)
         return lam_top.cpu().numpy(), vectors_top.cpu().numpy(), left
-    lam, vectors = eigh(gram.numpy(), subset_by_index=[s - count, s - 1], overwrite_a=True, check_finite=False)
+    with all_threads(blas=s >= LARGE_GRAM):
+        lam, vectors = eigh(gram.numpy(), subset_by_index=[s - count, s - 1], overwrite_a=True, check_finite=False)
     return lam[::-1].copy(), vectors[:, ::-1].copy(), left
 
 
