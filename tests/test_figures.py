@@ -464,3 +464,20 @@ def test_save_figure_writes_each_format_atomically(data, tmp_path):
         figures.save_figure(fig, tmp_path / "fig", ("jpg",))
     assert not (tmp_path / "missing").exists()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+def test_quartiles_per_position_over_ragged_vectors():
+    """The quartile bands: at each position, numpy's 25/50/75 % over the vectors long enough to have it."""
+    import numpy as np
+
+    from rankscope.figures._common import quartiles
+
+    rng = np.random.default_rng(3)
+    for count in (0, 1, 2, 7):
+        vectors = [list(rng.standard_normal(int(rng.integers(0, 30)))) for _ in range(count)]
+        length = max((len(v) for v in vectors), default=0)
+        expected = [np.percentile([v[i] for v in vectors if len(v) > i], [25, 50, 75]) for i in range(length)]
+        low, mid, high = quartiles(vectors)
+        assert len(low) == len(mid) == len(high) == length
+        for i, (q1, q2, q3) in enumerate(expected):
+            assert (low[i], mid[i], high[i]) == (q1, q2, q3), i

@@ -125,14 +125,21 @@ def quartiles(vectors: Sequence[Sequence[float]]) -> tuple[list[float], list[flo
     """Per position i: the median and the lower and upper quartiles over the vectors that have an i-th entry."""
     import numpy as np
 
-    length = max((len(v) for v in vectors), default=0)
+    ordered = sorted((np.asarray(v, dtype=float) for v in vectors), key=len, reverse=True)
+    lengths = [len(v) for v in ordered]
     low, mid, high = [], [], []
-    for i in range(length):
-        column = np.array([v[i] for v in vectors if len(v) > i], dtype=float)
-        q1, q2, q3 = np.percentile(column, [25, 50, 75])
-        low.append(float(q1))
-        mid.append(float(q2))
-        high.append(float(q3))
+    start = 0
+    # positions [start, end) are covered by the same vectors (the `count` longest): one percentile call each run
+    for count in range(len(ordered), 0, -1):
+        end = lengths[count - 1]
+        if end <= start:
+            continue
+        block = np.stack([v[start:end] for v in ordered[:count]])
+        q1, q2, q3 = np.percentile(block, [25, 50, 75], axis=0)
+        low += q1.tolist()
+        mid += q2.tolist()
+        high += q3.tolist()
+        start = end
     return low, mid, high
 
 
