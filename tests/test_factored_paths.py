@@ -10,6 +10,7 @@ import torch
 
 from rankscope.core.factored import FACTOR_CACHE, factored_singular_values
 from rankscope.core.spectrum import singular_values
+from rankscope.core.triangular import CHOLESKY_QR_TOLERANCE
 from rankscope.core.update import BlockDiagonalUpdate, FactoredUpdate, weighted_sum
 from rankscope.measures.alignment import factored_pairwise_alignment
 
@@ -387,3 +388,23 @@ def test_weighted_sum_joins_the_factors_bit_for_bit(dtype) -> None:
     assert torch.equal(composite.right, torch.cat([p.right for p in parts], dim=0))
     dense = sum(w * p.materialize() for p, w in zip(parts, [0.5, 1.0, -2.0], strict=True))
     assert torch.allclose(composite.materialize(), dense, rtol=0, atol=1e-12)
+
+
+def test_spectra_keep_their_r_factors_only_when_they_all_fit_the_cache(monkeypatch) -> None:
+    """R factors that together overflow FACTOR_CACHE would only push each other out: none is kept then; within
+    the budget every side's is. The σ are the same either way (and a dense SVD's)."""
+    g = torch.Generator().manual_seed(6)
+    updates = [FactoredUpdate(torch.randn(120, 6, generator=g), torch.randn(6, 90, generator=g), scale=0.5)
+               for _ in range(5)]  # fmt: skip
+    needed = sum(2 * 8 * u.inner_dim**2 for u in updates)
+    kept = {}
+    for budget in (needed, needed - 1):
+        monkeypatch.setattr(FACTOR_CACHE, "budget", budget)
+        FACTOR_CACHE.clear()
+        sigmas = factored_singular_values(updates)
+        sides = [(u.left, "left") for u in updates] + [(u.right, "right") for u in updates]
+        kept[budget] = [FACTOR_CACHE.get(t, (tag, 1, "cpu", CHOLESKY_QR_TOLERANCE)) is not None for t, tag in sides]
+        for sigma, update in zip(sigmas, updates, strict=True):
+            assert_sigma(sigma, dense_sigma(update.materialize()), update.rank_bound)
+    assert all(kept[needed]) and not any(kept[needed - 1])
+    FACTOR_CACHE.clear()

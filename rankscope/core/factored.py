@@ -36,10 +36,10 @@ def _cache_key(side: Side, device) -> tuple:
     return (side.tag, side.blocks, str(device), triangular.CHOLESKY_QR_TOLERANCE)  # read now: tests change it
 
 
-def _side_r_factors(sides: Sequence[Side], device) -> list[tuple[torch.Tensor, str]]:
+def _side_r_factors(sides: Sequence[Side], device, keep: bool = True) -> list[tuple[torch.Tensor, str]]:
     """(R, method) of every side: whole factors through :func:`r_factors`, a composite's parts from blocks of its
     Gram, block-diagonal ones block by block (method "cholesky" only where every block took CholeskyQR); from the
-    cache where it holds them."""
+    cache where it holds them (and into it, with ``keep``)."""
     results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(s.stored, _cache_key(s, device)) for s in sides]
     missing = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
     derived = derivations(sides, missing)
@@ -72,7 +72,7 @@ def _side_r_factors(sides: Sequence[Side], device) -> list[tuple[torch.Tensor, s
         results[i] = (r, "householder")
     if split:
         _block_r_factors(sides, split, results, device)
-    for i in (*missing, *split):  # what was computed here; the cache's own entries stay as they are
+    for i in (*missing, *split) if keep else ():  # what was computed here; the cache's entries stay as they are
         r, method = results[i]  # type: ignore[misc]
         FACTOR_CACHE.put(sides[i].stored, _cache_key(sides[i], device), r, method)
     return results  # type: ignore[return-value]
@@ -108,12 +108,13 @@ def _block_r_factors(sides: Sequence[Side], split: list[int], results: list, dev
 
 
 def update_r_factors(
-    updates: Sequence[FactoredUpdate], device: torch.device | str = "cpu"
+    updates: Sequence[FactoredUpdate], device: torch.device | str = "cpu", *, keep: bool = True
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str], list[str]]:
     """R_L and R_R (R factors of ``left`` and ``right``ᵀ: block by block for a :class:`BlockDiagonalUpdate`) of
-    every update, and the method of each ("cholesky": R is well conditioned, ε·κ² ≤ the tolerance)."""
+    every update, and the method of each ("cholesky": R is well conditioned, ε·κ² ≤ the tolerance); ``keep``:
+    the ones computed go into ``FACTOR_CACHE`` for a later alignment."""
     sides = [side for update in updates for side in sides_of(update)]
-    both = _side_r_factors(sides, device)
+    both = _side_r_factors(sides, device, keep)
     left, right = both[0::2], both[1::2]
     return [r for r, _ in left], [r for r, _ in right], [m for _, m in left], [m for _, m in right]
 
@@ -208,8 +209,12 @@ def factored_singular_values(
     for i, update in enumerate(updates):
         if update.rank_bound == 0:
             results[i] = torch.zeros(0, dtype=torch.float64)
-    for chunk in _chunks([i for i, u in enumerate(updates) if u.rank_bound > 0], updates):
-        computed = _chunk_singular_values([updates[i] for i in chunk], device, progress)
+    live = [i for i, u in enumerate(updates) if u.rank_bound > 0]
+    # R factors that together overflow the cache would only push each other out (VeRA's 224 of 256² each, 0.2 GB,
+    # against its 128 MB): then none is kept
+    keep = sum(2 * 8 * updates[i].inner_dim ** 2 for i in live) <= FACTOR_CACHE.budget
+    for chunk in _chunks(live, updates):
+        computed = _chunk_singular_values([updates[i] for i in chunk], device, progress, keep)
         for i, values in zip(chunk, computed, strict=True):
             results[i] = values
     return results  # type: ignore[return-value]
@@ -236,11 +241,11 @@ def _chunks(live: list[int], updates: Sequence[FactoredUpdate]) -> list[list[int
 
 
 def _chunk_singular_values(
-    updates: Sequence[FactoredUpdate], device: torch.device | str, progress: Progress | None
+    updates: Sequence[FactoredUpdate], device: torch.device | str, progress: Progress | None, keep: bool
 ) -> list[torch.Tensor]:
     """σ of each update (rank_bound > 0): R factors of every side, then the cores batched by shape."""
     results: list[torch.Tensor | None] = [None] * len(updates)
-    r_left, r_right, _, _ = update_r_factors(updates, device)
+    r_left, r_right, _, _ = update_r_factors(updates, device, keep=keep)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, update in enumerate(updates):
         groups[_core_key(update, r_left[i], r_right[i])].append(i)
