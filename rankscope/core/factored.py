@@ -22,11 +22,11 @@ from .threads import thread_budget, worker_pool
 from .triangular import (
     block_grams,
     cholesky_qr_limit,
-    cholesky_r,
     householder_r,
     map_factors,
     r_factors,
     r_factors_and_grams,
+    r_from_gram_batches,
     r_from_grams,
 )
 from .update import BlockDiagonalUpdate, FactoredUpdate, upcast
@@ -88,23 +88,14 @@ def _block_r_factors(sides: Sequence[Side], split: list[int], results: list, dev
         [sides[i].factor for i in split],
         device,
     )
-    by_width: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for i, gram in zip(split, grams, strict=True):
-        by_width[gram.shape[-1]].append((i, gram))
-    for members in by_width.values():
-        rows = [sides[i].factor.shape[0] // sides[i].blocks for i, gram in members for _ in range(gram.shape[0])]
-        cholesky, accepted = cholesky_r(torch.cat([gram for _, gram in members]), rows)
-        start = 0
-        for i, gram in members:
-            count = gram.shape[0]
-            mine, taken = cholesky[start : start + count], accepted[start : start + count].tolist()
-            start += count
-            if all(taken):
-                results[i] = (assemble(mine), "cholesky")
-                continue
-            parts = [mine[b] if ok else map_factors(householder_r, [sides[i].block(b)], device)[0]
-                     for b, ok in enumerate(taken)]  # fmt: skip
-            results[i] = (torch.block_diag(*parts), "householder")
+    rows = [sides[i].factor.shape[0] // sides[i].blocks for i in split]
+    for i, (mine, taken) in zip(split, r_from_gram_batches(grams, rows), strict=True):
+        if all(taken):
+            results[i] = (assemble(mine), "cholesky")
+            continue
+        parts = [mine[b] if ok else map_factors(householder_r, [sides[i].block(b)], device)[0]
+                 for b, ok in enumerate(taken)]  # fmt: skip
+        results[i] = (torch.block_diag(*parts), "householder")
 
 
 def update_r_factors(

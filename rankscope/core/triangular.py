@@ -200,18 +200,29 @@ def map_factors(
     return results  # type: ignore[return-value]
 
 
+def r_from_gram_batches(batches: Sequence[torch.Tensor], rows: Sequence[int]) -> list[tuple[torch.Tensor, list[bool]]]:
+    """CholeskyQR's R factors of batches of Gram matrices (each n_i × K_i × K_i; ``rows[i]``: the rows of every
+    factor of batch i), all batches of one width in one :func:`cholesky_r`: per batch, (its R factors, which of
+    them it accepts)."""
+    results: list[tuple[torch.Tensor, list[bool]] | None] = [None] * len(batches)
+    by_width: dict[int, list[int]] = defaultdict(list)
+    for position, batch in enumerate(batches):
+        by_width[batch.shape[-1]].append(position)
+    for positions in by_width.values():
+        counts = [batches[p].shape[0] for p in positions]
+        factor_rows = [rows[p] for p, count in zip(positions, counts, strict=True) for _ in range(count)]
+        cholesky, accepted = cholesky_r(torch.cat([batches[p] for p in positions]), factor_rows)
+        taken, start = accepted.tolist(), 0
+        for p, count in zip(positions, counts, strict=True):
+            results[p] = (cholesky[start : start + count], taken[start : start + count])
+            start += count
+    return results  # type: ignore[return-value]
+
+
 def r_from_grams(grams: Sequence[torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor | None]:
     """CholeskyQR's R of each Gram matrix (batched by width), None where ``cholesky_r`` refuses it."""
-    results: list[torch.Tensor | None] = [None] * len(grams)
-    by_width: dict[int, list[int]] = defaultdict(list)
-    for position, gram in enumerate(grams):
-        by_width[gram.shape[-1]].append(position)
-    for positions in by_width.values():
-        cholesky, accepted = cholesky_r(torch.stack([grams[p] for p in positions]), [rows[p] for p in positions])
-        for row, (p, ok) in enumerate(zip(positions, accepted.tolist(), strict=True)):
-            if ok:
-                results[p] = cholesky[row]
-    return results
+    batches = r_from_gram_batches([gram[None] for gram in grams], rows)
+    return [r[0] if ok[0] else None for r, ok in batches]
 
 
 def r_factors(
