@@ -20,7 +20,9 @@ same process then checks σ of sampled layers (k_proj and v_proj of layers 0 and
 
 Dense families (DoRA, IA3, PEFT OFT through PEFT's merge, a full fine-tune's ΔW = W − W₀) run on one block of the
 8B shape (its 7 projections; ``--quick``: k_proj and v_proj) with a bf16 base file: the library against the dense
-baseline, ``torch.linalg.svdvals`` of the materialised ΔW in float64 (torch's threads), on the same matrices; σ of
+baseline, ``torch.linalg.svdvals`` of the materialised ΔW in float64 (torch's threads), on the same matrices — the
+spectrum alone (``base_measures=False``, the CLI's ``--no-base-measures``: the base only forms ΔW) against the
+target, and beside it the analysis with the base-relative measures the default ``--base`` adds; σ of
 DoRA, IA3 and the full delta against ΔW formed here from the file's tensors (PEFT's formulas), independently of
 rankscope's readers.
 """
@@ -284,8 +286,10 @@ def _independent_delta(family: str, path: Path, base: Path, name: str) -> torch.
 
 
 def task_dense(family: str, path: str, base: str) -> dict:
-    """Per layer, interleaved (order alternating, so the machine's drift hits both): the library's analysis of that
-    layer, and the baseline (materialise ΔW in float64 + ``svdvals``, torch's threads) on the same layer."""
+    """Per layer, interleaved (order rotating, so the machine's drift hits all three): the library's spectrum of that
+    layer (``base_measures=False``: the base only forms ΔW), its analysis with the base-relative measures (the
+    default with ``--base``; the first layer of a run also pays W₀'s SVD into the on-disk cache), and the baseline
+    (materialise ΔW in float64 + ``svdvals``, torch's threads) on the same layer."""
     import rankscope
 
     with rankscope.single_threaded():
@@ -295,10 +299,10 @@ def task_dense(family: str, path: str, base: str) -> dict:
     rows = {}
     for i, layer in enumerate(checkpoint.layers):
 
-        def library(name=layer.name):
+        def library(measured: bool, name=layer.name):
             with rankscope.single_threaded():
                 t0 = time.perf_counter()
-                (record,) = rankscope.analyze(checkpoint, layers=f"^{re.escape(name)}$")
+                (record,) = rankscope.analyze(checkpoint, layers=f"^{re.escape(name)}$", base_measures=measured)
                 return record, time.perf_counter() - t0
 
         def baseline(update=layer.update):
@@ -308,19 +312,22 @@ def task_dense(family: str, path: str, base: str) -> dict:
             sigma = torch.linalg.svdvals(delta)
             return sigma, t1 - t0, time.perf_counter() - t1
 
-        if i % 2 == 0:
-            (record, seconds), (sigma, materialise, svd) = library(), baseline()
-        else:
-            (sigma, materialise, svd), (record, seconds) = baseline(), library()
+        runs = {"spectrum": lambda: library(False), "measured": lambda: library(True), "baseline": baseline}
+        order = list(runs)[i % 3 :] + list(runs)[: i % 3]
+        done = {what: runs[what]() for what in order}
+        (record, seconds), (_, measured_seconds) = done["spectrum"], done["measured"]
+        sigma, materialise, svd = done["baseline"]
         reference = _independent_delta(family, Path(path), Path(base), layer.name)
         against = "materialised ΔW"
         if reference is not None:
             sigma = torch.linalg.svdvals(reference)
             against = "W − W₀ from the files" if family.startswith("full") else "ΔW by PEFT's formula"
-        rows[layer.name] = {"shape": list(layer.update.shape), "library": seconds, "materialise": materialise,
-                            "svdvals": svd, "error": _max_rel_error(record.singular_values, sigma),
+        rows[layer.name] = {"shape": list(layer.update.shape), "library": seconds, "measured": measured_seconds,
+                            "materialise": materialise, "svdvals": svd,
+                            "error": _max_rel_error(record.singular_values, sigma),
                             "against": against, "exact": record.exact}  # fmt: skip
-    return {"load": load, "analyze": sum(r["library"] for r in rows.values()), "peak_rss": _peak_rss(),
+    return {"load": load, "analyze": sum(r["library"] for r in rows.values()),
+            "measured": sum(r["measured"] for r in rows.values()), "peak_rss": _peak_rss(),
             "layers": rows, "threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -367,7 +374,9 @@ def measure_dense(families: dict, base: Path, torch_rss: float) -> list[dict]:
         svd = sum(r["svdvals"] for r in layers)
         materialise = sum(r["materialise"] for r in layers)
         library = result["load"] + result["analyze"]
+        measured = result["load"] + result["measured"]
         row = {"family": name, "layers": len(result["layers"]), "library": library, "load": result["load"],
+               "measured": measured, "measured_ratio": measured / svd,
                "svdvals": svd, "materialise": materialise, "ratio": library / svd,
                "ratio_with_materialise": library / (svd + materialise), "rss": result["peak_rss"] - torch_rss,
                "error": max(r["error"] for r in layers), "against": sorted({r["against"] for r in layers}),
@@ -400,19 +409,22 @@ def print_tables(factored: list[dict], dense: list[dict], dense_modules: tuple[s
         print()
         print(f"Dense families, layer 0's {', '.join(dense_modules)} of the 8B shape:")
         print()
-        print("| family | layers | library (load + analyze) | float64 `svdvals` | lib ÷ svdvals | (÷ materialise + "
-              "svdvals) | peak RSS − torch's | σ max rel. error |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+        print("| family | layers | spectrum (load + analyze, `--no-base-measures`) | float64 `svdvals` "
+              "| spectrum ÷ svdvals | (÷ materialise + svdvals) | with the base measures (÷ svdvals) "
+              "| peak RSS − torch's | σ max rel. error |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in dense:
             met = "met" if r["ratio"] <= TARGET_DENSE else "**not met**"
             print(
                 f"| {r['family']} | {r['layers']} | {_seconds(r['library'])} (load {_seconds(r['load'])}) "
                 f"| {_seconds(r['svdvals'])} | {r['ratio']:.2f}× ({met}) | {r['ratio_with_materialise']:.2f}× "
+                f"| {_seconds(r['measured'])} ({r['measured_ratio']:.2f}×) "
                 f"| {r['rss'] / MB:.0f} MB | {r['error']:.1e} (vs {', '.join(r['against'])}) |"
             )
         print()
         for r in dense:
-            shapes = "; ".join(f"{k}: library {_seconds(v['library'])}, svdvals {_seconds(v['svdvals'])}, "
+            shapes = "; ".join(f"{k}: spectrum {_seconds(v['library'])}, with the base measures "
+                               f"{_seconds(v['measured'])}, svdvals {_seconds(v['svdvals'])}, "
                                f"materialise {_seconds(v['materialise'])}"
                                for k, v in r["per_layer"].items())  # fmt: skip
             print(f"- {r['family']}: {shapes}")

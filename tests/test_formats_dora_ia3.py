@@ -375,6 +375,25 @@ def test_ia3_matches_peft_merge(ia3_adapter):
             assert record.bias_update["norm"] == pytest.approx(bias_change.norm().item(), rel=1e-9)
 
 
+def test_ia3_base_only_forms_the_update_under_no_base_measures(ia3_adapter, tmp_path, monkeypatch):
+    """--no-base-measures: the base forms ΔW (σ still PEFT's merge's), no layer is measured against it (no 'base'
+    object, no W₀ decomposition cached); the default measures every layer."""
+    directory, base_path, _, _, references = ia3_adapter
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
+    result = spectrum(directory, "--base", base_path, "--no-base-measures", "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    layers = {record["name"]: record for record in json.loads(result.stdout)["layers"]}
+    for name, (delta, _) in references.items():
+        assert "base" not in layers[name]
+        assert layers[name]["singular_values"] == pytest.approx(torch.linalg.svdvals(delta).tolist(), rel=REL_TOL)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+    measured = spectrum(directory, "--base", base_path, "--json", "-", "-q")
+    assert measured.exit_code == 0, measured.output
+    assert all("relative_update" in record["base"] for record in json.loads(measured.stdout)["layers"])
+    with pytest.raises(rankscope.UsageProblem, match="base_measures"):
+        rankscope.analyze(rankscope.load(directory, base=base_path), base_measures="no")
+
+
 def test_ia3_gpt2_conv1d(tmp_path):
     peft_model, base = ia3_model(GPT2Like, 3, target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"])
     peft_model.save_pretrained(tmp_path / "adapter")

@@ -335,7 +335,9 @@ def _analyze(checkpoint: Checkpoint, options: AnalysisOptions, progress: Callabl
             f"energy the top {options.top_k} σ leave out is above σ̃_{options.top_k}², so a larger singular value may "
             "have been missed (residual_energy under 'truncated' in --json; raise --top-k)"
         )
-    base_warnings, base_notes = measure_against_base(selected, selected.layers, records, options)
+    base_warnings, base_notes = [], []
+    if options.base_measures:
+        base_warnings, base_notes = measure_against_base(selected, selected.layers, records, options)
     return Analysis(selected, options, records, warnings + base_warnings, base_notes)
 
 

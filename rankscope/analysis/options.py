@@ -42,6 +42,9 @@ class AnalysisOptions:
     # min(m, n) ≤ 2048 on the CPU, every layer on CUDA); among the top intruder_k with threshold intruder_epsilon;
     # amplification_k caps the amplification factor's k for updates without a rank bound (full fine-tunes)
     intruders: bool | None = None
+    # False: a base (--base) only forms the updates that need it (DoRA, IA3, OFT, full fine-tunes) and no layer is
+    # measured against it — the spectrum alone, one dense SVD per dense layer
+    base_measures: bool = True
     intruder_k: int = BR.DEFAULT_INTRUDER_K
     intruder_epsilon: float = BR.DEFAULT_INTRUDER_EPSILON
     amplification_k: int = BR.DEFAULT_AMPLIFICATION_K
@@ -60,6 +63,9 @@ class AnalysisOptions:
         top_k = self.top_k
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise UsageProblem(f"top_k must be a whole number ≥ 1, found {top_k!r}", argument="top_k")
+        if not isinstance(self.base_measures, bool):
+            raise UsageProblem(f"base_measures must be True or False, found {self.base_measures!r}",
+                               argument="base_measures")  # fmt: skip
         for name in ("intruder_k", "amplification_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -91,6 +91,7 @@ analysis_options = _stack(
     click.option("--top-k", "top_k", type=click.IntRange(min=1), metavar="K", help="Dense layers wider than K+10: only the top K σ, by a seeded randomised SVD with power iterations (exact: false; norm-based metrics kept, a certificate that no larger σ was missed)."),
     click.option("--max-memory", type=ByteSize(), metavar="SIZE", help="Refuse (per layer, with the size it would need) a dense SVD above SIZE, e.g. 8G. Default: half the RAM."),
     click.option("--collapse-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="A composition is collapsed when one component carries more than this share of the energy."),
+    click.option("--base-measures/--no-base-measures", default=True, help="With --base: measure every layer against its base weight (relative update, amplification, intruders; the default). --no-base-measures uses the base only to form the updates that need it (DoRA, IA3, OFT, full fine-tunes): the spectrum alone."),
     click.option("--intruders/--no-intruders", default=None, help="With --base: intruder dimensions (two dense SVDs with vectors per layer) for every layer, or none. Default: where min(m, n) ≤ 2048 on the CPU, every layer on CUDA."),
     click.option("--intruder-k", type=click.IntRange(min=1), default=10, show_default=True, metavar="K", help="With --base: look for intruders among the top K singular vectors of W₀ + ΔW."),
     click.option("--intruder-epsilon", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, metavar="ε", help="With --base: an intruder's largest |cosine| with W₀'s left singular vectors is below ε."),
@@ -101,7 +102,7 @@ analysis_options = _stack(
 ANALYSIS_KEYS = frozenset(
     {"thresholds", "energies", "rel_thresholds", "layers", "unscaled", "dense", "dense_dtype", "device",
      "collapse_threshold", "max_memory", "top_k",
-     "intruders", "intruder_k", "intruder_epsilon", "amplification_k"}
+     "base_measures", "intruders", "intruder_k", "intruder_epsilon", "amplification_k"}
 )  # fmt: skip
 COMPOSE_ONLY = ("weights", "normalize", "mode")  # options that mean something only with --compose
 
