@@ -120,6 +120,37 @@ def test_singular_values_match_peft_merge(tuner):
         assert any("float32" in warning and "exact: false" in warning for warning in checkpoint.warnings)
 
 
+OFT_LINEAR = [{"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4, "block_share": True}]
+
+
+@pytest.mark.parametrize("arguments", OFT_LINEAR, ids=["blocks", "block_share"])
+def test_oft_merge_by_blocks_matches_peft_merge_and_falls_back_off_the_blocks(arguments, monkeypatch):
+    """OFT's ΔW is taken block by block from PEFT's own rotation (PEFT's merge() multiplies by it densely): equal to
+    PEFT's merge() of the same layer; a rotation with a nonzero outside its diagonal blocks is left to merge()."""
+    from peft.tuners.oft.layer import Linear
+
+    from rankscope.formats.common.peft_tuner import _block_rotation_delta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("lin", torch.nn.Linear(16, 8, dtype=torch.float64))
+    config = PEFT_TYPE_TO_CONFIG_MAPPING["OFT"](target_modules=["lin"], **arguments)
+    layer = perturbed(model, config).base_model.model.lin
+    assert type(layer) is Linear
+    w0 = layer.get_base_layer().weight.detach().clone()
+    merged = copy.deepcopy(layer)
+    merged.merge(adapter_names=["default"])
+    expected = merged.get_base_layer().weight.detach() - w0
+    with torch.no_grad():
+        found = _block_rotation_delta(peft, layer)
+    assert found is not None and float(expected.abs().max()) > 1e-3
+    assert torch.allclose(found, expected, rtol=0, atol=1e-13)
+    original = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: original(self, adapter) + 1e-3)
+    with torch.no_grad():
+        assert _block_rotation_delta(peft, layer) is None  # nonzeros off the blocks: PEFT's merge() decides
+
+
 @pytest.mark.parametrize(
     ("peft_type", "arguments", "base_file"),
     [("HIRA", {"r": 4}, None), ("HIRA", {"r": 4, "fan_in_fan_out": True}, "model.safetensors")],

@@ -221,15 +221,47 @@ def _merged_delta(
         raise CheckpointError(f"PEFT's {type(layer).__name__} for layer {path!r} cannot merge", path=where)
     watch = _DtypeWatch()
     with torch.no_grad(), watch:
-        layer.merge(adapter_names=["default"])
+        delta = _block_rotation_delta(peft, layer)
+        if delta is None:
+            layer.merge(adapter_names=["default"])
     base = layer.get_base_layer()
-    delta = base.weight.detach().to(torch.float64) - w0
+    if delta is None:
+        delta = base.weight.detach().to(torch.float64) - w0
     bias = getattr(base, "bias", None)
     bias_delta = None
     if b0 is not None and bias is not None:
         change = bias.detach().to(torch.float64) - b0
         bias_delta = change if bool(change.any()) else None
     return Merged(delta, bias_delta, narrow | watch.narrow)
+
+
+def _block_rotation_delta(peft, layer: nn.Module) -> torch.Tensor | None:
+    """ΔW of an OFT ``Linear``'s merge, W·Rᵀ − W with R PEFT's own rotation (``get_delta_weight``), taken block by
+    block where R is block-diagonal (checked: every nonzero inside the diagonal blocks); None for any other layer.
+
+    PEFT's ``merge()`` multiplies by R as a dense in × in matrix, in²·out multiply-adds — 0.24 TFLOP for a 4096 ×
+    14336 layer, 0.84 for 14336 × 4096 — where the b × b blocks need in·b·out: the same products, the zeros left
+    out."""
+    oft = getattr(getattr(peft, "tuners", None), "oft", None)
+    linear = getattr(oft, "Linear", None)
+    if linear is None or type(layer) is not linear or "default" not in getattr(layer, "oft_R", {}):
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
+        return None
+    rotation = layer.get_delta_weight("default")
+    weight = base.weight.detach()
+    rows, columns = weight.shape
+    size = int(getattr(layer.oft_R["default"], "block_size", 0) or 0)
+    if size <= 0 or columns % size or tuple(rotation.shape) != (columns, columns) or rotation.dtype != weight.dtype:
+        return None
+    count = columns // size
+    blocks = rotation.view(count, size, count, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # R_k: count×b×b
+    if int(torch.count_nonzero(rotation)) != int(torch.count_nonzero(blocks)):
+        return None
+    # (R·Wᵀ)ᵀ, as PEFT's merge forms it: column block k of the result is W[:, block k]·R_kᵀ
+    merged = torch.einsum("mkc,kdc->mkd", weight.reshape(rows, count, size), blocks).reshape(rows, columns)
+    return merged - weight
 
 
 def _fitted(model: nn.Module, tensors: Mapping[str, torch.Tensor], shared: frozenset[str]) -> dict[str, torch.Tensor]:
