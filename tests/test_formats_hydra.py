@@ -81,6 +81,26 @@ def test_mean_update_and_heads_match_the_reference(hydra):
     assert record.alignment["left_baseline"][0][2] == pytest.approx(3 / 16)
 
 
+def test_the_shared_a_is_read_once_for_the_mean_and_every_head(hydra, monkeypatch):
+    """The mean head holds Aᵀ and each head A: one pass over A for all of them (the same memory), one over each
+    head and one over the mean; σ as the reference module's."""
+    from rankscope.core import triangular
+    from rankscope.core.factor_cache import FACTOR_CACHE
+
+    module, directory = hydra
+    FACTOR_CACHE.clear()
+    passes = []
+    original = triangular._gram
+    monkeypatch.setattr(
+        triangular, "_gram", lambda factor, workspace: passes.append(factor.shape) or original(factor, workspace)
+    )
+    (record,) = rankscope.analyze(rankscope.load(directory))
+    assert sorted(passes) == sorted([(16, 3)] * 5 + [(20, 3)])  # 4 heads and the mean (16 × 3), A once (20 × 3)
+    with torch.no_grad():
+        mean_update = module(torch.eye(20, dtype=torch.float64)).T
+    assert record.singular_values == pytest.approx(torch.linalg.svdvals(mean_update)[:3].tolist(), rel=1e-10)
+
+
 def test_json_has_components_and_alignment(hydra):
     _, directory = hydra
     result = CliRunner().invoke(main, ["spectrum", str(directory), "--json", "-", "-q"])

@@ -39,6 +39,15 @@ class Side:
         return id(self.stored), self.tag
 
     @property
+    def values(self) -> tuple:
+        """Equal for two sides whose factors are the same memory seen the same way (HydraLoRA's A, held by the mean
+        head as Aᵀ and by every head as A): a view's address, shape, strides and dtype; a recipe's identity."""
+        factor = self.factor
+        if isinstance(factor, torch.Tensor):
+            return factor.data_ptr(), tuple(factor.shape), factor.stride(), factor.dtype, str(factor.device)
+        return (id(factor),)
+
+    @property
     def tall(self) -> bool:
         """rows ≥ K > 0: FᵀF is computed (CholeskyQR's first step)."""
         return self.factor.shape[0] >= self.factor.shape[1] > 0

@@ -43,10 +43,10 @@ def _side_r_factors(sides: Sequence[Side], device, keep: bool = True) -> list[tu
     results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(s.stored, _cache_key(s, device)) for s in sides]
     missing = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
     derived = derivations(sides, missing)
-    whole, repeats, first_of = [], {}, {}  # a factor several updates share (VeRA's A): computed once
+    whole, repeats, first_of = [], {}, {}  # a factor several updates share (VeRA's A, HydraLoRA's): computed once
     for i in missing:
         if i not in derived:
-            first = first_of.setdefault(sides[i].key, i) if not sides[i].parts else i
+            first = first_of.setdefault(sides[i].values, i) if not sides[i].parts else i
             if first == i:
                 whole.append(i)
             else:
