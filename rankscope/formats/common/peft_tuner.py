@@ -8,7 +8,8 @@ native readers and ``import rankscope`` never do. For one adapted module:
 2. :func:`merged_delta` nests it under its own module path in an empty ``nn.Module`` (so that PEFT's
    ``target_modules``, ``rank_pattern``, ``layers_to_transform`` … see the name they were written for), calls
    ``peft.inject_adapter_in_model`` with the adapter's config and ``peft.set_peft_model_state_dict`` with this
-   module's tensors (and the adapter's shared ones), then the tuner layer's own ``merge()``;
+   module's tensors (and the adapter's shared ones), then the tuner layer's own ``merge()`` (an OFT linear layer:
+   PEFT's own rotation applied block by block, :func:`_block_rotation_delta`);
 3. ΔW = W_merged − W0 (and Δb = b_merged − b0), while a :class:`_DtypeWatch` records whether any floating-point
    result inside ``merge()`` was narrower than float64 (a tuner that casts to float32 is not exact).
 """
