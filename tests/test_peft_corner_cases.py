@@ -378,3 +378,66 @@ def test_multihead_attention_names_scale_and_double_out_proj(tmp_path):
     assert torch.allclose(merged["attn.out_proj.weight"] - base["attn.out_proj.weight"], 2 * (4 / 3) * b @ a)
     assert found["lin"].scale == 2.0
     assert_sigma(found["lin"], merged["lin.weight"] - base["lin.weight"], EXACT_TOL, 2)
+
+
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.plain = nn.Conv2d(8, 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plain(self.grouped(x))
+
+
+def test_lora_on_a_grouped_conv_is_the_update_peft_applies(tmp_path):
+    """PEFT's LoRA on a Conv2d with groups=2: B is a grouped 1×1 conv (weight (out, r/g, 1, 1)), so ΔW is the
+    kernel of x ↦ s·B(A(x)) over every input channel — found here by that composite conv on unit impulses — and
+    PEFT's layer forward is the base plus exactly that; the layer beside it is a plain conv LoRA."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(GroupedConv(), LoraConfig(r=4, lora_alpha=6, target_modules=["grouped", "plain"]))
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    layer = peft_model.base_model.model.grouped
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    assert tuple(b.shape) == (8, 2, 1, 1)
+    impulses = torch.eye(4 * 9, dtype=torch.float64).reshape(36, 4, 3, 3)
+    responses = nn.functional.conv2d(nn.functional.conv2d(impulses, a), b, groups=2) * layer.scaling["default"]
+    delta = responses.reshape(36, 8).T  # column (c, u, v) of the (out, in·k·k) kernel
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():  # the reference is PEFT's own forward: base + the composite conv
+        kernel = delta.reshape(8, 4, 3, 3).float()
+        assert torch.allclose(
+            layer(x), layer.get_base_layer()(x) + nn.functional.conv2d(x, kernel, padding=1), atol=1e-5
+        )
+    checkpoint = rankscope.load(tmp_path / "adapter")
+    found = records(tmp_path / "adapter")
+    record = found["grouped"]
+    assert record.valid and record.matrix_shape == [8, 36] and record.shape == [8, 4, 3, 3]
+    assert record.kind == "conv2d_grouped" and found["plain"].kind == "conv2d"
+    assert_sigma(record, delta, EXACT_TOL, 4)
+    assert found["plain"].valid and found["plain"].matrix_shape == [6, 72]
+    assert any("grouped conv (groups 2) in 1 layer(s), e.g. grouped" in note for note in checkpoint.notes)
+
+
+def test_convert_leaves_a_grouped_conv_lora_out_saying_so(tmp_path):
+    """convert cannot write a grouped conv's LoRA (PEFT's B would have to stay grouped; a truncated SVD of ΔW is
+    not): the layer is left out with a note, the plain conv beside it converted and loadable by PEFT."""
+    torch.manual_seed(1)
+    peft_model = get_peft_model(GroupedConv(), LoraConfig(r=4, lora_alpha=6, target_modules=["grouped", "plain"]))
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "adapter"), "-o", str(tmp_path / "out"), "--rule", "fixed:2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "grouped (conv2d_grouped)" in result.output
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert sorted(written) == ["base_model.model.plain.lora_A.weight", "base_model.model.plain.lora_B.weight"]
+    PeftModel.from_pretrained(GroupedConv(), tmp_path / "out")  # what was written fits PEFT's layers

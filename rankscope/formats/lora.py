@@ -214,6 +214,9 @@ def _layer(
     rank = a.shape[0]
     if rank == 0:  # no scale to take (alpha/0) and nothing to analyse, as the kohya and LyCORIS readers say
         return invalid(f"{a_key}: rank 0 (an empty factor)")
+    groups = lora_variants.conv_groups(tuple(a.shape), tuple(b.shape))
+    if groups > 1:  # PEFT's LoRA on a grouped conv: its B is grouped too
+        b = lora_variants.grouped_conv_b(b, groups)
     if b.shape[1] != rank:
         return invalid(f"{b_key}: rank mismatch: {a_key} has r={rank} rows but {b_key} has {b.shape[1]} columns")
     if a.ndim > 2 and any(d != 1 for d in b.shape[2:]):
@@ -243,8 +246,8 @@ def _layer(
         right = lora_variants.qalora_right(config, right)
     if embedding:
         kind, shape = "embedding", (right.shape[1], left.shape[0])
-    elif a.ndim > 2:
-        kind, shape = f"conv{a.ndim - 2}d", (b.shape[0], *a.shape[1:])
+    elif a.ndim > 2:  # a grouped conv's ΔW spans every input channel: no LoRA of the grouped layer can carry it
+        kind, shape = f"conv{a.ndim - 2}d" + ("_grouped" if groups > 1 else ""), (b.shape[0], *a.shape[1:])
     elif config.get("fan_in_fan_out"):
         kind, shape = "conv1d_gpt2", (right.shape[1], left.shape[0])
     else:
@@ -293,6 +296,7 @@ def parse(
     from_metadata = source.config is None and options.alpha is None
     origin = " (in the file's lora_adapter_metadata)" if from_metadata else ""
     layers = [(module, _layer(source, module, config, config_has_r, scaling, origin)) for module in plain.values()]
+    notes = notes + _grouped_convs(source, layers)
     if COMPONENTS in config or not (config or every_module):
         scaling.no_alpha.clear()  # said below (uncovered components) or above (alpha_config's "α is unknown")
     # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
@@ -316,6 +320,17 @@ def parse(
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
         notes=notes + expert_notes + variant_notes,
     )
+
+
+def _grouped_convs(source: AdapterSource, layers: list[tuple[reader.Module, Layer]]) -> list[str]:
+    """The note on the layers that are LoRA on a grouped conv (``lora_variants.conv_groups``), where there are any."""
+    groups = {}
+    for module, layer in layers:
+        if "A" in module.keys and "B" in module.keys:
+            shapes = [tuple(source.tensors.shape(module.keys[part])) for part in ("A", "B")]
+            if (count := lora_variants.conv_groups(*shapes)) > 1:
+                groups[layer.name] = count
+    return [lora_variants.grouped_conv_note(list(groups), set(groups.values()))] if groups else []
 
 
 def _replicated_base(source: AdapterSource, options: ReadOptions):

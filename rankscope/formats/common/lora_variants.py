@@ -45,6 +45,33 @@ def bdlora_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor) ->
     return a, b
 
 
+def conv_groups(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """The groups g of PEFT's LoRA on a grouped conv, from its factors' shapes (1 for any other layer): its B is a
+    grouped 1×…×1 conv itself, weight (out, r/g, 1, …), so B has r/g columns where A has r rows."""
+    if len(a_shape) <= 2 or len(b_shape) != len(a_shape) or not 0 < b_shape[1] < a_shape[0]:
+        return 1
+    rank, columns, out = a_shape[0], b_shape[1], b_shape[0]
+    if rank % columns or out % (rank // columns):
+        return 1
+    return rank // columns
+
+
+def grouped_conv_b(b: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv LoRA's B as the out × r (× 1…) factor it applies: blockdiag(B_1, …, B_g), B_j its rows of
+    group j (group j's outputs read only group j's r/g channels of A·x)."""
+    blocks = torch.chunk(b.reshape(b.shape[0], -1), groups, dim=0)
+    return torch.block_diag(*blocks).reshape(b.shape[0], -1, *b.shape[2:])
+
+
+def grouped_conv_note(names: list[str], groups: set[int]) -> str:
+    return (
+        f"LoRA on a grouped conv (groups {', '.join(map(str, sorted(groups)))}) in {len(names)} layer(s), e.g. "
+        f"{names[0]}: PEFT's B is itself grouped, so ΔW = s·blockdiag(B_1..B_g)·A, a kernel (out, in, k…) over every "
+        "input channel where the grouped base weight is (out, in/g, k…): PEFT does not merge it, --base has no "
+        "weight of its shape for it, and convert does not write it (kind conv…_grouped)"
+    )
+
+
 # LoRA variants whose saved extra tensors act only in training: the eval forward and PEFT's merge apply s·B·A
 # (PEFT 0.21 variants.py: VeLoRA swaps in a backward pass that stores compressed activations, projected on
 # ``lora_velora_embed``; MonteCLoRA's ``lora_monteclora_sampler`` perturbs A by Monte Carlo sampling while
