@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 peft = pytest.importorskip("peft")
 
@@ -118,6 +119,47 @@ def test_singular_values_match_peft_merge(tuner):
         assert record.exact == (peft_type not in FLOAT32_INSIDE)
     if peft_type in FLOAT32_INSIDE:
         assert any("float32" in warning and "exact: false" in warning for warning in checkpoint.warnings)
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "arguments", "outside"),
+    [
+        ("HRA", {"r": 4, "task_type": "SEQ_CLS", "target_modules": ["q_proj", "v_proj"]}, "score"),
+        ("OFT", {"r": 0, "oft_block_size": 4, "target_modules": ["embed_tokens", "q_proj"]}, "model.embed_tokens"),
+    ],
+    ids=["modules_to_save-head", "saved-embedding-table"],
+)
+def test_tensors_outside_the_tuner_are_listed_not_given_to_every_layer(tmp_path, peft_type, arguments, outside):
+    """A PEFT file also holds tensors of no tuner layer — the classifier head PEFT copies into modules_to_save
+    for SEQ_CLS, the embedding table it saves beside an adapted embedding: they are listed as not analysed (a
+    warning, --strict fails) and every layer's σ is PEFT's merge's, where they used to be handed to every layer
+    (and PEFT refused them there)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64, num_labels=3, pad_token_id=0)  # fmt: skip
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    peft_model = perturbed(model, PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**arguments))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(key.startswith(f"base_model.model.{outside}.") and peft_type.lower() not in key for key in stored)
+    tuned = [key for key in stored if peft_type.lower() in key]
+    candidates = ("model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
+    names = [layer for layer in candidates if any(f"{layer}." in key for key in tuned)]
+    deltas = reference_deltas(peft_model, names)
+    checkpoint = rankscope.load(tmp_path / "adapter", base=tmp_path / "base")
+    analysis = rankscope.analyze(checkpoint)
+    assert {record.name for record in analysis.layers} == set(deltas) and all(r.valid for r in analysis.layers)
+    for record in analysis.layers:
+        expected = torch.linalg.svdvals(deltas[record.name])
+        found = torch.tensor(record.singular_values, dtype=torch.float64)
+        found = torch.nn.functional.pad(found, (0, expected.numel() - found.numel()))
+        assert torch.allclose(found, expected, rtol=0, atol=RTOL * float(expected[0])), record.name
+    if outside == "score":  # a trained copy of a module: warned as not analysed (an embedding's table is W₀)
+        assert [item.module for item in checkpoint.not_analysed] == ["score"]
+    assert any(skipped.key.startswith(f"base_model.model.{outside}.") for skipped in checkpoint.skipped)
 
 
 OFT_LINEAR = [{"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4, "block_share": True}]

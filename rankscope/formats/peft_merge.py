@@ -27,7 +27,7 @@ from ..core.errors import CheckpointError, UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import DenseUpdate
 from . import Format, ReadOptions, register_format
-from .common.peft import truthy
+from .common.peft import skip_reason, truthy
 from .common.peft_model import read_whole
 from .common.peft_tuner import (
     PEFT_PREFIX,
@@ -41,7 +41,7 @@ from .common.peft_tuner import (
     merged_delta,
     peft_config,
 )
-from .common.reader import build_checkpoint, invalid_layer, nonfinite_among
+from .common.reader import build_checkpoint, invalid_layer, nonfinite_among, skipped_keys
 from .common.source import AdapterSource
 
 FAMILY = "peft-merge"
@@ -88,20 +88,25 @@ def _peft(source: AdapterSource):
     return peft
 
 
-def _group(source: AdapterSource, prefix: str) -> tuple[dict[str, list[str]], list[str]]:
+def _group(source: AdapterSource, prefix: str) -> tuple[dict[str, list[str]], list[str], list[str]]:
     """Stored keys by module path (PEFT's spelling, without ``base_model.model.``): the segments before the first
-    one that starts with the tuner's prefix (``oft_R``, ``hra_u``); the keys of no module are the adapter's shared
-    tensors (VBLoRA's vector bank), given to every module."""
+    one that starts with the tuner's prefix (``oft_R``, ``hra_u``); the adapter's shared tensors, outside the
+    model's modules (VBLoRA's ``base_model.vblora_vector_bank``), given to every module; and the keys of the model's
+    modules that are no tuner's (a ``modules_to_save`` copy, an embedding table PEFT saves beside its adapter, a
+    trained bias), which no layer reads."""
     modules: dict[str, list[str]] = {}
     shared: list[str] = []
+    other: list[str] = []
     for key in source.tensors:
         segments = key.removeprefix(PEFT_PREFIX).split(".")
         at = next((i for i, s in enumerate(segments) if s.startswith(prefix)), None)
-        if at is None or at == 0 or not key.startswith(PEFT_PREFIX):  # ``base_model.vblora_vector_bank``
+        if not key.startswith(PEFT_PREFIX) or at == 0:
             shared.append(key)
+        elif at is None:
+            other.append(key)
         else:
             modules.setdefault(".".join(segments[:at]), []).append(key)
-    return modules, shared
+    return modules, shared, other
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
     prefix = PEFT_TYPE_TO_PREFIX_MAPPING[peft_type]
-    modules, shared_keys = _group(source, prefix)
+    modules, shared_keys, other = _group(source, prefix)
     shared = {key: source.tensors.get(key) for key in shared_keys}
     reading = _Reading(peft, config, source, options.base, BaseLayout(options.base.path), prefix, shared)
     layers, narrow = [], set()
@@ -207,6 +212,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         family=peft_type.lower(),
         adapter_type=peft_type,
         layers=layers,
+        skipped=skipped_keys(other, lambda key: skip_reason(key, source.config, peft_type)),
         warnings=warnings,
         notes=notes,
         config={**(source.config or {}), "reader": {"format": FAMILY, "peft": peft.__version__}},
