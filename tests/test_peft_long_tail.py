@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft")
 
@@ -160,6 +160,38 @@ def test_tensors_outside_the_tuner_are_listed_not_given_to_every_layer(tmp_path,
     if outside == "score":  # a trained copy of a module: warned as not analysed (an embedding's table is W₀)
         assert [item.module for item in checkpoint.not_analysed] == ["score"]
     assert any(skipped.key.startswith(f"base_model.model.{outside}.") for skipped in checkpoint.skipped)
+
+
+class EmbeddingNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.lin = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "arguments"), [("OFT", {"r": 0, "oft_block_size": 4}), ("HIRA", {"r": 2})], ids=["OFT", "HiRA"]
+)
+def test_an_embedding_not_named_so_is_told_by_the_adapters_keys(tmp_path, peft_type, arguments):
+    """With a bare tensor file as base, an nn.Embedding called ``emb`` is rebuilt as an embedding because its
+    adapter tensors say so (``oft_embedding_R``, ``hira_embedding_A``), not taken for a Linear (PEFT then found no
+    place for them); σ as PEFT's merge's."""
+    torch.manual_seed(0)
+    model = EmbeddingNet()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](target_modules=["emb", "lin"], **arguments)
+    peft_model = perturbed(model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert any("_embedding_" in key for key in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    deltas = reference_deltas(peft_model, ["emb", "lin"])
+    analysis = rankscope.analyze(rankscope.load(tmp_path / "adapter", base=tmp_path / "base.safetensors"))
+    records = {record.name: record for record in analysis.layers}
+    assert records["emb"].kind == "embedding" and records["emb"].matrix_shape == [8, 16]
+    for name, delta in deltas.items():
+        expected = torch.linalg.svdvals(delta)
+        found = torch.tensor(records[name].singular_values, dtype=torch.float64)
+        found = torch.nn.functional.pad(found, (0, expected.numel() - found.numel()))
+        assert torch.allclose(found, expected, rtol=0, atol=RTOL * float(expected[0])), name
 
 
 OFT_LINEAR = [{"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4, "block_share": True}]

@@ -144,7 +144,8 @@ def _layer(reading: _Reading, path: str, keys: list[str]) -> tuple[Layer, set]:
     has_bias = base.key_for(name, "bias") is not None
     template = reading.layout.module(name)
     if template is None or tuple(getattr(template, "weight", torch.empty(0)).shape) != shape:
-        template = guessed_module(name, shape, has_bias, truthy(source.config.get("fan_in_fan_out")))
+        embedding = any(f".{reading.prefix}embedding_" in key for key in keys)  # oft_embedding_R, hira_embedding_A
+        template = guessed_module(name, shape, has_bias, truthy(source.config.get("fan_in_fan_out")), embedding)
     kind = kind_of(template)
 
     def merge() -> Merged:

@@ -89,9 +89,13 @@ def kind_of(module: nn.Module) -> str:
     return "linear"
 
 
-def guessed_module(name: str, weight_shape: tuple[int, ...], has_bias: bool, fan_in_fan_out: bool) -> nn.Module:
+def guessed_module(
+    name: str, weight_shape: tuple[int, ...], has_bias: bool, fan_in_fan_out: bool, embedding: bool = False
+) -> nn.Module:
     """A meta-device base layer told by its weight: a conv by the weight's rank (groups 1), GPT-2's ``Conv1D``
-    where the config says ``fan_in_fan_out``, an ``nn.Embedding`` by its name, else an ``nn.Linear``."""
+    where the config says ``fan_in_fan_out``, an ``nn.Embedding`` where the adapter's tensors say so
+    (``embedding``: PEFT names them ``oft_embedding_R``, ``hira_embedding_A``) or by its name, else an
+    ``nn.Linear``."""
     with torch.device("meta"):
         if len(weight_shape) in (3, 4, 5):
             conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(weight_shape)]
@@ -101,7 +105,7 @@ def guessed_module(name: str, weight_shape: tuple[int, ...], has_bias: bool, fan
 
             return Conv1D(weight_shape[1], weight_shape[0])
         last = name.rsplit(".", 1)[-1]
-        if "embed" in last or last in ("wte", "wpe", "shared"):
+        if embedding or "embed" in last or last in ("wte", "wpe", "shared"):
             return nn.Embedding(weight_shape[0], weight_shape[1])
         return nn.Linear(weight_shape[1], weight_shape[0], bias=has_bias)
 
