@@ -441,3 +441,39 @@ def test_convert_leaves_a_grouped_conv_lora_out_saying_so(tmp_path):
     written = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert sorted(written) == ["base_model.model.plain.lora_A.weight", "base_model.model.plain.lora_B.weight"]
     PeftModel.from_pretrained(GroupedConv(), tmp_path / "out")  # what was written fits PEFT's layers
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.proj = nn.Linear(5, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.lin(x))
+
+
+def test_overlapping_pattern_keys_warn_and_follow_peft_s_reload(tmp_path):
+    """alpha_pattern keys that both match a layer, written out of sorted order: PEFT's save sorts them, its reload
+    applies the first in the file — rankscope reads the layer as that reload does (σ of the reloaded model's merge)
+    and warns, naming the layer and both keys; a layer only one key matches is not named."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=3, lora_alpha=3, target_modules=["lin", "proj"], alpha_pattern={"proj": 9, "p.*j": 30})
+    peft_model = get_peft_model(TwoLinear(), config)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["alpha_pattern"]
+    assert list(saved) == ["p.*j", "proj"]  # sorted on save: the reload's first match is now "p.*j"
+    reloaded = PeftModel.from_pretrained(TwoLinear(), tmp_path / "adapter").double()
+    proj = reloaded.base_model.model.proj
+    assert proj.scaling["default"] == 10.0  # 30 / 3: the file's first key
+    w0 = proj.get_base_layer().weight.detach().clone()
+    delta = reloaded.merge_and_unload().proj.weight.detach() - w0
+    checkpoint = rankscope.load(tmp_path / "adapter")
+    found = records(tmp_path / "adapter")
+    assert_sigma(found["proj"], delta, EXACT_TOL, 3)
+    (warning,) = [w for w in checkpoint.warnings if w.startswith("alpha_pattern:")]
+    assert "1 layer(s)" in warning and "e.g. proj: 'p.*j' → 30, 'proj' → 9" in warning

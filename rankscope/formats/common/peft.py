@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +38,40 @@ def pattern_value(
                 f"{field} pattern {key!r} is not a valid regular expression ({exc})", path=config_path
             ) from exc
     return default
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", name) is not None
+    except re.error:  # pattern_value says so where the pattern is used
+        return False
+
+
+def ambiguous_patterns(config: Mapping | None, names: Iterable[str]) -> list[str]:
+    """A warning per ``rank_pattern``/``alpha_pattern`` where a layer matches several keys of different values.
+
+    PEFT applies the first matching key in dict order, and its ``save_pretrained`` writes the config with sorted
+    keys: such a layer is read as PEFT reloads the file (its first key in the file), which need not be the key
+    that won while training, if the keys were written in another order."""
+    out = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = (config or {}).get(field)
+        if not isinstance(patterns, Mapping) or len(patterns) < 2:
+            continue
+        clashes = []
+        for name in names:
+            found = [(key, value) for key, value in patterns.items() if _matches(str(key), name)]
+            if len({json.dumps(value, sort_keys=True) for _, value in found}) > 1:
+                clashes.append((name, found))
+        if clashes:
+            name, found = clashes[0]
+            keys = ", ".join(f"{key!r} → {value}" for key, value in found)
+            out.append(
+                f"{field}: {len(clashes)} layer(s) match several keys of different values (e.g. {name}: {keys}); "
+                f"each is read as PEFT reloads this file, with the first in the file's order ({found[0][0]!r}) — "
+                "PEFT saves these keys sorted, so training may have applied another"
+            )
+    return out
 
 
 def nonfinite_problem(tensor: torch.Tensor, key: str) -> str | None:

@@ -25,7 +25,7 @@ from ...core.base import BaseWeights
 from ...core.checkpoint import Checkpoint, Layer, Skipped
 from ...core.errors import CheckpointError, UnsupportedAdapterError
 from ...core.naming import layer_name
-from .peft import nonfinite_problem, truthy
+from .peft import ambiguous_patterns, nonfinite_problem, truthy
 from .source import AdapterSource
 
 Role = Hashable  # a part of a module: "A", "sigma", ("B", 3) for an indexed factor
@@ -180,7 +180,7 @@ def build_checkpoint(
         config=dict(source.config or {}) if config is None else config,
         layers=layers,
         skipped=list(skipped or []),
-        warnings=list(warnings or []),
+        warnings=list(warnings or []) + ambiguous_patterns(source.config, [layer.name for layer in layers]),
         notes=list(notes or []),
         weights_file=source.weights_path,
         **extra,
