@@ -375,6 +375,28 @@ def test_other_algorithms_are_skipped_by_name(tmp_path):
     assert [item.module for item in checkpoint.not_analysed] == [CONV, SHORTCUT, PROJ_OUT]
 
 
+def test_tlora_beside_locon_is_listed_and_alone_is_refused_by_name(tmp_path):
+    """T-LoRA's update follows the diffusion timestep (a rank mask per step): beside LoCon modules its modules are
+    listed as not analysed, saying why, and the LoCon ones match LyCORIS's forward; a file of T-LoRA alone is
+    refused in one line naming T-LoRA (it used to be detected as no adapter at all)."""
+
+    def make(model):
+        LycorisNetwork.apply_preset({"name_algo_map": {"blocks.0.proj_out": {"algo": "tlora"},
+                                                       "blocks.0.conv": {"algo": "tlora"}}})  # fmt: skip
+        return lycoris("locon")(model)
+
+    built = Built(tmp_path, "tlora-mixed", make, probed=["blocks.0.proj_in"])  # the name map takes conv_shortcut too
+    checkpoint = rankscope.load(built.path)
+    check_all(built, checkpoint, "lora")
+    assert [item.module for item in checkpoint.not_analysed] == [CONV, SHORTCUT, PROJ_OUT]
+    assert all("T-LoRA" in item.reason and "timestep" in item.reason for item in checkpoint.not_analysed)
+    alone = Built(tmp_path, "tlora-alone", lycoris("tlora"), probed=())
+    result = CliRunner().invoke(main, ["spectrum", str(alone.path), "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert str(alone.path) in line and "T-LoRA modules" in line and "no static ΔW" in line
+
+
 # -- kohya files without alpha tensors; the CLI ---------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ import re
 from functools import partial
 
 from ..core.checkpoint import Checkpoint, Layer, Skipped
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, UnsupportedAdapterError
 from ..core.update import DiagonalUpdate, FactoredUpdate, upcast
 from . import Format, ReadOptions, register_format
 from .common.kohya_scale import Scaling, scaling, stored_alpha
@@ -125,7 +125,17 @@ def detect(source: AdapterSource) -> bool:
             continue
         if match["role"] in ("lora_down", "lora_up"):
             return True
-        if match["role"] in ("hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "a1", "on_input", "oft_blocks", "w_norm"):
+        if match["role"] in (
+            "hada_w1_a",
+            "lokr_w1",
+            "lokr_w1_a",
+            "diff",
+            "a1",
+            "on_input",
+            "oft_blocks",
+            "w_norm",
+            "q_layer",
+        ):
             module = match["module"]
             if f"{module}.alpha" in keys or module.startswith(_KOHYA_PREFIXES):
                 return True
@@ -360,6 +370,13 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         key, name = waiting[0]
         why = "ΔW = s·(W0·a1·a2 + b1·b2) involves the base weight W0" if name == "GLoRA" else "they act on W0 itself"
         raise CheckpointError(f"{name} modules ({key} …): {why}; {_BASE_HINT}", path=source.weights_path)
+    timestep = next((i.key for i in skipped if i.reason == _NOT_READ["tlora"] and ".alpha" not in i.key), None)
+    if not layers and timestep is not None:
+        raise UnsupportedAdapterError(
+            f"T-LoRA modules ({timestep} …): the update depends on the diffusion timestep (a mask of ranks per "
+            "step), so there is no static ΔW to analyse",
+            path=source.weights_path,
+        )
     lycoris = any(layer.family != "lora" for layer in layers) or any(key.startswith("lycoris_") for key in modules)
     warnings = settings.warnings()
     if options.directional_only and any("dora_scale" in roles for roles in modules.values()):
