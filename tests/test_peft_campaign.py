@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -453,6 +453,65 @@ def test_ia3_modules_to_save_is_warned(tmp_path):
     checkpoint = rankscope.load(tmp_path / "ia3", base=base_file)
     assert [item.module for item in checkpoint.not_analysed] == ["classifier"]
     assert "modules_to_save" in checkpoint.not_analysed[0].reason
+
+
+def _amplification(delta: torch.Tensor, w0: torch.Tensor, k: int) -> float:
+    """The LoRA paper's ‖ΔW‖_F / ‖U_kᵀ W₀ V_k‖_F, from a float64 SVD of the (out, in) ΔW and W₀."""
+    u, _, vh = torch.linalg.svd(delta)
+    return float(delta.norm() / (u[:, :k].T @ w0 @ vh[:k].T).norm())
+
+
+@pytest.mark.parametrize("base_form", ["directory", "file"])
+def test_square_gpt2_conv1d_layers_take_their_layout_with_base(tmp_path, base_form):
+    """c_attn, the square attn.c_proj and lm_head: PEFT records fan_in_fan_out=false, --base flips the non-square
+    Conv1D by shape; the square c_proj follows the base model's own classes where the base is a transformers
+    directory (its amplification then the reference's: W₀ transposed as a Conv1D stores it), and is warned about
+    where the base is a bare file (no classes to ask)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "lm_head"])
+    peft_model, base = build(tmp_path / "adapter", gpt2, config)
+    if base_form == "directory":  # lm_head's (tied) weight stored too, so that --base can tell it is a Linear
+        gpt2().save_pretrained(tmp_path / "base", safe_serialization=True)
+        base_path = tmp_path / "base"
+        weights = load_file(base_path / "model.safetensors")
+        save_file(
+            {**weights, "lm_head.weight": weights["transformer.wte.weight"].clone()},
+            str(base_path / "model.safetensors"),
+        )
+    else:
+        base_path = save_base(gpt2(), tmp_path / "base.safetensors")
+    checkpoint = rankscope.load(tmp_path / "adapter", base=base_path)
+    (warning,) = [w for w in checkpoint.warnings if "fan_in_fan_out" in w]
+    records = by_name(checkpoint)
+    name = "transformer.h.0.attn.c_proj"
+    delta = merged_deltas(peft_model, base, gpt2)[name]
+    w0 = base[f"{name}.weight"].T  # Conv1D stores (in, out)
+    expected = _amplification(delta, w0, records[name].base["amplification_k"])
+    if base_form == "directory":
+        assert records[name].kind == "conv1d_gpt2" and "from the base model's classes" in warning
+        assert records[name].base["amplification"] == pytest.approx(expected, rel=1e-9)
+    else:
+        assert records[name].kind == "linear" and "amplification, intruders" in warning
+        assert records[name].base["amplification"] != pytest.approx(expected, rel=1e-3)  # W₀ the other way round
+    assert_matches(checkpoint, merged_deltas(peft_model, base, gpt2))
+
+
+def test_square_gpt2_conv1d_layers_follow_when_every_other_layer_is_flipped(tmp_path):
+    """Every GPT-2 Conv1D target, recorded as Linear (a flag edited to false, as a training checkpoint with no
+    config reads): --base flips the non-square ones by shape, and the square attn.c_proj with them."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+                        fan_in_fan_out=True)  # fmt: skip
+    peft_model, base = build(tmp_path / "adapter", gpt2, config)
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "fan_in_fan_out": False}))
+    checkpoint = rankscope.load(tmp_path / "adapter", base=save_base(gpt2(), tmp_path / "base.safetensors"))
+    (warning,) = [w for w in checkpoint.warnings if "fan_in_fan_out" in w]
+    assert "and the square ones' (2 layer(s)" in warning
+    records = by_name(checkpoint)
+    assert {record.kind for record in records.values()} == {"conv1d_gpt2"}
+    name = "transformer.h.1.attn.c_proj"
+    delta = merged_deltas(peft_model, base, gpt2)[name]
+    expected = _amplification(delta, base[f"{name}.weight"].T, records[name].base["amplification_k"])
+    assert records[name].base["amplification"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
