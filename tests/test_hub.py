@@ -186,6 +186,29 @@ def test_base_by_hub_id_and_a_missing_shard(tmp_path, cache):
         BaseWeights("owner/base")
 
 
+def test_a_full_fine_tune_by_hub_id_against_a_hub_base(tmp_path, cache):
+    """A model repository (config.json and sharded weights, no adapter files) named by its id is the full fine-tune
+    it holds, read against a base named by id too: ΔW = W − W₀ per matrix (σ of torch's own difference)."""
+    weights = write_sharded_base(tmp_path / "base")
+    lay_out(cache, "owner/base", COMMIT_NEW, tmp_path / "base", blobs=True)
+    tuned = {key: value + 0.1 * torch.randn_like(value) for key, value in weights.items()}
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"))
+    (tmp_path / "tuned" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    lay_out(cache, "owner/tuned", COMMIT_OLD, tmp_path / "tuned", blobs=True)
+    checkpoint = rankscope.load("owner/tuned", base="owner/base")
+    assert checkpoint.family == "full-delta"
+    assert checkpoint.path == cache / "models--owner--tuned" / "snapshots" / COMMIT_OLD
+    records = {record.name: record for record in rankscope.analyze(checkpoint)}
+    assert set(records) == {key.removesuffix(".weight") for key in weights}
+    for key, value in weights.items():
+        expected = torch.linalg.svdvals(tuned[key].double() - value.double())
+        got = torch.tensor(records[key.removesuffix(".weight")].singular_values, dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    result = CliRunner().invoke(main, ["spectrum", "owner/tuned", "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "--base" in result.output
+
+
 def test_without_huggingface_hub_a_hint(cache, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
     result = CliRunner().invoke(main, ["spectrum", "owner/name"])

@@ -45,18 +45,23 @@ def _is_id(path: str | os.PathLike) -> tuple[str, str | None] | None:
 def resolve_adapter(path: str | os.PathLike, adapter: str | None = None) -> str | os.PathLike | Path:
     """The local folder of the adapter that ``path`` names: ``path`` itself unless it is a hub id not on disk.
 
-    ``adapter`` (a multi-adapter repo's sub-folder) adds that folder's adapter files to those fetched.
+    ``adapter`` (a multi-adapter repo's sub-folder) adds that folder's adapter files to those fetched. A repository
+    with a ``config.json`` and no adapter files is a model: its weights are fetched as a base model's are (a full
+    fine-tune, read against ``--base``).
     """
     found = _is_id(path)
     if found is None:
         return path
-    patterns = [*ADAPTER_FILES, "pytorch_lora_weights.safetensors"]
+    patterns = [*ADAPTER_FILES, "pytorch_lora_weights.safetensors", "config.json"]
     named = adapter is not None and adapter != "default"
     if named:
         patterns += [f"{adapter}/{name}" for name in ADAPTER_FILES]
     snapshot = _snapshot(*found, patterns, what="adapter")
     inside = snapshot / adapter if named else snapshot
-    if not any((inside / name).is_file() for name in ADAPTER_WEIGHTS):
+    adapted = any((inside / name).is_file() for name in ADAPTER_WEIGHTS)
+    if not adapted and not named and (snapshot / "config.json").is_file():
+        return resolve_base(path)  # a model's repository, no adapter in it: a full fine-tune (read with --base)
+    if not adapted:
         wanted = inside / ADAPTER_WEIGHTS[0]
         raise CheckpointError(f"the cached snapshot lacks {_inner(wanted, snapshot)} (or .bin) ({snapshot})", path=path)
     return snapshot

@@ -36,6 +36,7 @@ from typing import Any
 from ..core.base import BaseWeights
 from ..core.checkpoint import Checkpoint, Skipped
 from ..core.errors import CheckpointError, UnsupportedAdapterError, UsageProblem
+from ..core.hub import resolve_adapter
 from .common.source import AdapterSource, locate
 
 ENTRY_POINT_GROUP = "rankscope.formats"
@@ -215,7 +216,8 @@ def load(
         directional_only=directional_only,
         trust_pickle=trust_pickle,
     )
-    path = Path(path)
+    # a hub id not on disk: its snapshot (an adapter's, or a model's); --compose fetches each adapter it names
+    path = Path(path if compose else resolve_adapter(path, adapter))
     if path.name == "adapter_config.json" and path.is_file():
         path = path.parent  # the config names its adapter directory
     from ..core.threads import thread_policy
