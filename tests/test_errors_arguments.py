@@ -246,3 +246,18 @@ def test_report_folder(tmp_path):
         check_target(tmp_path / "file")
     code, line = cli("report", str(adapter), "-o", str(tmp_path / "file"), "--figures", "none")
     assert code == 1 and line.endswith("not a report folder; choose another --output")
+
+
+def test_an_unknown_device_is_a_usage_error(tmp_path):
+    """A device torch does not know is the caller's mistake (exit 2, naming --device); CUDA asked for on a machine
+    without it stays an error of the machine (exit 1)."""
+    adapter = write_lora(
+        tmp_path / "lora", {"lin": random_factors(12, 16, 4, seed=2)}, lora_config(target_modules=["lin"])
+    )
+    with pytest.raises(UsageProblem, match="'tpu' is not a device torch knows"):
+        rankscope.analyze(rankscope.load(adapter), dense=True, device="tpu")
+    code, line = cli("spectrum", str(adapter), "--dense", "--device", "tpu")
+    assert code == 2 and line.startswith("rankscope: error: --device 'tpu' is not a device torch knows")
+    if not torch.cuda.is_available():
+        code, line = cli("spectrum", str(adapter), "--dense", "--device", "cuda")
+        assert code == 1 and "CUDA is not available" in line

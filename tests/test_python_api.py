@@ -79,6 +79,8 @@ def test_library_errors_name_arguments_and_the_cli_respells_them(analysis, tmp_p
     with pytest.raises(rankscope.UsageProblem, match=r"^rel_thresholds: ratio -1 must be") as negative:
         rankscope.analyze(analysis.checkpoint, rel_thresholds=(-1,))
     assert negative.value.spelled(lambda name: "--rel-threshold").startswith("--rel-threshold: ratio -1 must")
+    with pytest.raises(rankscope.UsageProblem, match=r"^rel_thresholds: ratio 2 must be in \[0, 1\)"):
+        rankscope.analyze(analysis.checkpoint, rel_thresholds=(2,))  # σ > 2σ₁ would count nothing
     layers_dir = llama_like(tmp_path / "layers", layers=1, hidden=8, rank=2)  # the argument's name in the path
     with pytest.raises(rankscope.CheckpointError) as nothing:
         rankscope.analyze(rankscope.load(layers_dir), layers="zzz")

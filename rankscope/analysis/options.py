@@ -56,10 +56,12 @@ class AnalysisOptions:
         for p in self.energies:
             if not 0.0 < p <= 1.0:
                 raise UsageProblem(f"energies: energy fraction {p} is not in (0, 1]", argument="energies")
-        for name, what in (("thresholds", "threshold"), ("rel_thresholds", "ratio")):
-            for value in getattr(self, name):
-                if not math.isfinite(value) or value < 0:
-                    raise UsageProblem(f"{name}: {what} {value} must be a finite number ≥ 0", argument=name)
+        for value in self.thresholds:
+            if not math.isfinite(value) or value < 0:
+                raise UsageProblem(f"thresholds: threshold {value} must be a finite number ≥ 0", argument="thresholds")
+        for value in self.rel_thresholds:  # σ > ρ·σ₁ counts nothing from ρ = 1 on
+            if not 0 <= value < 1:
+                raise UsageProblem(f"rel_thresholds: ratio {value} must be in [0, 1)", argument="rel_thresholds")
         top_k = self.top_k
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise UsageProblem(f"top_k must be a whole number ≥ 1, found {top_k!r}", argument="top_k")

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 
-from .errors import RankscopeError
+from .errors import RankscopeError, UsageProblem
 from .threads import all_threads, thread_budget
 from .update import Update
 
@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as exc:
-        raise RankscopeError(f"device {name!r} is not a device torch knows ({exc})", argument="device") from exc
+        raise UsageProblem(f"device {name!r} is not a device torch knows ({exc})", argument="device") from exc
 
 
 def svdvals_or_nan(batch: torch.Tensor) -> torch.Tensor:
