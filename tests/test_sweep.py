@@ -250,3 +250,17 @@ def test_cli_sweep_globs_lists_and_errors(zoo, tmp_path):
     assert usage.exit_code == 2 and "INPUTS" in usage.stderr
     usage = CliRunner().invoke(main, ["sweep", str(zoo / "grid" / "lora-000"), "-o", str(out), "--weights", "1"])
     assert usage.exit_code == 2 and "--compose" in usage.stderr
+
+
+def test_a_link_back_up_the_tree_is_not_followed(tmp_path):
+    """A directory symlink to an ancestor (a cycle) is left out with a warning: each adapter found once, not once
+    per trip round the loop."""
+    from rankscope.sweeps.inputs import discover
+
+    _lora(tmp_path / "zoo" / "a", 1)
+    _lora(tmp_path / "zoo" / "deeper" / "b", 2)
+    (tmp_path / "zoo" / "deeper" / "up").symlink_to(tmp_path / "zoo", target_is_directory=True)
+    warnings: list[str] = []
+    items = discover([tmp_path / "zoo"], warnings)
+    assert sorted(Path(item.path).name for item in items) == ["a", "b"]
+    assert any("a link back to" in w and "(a cycle); not followed" in w for w in warnings)

@@ -104,8 +104,12 @@ def _search(folder: Path, warnings: list[str]) -> list[tuple[Path, str | None, i
     except OSError as exc:
         warnings.append(f"{folder}: cannot list ({exc.strerror or exc}); left out")
         return []
+    here = folder.resolve()
     for child in children:
         if child.name.startswith("."):
+            continue
+        if child.is_symlink() and child.is_dir() and (child.resolve() == here or child.resolve() in here.parents):
+            warnings.append(f"{child}: a link back to {child.resolve()} (a cycle); not followed")
             continue
         if child.is_dir() or (child.suffix in TENSOR_SUFFIXES and child.name not in WEIGHT_NAMES):
             found.extend(_expand(child, warnings))
