@@ -461,3 +461,55 @@ def test_wan_alpha_zero_reads_as_rank_and_alpha_override(tmp_path):
     assert all(s.expected for s in overridden.skipped)
     layer = next(layer for layer in overridden.layers if layer.name == module)
     assert layer.scale == 8.0 / tensors[f"{module}.lora_A.weight"].shape[0]
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=1, attention_head_dim=4,
+                                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6,
+                                  axes_dims_rope=(2, 2), guidance_embeds=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."], ids=["bare", "diffusion_model"])
+def test_xlabs_flux_lora_against_diffusers_fuse(tmp_path, prefix):
+    """XLabs' Flux LoRA (``double_blocks.N.processor.qkv_lora1.down.weight`` …: lora1 the image stream, lora2 the
+    text stream, scale 1): each module named as the original Flux model's (``double_blocks.N.img_attn.qkv``), one
+    fused qkv LoRA; σ against diffusers' own load_lora_weights + fuse_lora (which splits qkv into to_q/to_k/to_v:
+    their ΔW stacked back by rows). It used to be taken for a full model."""
+    from diffusers import FluxPipeline
+
+    flux = _tiny_flux().double()
+    modules = dict(flux.named_modules())
+    parts = {}
+    for i in range(2):
+        attn, original, xlabs = f"transformer_blocks.{i}.attn", f"double_blocks.{i}", f"double_blocks.{i}.processor"
+        image, text = [f"{attn}.to_{p}" for p in "qkv"], [f"{attn}.add_{p}_proj" for p in "qkv"]
+        parts[f"{xlabs}.qkv_lora1"] = (f"{original}.img_attn.qkv", image)
+        parts[f"{xlabs}.qkv_lora2"] = (f"{original}.txt_attn.qkv", text)
+        parts[f"{xlabs}.proj_lora1"] = (f"{original}.img_attn.proj", [f"{attn}.to_out.0"])
+        parts[f"{xlabs}.proj_lora2"] = (f"{original}.txt_attn.proj", [f"{attn}.to_add_out"])
+    generator = torch.Generator().manual_seed(3)
+    stored = {}
+    for key, (_, targets) in parts.items():
+        rows, columns = sum(modules[t].out_features for t in targets), modules[targets[0]].in_features
+        stored[f"{prefix}{key}.down.weight"] = 0.3 * torch.randn(4, columns, generator=generator)
+        stored[f"{prefix}{key}.up.weight"] = 0.3 * torch.randn(rows, 4, generator=generator)
+    file = tmp_path / "xlabs.safetensors"
+    save_file(stored, str(file))
+    before = {
+        name: module.weight.detach().clone() for name, module in modules.items() if isinstance(module, torch.nn.Linear)
+    }
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=flux)  # fmt: skip
+    pipe.load_lora_weights(str(file))
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    fused = dict(flux.named_modules())
+    checkpoint = rankscope.load(file)
+    found = {record.name: record for record in rankscope.analyze(checkpoint)}
+    deltas = {prefix + name: torch.cat([fused[t].weight.detach() - before[t] for t in targets])
+              for name, targets in parts.values()}  # fmt: skip
+    assert_matches(found, deltas)
+    assert {record.scale for record in found.values()} == {1.0}

@@ -106,6 +106,9 @@ SAVED_WEIGHT = (
 FULL_COPIES = (MODULES_TO_SAVE, SAVED_WEIGHT)
 
 
+_PROCESSOR_LORA = re.compile(r".+_lora\d*")
+
+
 def adapter_module(key: str) -> str | None:
     """The module a tensor key belongs to when the key looks like adapter weight, else None.
 
@@ -114,10 +117,10 @@ def adapter_module(key: str) -> str | None:
     """
     segments = key.split(".")
     for i, segment in enumerate(segments):
-        marked = segment.startswith(_ADAPTER_PREFIXES) or segment in _ADAPTER_SEGMENTS or segment.endswith("_lora")
-        if marked:
+        processor = _PROCESSOR_LORA.fullmatch(segment) is not None  # to_q_lora, XLabs' qkv_lora1
+        if segment.startswith(_ADAPTER_PREFIXES) or segment in _ADAPTER_SEGMENTS or processor:
             # a kohya-style flattened name is itself the module; a factor name ends the module path before it
-            keep = i + 1 if i == 0 or segment.endswith("_lora") else i
+            keep = i + 1 if i == 0 or processor else i
             return ".".join(segments[:keep])
     return None
 

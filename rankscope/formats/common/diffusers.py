@@ -11,6 +11,14 @@ diffusers still loads three older layouts, each a pair (down = A (r, in[, *k]), 
   text encoder (keys under ``text_encoder…``) ``<block>.q_proj`` (``k_proj``, ``v_proj``, ``to_out_lora`` →
   ``out_proj``), as ``DIFFUSERS_OLD_TO_PEFT`` maps it.
 
+and XLabs' Flux LoRA (x-flux), which diffusers converts on load:
+
+- ``[diffusion_model.]double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` — lora1 on the image
+  stream, lora2 on the text stream: the module is the original Flux model's ``double_blocks.N.img_attn.qkv``
+  (``txt_attn``; ``proj``), one LoRA on the fused q, k, v rows, as kohya's Flux files name it;
+- ``single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight`` — on a single block's attention alone (not
+  its whole ``linear1``/``linear2``): named as stored, ``single_blocks.N.processor.qkv_lora``.
+
 ΔW = s·up·down as for PEFT's LoRA; α from the file's ``lora_adapter_metadata`` where it gives one, else from an
 ``.alpha`` tensor beside the pair (``<module>.alpha``, diffusers' name for it, or
 ``<block>.processor.to_q_lora.alpha``), else s = 1 (diffusers loads such files with α = r).
@@ -26,6 +34,11 @@ _PROCESSOR = re.compile(
     r"^(?P<block>.+?)\.(?:processor\.)?(?P<target>to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)_lora"
     r"\.(?P<side>down|up)\.weight$"
 )
+_XLABS = re.compile(
+    r"^(?P<prefix>(?:diffusion_model\.)?)(?P<blocks>double_blocks|single_blocks)\.(?P<index>\d+)\.processor\."
+    r"(?P<target>qkv|proj)_lora(?P<stream>[12]?)\.(?P<side>down|up)\.weight$"
+)
+_XLABS_STREAM = {"1": "img_attn", "2": "txt_attn"}
 _ROLE = {"down": "A", "up": "B"}
 _UNET_TARGET = {"to_out": "to_out.0"}  # diffusers' UNET_TO_DIFFUSERS
 _TEXT_ENCODER_TARGET = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}  # …OLD_TO_PEFT
@@ -58,6 +71,12 @@ def split_key(key: str) -> AliasKey | None:
     match = _PAIR.match(key)
     if match is not None:
         return AliasKey(match["stored"], _ROLE[match["side"]], match["stored"])
+    match = _XLABS.match(key)
+    if match is not None and (match["blocks"] == "double_blocks") == bool(match["stream"]):
+        stored = key.rsplit(".", 2)[0]
+        block = f"{match['prefix']}{match['blocks']}.{match['index']}"
+        module = f"{block}.{_XLABS_STREAM[match['stream']]}.{match['target']}" if match["stream"] else stored
+        return AliasKey(module, _ROLE[match["side"]], stored)
     return None
 
 
