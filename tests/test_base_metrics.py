@@ -311,3 +311,23 @@ def test_cli_flags_and_csv(adapter, cache_dir, tmp_path):
     assert plain.exit_code == 0 and "relative_update" not in (tmp_path / "p.csv").read_text()
     bad = runner.invoke(main, [*args, "--intruder-epsilon", "0"])
     assert bad.exit_code == 2
+
+
+def test_a_base_without_a_layer_and_one_of_another_shape_are_told_apart(adapter, cache_dir, tmp_path):
+    """A base that lacks a layer's weight says so by name; one whose weight has another shape gives both shapes;
+    the other layers are measured."""
+    from safetensors.torch import load_file, save_file
+
+    _, base_file, adapter_dir, _ = adapter
+    weights = load_file(str(base_file))
+    weights.pop("down.weight")
+    weights["narrow.weight"] = torch.randn(5, 48)
+    save_file(weights, str(tmp_path / "partial.safetensors"))
+    analysis = _analyse(adapter_dir, tmp_path / "partial.safetensors")
+    by_name = {record.name: record for record in analysis}
+    assert by_name["up"].base is not None and by_name["down"].base is None and by_name["narrow"].base is None
+    assert any(w.startswith("--base holds no weight of the name of 1 layer(s): down (") for w in analysis.warnings)
+    assert any(
+        "no weight of the update's shape for 1 layer(s): narrow (base [5, 48], update [6, 48])" in w
+        for w in analysis.warnings
+    )

@@ -325,7 +325,7 @@ def test_a_broken_bitsandbytes_base_is_one_line_naming_file_and_tensor(models, a
 
 
 def test_a_base_without_the_layer_still_only_warns(models, adapter, tmp_path, monkeypatch):
-    """An absent weight (not a broken one) is still "missing": a warning, no base object for it, exit 0."""
+    """An absent weight (not a broken one) is a warning naming the layer, no base object for it, exit 0."""
     monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
     dirs, _ = models
     base = _broken_copy(
@@ -334,7 +334,7 @@ def test_a_base_without_the_layer_still_only_warns(models, adapter, tmp_path, mo
     path, _ = adapter
     result = CliRunner().invoke(main, ["spectrum", str(path), "--base", str(base), "--json", "-"])
     assert result.exit_code == 0, result.output
-    assert f"--base has no weight of the update's shape for 1 layer(s): {Q}" in result.stderr
+    assert f"--base holds no weight of the name of 1 layer(s): {Q} (is --base the model" in result.stderr
     layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
     assert layers[Q].get("base") is None
     assert all(layer["base"] is not None for name, layer in layers.items() if name != Q)

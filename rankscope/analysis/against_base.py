@@ -46,10 +46,10 @@ from .records import LayerRecord
 DENSE_VECTORS_CPU_LIMIT = 2048  # a 2048² float64 SVD with vectors takes about a second on two cores
 
 
-# what happened across the layers ("missing", "refused", "no_intruders", "no_amplification") → the layers' names,
-# for one warning or note each
+# what happened across the layers ("absent": no weight of the layer's name; "missing": one of another shape;
+# "refused", "no_intruders", "no_amplification") → the layers' names, for one warning or note each
 _Outcome = defaultdict[str, list[str]]
-_OUTCOMES = ("missing", "refused", "no_intruders", "no_amplification")
+_OUTCOMES = ("absent", "missing", "refused", "no_intruders", "no_amplification")
 
 
 def measure_against_base(
@@ -106,7 +106,7 @@ def _layer_fields(
     found = _base_tensor(base, layer)
     if found is None:
         base.refuse_quantised(layer.name)  # a GPTQ/AWQ base: one line naming the format, not a missing weight
-        outcome["missing"].append(layer.name)
+        outcome["absent"].append(layer.name)
         return None
     if isinstance(found, str):  # a stacked expert parameter that holds no slice of this index
         outcome["missing"].append(f"{layer.name} ({found})")
@@ -292,7 +292,12 @@ def weight_spectrum(checkpoint: Checkpoint, name: str, *, device: str = "auto") 
 
 def _messages(outcome: _Outcome, options: AnalysisOptions) -> tuple[list[str], list[str]]:
     warnings, notes = [], []
-    missing, refused, no_intruders, no_amplification = (outcome[what] for what in _OUTCOMES)
+    absent, missing, refused, no_intruders, no_amplification = (outcome[what] for what in _OUTCOMES)
+    if absent:
+        warnings.append(
+            f"--base holds no weight of the name of {listed(absent, counted='layer(s)')} (is --base the model "
+            "the adapter was trained on, in the layout its names follow?): no 'base' metrics for them"
+        )
     if missing:
         warnings.append(
             f"--base has no weight of the update's shape for {listed(missing, counted='layer(s)')}: no "
