@@ -420,3 +420,25 @@ def test_vectors_from_r_factors_match_a_dense_float64_svd(
         got = got_u * sigma[:k] @ got_v.mT
         want = u[:, :k] * s[:k] @ vh[:k]
         assert float((got - want).norm() / want.norm()) < 1e-9
+
+
+@pytest.mark.parametrize("names", ["llama", "gpt2"])
+def test_kohya_output_of_a_language_model_is_refused_and_nothing_written(tmp_path, names):
+    """kohya files name diffusion models' modules (lora_unet_…, lora_te_…): a language model's layers (Llama's
+    model.layers.N…, GPT-2's transformer.h.N…, which is not a diffusers transformer) have no kohya name, so
+    to='kohya' is a usage error naming the layer, and nothing is written; to='peft' converts it."""
+    from tests.factories import llama_like, lora_config, random_factors, write_lora
+
+    if names == "llama":
+        adapter = llama_like(tmp_path / "adapter", layers=1, hidden=16, rank=2)
+        first = "model.layers.0.self_attn.q_proj"
+    else:
+        first = "transformer.h.0.attn.c_attn"
+        adapter = write_lora(tmp_path / "adapter", {first: random_factors(48, 16, 2, 1)}, lora_config(r=2))
+    result = CliRunner().invoke(main, ["convert", str(adapter), "--to", "kohya", "-o", str(tmp_path / "k.safetensors")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert f"layer {first} is no diffusion model's module" in line and "use --to peft" in line
+    assert not (tmp_path / "k.safetensors").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    peft = CliRunner().invoke(main, ["convert", str(adapter), "-o", str(tmp_path / "p")])
+    assert peft.exit_code == 0, peft.output

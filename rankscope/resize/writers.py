@@ -187,18 +187,25 @@ def readme(adapter: ConvertedAdapter, to: str, dtype: str) -> str:
     return "\n".join(lines)
 
 
-def kohya_name(name: str) -> str:
-    """A diffusers/PEFT module path as kohya flattens it: ``unet.down_blocks.0…to_q`` → ``lora_unet_down_blocks_0…``."""
+_GPT2_ROOT = ("h.", "wte", "wpe", "ln_f")  # transformers' GPT-2 keeps its blocks under ``transformer.``
+
+
+def kohya_name(name: str) -> str | None:
+    """A diffusers/PEFT module path as kohya flattens it: ``unet.down_blocks.0…to_q`` → ``lora_unet_down_blocks_0…``;
+    None for a module of no diffusion model (a language model's ``model.layers.0…``, GPT-2's ``transformer.h.0…``),
+    which kohya files, and the loaders that read them, have no names for."""
     if name.startswith(("lora_", "lycoris_")):
         return name
     component, _, rest = name.partition(".")
+    if component == "transformer" and rest.startswith(_GPT2_ROOT):
+        return None
     if component in _KOHYA_PREFIXES and rest:
         return f"{_KOHYA_PREFIXES[component]}_{rest.replace('.', '_')}"
     if name.startswith("text_model."):
         return f"lora_te_{name.replace('.', '_')}"
     if name.startswith(_UNET_BLOCKS):
         return f"lora_unet_{name.replace('.', '_')}"
-    return f"lora_{name.replace('.', '_')}"
+    return None
 
 
 def kohya_tensors(adapter: ConvertedAdapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -215,9 +222,15 @@ def kohya_tensors(adapter: ConvertedAdapter, dtype: torch.dtype) -> dict[str, to
             raise UsageProblem(
                 f"layer {layer.name} has a bias update, which kohya files cannot hold: use to='peft'", argument="to"
             )
+        name = kohya_name(layer.name)
+        if name is None:
+            raise UsageProblem(
+                f"layer {layer.name} is no diffusion model's module (unet., text_encoder., transformer. …), which "
+                "kohya files name: use to='peft'",
+                argument="to",
+            )
         down, up = _factors(layer, torch.float64)
         factor = (adapter.scale(layer) / (alpha / layer.rank)) ** 0.5
-        name = kohya_name(layer.name)
         tensors[f"{name}.lora_down.weight"] = (down * factor).to(dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = (up * factor).to(dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
