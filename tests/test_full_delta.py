@@ -252,6 +252,14 @@ def test_cli_exit_codes_and_json(pair, tmp_path):
     assert layers["model.layers.0.mlp.down_proj"]["truncated"]["k"] == 4  # 24×48 > K + 10: truncated
     assert layers["model.layers.0.mlp.down_proj"]["exact"] is False
     assert layers["model.conv"]["exact"] is True and "truncated" not in layers["model.conv"]  # 6×36: exact
+    # the terminal summary says what it is (no α/r, no adapter) and over how many layers its means are taken
+    summary = runner.invoke(main, [*arguments[:4], "--top-k", "4", "--device", "cpu"])
+    assert summary.exit_code == 0, summary.output
+    assert "singular values of ΔW = W − W₀ (a full fine-tune: no scale)" in summary.stdout
+    assert "α/r" not in summary.stdout and "adapter parameters" not in summary.stdout
+    whole = sum(1 for layer in layers.values() if layer["valid"] and "truncated" not in layer)
+    assert 0 < whole < len(layers)
+    assert f"#σ>, erank and util: over the {whole} of {len(layers)} layers with a whole spectrum" in summary.stdout
     # no --base: one line naming the flag, exit 1
     result = runner.invoke(main, ["spectrum", str(tuned_dir)])
     assert result.exit_code == 1 and "--base" in result.output and "Traceback" not in result.output

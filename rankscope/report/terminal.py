@@ -128,16 +128,18 @@ def spectrum_summary(analysis: Analysis) -> str:
     tau_key = f"count_above[{parameter_key(_threshold(analysis))}]"
     inexact = [r for r in analysis.layers if r.valid and not r.exact]
     missing = summary["not_analysed_modules"]
+    full = ckpt.family == "full-delta"
+    if full:
+        what = "singular values of ΔW = W − W₀ (a full fine-tune: no scale)"
+    elif options.unscaled:
+        what = "singular values of B·A WITHOUT α/r (--unscaled)"
+    else:
+        what = "singular values of the scaled update ΔW (α/r applied)"
     lines = [
         f"{ckpt.path}  ·  {ckpt.adapter_type} ({ckpt.family})  ·  {summary['valid_layers']}/{summary['layers']} "
-        f"layers  ·  {ckpt.params:,} adapter parameters"
+        f"layers  ·  {ckpt.params:,} {'parameters compared' if full else 'adapter parameters'}"
         + (f"  ·  {missing} module(s) NOT analysed (see the warning)" if missing else ""),
-        (
-            "singular values of B·A WITHOUT α/r (--unscaled)"
-            if options.unscaled
-            else "singular values of the scaled update ΔW (α/r applied)"
-        )
-        + (f"; {len(inexact)} layer(s) NOT exact ({_why_inexact(options)})" if inexact else "; exact"),
+        what + (f"; {len(inexact)} layer(s) NOT exact ({_why_inexact(options)})" if inexact else "; exact"),
     ]
     header = ["module", "layers", "params", f"#σ>{_threshold(analysis):g} mean", "erank mean [min–max]", "util mean"]
     rows = []
@@ -157,7 +159,15 @@ def spectrum_summary(analysis: Analysis) -> str:
                 _number(stats["utilization"]["mean"], ".0%"),
             ]
         )
-    return "\n".join(lines) + "\n\n" + _table(header, rows)
+    text = "\n".join(lines) + "\n\n" + _table(header, rows)
+    valid = [r for r in analysis.layers if r.valid]
+    whole = [r for r in valid if (r.metrics or {}).get("erank") is not None]
+    if len(whole) < len(valid):  # a truncated spectrum (--top-k) has no erank, no count above τ, no utilisation
+        text += (
+            f"\n#σ>, erank and util: over the {len(whole)} of {len(valid)} layers with a whole spectrum "
+            "(the others' are truncated: --top-k)"
+        )
+    return text
 
 
 def _why_inexact(options) -> str:
