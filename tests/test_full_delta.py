@@ -309,3 +309,15 @@ def test_one_file_and_a_diffusers_component(tmp_path):
             reference = torch.linalg.svdvals(delta)
             got = torch.tensor(analysis[name].singular_values, dtype=torch.float64)
             assert torch.allclose(got, reference, rtol=0, atol=1e-12 * float(reference[0])), (path, name)
+
+
+def test_a_base_of_another_architecture_is_warned_about(pair):
+    """Matching names and shapes, another model_type in config.json (a qwen2 against a llama base): analysed, and
+    a warning says the two are different architectures; the same model_type says nothing of it."""
+    base_dir, tuned_dir, _, _ = pair
+    same = rankscope.load(tuned_dir, base=base_dir)
+    assert not any("model_type" in w for w in same.warnings)
+    (tuned_dir / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    other = rankscope.load(tuned_dir, base=base_dir)
+    (warning,) = [w for w in other.warnings if "model_type" in w]
+    assert "is a 'qwen2' and --base a 'llama'" in warning and "fine-tuned from?" in warning

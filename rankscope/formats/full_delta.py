@@ -282,6 +282,25 @@ def _messages(reading: _Reading, base: BaseWeights) -> tuple[list[str], list[str
     return warnings, notes
 
 
+def _other_architecture(model_config: dict, base: BaseWeights) -> list[str]:
+    """A warning where the fine-tuned model's and the base's config.json name different model types: W − W₀ of
+    two models of matching shapes but another architecture (Qwen2 against Llama) is no fine-tune's update."""
+    base_config = base.path / "config.json" if base.path.is_dir() else base.path.parent / "config.json"
+    if not model_config or not base_config.is_file():
+        return []
+    try:
+        theirs = read_json(base_config)
+    except CheckpointError:
+        return []
+    mine, other = model_config.get("model_type"), theirs.get("model_type") if isinstance(theirs, dict) else None
+    if not mine or not other or mine == other:
+        return []
+    return [
+        f"the fine-tuned model is a {mine!r} and --base a {other!r} (their config.json model_type): W − W₀ of two "
+        "architectures is no fine-tune's update — is --base the model this one was fine-tuned from?"
+    ]
+
+
 def read(source: PathSource, options: ReadOptions) -> Checkpoint:
     path = source.path
     files = _model_files(path)
@@ -323,6 +342,7 @@ def read(source: PathSource, options: ReadOptions) -> Checkpoint:
     warnings, notes = _messages(reading, base)
     config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
     model_config = read_json(config_path) if config_path.is_file() else {}
+    warnings += _other_architecture(model_config, base)
     return Checkpoint(
         path=path,
         family=FAMILY,
