@@ -234,13 +234,31 @@ def test_a_lightning_run_is_read_end_to_end(tmp_path):
             a, b = random_factors(HIDDEN, HIDDEN, RANK, step + i)
             state[f"model.{module}.lora_A.default.weight"] = a
             state[f"model.{module}.lora_B.default.weight"] = b
-        torch.save({"state_dict": state, "epoch": 0}, tmp_path / f"epoch=0-step={step}.ckpt")
+        epoch = 0 if step < 1000 else 1
+        torch.save({"state_dict": state, "epoch": epoch}, tmp_path / f"epoch={epoch}-step={step}.ckpt")
     result = CliRunner().invoke(main, ["trajectory", str(tmp_path), "--alpha", str(ALPHA), "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert [c["step"] for c in document["checkpoints"]] == [90, 500, 1000]
     assert [d["previous_step"] for d in document["drift"]] == [90, 90, 500, 500]
     assert document["checkpoints"][1]["path"].endswith("epoch=0-step=500.ckpt")
+    assert [c["epoch"] for c in document["checkpoints"]] == [0.0, 0.0, 1.0]  # from the file names
+
+
+def test_trainer_checkpoints_carry_their_epoch(tmp_path):
+    """A Trainer checkpoint's epoch is trainer_state.json's (fractional); a folder without it has none."""
+    run = _run(tmp_path, {step: {MODULES[0]: random_factors(HIDDEN, HIDDEN, RANK, step)} for step in (10, 20, 30)})
+    for step, epoch in ((10, 0.25), (20, 0.5)):
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "epoch": epoch, "log_history": []})
+        )
+    result = CliRunner().invoke(main, ["trajectory", str(run), "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    assert [(c["step"], c["epoch"]) for c in json.loads(result.stdout)["checkpoints"]] == [
+        (10, 0.25),
+        (20, 0.5),
+        (30, None),
+    ]
 
 
 def test_the_shipped_trajectory_ends_at_the_bundled_adapter():

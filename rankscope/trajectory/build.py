@@ -25,6 +25,7 @@ from ..core.errors import CheckpointError, UsageProblem
 from ..core.naming import module_types
 from ..measures import metrics as M
 from . import drift as D
+from .discover import checkpoint_epoch
 
 CALLBACK_SCHEMA = "rankscope.callback/1"
 NO_DRIFT_FROM_JSONL = "drift is not available from a callback JSONL: it logs σ only, not the factors or vectors"
@@ -108,7 +109,7 @@ def checkpoint_trajectory(
         analysis = final if is_last and final is not None else analyze(checkpoint, options)
         for message in [*checkpoint.warnings, *analysis.warnings]:
             warnings.setdefault(message, []).append(step)
-        points.append(Point(str(path), int(step), list(analysis.layers)))
+        points.append(Point(str(path), int(step), list(analysis.layers), checkpoint_epoch(Path(path))))
         bases = final_bases if is_last else _bases(checkpoint, options)
         if previous is not None:
             records += _pair_drift(previous, (step, checkpoint, bases), final_bases, analysis.layers, drift_k, options)

@@ -36,6 +36,24 @@ def trainer_step(folder: Path, named: int) -> int:
     return step
 
 
+_LIGHTNING_EPOCH = re.compile(r"(?:^|[-_])epoch=(\d+)(?=[-_.])")
+
+
+def checkpoint_epoch(path: Path) -> float | None:
+    """The epoch a checkpoint was written at: ``trainer_state.json``'s ``epoch`` (fractional: 1.5 is halfway
+    through the second) in a Trainer folder, Lightning's ``epoch=E`` in a file name; None where neither says."""
+    path = Path(path)
+    state = path / TRAINER_STATE
+    if path.is_dir() and state.is_file():
+        try:
+            epoch = json.loads(state.read_text()).get("epoch")
+        except (OSError, ValueError, AttributeError):
+            return None  # trainer_step says so, where it reads the step
+        return float(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
+    match = _LIGHTNING_EPOCH.search(path.name) if path.suffix == ".ckpt" else None
+    return float(match[1]) if match else None
+
+
 def run_checkpoints(path: Path) -> list[tuple[int, Path]] | None:
     """The checkpoints of the run in ``path`` as ``(step, checkpoint path)`` in step order; None when ``path`` is
     not a run (a single adapter, a file, a folder with neither ``checkpoint-N/`` folders nor Lightning files).
