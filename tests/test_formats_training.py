@@ -126,6 +126,22 @@ def test_plain_state_dict(lora_state, tmp_path, suffix):
     assert "base_model.model.head.weight" in {s.key for s in checkpoint.skipped}
 
 
+def test_a_folder_of_training_state_reads_the_model_beside_it(lora_state, tmp_path):
+    """accelerate's save_state folder (or a Trainer checkpoint without adapter files): the model's state dict beside
+    optimizer.bin, scheduler.bin, random_states_0.pkl … is the one tensor file read; the others are never weights."""
+    from safetensors.torch import save_file
+
+    state, expected = lora_state
+    save_file(
+        {key: value.detach().clone().contiguous() for key, value in state.items()}, str(tmp_path / "model.safetensors")
+    )
+    for name in ("optimizer.bin", "scheduler.bin", "scaler.pt", "random_states_0.pkl", "rng_state.pth"):
+        torch.save({"state": {}}, tmp_path / name)
+    checkpoint = rankscope.load(tmp_path, alpha=8)
+    assert checkpoint.weights_file == tmp_path / "model.safetensors"
+    assert_spectra(rankscope.analyze(checkpoint), expected, rank=4)
+
+
 def test_alpha_unknown_without_a_config(lora_state, tmp_path):
     state, expected = lora_state
     torch.save(state, tmp_path / "model.pt")

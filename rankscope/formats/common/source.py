@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +49,17 @@ def _adapter_dirs(directory: Path) -> list[str]:
     return [child.name for child in children if (child / CONFIG_NAME).is_file()]
 
 
+# what training loops save beside a model's weights (accelerate's save_state, the Trainer's checkpoint-N/): never
+# the weights themselves
+_TRAINING_STATE = re.compile(r"^(optimizer|scheduler|scaler|training_args|rng_state.*|random_states.*)\.\w+$")
+
+
 def _weights_in(directory: Path) -> Path | None:
     for name in WEIGHT_NAMES:
         if (directory / name).is_file():
             return directory / name
-    candidates = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+    files = (p for p in directory.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+    candidates = sorted(p for p in files if not _TRAINING_STATE.match(p.name))
     return candidates[0] if len(candidates) == 1 else None
 
 
