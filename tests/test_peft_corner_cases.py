@@ -390,17 +390,23 @@ class GroupedConv(nn.Module):
         return self.plain(self.grouped(x))
 
 
-def test_lora_on_a_grouped_conv_is_the_update_peft_applies(tmp_path):
-    """PEFT's LoRA on a Conv2d with groups=2: B is a grouped 1×1 conv (weight (out, r/g, 1, 1)), so ΔW is the
-    kernel of x ↦ s·B(A(x)) over every input channel — found here by that composite conv on unit impulses — and
-    PEFT's layer forward is the base plus exactly that; the layer beside it is a plain conv LoRA."""
-    torch.manual_seed(0)
+def grouped_conv_adapter(directory: Path, seed: int):
+    """PEFT's LoRA (r=4) on GroupedConv's grouped and plain convs, factors moved off their init, saved."""
+    torch.manual_seed(seed)
     peft_model = get_peft_model(GroupedConv(), LoraConfig(r=4, lora_alpha=6, target_modules=["grouped", "plain"]))
     with torch.no_grad():
         for parameter in peft_model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.3 * torch.randn_like(parameter))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(directory)
+    return peft_model
+
+
+def test_lora_on_a_grouped_conv_is_the_update_peft_applies(tmp_path):
+    """PEFT's LoRA on a Conv2d with groups=2: B is a grouped 1×1 conv (weight (out, r/g, 1, 1)), so ΔW is the
+    kernel of x ↦ s·B(A(x)) over every input channel — found here by that composite conv on unit impulses — and
+    PEFT's layer forward is the base plus exactly that; the layer beside it is a plain conv LoRA."""
+    peft_model = grouped_conv_adapter(tmp_path / "adapter", seed=0)
     layer = peft_model.base_model.model.grouped
     a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     assert tuple(b.shape) == (8, 2, 1, 1)
@@ -426,13 +432,7 @@ def test_lora_on_a_grouped_conv_is_the_update_peft_applies(tmp_path):
 def test_convert_leaves_a_grouped_conv_lora_out_saying_so(tmp_path):
     """convert cannot write a grouped conv's LoRA (PEFT's B would have to stay grouped; a truncated SVD of ΔW is
     not): the layer is left out with a note, the plain conv beside it converted and loadable by PEFT."""
-    torch.manual_seed(1)
-    peft_model = get_peft_model(GroupedConv(), LoraConfig(r=4, lora_alpha=6, target_modules=["grouped", "plain"]))
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.3 * torch.randn_like(parameter))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    grouped_conv_adapter(tmp_path / "adapter", seed=1)
     result = CliRunner().invoke(
         main, ["convert", str(tmp_path / "adapter"), "-o", str(tmp_path / "out"), "--rule", "fixed:2"]
     )
