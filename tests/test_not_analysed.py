@@ -100,6 +100,26 @@ def test_an_unknown_lycoris_algorithm_beside_lora_modules_is_named(tmp_path):
     assert result.exit_code == 1 and "lora_unet_b" in result.stderr
 
 
+def test_norm_scales_saved_beside_lora_factors_are_named(tmp_path):
+    """BFL's Flux control LoRA layout: lora_A/lora_B on the original names, and full ``…_norm.scale`` vectors that
+    replace the query/key norms — read as LoRA, the scales listed as not analysed (a warning, --strict fails)."""
+    tensors = {
+        "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, 8),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(24, 2),
+        "double_blocks.0.img_attn.norm.query_norm.scale": torch.rand(4),
+        "double_blocks.0.img_attn.norm.key_norm.scale": torch.rand(4),
+    }
+    path = tmp_path / "control.safetensors"
+    save_file(tensors, str(path))
+    checkpoint = load(path)
+    assert [layer.name for layer in checkpoint.layers] == ["double_blocks.0.img_attn.qkv"]
+    modules = [item.module for item in checkpoint.not_analysed]
+    assert sorted(modules) == ["double_blocks.0.img_attn.norm.key_norm", "double_blocks.0.img_attn.norm.query_norm"]
+    assert all("norm's scale saved in full" in item.reason for item in checkpoint.not_analysed)
+    result = spectrum(path, "-q", "--strict")
+    assert result.exit_code == 1 and "query_norm" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("key", "module"),
     [

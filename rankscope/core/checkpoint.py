@@ -103,7 +103,11 @@ SAVED_WEIGHT = (
     "a full weight saved with the adapter (PEFT's save_embedding_layers, e.g. after resizing the vocabulary): "
     "it replaces the base model's when PEFT loads the adapter, not a low-rank update"
 )
-FULL_COPIES = (MODULES_TO_SAVE, SAVED_WEIGHT)
+SAVED_NORM = (
+    "a norm's scale saved in full beside the LoRA factors (BFL's Flux control LoRA replaces its query/key norms so): "
+    "the norm's new weight, a vector, not a low-rank update"
+)
+FULL_COPIES = (MODULES_TO_SAVE, SAVED_WEIGHT, SAVED_NORM)
 
 
 _PROCESSOR_LORA = re.compile(r".+_lora\d*")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ...core.checkpoint import MODULES_TO_SAVE, SAVED_WEIGHT, adapter_module
+from ...core.checkpoint import MODULES_TO_SAVE, SAVED_NORM, SAVED_WEIGHT, adapter_module
 from ...core.errors import CheckpointError
 from .diffusers import split_key as split_diffusers_key
 
@@ -267,4 +267,6 @@ def skip_reason(key: str, config: Mapping | None, family: str) -> str:
         return "the base weight of a targeted input/output embedding, saved beside its LoRA (save_embedding_layers)"
     if key.endswith(".weight") and config.get("peft_type") and adapter_module(key) is None:
         return SAVED_WEIGHT  # the only plain weights PEFT itself writes into an adapter file
+    if key.endswith("_norm.scale") and adapter_module(key) is None:
+        return SAVED_NORM
     return f"not a tensor of a {family} adapter"
