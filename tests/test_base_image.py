@@ -142,3 +142,39 @@ def test_messages_name_base(pipeline, tmp_path):
     with pytest.raises(CheckpointError, match=r"base \(the base model\): no ") as caught:
         BaseWeights(tmp_path / "empty")
     assert caught.value.spelled(lambda name: f"--{name}").startswith(f"{tmp_path / 'empty'}: --base (the base model)")
+
+
+def test_an_original_single_file_checkpoint_serves_kohya_names_by_part(tmp_path):
+    """An SDXL single-file checkpoint (LDM names): lora_unet_ names are found below model.diffusion_model., lora_te1_
+    below conditioner.embedders.0.transformer. (and SD 1.x's lora_te_ below cond_stage_model.transformer.); the
+    second text encoder (OpenCLIP, laid out otherwise) serves no lora_te2_ name — never the first encoder's."""
+    g = torch.Generator().manual_seed(0)
+    unet_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    te1_key = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    weights = {
+        unet_key: torch.randn(8, 8, generator=g),
+        te1_key: torch.randn(6, 6, generator=g),
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.randn(18, 6, generator=g),
+    }
+    save_file(weights, str(tmp_path / "sdxl.safetensors"))
+    base = BaseWeights(tmp_path / "sdxl.safetensors")
+    assert base.key_for("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q") == unet_key
+    assert torch.equal(base.get("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"), weights[te1_key])
+    assert base.key_for("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") is None
+    sd1_key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    save_file({sd1_key: weights[te1_key]}, str(tmp_path / "sd1.safetensors"))
+    assert (
+        BaseWeights(tmp_path / "sd1.safetensors").key_for("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+        == sd1_key
+    )
+
+
+def test_a_component_folder_s_weights_file_serves_only_that_component(pipeline):
+    """--base pipe/text_encoder_2/model.safetensors is text_encoder_2: its CLIP names do not serve lora_te1_ layers
+    (the same structure, so they would have matched by name)."""
+    root, weights = pipeline
+    file = next((root / "text_encoder_2").glob("*.safetensors"))
+    base = BaseWeights(file)
+    te2 = base.get("lora_te2_text_model_encoder_layers_0_self_attn_k_proj")
+    assert torch.equal(te2, weights["text_encoder_2"]["text_model.encoder.layers.0.self_attn.k_proj.weight"])
+    assert base.key_for("lora_te1_text_model_encoder_layers_0_self_attn_k_proj") is None

@@ -60,6 +60,13 @@ _KOHYA_COMPONENTS: dict[str, tuple[str, ...] | None] = {
     "lycoris_": None,
 }
 _COMFY_PREFIX = "diffusion_model"  # ComfyUI / musubi-tuner: the denoiser
+# an original (LDM) single-file checkpoint's UNet and first text encoder, under which kohya's names flatten, and
+# the kohya prefixes each serves (SDXL's second text encoder is OpenCLIP, laid out otherwise: not mapped)
+_SINGLE_FILE_PREFIXES = {
+    "model.diffusion_model.": ("lora_unet_",),
+    "cond_stage_model.transformer.": ("lora_te_", "lora_te1_"),
+    "conditioner.embedders.0.transformer.": ("lora_te_", "lora_te1_"),
+}
 
 
 class BaseWeights:
@@ -80,10 +87,11 @@ class BaseWeights:
             self._components = dict.fromkeys(c for c in COMPONENTS if _has_weights(self.path / c))
         else:
             self._key_to_file = files or self._index()
-        # a folder named after a component serves only that component's prefixed names
-        self.component = self.path.name if self.path.is_dir() and self.path.name in COMPONENTS else None
+        # a folder named after a component (or a weights file in one) serves only that component's prefixed names
+        folder = self.path if self.path.is_dir() else self.path.parent
+        self.component = folder.name if folder.name in COMPONENTS and files is None else None
         self._by_name = _names(self._key_to_file)
-        self._flat: dict[str, str | None] | None = None
+        self._flat: dict[tuple[str | None, str], str | None] | None = None
         self.dequantised: dict[str, str] = {}  # stored key → how it was stored (bitsandbytes 4-bit nf4, …)
 
     @classmethod
@@ -157,7 +165,7 @@ class BaseWeights:
             )
         prefix = _KOHYA.match(layer)
         if prefix is not None and self._serves_kohya(prefix[1]):
-            return self._flattened(layer[prefix.end() :], suffix)
+            return self._flattened(layer[prefix.end() :], suffix, prefix[1])
         return None
 
     def _serves(self, component: str) -> bool:
@@ -176,18 +184,26 @@ class BaseWeights:
         matches = [key for name, key in self._by_name.items() if name.endswith(f".{wanted}")]
         return matches[0] if len(matches) == 1 else None
 
-    def _flattened(self, rest: str, suffix: str) -> str | None:
+    def _flattened(self, rest: str, suffix: str, kohya: str) -> str | None:
         """kohya's rule: the base module whose dotted name, with "." → "_", is ``rest`` (transformers ≥ 5 dropped
-        CLIP's ``text_model.`` level, older kohya files keep it: either matches)."""
+        CLIP's ``text_model.`` level, older kohya files keep it: either matches); in an original single-file
+        checkpoint (SD 1.x, SDXL) the name below the prefix of the part the ``kohya`` prefix names."""
         if self._flat is None:
             self._flat = {}
             for name, key in self._by_name.items():
-                flat = name.rsplit(".", 1)[0].replace(".", "_") + "." + name.rsplit(".", 1)[1]
-                self._flat[flat] = None if flat in self._flat and self._flat[flat] != key else key
+                places = [(None, name)]  # every kohya prefix may name it as stored
+                for outer, served in _SINGLE_FILE_PREFIXES.items():
+                    if name.startswith(outer):
+                        places += [(kind, name.removeprefix(outer)) for kind in served]
+                for kind, dotted in places:
+                    module, _, last = dotted.rpartition(".")
+                    flat = (kind, f"{module.replace('.', '_')}.{last}")
+                    self._flat[flat] = None if flat in self._flat and self._flat[flat] != key else key
         for candidate in (rest, rest.removeprefix("text_model_"), f"text_model_{rest}"):
-            key = self._flat.get(f"{candidate}.{suffix}")
-            if key is not None:
-                return key
+            for kind in (None, kohya):
+                key = self._flat.get((kind, f"{candidate}.{suffix}"))
+                if key is not None:
+                    return key
         return None
 
     def key_for(self, layer: str, suffix: str = "weight") -> str | None:
