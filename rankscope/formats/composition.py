@@ -163,7 +163,7 @@ def compose_checkpoints(
         )
     all_warnings = list(warnings)
     if partial:
-        all_warnings.append(f"{partial} layers are adapted by only some components; they compose those present")
+        all_warnings.append(f"{partial} layer(s) adapted by only some components: each composes those present")
     for label, checkpoint in zip(labels, checkpoints, strict=True):
         all_warnings += [f"component {label}: {w}" for w in checkpoint.warnings]
     return Checkpoint(
