@@ -481,3 +481,18 @@ def test_quartiles_per_position_over_ragged_vectors():
         assert len(low) == len(mid) == len(high) == length
         for i, (q1, q2, q3) in enumerate(expected):
             assert (low[i], mid[i], high[i]) == (q1, q2, q3), i
+
+
+def test_count_above_of_one_layer_index_ticks_at_it(tmp_path):
+    """Layers all at one index (one block): the x axis is one integer tick at it over [i − 1, i + 1], not
+    autoscaled fractions around it."""
+    from tests.factories import lora_config, random_factors, write_lora
+
+    factors = {
+        f"model.layers.0.self_attn.{m}": random_factors(12, 12, 3, seed) for seed, m in enumerate(["q_proj", "v_proj"])
+    }
+    path = write_lora(tmp_path / "one", factors, lora_config(r=3))
+    fig = figures.count_above_figure([analyze(path)], ["one"])
+    for ax in fig.axes:
+        if ax.get_xticks().size:
+            assert list(ax.get_xticks()) == [0.0] and ax.get_xlim() == (-1.0, 1.0)

@@ -117,6 +117,8 @@ def count_above_figure(
                 panel_ax.set_title(module)
         from matplotlib.ticker import MaxNLocator
 
+        plotted = {x_of(r) for records in chosen for r in records}
+
         for panel_ax in axes:
             panel_ax.set_ylim(0, top * 1.1)
             if len(all_bounds) <= MAX_BOUND_LINES and top <= max(all_bounds):  # ticks at 0 and the bounds say it all
@@ -124,6 +126,10 @@ def count_above_figure(
             else:
                 panel_ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
             panel_ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            if len(plotted) == 1:  # one layer index (one block, or a flat naming): a tick at it, not at ±0.04
+                (only,) = plotted
+                panel_ax.set_xlim(only - 1, only + 1)
+                panel_ax.set_xticks([only])
         ylabel = f"count σ > {tau:g}"
         if facet and given is None:
             fig.supxlabel(xlabel)
