@@ -503,3 +503,14 @@ def test_kohya_metadata_that_does_not_parse_falls_back_to_scale_one(template, tm
     result, document = json_run(bare)
     assert any("scale 1" in line for line in stderr_lines(result))
     assert_scaled_by(document, tensors, dict.fromkeys(LAYERS, 1.0))
+
+
+@pytest.mark.parametrize("target", ["itself", "gone"])
+def test_a_link_that_leads_nowhere_is_named_as_one(tmp_path, target):
+    """A symbolic link in a loop (or to a target that is gone) is said to be one, not "no such file"."""
+    from .factories import one_line_error
+    from .factories import run_spectrum as spectrum
+
+    link = tmp_path / "adapter"
+    link.symlink_to(link if target == "itself" else tmp_path / "removed")
+    one_line_error(spectrum(link), str(link), "a symbolic link that leads nowhere")

@@ -76,6 +76,8 @@ def locate(path: str | Path, adapter: str | None = None, *, trust_pickle: bool =
     """
     path = Path(resolve_adapter(path, adapter))
     if not path.exists():
+        if path.is_symlink():  # exists() follows the link: a loop, or a target that is gone
+            raise CheckpointError("a symbolic link that leads nowhere (a loop, or its target is gone)", path=path)
         raise CheckpointError("no such file or directory", path=path)
     if path.is_dir():
         siblings = _adapter_dirs(path)
