@@ -247,7 +247,7 @@ def _layer(
     if embedding:
         kind, shape = "embedding", (right.shape[1], left.shape[0])
     elif a.ndim > 2:  # a grouped conv's ΔW spans every input channel: no LoRA of the grouped layer can carry it
-        kind, shape = f"conv{a.ndim - 2}d" + ("_grouped" if groups > 1 else ""), (b.shape[0], *a.shape[1:])
+        kind, shape = f"conv{a.ndim - 2}d" + (lora_variants.GROUPED if groups > 1 else ""), (b.shape[0], *a.shape[1:])
     elif config.get("fan_in_fan_out"):
         kind, shape = "conv1d_gpt2", (right.shape[1], left.shape[0])
     else:
@@ -296,7 +296,12 @@ def parse(
     from_metadata = source.config is None and options.alpha is None
     origin = " (in the file's lora_adapter_metadata)" if from_metadata else ""
     layers = [(module, _layer(source, module, config, config_has_r, scaling, origin)) for module in plain.values()]
-    notes = notes + _grouped_convs(source, layers)
+    grouped = {
+        layer.name: lora_variants.conv_groups(*(tuple(source.tensors.shape(module.keys[part])) for part in "AB"))
+        for module, layer in layers
+        if layer.kind.endswith(lora_variants.GROUPED)
+    }
+    notes = notes + ([lora_variants.grouped_conv_note(grouped)] if grouped else [])
     if COMPONENTS in config or not (config or every_module):
         scaling.no_alpha.clear()  # said below (uncovered components) or above (alpha_config's "α is unknown")
     # PiSSA/OLoRA/… rewrote the base at init: the update against the original base (lora_init)
@@ -320,17 +325,6 @@ def parse(
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
         notes=notes + expert_notes + variant_notes,
     )
-
-
-def _grouped_convs(source: AdapterSource, layers: list[tuple[reader.Module, Layer]]) -> list[str]:
-    """The note on the layers that are LoRA on a grouped conv (``lora_variants.conv_groups``), where there are any."""
-    groups = {}
-    for module, layer in layers:
-        if "A" in module.keys and "B" in module.keys:
-            shapes = [tuple(source.tensors.shape(module.keys[part])) for part in ("A", "B")]
-            if (count := lora_variants.conv_groups(*shapes)) > 1:
-                groups[layer.name] = count
-    return [lora_variants.grouped_conv_note(list(groups), set(groups.values()))] if groups else []
 
 
 def _replicated_base(source: AdapterSource, options: ReadOptions):

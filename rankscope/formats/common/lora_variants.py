@@ -39,10 +39,16 @@ def bdlora_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor) ->
     on_a = any(pattern in name for pattern in rule.get("target_modules_bd_a") or [])
     on_b = any(pattern in name for pattern in rule.get("target_modules_bd_b") or [])
     if on_a and a.ndim == 2 and a.shape[0] % blocks == 0:
-        a = torch.block_diag(*torch.chunk(a, blocks, dim=0))
+        a = block_diagonal_rows(a, blocks)
     elif on_b and b.ndim == 2 and b.shape[0] % blocks == 0:
-        b = torch.block_diag(*torch.chunk(b, blocks, dim=0))
+        b = block_diagonal_rows(b, blocks)
     return a, b
+
+
+def block_diagonal_rows(matrix: torch.Tensor, blocks: int) -> torch.Tensor:
+    """blockdiag(M_1, …, M_b) of a matrix saved compact, its b row blocks M_j stacked (BD-LoRA's factor, a grouped
+    conv's B): (rows, c) → (rows, b·c)."""
+    return torch.block_diag(*torch.chunk(matrix, blocks, dim=0))
 
 
 def conv_groups(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
@@ -59,16 +65,20 @@ def conv_groups(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
 def grouped_conv_b(b: torch.Tensor, groups: int) -> torch.Tensor:
     """A grouped conv LoRA's B as the out × r (× 1…) factor it applies: blockdiag(B_1, …, B_g), B_j its rows of
     group j (group j's outputs read only group j's r/g channels of A·x)."""
-    blocks = torch.chunk(b.reshape(b.shape[0], -1), groups, dim=0)
-    return torch.block_diag(*blocks).reshape(b.shape[0], -1, *b.shape[2:])
+    return block_diagonal_rows(b.reshape(b.shape[0], -1), groups).reshape(b.shape[0], -1, *b.shape[2:])
 
 
-def grouped_conv_note(names: list[str], groups: set[int]) -> str:
+GROUPED = "_grouped"  # the suffix of a grouped conv's kind: conv2d_grouped
+
+
+def grouped_conv_note(groups: dict[str, int]) -> str:
+    """The note on the layers (name → groups) that are LoRA on a grouped conv."""
+    names = list(groups)
     return (
-        f"LoRA on a grouped conv (groups {', '.join(map(str, sorted(groups)))}) in {len(names)} layer(s), e.g. "
-        f"{names[0]}: PEFT's B is itself grouped, so ΔW = s·blockdiag(B_1..B_g)·A, a kernel (out, in, k…) over every "
-        "input channel where the grouped base weight is (out, in/g, k…): PEFT does not merge it, --base has no "
-        "weight of its shape for it, and convert does not write it (kind conv…_grouped)"
+        f"LoRA on a grouped conv (groups {', '.join(map(str, sorted(set(groups.values()))))}) in {len(names)} "
+        f"layer(s), e.g. {names[0]}: PEFT's B is itself grouped, so ΔW = s·blockdiag(B_1..B_g)·A, a kernel "
+        "(out, in, k…) over every input channel where the grouped base weight is (out, in/g, k…): PEFT does not "
+        f"merge it, --base has no weight of its shape for it, and convert does not write it (kind conv…{GROUPED})"
     )
 
 
