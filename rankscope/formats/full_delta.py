@@ -282,17 +282,21 @@ def _messages(reading: _Reading, base: BaseWeights) -> tuple[list[str], list[str
     return warnings, notes
 
 
+def _config_beside(path: Path) -> dict:
+    """The ``config.json`` of a model directory, or beside a weights file; {} where there is none."""
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    found = read_json(config) if config.is_file() else {}
+    return found if isinstance(found, dict) else {}
+
+
 def _other_architecture(model_config: dict, base: BaseWeights) -> list[str]:
     """A warning where the fine-tuned model's and the base's config.json name different model types: W − W₀ of
     two models of matching shapes but another architecture (Qwen2 against Llama) is no fine-tune's update."""
-    base_config = base.path / "config.json" if base.path.is_dir() else base.path.parent / "config.json"
-    if not model_config or not base_config.is_file():
-        return []
     try:
-        theirs = read_json(base_config)
-    except CheckpointError:
+        theirs = _config_beside(base.path)
+    except CheckpointError:  # the base's config is not this reader's to judge
         return []
-    mine, other = model_config.get("model_type"), theirs.get("model_type") if isinstance(theirs, dict) else None
+    mine, other = model_config.get("model_type"), theirs.get("model_type")
     if not mine or not other or mine == other:
         return []
     return [
@@ -340,8 +344,7 @@ def read(source: PathSource, options: ReadOptions) -> Checkpoint:
         why = "every tensor is identical to the base's" if reading.identical else "no matrix is shared with the base"
         raise CheckpointError(f"nothing to analyse: {why}", path=path)
     warnings, notes = _messages(reading, base)
-    config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    model_config = read_json(config_path) if config_path.is_file() else {}
+    model_config = _config_beside(path)
     warnings += _other_architecture(model_config, base)
     return Checkpoint(
         path=path,

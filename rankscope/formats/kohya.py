@@ -112,6 +112,10 @@ _NEEDS_BASE = {"glora": "GLoRA", "ia3": "(IA)³", "diag-oft": "diag-OFT", "boft"
 _COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
 
 
+# the roles that tell a LyCORIS module (LoHa, LoKr, full, GLoRA, (IA)³, OFT, norm, T-LoRA) beside an ``alpha`` tensor
+_TELLING_ROLES = ("hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "a1", "on_input", "oft_blocks", "w_norm", "q_layer")
+
+
 def detect(source: AdapterSource) -> bool:
     """kohya names: ``.lora_down.weight``/``.lora_up.weight``, or LyCORIS LoHa/LoKr/full/GLoRA/(IA)³/OFT/norm keys
     next to an ``alpha`` tensor (PEFT never saves one) or under a kohya module name (``lora_unet_…``) — and no
@@ -125,17 +129,7 @@ def detect(source: AdapterSource) -> bool:
             continue
         if match["role"] in ("lora_down", "lora_up"):
             return True
-        if match["role"] in (
-            "hada_w1_a",
-            "lokr_w1",
-            "lokr_w1_a",
-            "diff",
-            "a1",
-            "on_input",
-            "oft_blocks",
-            "w_norm",
-            "q_layer",
-        ):
+        if match["role"] in _TELLING_ROLES:
             module = match["module"]
             if f"{module}.alpha" in keys or module.startswith(_KOHYA_PREFIXES):
                 return True

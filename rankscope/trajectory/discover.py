@@ -22,15 +22,23 @@ _LIGHTNING_FILE = re.compile(r"(?:^|[-_])step=(\d+)(?=[-_.]).*\.ckpt$")
 _LAST_INTEGER = re.compile(r"(\d+)(?!.*\d)")
 
 
+def _trainer_state(folder: Path) -> dict | None:
+    """The folder's ``trainer_state.json``, None where it has none (one it cannot read is an error)."""
+    state = folder / TRAINER_STATE
+    if not (folder.is_dir() and state.is_file()):
+        return None
+    try:
+        found = json.loads(state.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {TRAINER_STATE}: {exc}", path=folder) from exc
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{TRAINER_STATE} holds no JSON object", path=folder)
+    return found
+
+
 def trainer_step(folder: Path, named: int) -> int:
     """``global_step`` from the folder's ``trainer_state.json`` where present, else ``named`` (from its name)."""
-    state = folder / TRAINER_STATE
-    if not state.is_file():
-        return named
-    try:
-        step = json.loads(state.read_text()).get("global_step")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {TRAINER_STATE}: {exc}", path=folder) from exc
+    step = (_trainer_state(folder) or {}).get("global_step")
     if isinstance(step, bool) or not isinstance(step, int):
         return named
     return step
@@ -43,12 +51,9 @@ def checkpoint_epoch(path: Path) -> float | None:
     """The epoch a checkpoint was written at: ``trainer_state.json``'s ``epoch`` (fractional: 1.5 is halfway
     through the second) in a Trainer folder, Lightning's ``epoch=E`` in a file name; None where neither says."""
     path = Path(path)
-    state = path / TRAINER_STATE
-    if path.is_dir() and state.is_file():
-        try:
-            epoch = json.loads(state.read_text()).get("epoch")
-        except (OSError, ValueError, AttributeError):
-            return None  # trainer_step says so, where it reads the step
+    state = _trainer_state(path)
+    if state is not None:
+        epoch = state.get("epoch")
         return float(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
     match = _LIGHTNING_EPOCH.search(path.name) if path.suffix == ".ckpt" else None
     return float(match[1]) if match else None
