@@ -53,7 +53,11 @@ def hydra(tmp_path):
     return module, save(module, tmp_path / "hydra", config=config)
 
 
-def test_mean_update_and_heads_match_the_reference(hydra):
+def test_mean_update_and_heads_match_the_reference(hydra, monkeypatch):
+    """… the heads aligned in the coordinates of their joined factor's R (no pass over them of its own)."""
+    from rankscope.measures import alignment_batched
+
+    monkeypatch.setattr(alignment_batched, "aligned_batch", lambda *_: pytest.fail("the heads were read again"))
     module, directory = hydra
     ckpt = rankscope.load(directory)
     assert ckpt.family == "hydralora" and [s.key for s in ckpt.skipped] == [f"{PREFIX}.lora_route.weight"]
@@ -82,8 +86,9 @@ def test_mean_update_and_heads_match_the_reference(hydra):
 
 
 def test_the_shared_a_is_read_once_for_the_mean_and_every_head(hydra, monkeypatch):
-    """The mean head holds Aᵀ and each head A: one pass over A for all of them (the same memory), one over each
-    head and one over the mean; σ as the reference module's."""
+    """The mean head holds Aᵀ and each head A: one pass over A for all of them (the same memory), and one over
+    the heads side by side, [B_1 … B_4], whose Gram gives each head's, the mean's (JᵀGJ) and the alignment's
+    cross-Grams; σ as the reference module's."""
     from rankscope.core import triangular
     from rankscope.core.factor_cache import FACTOR_CACHE
 
@@ -95,7 +100,7 @@ def test_the_shared_a_is_read_once_for_the_mean_and_every_head(hydra, monkeypatc
         triangular, "_gram", lambda factor, workspace: passes.append(factor.shape) or original(factor, workspace)
     )
     (record,) = rankscope.analyze(rankscope.load(directory))
-    assert sorted(passes) == sorted([(16, 3)] * 5 + [(20, 3)])  # 4 heads and the mean (16 × 3), A once (20 × 3)
+    assert sorted(passes) == [(16, 12), (20, 3)]  # the 4 heads joined (16 × 12), A once (20 × 3)
     with torch.no_grad():
         mean_update = module(torch.eye(20, dtype=torch.float64)).T
     assert record.singular_values == pytest.approx(torch.linalg.svdvals(mean_update)[:3].tolist(), rel=1e-10)

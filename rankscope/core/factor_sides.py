@@ -5,6 +5,13 @@ A composition's factor is [F_1 … F_k] (``core.update.weighted_sum``, recorded 
 [a, b) × [a, b) block of its computed Gram is a computed Gram of the part F_i — every entry the dot product of the
 same two columns, so within the same bound γ_rows·|F_i|ᵀ|F_i| the CholeskyQR test of ``core.factored`` assumes —
 and the part's CholeskyQR, accepted or refused by that same test, needs no pass over F_i of its own.
+
+A sum F = Σ w_i·F_i of same-shaped parts (HydraLoRA's mean head) is H·J with H = [F_1 … F_N] (``formed.Joined``)
+and J = [w_1·I; …; w_N·I]; the factored path computes H's Gram Ĝ (which also gives each F_i's, as above) and
+takes F's as JᵀĜJ. Every entry of Ĝ is within γ_rows·|h_a|ᵀ|h_b| of the exact one, so entry (c, d) of JᵀĜJ, summed
+in float64, is within γ_{rows+N²}·s_c·s_d, s_c = Σ_i |w_i|·‖F_i e_c‖: against D = diag(‖F e_c‖) that is
+ρ_c·ρ_d·γ with ρ_c = s_c/‖F e_c‖ ≥ 1, how much column c cancels in the sum. The CholeskyQR test then holds with
+ε(rows + N², K)·ρ_max² for ε: a sum that cancels badly is refused and takes Householder QR of the formed sum.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formed import Factor, FormedUpdate
+from .formed import Factor, FormedUpdate, Joined, Summed
 from .update import BlockDiagonalUpdate, FactoredUpdate
 
 Span = tuple[int, int, int]  # (host side, a, b): columns [a, b) of the host's factor
@@ -33,6 +40,8 @@ class Side:
     blocks: int
     tag: str
     parts: tuple[tuple[torch.Tensor, int, int], ...] = ()
+    # (host, w): the factor is Σ w_i·F_i of the host's parts F_i (HydraLoRA's mean head), its Gram JᵀGJ derivable
+    combination: tuple[Joined, tuple[float, ...]] | None = None
 
     @property
     def key(self) -> tuple[int, str]:
@@ -67,13 +76,27 @@ def sides_of(update: FactoredUpdate) -> tuple[Side, Side]:
         )
     if isinstance(update, FormedUpdate):  # recipes (or stored tensors) formed into the workspace as they are read
         left, right = update.left_factor, update.right_factor
-        return Side(left, left, 1, "left"), Side(right, right, 1, "right")
+        return Side(left, left, 1, "left", combination=_combination(left)), Side(right, right, 1, "right")
     joined = update.concatenation
     if joined is None or not joined.holds(update):
         return Side(update.left, update.left, 1, "left"), Side(update.right, update.right.mT, 1, "right")
     lefts = tuple((t, a, b) for t, (a, b) in zip(joined.lefts, joined.spans, strict=True))
     rights = tuple((t, a, b) for t, (a, b) in zip(joined.rights, joined.spans, strict=True))
     return Side(update.left, update.left, 1, "left", lefts), Side(update.right, update.right.mT, 1, "right", rights)
+
+
+def _combination(factor: Factor) -> tuple[Joined, tuple[float, ...]] | None:
+    if not isinstance(factor, Summed) or len(factor.factors) < 2:
+        return None
+    if len({(f.dtype, f.device) for f in factor.factors}) != 1:
+        return None
+    return factor.joined, factor.weights
+
+
+def host_side(host: Joined, tag: str) -> Side:
+    """The side of a joined factor [F_1 … F_N], its parts the F_i in their columns."""
+    parts = tuple((f, a, b) for f, (a, b) in zip(host.factors, host.spans, strict=True))
+    return Side(host, host, 1, tag, parts)
 
 
 def derivations(sides: Sequence[Side], candidates: Sequence[int]) -> dict[int, Span]:
@@ -111,4 +134,4 @@ def _run(side: Side, where: dict[tuple[int, str], Span]) -> Span | None:
     return found[0][0], found[0][1], found[-1][2]
 
 
-__all__ = ["Side", "Span", "derivations", "sides_of"]
+__all__ = ["Side", "Span", "derivations", "host_side", "sides_of"]

@@ -17,7 +17,8 @@ from . import triangular
 from .block_diagonal import assemble, block_diagonals, cores_from_blocks, diagonal_blocks
 from .dense import DEFAULT_MEMORY_BUDGET, Progress, svdvals_or_nan
 from .factor_cache import FACTOR_CACHE
-from .factor_sides import Side, derivations, sides_of
+from .factor_sides import Side, derivations, host_side, sides_of
+from .formed import Joined
 from .threads import thread_budget, worker_pool
 from .triangular import (
     block_grams,
@@ -40,12 +41,14 @@ def _side_r_factors(sides: Sequence[Side], device, keep: bool = True) -> list[tu
     """(R, method) of every side: whole factors through :func:`r_factors`, a composite's parts from blocks of its
     Gram, block-diagonal ones block by block (method "cholesky" only where every block took CholeskyQR); from the
     cache where it holds them (and into it, with ``keep``)."""
+    count, sides = len(sides), list(sides)  # hosts of sums join after the callers' sides
     results: list[tuple[torch.Tensor, str] | None] = [FACTOR_CACHE.get(s.stored, _cache_key(s, device)) for s in sides]
     missing = [i for i, side in enumerate(sides) if results[i] is None and side.blocks == 1]
+    summed = _add_hosts(sides, results, missing)
     derived = derivations(sides, missing)
     whole, repeats, first_of = [], {}, {}  # a factor several updates share (VeRA's A, HydraLoRA's): computed once
     for i in missing:
-        if i not in derived:
+        if i not in derived and i not in summed:
             first = first_of.setdefault(sides[i].values, i) if not sides[i].parts else i
             if first == i:
                 whole.append(i)
@@ -53,7 +56,7 @@ def _side_r_factors(sides: Sequence[Side], device, keep: bool = True) -> list[tu
                 repeats[i] = first
     split = [i for i, side in enumerate(sides) if results[i] is None and side.blocks > 1]
     computed, methods, grams = r_factors_and_grams([sides[i].factor for i in whole], device)
-    hosts = {host for host, _, _ in derived.values()}  # only a host's Gram is needed again: the others go now
+    hosts = {host for host, _, _ in derived.values()} | set(summed.values())  # the others' Grams go now
     gram_of = {i: gram for i, gram in zip(whole, grams, strict=True) if i in hosts}
     del grams
     for i, r, method in zip(whole, computed, methods, strict=True):
@@ -68,6 +71,7 @@ def _side_r_factors(sides: Sequence[Side], device, keep: bool = True) -> list[tu
             fallback.append(i)
         else:
             results[i] = (r, "cholesky")
+    fallback += _sum_r_factors(sides, summed, gram_of, results)
     for i, r in zip(fallback, map_factors(householder_r, [sides[i].factor for i in fallback], device), strict=True):
         results[i] = (r, "householder")
     if split:
@@ -75,7 +79,66 @@ def _side_r_factors(sides: Sequence[Side], device, keep: bool = True) -> list[tu
     for i in (*missing, *split) if keep else ():  # what was computed here; the cache's entries stay as they are
         r, method = results[i]  # type: ignore[misc]
         FACTOR_CACHE.put(sides[i].stored, _cache_key(sides[i], device), r, method)
-    return results  # type: ignore[return-value]
+    return results[:count]  # type: ignore[return-value]
+
+
+# a sum whose columns cancel by more than this is formed and factored by Householder QR without a test: the
+# derived Gram's ε grows as ρ², so the CholeskyQR test would refuse it anyway
+_MAX_CANCELLATION = 1e4
+
+
+def _add_hosts(sides: list[Side], results: list, missing: list[int]) -> dict[int, int]:
+    """For each missing sum of parts (``Side.combination``), its host [F_1 … F_N] appended to ``sides`` (and to
+    ``missing``, once per host) where the host is tall: sum's index → host's index."""
+    summed: dict[int, int] = {}
+    index_of: dict[int, int] = {}
+    for i in list(missing):
+        combination = sides[i].combination
+        if combination is None or not sides[i].tall:
+            continue
+        host = combination[0]
+        if host.shape[0] < host.shape[1]:
+            continue
+        if id(host) not in index_of:
+            index_of[id(host)] = len(sides)
+            sides.append(host_side(host, sides[i].tag))
+            results.append(None)
+            missing.append(index_of[id(host)])
+        summed[i] = index_of[id(host)]
+    return summed
+
+
+def _sum_r_factors(sides: Sequence[Side], summed: dict[int, int], gram_of: dict, results: list) -> list[int]:
+    """R of each sum F = H·J from its host's computed Gram Ĝ: CholeskyQR of JᵀĜJ under the test with ε(rows + N²,
+    K)·ρ_max² (``core.factor_sides``); the sums it refuses (their indices returned) take Householder QR."""
+    chosen, grams, rows, inflation, refused = [], [], [], [], []
+    for i, host in summed.items():
+        gram = gram_of.get(host)
+        weights = torch.tensor(sides[i].combination[1], dtype=torch.float64)  # type: ignore[index]
+        n, k = len(weights), sides[i].factor.shape[1]
+        if gram is None or gram.shape != (n * k, n * k):
+            refused.append(i)
+            continue
+        blocks = gram.view(n, k, n, k)
+        derived = torch.einsum("i,j,iajb->ab", weights.to(gram.device), weights.to(gram.device), blocks)
+        part_norms = torch.diagonal(gram).clamp_min(0).sqrt().view(n, k).cpu()
+        spread = (weights.abs()[:, None] * part_norms).sum(dim=0)  # s_c
+        norms = torch.diagonal(derived).clamp_min(0).sqrt().cpu()
+        ratio = torch.where(spread > 0, spread / norms, torch.ones_like(spread))  # ρ_c (inf: a column summing to 0)
+        worst = float(ratio.max()) if ratio.numel() else 1.0
+        if not worst <= _MAX_CANCELLATION:
+            refused.append(i)
+            continue
+        chosen.append(i)
+        grams.append(derived)
+        rows.append(sides[i].factor.shape[0] + n * n)
+        inflation.append(max(worst, 1.0) ** 2)
+    for i, r in zip(chosen, r_from_grams(grams, rows, inflation), strict=True):
+        if r is None:
+            refused.append(i)
+        else:
+            results[i] = (r, "cholesky")
+    return refused
 
 
 def _block_r_factors(sides: Sequence[Side], split: list[int], results: list, device) -> None:
@@ -108,6 +171,13 @@ def update_r_factors(
     both = _side_r_factors(sides, device, keep)
     left, right = both[0::2], both[1::2]
     return [r for r, _ in left], [r for r, _ in right], [m for _, m in left], [m for _, m in right]
+
+
+def joined_r_factors(hosts: Sequence[Joined], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The R factor of each joined factor [F_1 … F_N] (a sum's host, ``Side.combination``): the spectra's, from the
+    cache, else computed (one pass over its parts)."""
+    sides = [host_side(host, "left") for host in hosts]
+    return [r for r, _ in _side_r_factors(sides, device)]
 
 
 # -- factored updates: cores and their singular values ---------------------------------------------------------
@@ -256,6 +326,7 @@ __all__ = [
     "cholesky_qr_limit",
     "factored_cores",
     "factored_singular_values",
+    "joined_r_factors",
     "r_factors",
     "update_r_factors",
 ]

@@ -13,6 +13,7 @@ significant bits (float32, bf16, fp16) has at most 48, which float64's 53 hold; 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -77,8 +78,28 @@ class FaceSplit(FormedFactor):
         return out
 
 
+class Joined(FormedFactor):
+    """[F_1 … F_N]: factors of one row count side by side (rows × ΣK_i), each upcast once into its columns."""
+
+    def __init__(self, factors: Sequence[torch.Tensor]) -> None:
+        if len({int(f.shape[0]) for f in factors}) != 1 or any(f.ndim != 2 for f in factors):
+            raise ValueError(f"factors of shapes {[list(f.shape) for f in factors]} cannot be joined")
+        self.factors = self.tensors = tuple(factors)
+        self.spans = tuple(itertools.pairwise(itertools.accumulate((int(f.shape[1]) for f in factors), initial=0)))
+        self.shape = (int(factors[0].shape[0]), self.spans[-1][1])
+
+    def form(self, out: torch.Tensor) -> torch.Tensor:
+        for factor, (a, b) in zip(self.factors, self.spans, strict=True):
+            out[:, a:b].copy_(factor)
+        return out
+
+
 class Summed(FormedFactor):
-    """(F_1 + … + F_N) / divisor of same-shaped factors, summed in float64 (HydraLoRA's uniform-router mean head)."""
+    """(F_1 + … + F_N) / divisor of same-shaped factors, summed in float64 (HydraLoRA's uniform-router mean head).
+
+    It is [F_1 … F_N]·J with J = [I; …; I]/divisor, so the factored path may take its Gram JᵀGJ from the Gram G of
+    ``joined`` — the pass that also gives each F_i's Gram (the diagonal blocks) and their cross-Grams — where the
+    cancellation in the sum leaves that accurate enough (``core.factored``)."""
 
     def __init__(self, factors: Sequence[torch.Tensor], divisor: float = 1.0) -> None:
         shapes = {tuple(f.shape) for f in factors}
@@ -87,6 +108,18 @@ class Summed(FormedFactor):
         self.factors, self.divisor = tuple(factors), float(divisor)
         self.tensors = self.factors
         self.shape = (int(factors[0].shape[0]), int(factors[0].shape[1]))
+        self._joined: Joined | None = None
+
+    @property
+    def joined(self) -> Joined:
+        """[F_1 … F_N], one recipe object per sum (the factor cache keys on it)."""
+        if self._joined is None:
+            self._joined = Joined(self.factors)
+        return self._joined
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return (1.0 / self.divisor,) * len(self.factors)
 
     def form(self, out: torch.Tensor) -> torch.Tensor:
         out.copy_(self.factors[0])
@@ -141,4 +174,4 @@ class FormedUpdate(DerivedFactorsUpdate):
         return FormedUpdate(self.left_factor, self.right_factor, self.core, 1.0)
 
 
-__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "RowScaled", "Summed"]
+__all__ = ["FaceSplit", "Factor", "FormedFactor", "FormedUpdate", "Joined", "RowScaled", "Summed"]

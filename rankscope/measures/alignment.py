@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.factored import update_r_factors
+from ..core.factored import joined_r_factors, update_r_factors
+from ..core.formed import FormedUpdate, Joined, Summed
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update, as_bits, upcast
 from . import alignment_batched
 from .metrics import Spectra, batch_numerical_rank
@@ -193,18 +194,15 @@ def factored_pairwise_alignments(
     whole model instead of a dozen small ops per layer); the others of plain factored components (HydraLoRA's
     heads) batched from their own factors by ``alignment_batched``, any left one by one from their factors."""
     results: list[dict | None] = [None] * len(layers)
-    spans = [_spans(updates, composite) for updates, composite in layers]
-    chosen = [i for i, span in enumerate(spans) if span is not None]
-    r_left, r_right, _, _ = update_r_factors([layers[i][1] for i in chosen])  # the spectra's, from the cache
+    coordinates = _coordinates(layers)
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for position, i in enumerate(chosen):
-        updates = layers[i][0]
-        key = (updates[0].shape, tuple(r_left[position].shape), tuple(r_right[position].shape), tuple(spans[i]))
-        groups[key].append(position)
-    for (shape, _, _, group_spans), positions in groups.items():
-        members = [chosen[p] for p in positions]
-        lefts = [torch.stack([r_left[p][:, a:b] for p in positions]) for a, b in group_spans]
-        rights = [torch.stack([r_right[p][:, a:b] for p in positions]) for a, b in group_spans]
+    for i, found in coordinates.items():
+        r_left, r_right, left_spans, right_spans = found
+        key = (layers[i][0][0].shape, tuple(r_left.shape), tuple(r_right.shape), left_spans, right_spans)
+        groups[key].append(i)
+    for (shape, _, _, left_spans, right_spans), members in groups.items():
+        lefts = [torch.stack([coordinates[i][0][:, a:b] for i in members]) for a, b in left_spans]
+        rights = [torch.stack([coordinates[i][1][:, a:b] for i in members]) for a, b in right_spans]
         aligned = _in_coordinates([layers[i][0] for i in members], lefts, rights)
         for i, one in zip(members, aligned, strict=True):
             results[i] = _matrices(one, shape)
@@ -259,6 +257,50 @@ def _from_factors(updates: Sequence[FactoredUpdate]) -> _Aligned:
         return inner, sides_of_pair
 
     return _Aligned(ranks, [float((s * s).sum()) for s in sigmas], pair)
+
+
+Spans = tuple[tuple[int, int], ...]
+
+
+def _coordinates(
+    layers: Sequence[tuple[Sequence[FactoredUpdate], FactoredUpdate | None]],
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, Spans, Spans]]:
+    """Layer → (R_L, R_R, each component's columns of R_L, of R_R) where shared factors L = Q_L·R_L, Rᵀ = Q_R·R_R
+    hold every component (ΔW_c = Q_L·R_L[:, I_c]·S_cC_c·R_R[:, J_c]ᵀ·Q_Rᵀ): a composite that concatenates its
+    components' factors (I_c = J_c), or HydraLoRA's heads s·B_c·A under their mean, whose sum's host [B_1 … B_N]
+    the spectrum factored (I_c its columns of B_c, J_c all of A). R factors are the spectra's, from the cache."""
+    found: dict[int, tuple[torch.Tensor, torch.Tensor, Spans, Spans]] = {}
+    spans = {i: s for i, (updates, composite) in enumerate(layers) if (s := _spans(updates, composite)) is not None}
+    chosen = list(spans)
+    r_left, r_right, _, _ = update_r_factors([layers[i][1] for i in chosen])
+    for position, i in enumerate(chosen):
+        found[i] = (r_left[position], r_right[position], tuple(spans[i]), tuple(spans[i]))
+    heads = {i: host for i, (updates, composite) in enumerate(layers) if i not in spans
+             and (host := _heads_host(updates, composite)) is not None}  # fmt: skip
+    members = list(heads)
+    hosts = joined_r_factors([heads[i] for i in members])
+    shared = update_r_factors([layers[i][0][0] for i in members])[1]  # every head's R_R is A's
+    for i, r_host, r_shared in zip(members, hosts, shared, strict=True):
+        whole = ((0, layers[i][0][0].inner_dim),) * len(layers[i][0])
+        found[i] = (r_host, r_shared, heads[i].spans, whole)
+    return found
+
+
+def _heads_host(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None) -> Joined | None:
+    """The host [B_1 … B_N] of a mean (1/N)·Σ B_i·A (``FormedUpdate`` of a ``Summed``) whose components are plain
+    updates B_i·A of those very tensors, in order; None otherwise."""
+    if type(composite) is not FormedUpdate or not isinstance(composite.left_factor, Summed):
+        return None
+    summed = composite.left_factor
+    if any(type(u) is not FactoredUpdate or u.core is not None for u in updates) or len(updates) != len(summed.factors):
+        return None
+    shared = composite.right_factor
+    if not isinstance(shared, torch.Tensor) or summed.shape[0] < summed.shape[1] * len(updates):
+        return None
+    for update, factor in zip(updates, summed.factors, strict=True):
+        if update.left is not factor or not alignment_batched.same_tensor(update.right, shared.mT):
+            return None
+    return summed.joined
 
 
 def _spans(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None) -> list[tuple[int, int]] | None:

@@ -29,7 +29,7 @@ from .metrics import Spectra, batch_numerical_rank
 _STACK_NUMBERS = 1 << 22
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two factors are the same stored values (the same tensor, or a view of the same memory and layout)."""
     if a is b:
         return True
@@ -60,7 +60,7 @@ def pair_sides(left: torch.Tensor, right: torch.Tensor, ranks: Sequence[int]) ->
 
 def _pattern(factors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     """For each component, the first component holding the same stored factor (itself where none before does)."""
-    return tuple(next(j for j in range(i + 1) if _same_tensor(factors[j], f)) for i, f in enumerate(factors))
+    return tuple(next(j for j in range(i + 1) if same_tensor(factors[j], f)) for i, f in enumerate(factors))
 
 
 def batch_key(updates: Sequence[FactoredUpdate]) -> tuple | None:
