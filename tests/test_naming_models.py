@@ -115,6 +115,16 @@ def names_of(model: str) -> tuple[str, ...]:
             pooled_projection_dim=8,
             axes_dims_rope=(2, 2),
         ),
+        "qwen_image": lambda: D.QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=8,
+            out_channels=2,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            axes_dims_rope=(2, 2, 4),
+        ),
     }
     return tuple(module_names(builders[model]()))
 
@@ -304,6 +314,25 @@ def test_sd3_and_flux_dit_blocks():
     flux = module_types(names_of("flux"))
     assert flux["time_text_embed.timestep_embedder.linear_1"] == "timestep_embedder.linear_1"  # no block: one group
     assert flux["transformer_blocks.0.attn.to_add_out"] == "to_add_out"
+
+
+def test_a_modulation_numbered_inside_its_block_keeps_the_blocks_index():
+    """Qwen-Image's ``transformer_blocks.0.img_mod.1`` (a Sequential(SiLU, Linear)): block 0, type img_mod.1 —
+    its kohya form too; a trailing number with no block number before it is the module's own (the original
+    Wan's and Z-Image's embedders)."""
+    names = names_of("qwen_image")
+    types = module_types(names)
+    for block in (0, 1):
+        for stream in ("img_mod.1", "txt_mod.1"):
+            name = f"transformer_blocks.{block}.{stream}"
+            assert name in names and (layer_index(name), types[name]) == (block, stream)
+    kohya = "lora_unet_transformer_blocks_1_img_mod_1"
+    assert (layer_index(kohya), module_type(kohya)) == (1, "img_mod_1")
+    assert layer_index("transformer_blocks.1.attn.to_out.0") == 1
+    for top in ("img_emb.proj.3", "text_embedding.2", "time_embedding.0", "time_projection.1", "cap_embedder.1",
+                "t_embedder.mlp.0"):  # fmt: skip
+        assert layer_index(top) is None, top
+    assert layer_index("blocks.7.ffn.2") == 7 and module_type("blocks.7.ffn.2") == "ffn.2"
 
 
 # -- order within a block: the model's own ---------------------------------------------------------------------

@@ -69,9 +69,13 @@ def natural_key(name: str) -> tuple:
 # -- reading a name -------------------------------------------------------------------------------------------
 # containers whose integer index numbers a module's own parts, not a block: diffusers' ``to_out.0`` and
 # FeedForward ``net.0.proj``/``net.2``, Wan's ``ffn.0``, Flux/BFL's ``img_mlp.2``, ldm's ``in_layers.2``, DiT's
-# ``adaLN_modulation.1`` (kohya's flattened forms end the same way: ``…_to_out_0``)
+# ``adaLN_modulation.1``, Qwen-Image's ``img_mod.1``, the original Wan's ``img_emb.proj.3``, ``text_embedding.2``,
+# ``time_embedding.0`` and ``time_projection.1``, Z-Image's ``cap_embedder.1`` and ``t_embedder.mlp.0`` (kohya's
+# flattened forms end the same way: ``…_to_out_0``). A trailing number after a block's number is a part too
+# (``_block_position``).
 _PART_CONTAINERS = ("to_out", "net", "ffn", "img_mlp", "txt_mlp", "in_layers", "out_layers", "emb_layers",
-                    "time_embed", "adaLN_modulation")  # fmt: skip
+                    "time_embed", "adaLN_modulation", "img_mod", "txt_mod", "proj", "mlp", "text_embedding",
+                    "time_embedding", "time_projection", "cap_embedder")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,17 @@ def _inner_positions(segments: Sequence[str]) -> tuple[frozenset[int], int | Non
     return frozenset(inner), expert
 
 
-def _block_position(segments: Sequence[str], separator: str, inner: frozenset[int]) -> int | None:
+def _block_position(
+    segments: Sequence[str], separator: str, inner: frozenset[int], whole: bool = True
+) -> int | None:
     """The position of the layer index: the last integer segment that numbers neither a module's own parts
-    nor a sub-layer or expert inside the block."""
-    for i in range(len(segments) - 1, -1, -1):
-        if _is_int(segments, i) and i not in inner and not _is_part_index(segments, i, separator):
+    nor a sub-layer or expert inside the block. The last segment of a ``whole`` name names the module itself, so
+    a number there with another number before it numbers the module inside its block
+    (``transformer_blocks.0.img_mod.1``)."""
+    numbers = [i for i in range(len(segments)) if _is_int(segments, i) and i not in inner]
+    for i in reversed(numbers):
+        trailing = whole and i == len(segments) - 1 and i != numbers[0]
+        if not trailing and not _is_part_index(segments, i, separator):
             return i
     return None
 
@@ -184,7 +194,7 @@ def module_type(name: str) -> str:
         numbered = [i for i in range(1, len(rest)) if _INT_SEGMENT.match(rest[i])]  # parts: the rest has no index
         return ".".join(rest[numbered[0] - 1 :]) if numbered else rest[-1]
     # a kohya name's last word is never all of its type
-    position = _block_position(parsed.segments[:-1], parsed.separator, parsed.inner)
+    position = _block_position(parsed.segments[:-1], parsed.separator, parsed.inner, whole=False)
     if position is not None:
         return "_".join(s for i, s in enumerate(parsed.segments) if i > position and i not in parsed.inner)
     return _KOHYA_PREFIX.sub("", name)
