@@ -122,9 +122,7 @@ def _inner_positions(segments: Sequence[str]) -> tuple[frozenset[int], int | Non
     return frozenset(inner), expert
 
 
-def _block_position(
-    segments: Sequence[str], separator: str, inner: frozenset[int], whole: bool = True
-) -> int | None:
+def _block_position(segments: Sequence[str], separator: str, inner: frozenset[int], whole: bool = True) -> int | None:
     """The position of the layer index: the last integer segment that numbers neither a module's own parts
     nor a sub-layer or expert inside the block. The last segment of a ``whole`` name names the module itself, so
     a number there with another number before it numbers the module inside its block
