@@ -45,6 +45,24 @@ _SINGLE_NAMES = (
     "pytorch_model.bin",
     "diffusion_pytorch_model.bin",
 )
+# transformers ≥ 5 loads older checkpoints through its conversion mapping and saves them back in the older layout,
+# while PEFT names the modules as they are in memory (found with transformers 5.23's save_pretrained): LLaVA and
+# Gemma 3 keep language_model.model.… / vision_tower.…, Qwen2-VL model.… / visual.…, Mixtral its router under
+# block_sparse_moe.gate, GraniteMoE its experts as input_linear / output_linear and its router as router.layer
+_SAVED_LAYOUTS = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.language_model\.", "model."),
+        (r"^model\.(vision_tower|visual|multi_modal_projector)\.", r"\1."),
+        (r"^lm_head\.", "language_model.lm_head."),
+        (r"\.mlp\.gate\.weight$", ".block_sparse_moe.gate.weight"),
+        (r"\.experts\.gate_up_proj$", ".input_linear.weight"),
+        (r"\.experts\.down_proj$", ".output_linear.weight"),
+        (r"\.router\.weight$", ".router.layer.weight"),
+    )
+)
+
 # the components of a diffusers pipeline that adapters train, in the order an unprefixed name is looked up
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _DENOISERS = ("unet", "transformer")
@@ -153,9 +171,9 @@ class BaseWeights:
         return found[0] if len(found) == 1 else None
 
     def _own_key(self, layer: str, suffix: str) -> str | None:
-        """``layer``'s key among this file's (or component's) own tensors: as named, without a component
-        prefix this base serves, or by kohya's flattening."""
-        key = self._direct(layer, suffix)
+        """``layer``'s key among this file's (or component's) own tensors: as named, in the layout transformers
+        saves it in, without a component prefix this base serves, or by kohya's flattening."""
+        key = self._direct(layer, suffix) or self._saved_layout(layer, suffix)
         if key is not None:
             return key
         component, dot, rest = layer.partition(".")
@@ -183,6 +201,16 @@ class BaseWeights:
             return self._by_name[wanted]
         matches = [key for name, key in self._by_name.items() if name.endswith(f".{wanted}")]
         return matches[0] if len(matches) == 1 else None
+
+    def _saved_layout(self, layer: str, suffix: str) -> str | None:
+        """The key of ``layer.suffix`` (an adapter's name: the model's in memory) where transformers ≥ 5 saved it
+        under its older checkpoint names (:data:`_SAVED_LAYOUTS`)."""
+        wanted = f"{layer}.{suffix}"
+        for pattern, replacement in _SAVED_LAYOUTS:
+            saved, count = pattern.subn(replacement, wanted)
+            if count and saved in self._by_name:
+                return self._by_name[saved]
+        return None
 
     def _flattened(self, rest: str, suffix: str, kohya: str) -> str | None:
         """kohya's rule: the base module whose dotted name, with "." → "_", is ``rest`` (transformers ≥ 5 dropped
