@@ -51,6 +51,8 @@ def convert(paths, output: str, rule, max_rank, min_rank, target: str, dtype: st
         error(f"{len(suggestion.left_out)} layer(s) cannot be analysed (--strict); nothing written")
         sys.exit(EXIT_INPUT)
     written = adapter.save(output, to=target, dtype=dtype)
+    for message in adapter.lost:
+        warn(message)
     for message in [*suggestion.messages(), *adapter.notes]:
         note(message)
     if not quiet:

@@ -30,6 +30,7 @@ from .suggest import Suggestion, plan
 # layer kinds a plain LoRA can carry (PEFT's Linear, Conv1D with fan_in_fan_out, ConvNd, Embedding); "matrix" is a
 # LyCORIS 2-D form read without --base (a Linear, or a flattened conv): written as Linear factors, and said
 WRITABLE_KINDS = ("linear", "matrix", "conv1d_gpt2", "conv1d", "conv2d", "conv3d", "embedding")
+EXPERT_KINDS = ("expert", "expert_transposed")  # formats.common.lora_params
 EXACT_KINDS = (FactoredUpdate, KroneckerUpdate)
 
 
@@ -59,6 +60,7 @@ class ConvertedAdapter:
     sources: list[Checkpoint]
     weights: tuple[float, ...] | None = None
     notes: list[str] = field(default_factory=list)  # what was lost or assumed, for the output's README
+    lost: list[str] = field(default_factory=list)  # updates not written at all (also in the README): warnings
 
     @property
     def use_rslora(self) -> bool:
@@ -207,13 +209,20 @@ def convert(
         for c in loaded
         if c.not_analysed
     ]
-    writable, skipped = [], []
+    writable, skipped, experts = [], [], []
     for item in merged:
-        (skipped if item[2].kind not in WRITABLE_KINDS else writable).append(item)
+        kind = item[2].kind
+        (experts if kind in EXPERT_KINDS else skipped if kind not in WRITABLE_KINDS else writable).append(item)
+    lost = []
     if skipped:
-        notes.append(
+        lost.append(
             f"{len(skipped)} layer(s) of a kind a LoRA cannot carry were not written: "
             + ", ".join(f"{name} ({template.kind})" for name, _, template, _, _ in skipped[:3])
+        )
+    if experts:  # PEFT's ParamWrapper stacks every expert of a parameter into one pair of factors of one r
+        lost.append(
+            f"{len(experts)} MoE expert layer(s) (LoRA on parameters, target_parameters) were not written: convert "
+            "does not write PEFT's stacked expert factors yet: " + ", ".join(name for name, *_ in experts[:3])
         )
     flat = [name for name, _, template, *_ in writable if template.kind == "matrix"]
     if flat:
@@ -270,7 +279,7 @@ def convert(
                 bias=bias / s_k if bias is not None else None,
             )
         )
-    return ConvertedAdapter(layers, suggestion, loaded, given_weights, notes)
+    return ConvertedAdapter(layers, suggestion, loaded, given_weights, notes, lost)
 
 
 __all__ = ["WRITABLE_KINDS", "ConvertedAdapter", "ConvertedLayer", "convert"]

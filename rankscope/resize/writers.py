@@ -129,6 +129,7 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
     excluded = [layer.name for layer in suggestion.layers if layer.name not in written]
     excluded += [name for name, _ in suggestion.left_out]
     targets = source.get("target_modules") if len(adapter.sources) == 1 else None
+    parameters = _written_parameters(source.get("target_parameters"), written) if len(adapter.sources) == 1 else []
     if not targets:
         targets = sorted(written)
     elif isinstance(targets, (list, tuple)):
@@ -144,6 +145,7 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
         "rank_pattern": suggestion.rank_pattern,
         "alpha_pattern": suggestion.alpha_pattern,
         "target_modules": targets,
+        "target_parameters": parameters or None,
         "exclude_modules": excluded or None,
         "layers_to_transform": source.get("layers_to_transform") if len(adapter.sources) == 1 else None,
         "layers_pattern": source.get("layers_pattern") if len(adapter.sources) == 1 else None,
@@ -156,6 +158,16 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+def _written_parameters(targets: object, written: set[str]) -> list[str]:
+    """The source's ``target_parameters`` that a written layer is (a 2-D parameter such as a MoE router's
+    ``mlp.gate.weight``: PEFT saves its factors under the module's name, as a Linear's, and loads them only where the
+    config targets the parameter)."""
+    if not isinstance(targets, (list, tuple)):
+        return []
+    weights = [f"{name}.weight" for name in written]
+    return sorted({t for t in targets if isinstance(t, str) and any(w == t or w.endswith(f".{t}") for w in weights)})
 
 
 def readme(adapter: ConvertedAdapter, to: str, dtype: str) -> str:
@@ -182,7 +194,7 @@ def readme(adapter: ConvertedAdapter, to: str, dtype: str) -> str:
     ]
     if worst is not None:
         lines.append(f"- largest Frobenius error √Σ_{{i>k}}σ²: {worst.frobenius_error:.4g} ({worst.name})")
-    lines += [f"- {message}" for message in [*s.messages(), *adapter.notes]]
+    lines += [f"- {message}" for message in [*s.messages(), *adapter.lost, *adapter.notes]]
     lines += ["", "Per-layer ranks and errors: `rankscope suggest` on the source with the same rule (`--json`).", ""]
     return "\n".join(lines)
 
