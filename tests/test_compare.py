@@ -176,3 +176,26 @@ def test_counts_use_a_threshold_every_analysis_computed(pair):
     c = rankscope.analyze(rankscope.load(big_dir), thresholds=0.02)
     with pytest.raises(rankscope.UsageProblem, match=r"share no thresholds value \(small: 0.01, 0.005; big: 0.02\)"):
         compare([a, c], ["small", "big"])
+
+
+def test_a_layer_invalid_in_one_checkpoint_is_left_out_of_every_labels_means(pair, tmp_path):
+    """Two copies of one adapter, one with a NaN in a layer: every ratio 1 (the same layers on both sides), the
+    means those of the valid layers computed here, the layer counted as not compared and said in the headline."""
+    _, big_dir, _, big = pair
+    broken = dict(big)
+    name = "model.layers.1.self_attn.v_proj"
+    a, b = broken[name]
+    b = b.clone()
+    b[0, 0] = float("nan")
+    broken[name] = (a, b)
+    broken_dir = write_lora(tmp_path / "broken", broken, lora_config(r=8, lora_alpha=16))
+    analyses = [rankscope.analyze(rankscope.load(p)) for p in (big_dir, broken_dir)]
+    summary = compare(analyses, ["big", "broken"]).summary()
+    assert summary["not_compared"] == 1
+    assert all(value == pytest.approx(1.0) for value in summary["ratios_to_first"]["broken"].values())
+    valid = [n for n in big if n != name]
+    energies = [float(dense(*big[n], 2.0).pow(2).sum()) for n in valid]
+    for label in ("big", "broken"):
+        assert summary["per_label"][label]["layers"] == len(valid)
+        assert summary["per_label"][label]["mean_energy"] == pytest.approx(sum(energies) / len(energies), rel=1e-10)
+    assert "over the 6 layers valid in every checkpoint; 1 invalid in one left out" in summary["headlines"][0]

@@ -177,12 +177,15 @@ def compare(
 
 
 def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
+    """Means and ratios over the layers analysed in every checkpoint: a layer invalid in one (a NaN factor) is
+    left out of every label's means, so that each ratio compares the same layers (``not_compared`` counts them)."""
     per_label = {}
     keys = comparison.compared
+    compared = [layer for layer in layers if all(record.metrics is not None for record in layer.records)]
     for index, label in enumerate(comparison.labels):
-        rows = [comparison.values(layer.records[index]) for layer in layers]
+        rows = [comparison.values(layer.records[index]) for layer in compared]
         per_label[label] = {
-            "layers": len(layers),
+            "layers": len(compared),
             "params": sum(row["params"] or 0 for row in rows),
             **{f"mean_{key}": mean([row[key] for row in rows]) for key in keys if key != "params"},
         }
@@ -197,7 +200,8 @@ def _block(comparison: Comparison, layers: list[LayerComparison]) -> dict:
         }
     aligned = [layer.alignment for layer in layers if layer.alignment]
     alignment = alignment_means(aligned, ("cosine", *ALIGNMENT_OVERLAPS))
-    return {"per_label": per_label, "ratios_to_first": ratios, "alignment": alignment}
+    not_compared = len(layers) - len(compared)
+    return {"per_label": per_label, "ratios_to_first": ratios, "alignment": alignment, "not_compared": not_compared}
 
 
 def summarize(comparison: Comparison) -> dict:
@@ -216,6 +220,9 @@ def headlines(comparison: Comparison, overall: dict) -> list[str]:
     """ "bora reaches 5.80× lora's count above 0.005 (1.30× its erank) with 1.02× its parameters"."""
     first = comparison.labels[0]
     lines = []
+    left_out = overall["not_compared"]
+    count = overall["per_label"][first]["layers"]
+    over = f" (over the {count} layers valid in every checkpoint; {left_out} invalid in one left out)" if left_out else ""
     for label, ratio in overall["ratios_to_first"].items():
         parts = []
         if ratio["mean_count_above"] is not None:
@@ -225,7 +232,7 @@ def headlines(comparison: Comparison, overall: dict) -> list[str]:
         if ratio.get("mean_relative_update") is not None:
             parts.append(f"{ratio['mean_relative_update']:.2f}× its relative update ‖ΔW‖/‖W₀‖")
         if ratio["params"] is not None:
-            lines.append(f"{label} reaches {' and '.join(parts)} with {ratio['params']:.2f}× its parameters")
+            lines.append(f"{label} reaches {' and '.join(parts)} with {ratio['params']:.2f}× its parameters{over}")
     per_label = overall["per_label"]
     if any(per_label[label].get("mean_relative_update") is not None for label in comparison.labels):
         lines.append(
