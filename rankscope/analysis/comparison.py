@@ -222,7 +222,9 @@ def headlines(comparison: Comparison, overall: dict) -> list[str]:
     lines = []
     left_out = overall["not_compared"]
     count = overall["per_label"][first]["layers"]
-    over = f" (over the {count} layers valid in every checkpoint; {left_out} invalid in one left out)" if left_out else ""
+    over = ""
+    if left_out:
+        over = f" (over the {count} layers valid in every checkpoint; {left_out} invalid in one left out)"
     for label, ratio in overall["ratios_to_first"].items():
         parts = []
         if ratio["mean_count_above"] is not None:
