@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from .scaling import scaling_text
 
 if TYPE_CHECKING:
     from .comparison import Comparison
@@ -47,7 +48,7 @@ def spectrum_document(analysis: Analysis) -> dict:
             "other_adapters": ckpt.other_adapters,
         },
         "scaled": not options.unscaled,
-        "scaling": "B·A without α/r (--unscaled)" if options.unscaled else "ΔW as the model applies it (α/r included)",
+        "scaling": scaling_text(analysis),
         "options": {
             "thresholds": list(options.thresholds),
             "energies": list(options.energies),

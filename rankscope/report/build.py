@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..analysis.scaling import scaling_text
 from ..figures._common import MAX_FACETS, MAX_LINES, significant
 from ..measures.components import off_diagonal_mean
 from ..measures.metrics import parameter_key
@@ -218,10 +219,6 @@ def _bounds(analysis: Analysis) -> str:
     if not bounds:
         return "—"
     return str(bounds[0]) if len(bounds) == 1 else f"{bounds[0]}–{bounds[-1]}"
-
-
-def scaling_text(analysis: Analysis) -> str:
-    return "B·A without α/r (--unscaled)" if analysis.options.unscaled else "ΔW as the model applies it (α/r included)"
 
 
 def checkpoint_notes(analysis: Analysis, index: int | None = None) -> list[Note]:

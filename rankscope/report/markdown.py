@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from ..analysis.scaling import scaling_text
 from ..measures.metrics import parameter_key
 from .model import Note, Table
 from .model import number as _fmt
@@ -47,7 +48,7 @@ def spectrum_markdown(analysis: Analysis, suggested: Mapping[str, int] | None = 
     ckpt = analysis.checkpoint
     tau = analysis.options.thresholds[0]
     summary = analysis.summary()
-    scaled = "B·A without α/r (`--unscaled`)" if analysis.options.unscaled else "the scaled update ΔW (α/r applied)"
+    scaled = scaling_text(analysis, markdown=True)
     lines = [
         f"## {escape(ckpt.path.name or ckpt.path)} — {escape(ckpt.adapter_type)}",
         "",

@@ -8,6 +8,7 @@ import html
 import itertools
 from typing import TYPE_CHECKING
 
+from ..analysis.scaling import scaling_text
 from .model import Table
 from .tables import comparison_module_table, module_table
 
@@ -62,7 +63,7 @@ def analysis_html(analysis: Analysis, *, figure: bool = True) -> str:
     ckpt = analysis.checkpoint
     summary = analysis.summary()
     label = ckpt.path.name or str(ckpt.path)
-    scaling = "B·A without α/r" if analysis.options.unscaled else "ΔW (α/r applied)"
+    scaling = scaling_text(analysis)
     head = (
         f"<p><b>Analysis</b> of <code>{esc(ckpt.path)}</code> · {esc(ckpt.adapter_type)} ({esc(ckpt.family)}) · "
         f"{summary['valid_layers']}/{summary['layers']} layers · {ckpt.params:,} parameters · singular values "

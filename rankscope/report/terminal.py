@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from typing import TYPE_CHECKING
 
+from ..analysis.scaling import scaling_text
 from ..measures.metrics import parameter_key
 from .model import Table
 from .model import number as _number
@@ -129,12 +130,7 @@ def spectrum_summary(analysis: Analysis) -> str:
     inexact = [r for r in analysis.layers if r.valid and not r.exact]
     missing = summary["not_analysed_modules"]
     full = ckpt.family == "full-delta"
-    if full:
-        what = "singular values of ΔW = W − W₀ (a full fine-tune: no scale)"
-    elif options.unscaled:
-        what = "singular values of B·A WITHOUT α/r (--unscaled)"
-    else:
-        what = "singular values of the scaled update ΔW (α/r applied)"
+    what = f"singular values of {scaling_text(analysis)}"
     lines = [
         f"{ckpt.path}  ·  {ckpt.adapter_type} ({ckpt.family})  ·  {summary['valid_layers']}/{summary['layers']} "
         f"layers  ·  {ckpt.params:,} {'parameters compared' if full else 'adapter parameters'}"

@@ -1,0 +1,44 @@
+"""Every output names the scale the analysed update carries: α/√r for rsLoRA (its numbers were right, its text
+said α/r), α/r for LoRA, none for a full fine-tune, and what ``--unscaled`` left out."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from rankscope.cli import main
+
+from .factories import lora_config, random_factors, write_lora
+
+NAME = "model.layers.0.self_attn.q_proj"
+
+
+def _outputs(directory, tmp_path, *flags: str) -> dict[str, str]:
+    runner = CliRunner()
+    terminal = runner.invoke(main, ["spectrum", str(directory), *flags])
+    assert terminal.exit_code == 0, terminal.output
+    document = json.loads(runner.invoke(main, ["spectrum", str(directory), "--json", "-", "-q", *flags]).stdout)
+    out = tmp_path / f"report{len(flags)}"
+    report = runner.invoke(main, ["report", str(directory), "-o", str(out), "--figures", "none", *flags])
+    assert report.exit_code == 0, report.output
+    return {
+        "terminal": terminal.stdout,
+        "json": document["scaling"],
+        "html": (out / "index.html").read_text(),
+        "markdown": (out / "summary.md").read_text(),
+    }
+
+
+def test_rslora_says_alpha_over_root_r_everywhere(tmp_path):
+    rslora = write_lora(tmp_path / "rslora", {NAME: random_factors(16, 16, 4, 0)}, lora_config(use_rslora=True))
+    for where, text in _outputs(rslora, tmp_path).items():
+        assert "α/√r included" in text and "α/r" not in text, where
+    for where, text in _outputs(rslora, tmp_path, "--unscaled").items():
+        assert "without α/√r" in text, where
+
+
+def test_plain_lora_says_alpha_over_r(tmp_path):
+    lora = write_lora(tmp_path / "lora", {NAME: random_factors(16, 16, 4, 0)}, lora_config())
+    for where, text in _outputs(lora, tmp_path).items():
+        assert "α/r included" in text and "α/√r" not in text, where
