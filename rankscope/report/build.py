@@ -472,4 +472,12 @@ def build_report(
         suggestion_rule=rule,
         suggested=suggested,
         against_base=against_base,
+        no_comparison=_no_comparison(labels) if several and comparison is None else None,
+    )
+
+
+def _no_comparison(labels: Sequence[str]) -> str:
+    return (
+        f"No comparison: no layer is shared by all of {', '.join(labels)} (adapters of different models, or of "
+        "different modules of one), so nothing can be set side by side; each checkpoint is reported on its own."
     )

@@ -102,6 +102,8 @@ def report_markdown(
     """The comparison (if any), each checkpoint's tables (with ``report``'s suggested ranks), then the warnings
     and notes labelled by checkpoint."""
     parts = [comparison_markdown(comparison)] if comparison is not None else []
+    if report is not None and report.no_comparison is not None:
+        parts.append(f"## Comparison\n\n{report.no_comparison}\n")
     rule = report.suggestion_rule if report is not None else None
     suggested = report.suggested if report is not None and rule is not None else [None] * len(analyses)
     parts += [spectrum_markdown(analysis, ranks, rule) for analysis, ranks in zip(analyses, suggested, strict=True)]

@@ -217,6 +217,7 @@ class Report:
     suggestion_rule: str | None = None  # the rank rule of the layer table's suggested ranks (None: not shown)
     suggested: list[dict[str, int]] = field(default_factory=list)  # per checkpoint: layer → suggested rank
     against_base: bool = False  # some layer was measured against --base: the table has the base columns
+    no_comparison: str | None = None  # several checkpoints but no comparison: why (said where it would stand)
 
 
 def layer_names_by_module(analyses: Sequence[Analysis]) -> dict[str, list[str]]:

@@ -86,7 +86,9 @@ def _composition_section(report: Report, svgs, numbers, formats) -> str:
 def _comparison_section(report: Report, svgs, numbers, formats) -> str:
     view = report.comparison_view
     if view is None:
-        return ""
+        if report.no_comparison is None:
+            return ""
+        return f'<section id="comparison"><h2>Comparison</h2><p>{esc(report.no_comparison)}</p></section>'
     return (
         '<section id="comparison"><h2>Comparison</h2>'
         + comparison_body(view)
@@ -167,7 +169,7 @@ def render_page(
         ("summary", "Summary", True),
         ("figures", "Figures", bool(overview)),
         ("composition", "Composition", bool(composition)),
-        ("comparison", "Comparison", report.comparison_view is not None),
+        ("comparison", "Comparison", report.comparison_view is not None or report.no_comparison is not None),
         ("layers", "Layers", True),
         ("detail", "Per-layer detail", True),
     ]

@@ -1,5 +1,6 @@
-"""Every output names the scale the analysed update carries: α/√r for rsLoRA (its numbers were right, its text
-said α/r), α/r for LoRA, none for a full fine-tune, and what ``--unscaled`` left out."""
+"""What the outputs say in words: the scale the analysed update carries (α/√r for rsLoRA — its numbers were
+right, its text said α/r — α/r for LoRA, and what ``--unscaled`` left out), and that a report of adapters sharing
+no layer has no comparison."""
 
 from __future__ import annotations
 
@@ -42,3 +43,16 @@ def test_plain_lora_says_alpha_over_r(tmp_path):
     lora = write_lora(tmp_path / "lora", {NAME: random_factors(16, 16, 4, 0)}, lora_config())
     for where, text in _outputs(lora, tmp_path).items():
         assert "α/r included" in text and "α/√r" not in text, where
+
+
+def test_a_report_of_adapters_sharing_no_layer_says_that_no_comparison_applies(tmp_path):
+    first = write_lora(tmp_path / "qv", {NAME: random_factors(16, 16, 4, 0)}, lora_config())
+    other = "model.layers.0.self_attn.k_proj"
+    second = write_lora(tmp_path / "ko", {other: random_factors(16, 16, 4, 1)}, lora_config())
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", str(first), str(second), "-o", str(out), "--figures", "none"])
+    assert result.exit_code == 0, result.output
+    page = (out / "index.html").read_text()
+    sentence = "No comparison: no layer is shared by all of qv, ko"
+    assert sentence in page and '<a href="#comparison">' in page
+    assert sentence in (out / "summary.md").read_text()
