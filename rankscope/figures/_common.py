@@ -121,11 +121,24 @@ def block_positions(records: Sequence[LayerRecord]) -> tuple[dict[str, int], str
     return {block: position for position, block in enumerate(blocks)}, "block (model order)"
 
 
-def quartiles(vectors: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Per position i: the median and the lower and upper quartiles over the vectors that have an i-th entry."""
+def quartiles(
+    vectors: Sequence[Sequence[float]], fill: float | str | None = None
+) -> tuple[list[float], list[float], list[float]]:
+    """Per position i: the lower quartile, the median and the upper quartile over the vectors.
+
+    ``fill``: what a vector shorter than the longest holds past its end — a number (a spectrum's σᵢ beyond its
+    numerical rank are 0: every layer counts at every index, so the median is not taken over the longer spectra
+    alone), or ``"last"`` its last value (a cumulative-energy curve stays at 1; an empty vector is left out); None:
+    over the vectors that have an i-th entry."""
     import numpy as np
 
-    ordered = sorted((np.asarray(v, dtype=float) for v in vectors), key=len, reverse=True)
+    arrays = [np.asarray(v, dtype=float) for v in vectors]
+    if fill is not None and arrays:
+        arrays = [a for a in arrays if len(a)] if fill == "last" else arrays
+        longest = max((len(a) for a in arrays), default=0)
+        arrays = [np.pad(a, (0, longest - len(a)), constant_values=a[-1] if fill == "last" else float(fill))
+                  for a in arrays]  # fmt: skip
+    ordered = sorted(arrays, key=len, reverse=True)
     lengths = [len(v) for v in ordered]
     low, mid, high = [], [], []
     start = 0

@@ -45,7 +45,7 @@ from ._common import (
     significant,
     style_for,
 )
-from .style import paper_style
+from .style import GUIDE_COLOR, paper_style
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -139,8 +139,8 @@ def _positive(values: Sequence[float]) -> list[float]:
     return [v if v > 0 else float("nan") for v in values]
 
 
-def _draw_curve(ax: Axes, curve: Curve, *, start: int, log: bool, bands: bool):
-    low, mid, high = quartiles(curve.vectors)
+def _draw_curve(ax: Axes, curve: Curve, *, start: int, log: bool, bands: bool, fill: float | str | None):
+    low, mid, high = quartiles(curve.vectors, fill)
     xs = list(range(start, start + len(mid)))
     style = style_for(curve.index, len(xs))
     ys = _positive(mid) if log else mid
@@ -172,6 +172,7 @@ class CurveKind:
     ylabel: str
     extent: Callable[[Panel], int] = lambda panel: 0
     fit: Callable[[Panel], int] | None = None
+    fill: float | str | None = None  # what a layer's shorter vector holds past its end (``quartiles``)
 
 
 def _curve_figure(
@@ -211,7 +212,7 @@ def _curve_figure(
         longest = 2 - start  # at least one point on the axis
         for panel_ax, panel in zip(axes, panels, strict=True):
             for curve in panel.curves:
-                line = _draw_curve(panel_ax, curve, start=start, log=log, bands=_shaded(panel))
+                line = _draw_curve(panel_ax, curve, start=start, log=log, bands=_shaded(panel), fill=kind.fill)
                 handles.setdefault(curve.label, line)
                 longest = max(longest, max(len(v) for v in curve.vectors))
             longest = max(longest, extent(panel))
@@ -283,6 +284,7 @@ SPECTRUM = CurveKind(
     xlabel="index i",
     ylabel="singular value σᵢ",
     extent=lambda panel: max(_drawn_bounds(panel), default=0),  # the rank bounds drawn are in view
+    fill=0.0,  # σᵢ beyond a layer's numerical rank (or its rank bound) are 0
 )
 
 
@@ -335,18 +337,32 @@ def _spectrum(analyses, labels, layers, thresholds, width, ax, *, per_module: bo
         if bounds:
             for bound in bounds:
                 marks["rank bound"] = guide_vline(ax, bound, f"r = {bound}" if inline else "")
-        if not any(v > 0 for r in panel.records for v in r.singular_values):
-            empty_note(ax, "all singular values are 0")
+        _zero_note(ax, panel, "as 0 in the median")
         return marks
 
     return _curve_figure(SPECTRUM, guides, analyses, labels, layers, width, ax, per_module)
 
 
+def _zero_note(ax: Axes, panel: Panel, treated: str) -> None:
+    """Say in the panel which of its layers are zero updates (every σ = 0): a log axis cannot draw them."""
+    zero = [r for r in panel.records if not any(v > 0 for v in r.singular_values)]
+    if not zero:
+        return
+    text = f"{short_name(zero[0])}: every σ is 0" if len(zero) == 1 else f"{len(zero)} layers: every σ is 0"
+    if len(zero) == len(panel.records):
+        empty_note(ax, text)
+        return
+    note = ax.text(0.97, 0.05, f"{text}\n({treated})", transform=ax.transAxes, ha="right", va="bottom",
+                   fontsize=5, color=GUIDE_COLOR, linespacing=1.1)  # fmt: skip
+    note.set_in_layout(False)  # the panels keep their size: the note sits inside one
+
+
 # -- cumulative energy ------------------------------------------------------------------------------------
 def _cumulative_energy(record: LayerRecord) -> list[float]:
-    """0, then Σ_{j≤k} σ_j² / Σσ² for k = 1..K, K the numerical rank (all 0 for a zero update)."""
-    sigma = significant(record)
-    return [0.0, *(cumulative_energy(sigma) or [0.0] * len(sigma))]
+    """0, then Σ_{j≤k} σ_j² / Σσ² for k = 1..K, K the numerical rank; empty for a zero update (its fractions are
+    undefined: left out of the medians, and said in the panel)."""
+    curve = cumulative_energy(significant(record))
+    return [0.0, *curve] if curve else []
 
 
 def _saturation(panel: Panel) -> int:
@@ -354,10 +370,12 @@ def _saturation(panel: Panel) -> int:
     levelled off (``saturation_extent``)."""
     lines = []
     for curve in panel.curves:
-        low, mid, _ = quartiles(curve.vectors)
+        low, mid, _ = quartiles(curve.vectors, ENERGY_FILL)
         lines.extend((mid, low) if _shaded(panel) else (mid,))
     return saturation_extent(lines, start=0)
 
+
+ENERGY_FILL = "last"  # a curve that has reached 1 at its numerical rank stays there
 
 ENERGY = CurveKind(
     "energy_figure",
@@ -367,6 +385,7 @@ ENERGY = CurveKind(
     xlabel="number of singular values k",
     ylabel="cumulative energy",
     fit=_saturation,
+    fill=ENERGY_FILL,
 )
 
 
@@ -393,6 +412,7 @@ def energy_figure(
 
     def guides(ax: Axes, panel: Panel, inline: bool) -> dict:
         ax.set_ylim(0, 1.04)
+        _zero_note(ax, panel, "no fractions: left out")
         marks = {}
         for p in levels:  # labelled outside the right edge, like tick labels: curves crowd both ends inside
             marks["energy " + ", ".join(f"{100 * q:g}%" for q in levels)] = guide_hline(
