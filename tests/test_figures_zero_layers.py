@@ -61,3 +61,23 @@ def test_the_energy_figure_says_the_zero_layer_has_no_fractions(adapter):
 def test_a_zero_layer_alone_is_said_in_the_panel(adapter):
     fig = figures.spectrum_figure([adapter[0]], ["adapter"], layers=[NAMES[2]])
     assert any(t.endswith("every σ is 0") for t in _texts(fig))
+
+
+def test_facets_sharing_the_y_axis_show_every_panels_values(tmp_path):
+    """Panels of very different σ ranges (rank 4 against a rank-16 layer of tiny σ) share one y axis: it spans
+    every panel's plotted values (the last panel's limits had won, dropping the others' below the axis)."""
+    a, b = random_factors(24, 24, 16, seed=5)
+    small = {
+        NAMES[0]: (a, b * torch.logspace(0, -4, 16)),
+        "model.layers.0.self_attn.v_proj": random_factors(24, 24, 16, 6),
+    }
+    directory = write_lora(tmp_path / "ranges", small, lora_config(r=16, lora_alpha=16))
+    fig = figures.module_spectra_figure([rankscope.analyze(rankscope.load(directory))], ["adapter"])
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2
+    for ax in panels:
+        low, high = ax.get_ylim()
+        drawn = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()
+                                if line.get_label() == "adapter"])  # fmt: skip
+        drawn = drawn[np.isfinite(drawn) & (drawn > 0)]
+        assert drawn.size and low <= drawn.min() and drawn.max() <= high, ax.get_title()

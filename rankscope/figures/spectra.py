@@ -210,6 +210,7 @@ def _curve_figure(
         handles: dict[str, object] = {}
         guide_handles: dict[str, object] = {}
         longest = 2 - start  # at least one point on the axis
+        limits: list[tuple[float, float]] = []
         for panel_ax, panel in zip(axes, panels, strict=True):
             for curve in panel.curves:
                 line = _draw_curve(panel_ax, curve, start=start, log=log, bands=_shaded(panel), fill=kind.fill)
@@ -220,10 +221,14 @@ def _curve_figure(
                 panel_ax.set_yscale("log")
             # one panel: guides labelled in place; small panels: labelled once, in the legend
             marks = guides(panel_ax, panel, len(panels) == 1)
+            limits.append(panel_ax.get_ylim())  # each panel's own, before the next one's (shared) replace them
             if panel_ax is axes[0] and len(panels) > 1:
                 guide_handles = marks
             if panel.title and len(panels) > 1:
                 panel_ax.set_title(panel.title)
+        if given is None and len(axes) > 1:  # the facets share their y axis: the union of every panel's limits
+            lows, highs = zip(*limits, strict=True)
+            axes[0].set_ylim(min(lows), max(highs))
         last = longest - 1 + start
         if fit is not None:
             last = max(start + 1, min(last, max(fit(panel) for panel in panels)))
