@@ -56,3 +56,18 @@ def test_a_report_of_adapters_sharing_no_layer_says_that_no_comparison_applies(t
     sentence = "No comparison: no layer is shared by all of qv, ko"
     assert sentence in page and '<a href="#comparison">' in page
     assert sentence in (out / "summary.md").read_text()
+
+
+def test_the_report_defines_its_measures_and_marks_a_zero_layer(tmp_path):
+    a, b = random_factors(16, 16, 4, 0)
+    zero = "model.layers.1.self_attn.q_proj"
+    adapter = write_lora(tmp_path / "z", {NAME: (a, b), zero: (a.clone(), b * 0)}, lora_config())
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", str(adapter), "-o", str(out), "--figures", "none"])
+    assert result.exit_code == 0, result.output
+    page, markdown = (out / "index.html").read_text(), (out / "summary.md").read_text()
+    for text in (page, markdown):
+        assert "Roy &amp; Vetterli" in text or "Roy & Vetterli" in text
+        assert "exp(−Σ pᵢ ln pᵢ), pᵢ = σᵢ / Σσ" in text and "Σσ² / σ₁²" in text
+    assert '<section id="definitions">' in page and "overlap" not in page.split('id="definitions"')[1]
+    assert '<td class="zero">zero</td>' in page

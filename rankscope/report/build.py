@@ -240,7 +240,7 @@ def _checkpoint_view(analysis: Analysis, label: str, index: int, several: bool) 
     kpis = [
         Kpi(Cell(f"{valid}/{summary['layers']}"), "layers analysed"),
         Kpi(Cell(ckpt.params, ","), "adapter parameters"),
-        Kpi(Cell(_bounds(analysis)), "rank bound r"),
+        Kpi(Cell(_bounds(analysis)), "rank bound min(K, m, n)"),
         Kpi(Cell(_stat(summary, f"count_above[{parameter_key(tau)}]"), ".2f"), f"mean #σ > {tau:g}"),
         Kpi(Cell(erank, ".2f"), "mean erank", f"{util:.0%} of the bound" if util is not None else ""),
         Kpi(Cell(_stat(summary, "stable_rank"), ".2f"), "mean stable rank"),
@@ -276,6 +276,8 @@ def _checkpoint_view(analysis: Analysis, label: str, index: int, several: bool) 
 def _status(record: LayerRecord) -> str:
     if not record.valid:
         return "invalid"
+    if record.singular_values is not None and not any(v > 0 for v in record.singular_values):
+        return "zero"  # a zero update (every σ = 0): valid, but nothing to read in its measures
     return "ok" if record.exact else "approximate"
 
 

@@ -28,6 +28,7 @@ from ..core.naming import checkpoint_labels
 from .build import build_report, checkpoint_notes
 from .csv import layers_csv
 from .csv import text_cell as csv_text
+from .definitions import definitions
 from .drawing import start_drawing
 from .html import render_page
 from .json import dumps
@@ -109,6 +110,8 @@ def report_markdown(
     parts += [spectrum_markdown(analysis, ranks, rule) for analysis, ranks in zip(analyses, suggested, strict=True)]
     notes = [n for index, analysis in enumerate(analyses) for n in checkpoint_notes(analysis, index)]
     parts += [text for text in [notes_markdown(notes, labels)] if text]
+    if report is not None:
+        parts.append("## Definitions\n\n" + "".join(f"- **{term}**: {text}\n" for term, text in definitions(report)))
     return "\n".join(parts)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ... import __version__
 from ..build import build_report, figure_specs
+from ..definitions import definitions
 from ..model import FigureSpec, Report
 from ..resize_base import DEFAULT_SUGGEST_RULE
 from .page import (
@@ -106,7 +107,7 @@ def _layers_section(report: Report) -> str:
     return (
         '<section id="layers"><h2>Layers</h2><p class="hint">Click a header to sort, type to filter; a layer\'s '
         "name opens its spectrum below. 90% energy: the fewest singular values holding 90% of Σσ². Utilisation: "
-        "erank / r."
+        "erank / rank bound."
         + (
             f" Suggested r: the rank the rule {esc(report.suggestion_rule)} keeps (<code>rankscope suggest</code>)."
             if report.suggestion_rule is not None
@@ -130,7 +131,7 @@ def _details_section(report: Report, svgs, numbers, formats) -> str:
     parts = [
         '<section id="detail"><h2>Per-layer detail</h2><p class="hint">First the spectra of each module type, '
         "a panel each (several checkpoints: the spectrum under Figures), then every layer: its singular values σᵢ "
-        "(log scale; dashed: the thresholds τ and the rank bound r) and its cumulative energy (dashed: the energy "
+        "(log scale; dashed: the thresholds τ and the rank bound) and its cumulative energy (dashed: the energy "
         "fractions).</p>"
     ]
     parts.append(_figures(report, "modules", svgs, numbers, formats, cls="figs small"))
@@ -149,6 +150,11 @@ def _details_section(report: Report, svgs, numbers, formats) -> str:
     defs += "".join(frame_def(n, report.energies) for n in frames)
     parts.insert(1, f'<svg class="defs" width="0" height="0" aria-hidden="true"><defs>{defs}</defs></svg>')
     return "".join(parts) + "</section>"
+
+
+def _definitions_section(report: Report) -> str:
+    items = "".join(f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>" for term, text in definitions(report))
+    return f'<section id="definitions"><h2>Definitions</h2><dl class="definitions">{items}</dl></section>'
 
 
 def render_page(
@@ -172,6 +178,7 @@ def render_page(
         ("comparison", "Comparison", report.comparison_view is not None or report.no_comparison is not None),
         ("layers", "Layers", True),
         ("detail", "Per-layer detail", True),
+        ("definitions", "Definitions", True),
     ]
     body = [
         f"<header><h1>rankscope report <span>{esc(report.title)}</span></h1><nav>"
@@ -187,6 +194,7 @@ def render_page(
         _comparison_section(report, svgs, numbers, formats),
         _layers_section(report),
         _details_section(report, svgs, numbers, formats),
+        _definitions_section(report),
     ]
     files_ = ""
     if companions:

@@ -57,7 +57,7 @@ def td(cell: Cell, *, anchor: str | None = None, name: bool = False) -> str:
         text = wrappable(cell.text)
         linked = f'<a href="#{anchor}">{text}</a>' if anchor else text
         return f'<td class="name">{linked}</td>'
-    if cell.text in ("ok", "invalid", "approximate"):
+    if cell.text in ("ok", "invalid", "approximate", "zero"):
         return f'<td class="{cell.text}">{cell.text}</td>'
     return f"<td>{esc(cell.text)}</td>"
 
@@ -129,7 +129,7 @@ def checkpoint_card(view: CheckpointView, several: bool) -> str:
     if view.usage is not None:
         util, (low, low_u), (high, high_u) = view.usage
         parts.append(
-            f'<p class="headline">Layers use {util:.0%} of their rank bound on average (erank / r); '
+            f'<p class="headline">Layers use {util:.0%} of their rank bound on average (erank / rank bound); '
             f"<b>{esc(low)}</b> uses the least ({low_u:.0%}), <b>{esc(high)}</b> the most ({high_u:.0%}).</p>"
         )
     parts += [note(n, view.label if several else None) for n in view.notes]
