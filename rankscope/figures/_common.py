@@ -236,6 +236,25 @@ def facet_grid(count: int, width: str | float) -> tuple[int, int]:
     return rows, math.ceil(count / rows)  # balanced: 7 panels in 4 + 3, not 6 + 1
 
 
+CHAR_INCHES = 0.055 / 7  # inches per point of font size: a DejaVu Sans character of a name, with room to spare
+
+
+def fitting_chars(inches: float, fontsize: float = 7.0) -> int:
+    """How many characters of ``fontsize``-pt text fit in ``inches`` (at least 8): the limit to ``ellipsize`` a
+    name to."""
+    return max(8, int(inches / (CHAR_INCHES * fontsize)))
+
+
+def facet_title(ax: Axes, title: str, width: str | float, count: int) -> None:
+    """A small panel's title (one of ``count`` in a ``facet_grid`` of ``width``), ellipsized to the panel's width:
+    long module types would run into the neighbouring panels' titles."""
+    from .style import TEXT_SIZE, figure_width
+
+    _, columns = facet_grid(count, width)
+    inches = (figure_width(width) - 0.35) / columns - 0.1  # the y label and tick labels, a gap between panels
+    ax.set_title(ellipsize(title, fitting_chars(inches, TEXT_SIZE)))
+
+
 def facets(fig: Figure, count: int, width, *, sharey: bool = True) -> list[Axes]:
     """``count`` small panels in a balanced grid (``facet_grid``), empty slots hidden, shared axes."""
     rows, columns = facet_grid(count, width)
@@ -283,8 +302,11 @@ def legend_above(
     from .style import figure_width
 
     width = figure_width(fig.get_figwidth())
+    handle = 0.6 if wide else 0.45  # inches: a handle and the spacing around it
+    # a label wider than the figure is ellipsized (as heatmap rows), not run off the edge
+    labels = [ellipsize(label, fitting_chars(width - handle)) for label in labels]
     longest = max(len(label) for label in labels)
-    per_entry = (0.6 if wide else 0.45) + 0.055 * longest  # inches: handle, spacing and 7 pt text
+    per_entry = handle + CHAR_INCHES * 7 * longest  # inches: handle, spacing and 7 pt text
     columns = max(1, min(len(labels), int(width // per_entry)))
     rows = math.ceil(len(labels) / columns) + (1 if title else 0)
     fig.set_figheight(fig.get_figheight() + LEGEND_ROW * max(0, rows - 1))  # the usual height holds one row

@@ -17,6 +17,7 @@ from ._common import (
     check_axes,
     check_labels,
     facet_grid,
+    facet_title,
     facets,
     guide_hline,
     legend_above,
@@ -114,7 +115,7 @@ def count_above_figure(
                     mark = guide_hline(panel_ax, bound, "" if facet else f"r = {bound}", side="left", above=False)
                     guide_handles.setdefault("rank bound", mark)
             if facet:
-                panel_ax.set_title(module)
+                facet_title(panel_ax, module, width, len(modules))
         from matplotlib.ticker import MaxNLocator
 
         plotted = {x_of(r) for records in chosen for r in records}
