@@ -136,7 +136,7 @@ def test_base_columns_and_heatmap_hold_the_records(based):
     fig = _figure(spec, [analysis], ["lora-r32"])
     # a block's panel title is a text of its Axes (one Axes per block, issue 15)
     panels = {t.get_text(): ax.collections[0].get_array().compressed().tolist() for ax in fig.axes for t in ax.texts}
-    assert sorted(panels["‖ΔW‖_F / ‖W₀‖_F"]) == sorted(b["relative_update"] for b in records.values())
+    assert sorted(panels["‖ΔW‖ / ‖W₀‖ (Frobenius)"]) == sorted(b["relative_update"] for b in records.values())
     counts = sorted(float(b["intruders"]["count"]) for b in records.values())
     assert sorted(panels["intruder dimensions (of the top 10)"]) == counts
     assert (based / "figures" / "base-heatmap.svg").is_file()
@@ -231,4 +231,8 @@ def test_base_heatmap_of_several_checkpoints_one_scale_per_measure():
     top = max(max(values) for values in relative)
     assert meshes[0].get_clim() == (0.0, pytest.approx(top))
     assert meshes[1].get_clim() == (0.0, 10.0)  # the top k of the intruder count
-    assert [bar.get_ylabel() for bar in bars] == ["‖ΔW‖_F / ‖W₀‖_F", "intruder dimensions (of the top 10)"]
+    # the labels as read (wrapped onto lines no longer than their bars)
+    assert [" ".join(bar.get_ylabel().split()) for bar in bars] == [
+        "‖ΔW‖ / ‖W₀‖ (Frobenius)",
+        "intruder dimensions (of the top 10)",
+    ]

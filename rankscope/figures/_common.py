@@ -188,7 +188,7 @@ METRIC_NAMES = {
     "numerical_rank": "numerical rank",
     "utilization": "utilisation (erank / r)",
     "sigma_max": "σ₁",
-    "frobenius": "‖ΔW‖_F",
+    "frobenius": "‖ΔW‖ (Frobenius)",
     "energy": "Σσ²",
 }
 PARAMETRISED = {"count_above": "count σ > {}", "count_above_rel": "count σ > {}·σ₁", "energy_rank": "energy rank ({})"}

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..analysis.records import Analysis, LayerRecord
 
 BASE_PANELS = (
-    ("relative_update", "‖ΔW‖_F / ‖W₀‖_F"),
+    ("relative_update", "‖ΔW‖ / ‖W₀‖ (Frobenius)"),
     ("intruders", "intruder dimensions"),
 )
 
@@ -118,7 +118,7 @@ def base_spectrum_figure(
         panel_ax.set_yscale("log")
         plain_log_axis(panel_ax.yaxis)
         panel_ax.set_xlabel("index i")
-        panel_ax.set_ylabel("singular value σ_i")
+        panel_ax.set_ylabel("singular value σᵢ")
         panel_ax.set_title(ellipsize(record.name, 48), fontsize=7, loc="left")
         panel_ax.legend(frameon=False)
     return fig

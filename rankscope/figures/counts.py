@@ -51,6 +51,21 @@ def _count_series(ax: Axes, records: list[LayerRecord], counts: dict, x_of: Call
     return line, max(ys)
 
 
+TICK_LABEL_ROOM = 0.11  # inches: a 7 pt tick label's height and a little space
+
+
+def _apart(ticks: list[int], span: float, ax: Axes) -> list[int]:
+    """Of ``ticks`` (most telling first: the rank bounds, then 0), those whose labels do not overlap an earlier
+    one's on ``ax``'s y axis over 0…``span`` (bounds 4 and 64 label 4 and 64: a 0 just under the 4 would collide)."""
+    inches = ax.get_position().height * root_figure(ax).get_figheight()  # before the layout: about the panel
+    gap = span * TICK_LABEL_ROOM / max(inches, 1e-3)
+    kept: list[int] = []
+    for tick in ticks:
+        if all(abs(tick - other) >= gap for other in kept):
+            kept.append(tick)
+    return sorted(kept)
+
+
 def count_above_figure(
     analyses: Sequence[Analysis],
     labels: Sequence[str] | None = None,
@@ -123,7 +138,7 @@ def count_above_figure(
         for panel_ax in axes:
             panel_ax.set_ylim(0, top * 1.1)
             if len(all_bounds) <= MAX_BOUND_LINES and top <= max(all_bounds):  # ticks at 0 and the bounds say it all
-                panel_ax.set_yticks(sorted({0, *all_bounds}))
+                panel_ax.set_yticks(_apart([*sorted(all_bounds, reverse=True), 0], top * 1.1, panel_ax))
             else:
                 panel_ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
             panel_ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))

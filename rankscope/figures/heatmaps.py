@@ -21,6 +21,7 @@ from ._common import (
     check_axes,
     check_labels,
     ellipsize,
+    fitting_chars,
     metric_value,
     new_figure,
     parse_metric,
@@ -228,7 +229,7 @@ def draw_heatmaps(
                 tall = len(modules) * (rows if given is None else len(panel_axes))
                 colorbar = fig.colorbar(mesh, ax=panel_axes, fraction=0.05, pad=0.02, aspect=min(40, max(8, 4 * tall)))
             if b.name:
-                colorbar.set_label(b.name)
+                colorbar.set_label(_bar_label(b.name, panel_axes, beneath))
             if b.integral:  # counts: whole-number ticks
                 step = max(1, math.ceil((b.high - b.low) / 5))
                 colorbar.set_ticks(range(math.ceil(b.low), math.floor(b.high) + 1, step))
@@ -248,6 +249,23 @@ def draw_heatmaps(
                 first = grids[0][0]
                 first.legend(key_patch, key_text, loc="lower right", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
     return fig
+
+
+def _bar_label(name: str, panel_axes: Sequence[Axes], beneath: bool) -> str:
+    """A colour bar's label, wrapped onto lines no longer than the bar (about its panels' extent): a vertical bar
+    beside one row of panels is shorter than "intruder dimensions (of the top 10)", which would run off the
+    figure."""
+    import textwrap
+
+    from .style import TEXT_SIZE
+
+    fig = root_figure(panel_axes[0])
+    boxes = [ax.get_position() for ax in panel_axes]
+    if beneath:
+        inches = (max(b.x1 for b in boxes) - min(b.x0 for b in boxes)) * fig.get_figwidth()
+    else:
+        inches = (max(b.y1 for b in boxes) - min(b.y0 for b in boxes)) * fig.get_figheight()
+    return textwrap.fill(name, fitting_chars(inches, TEXT_SIZE), break_long_words=False)
 
 
 def layer_columns(records: Sequence[LayerRecord]) -> tuple[list[str], dict[str, int], list[int], dict[int, int], str]:

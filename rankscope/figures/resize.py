@@ -47,10 +47,10 @@ def _panel(axis: Axes, analysis: Analysis, rules: Sequence[str], by: str, max_ra
         labels.append(rule if small else f"{rule} ({x:,})")  # small panels: the sizes differ per panel
     valid = [record for record in analysis.layers if record.valid]
     now = sum(record.params for record in valid) if by == "params" else sum(record.rank_bound for record in valid)
-    guide_vline(axis, now, "" if small else f"now: {now:,}")
-    if small:  # at the foot of the line: the rules' points crowd the top of a small panel
-        axis.annotate(f"now: {now:,}", xy=(now, 0.04), xycoords=("data", "axes fraction"), xytext=(-1.5, 0),
-                      textcoords="offset points", ha="right", va="bottom", fontsize=7, color=GUIDE_COLOR)  # fmt: skip
+    guide_vline(axis, now, "")
+    # labelled at the foot of the line: the rules' points sit on the frontier's top end, next to the present size
+    axis.annotate(f"now: {now:,}", xy=(now, 0.04), xycoords=("data", "axes fraction"), xytext=(-1.5, 0),
+                  textcoords="offset points", ha="right", va="bottom", fontsize=7, color=GUIDE_COLOR)  # fmt: skip
     axis.set_xlim(0, max(now, xs[-1]) * 1.04)
     axis.set_ylim(0, 1.02)
     return handles, labels
