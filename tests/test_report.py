@@ -342,7 +342,11 @@ def test_figure_slots_one_spectrum_per_module_type_and_safe_ids(analyses):
     assert list(dict.fromkeys(module_of[name] for name in modules.layers)) == order
     fig = drawing._figure(modules, [analyses["hostile"]], ["h"])
     # k_proj's only layer is invalid: no panel for it (as before, no figure for it)
-    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [m for m in order if m != "k_proj"]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert len(titles) == len(order) - 1
+    for title, module in zip(titles, [m for m in order if m != "k_proj"], strict=True):
+        head, _, tail = title.partition("…")  # a name too long for its panel keeps its start and its end
+        assert title == module or (module.startswith(head) and module.endswith(tail) and head and tail), title
     assert all(SAFE_ID.match(s.id) for s in slots) and len({s.id for s in slots}) == len(slots)
     pair = [analyses["lora"], analyses["other"]]
     several = figure_slots(pair, ["a/b", "c d"], None)
