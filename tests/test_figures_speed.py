@@ -12,7 +12,7 @@ import pytest
 from fontTools.ttLib import TTFont  # matplotlib's PDF backend needs fontTools: installed with it
 
 from rankscope.figures import fonts
-from rankscope.figures._common import decade_label
+from rankscope.figures._axes import decade_label
 from rankscope.figures.output import figure_bytes
 
 
@@ -104,7 +104,7 @@ def test_log_axes_keep_minor_ticks_only_where_they_are_labelled(low, high, minor
     labelled as matplotlib's own formatter would."""
     from matplotlib.figure import Figure
 
-    from rankscope.figures._common import plain_log_axis
+    from rankscope.figures._axes import plain_log_axis
 
     fig = Figure(figsize=(2, 2))
     ax = fig.subplots()

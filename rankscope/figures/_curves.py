@@ -14,16 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._common import (
-    BAND_ALPHA,
-    MAX_FACETS,
-    MAX_LINES,
-    FigureInputError,
+from ._axes import (
     axes_given,
-    by_module,
     check_axes,
-    check_labels,
-    ellipsize,
     empty_note,
     facet_grid,
     facet_title,
@@ -32,11 +25,20 @@ from ._common import (
     legend_above,
     new_figure,
     plain_log_axis,
-    quartiles,
     root_figure,
+    style_for,
+)
+from ._common import (
+    BAND_ALPHA,
+    MAX_FACETS,
+    MAX_LINES,
+    FigureInputError,
+    by_module,
+    check_labels,
+    ellipsize,
+    quartiles,
     selected,
     short_name,
-    style_for,
 )
 from .style import paper_style
 

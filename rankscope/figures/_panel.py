@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._common import axes_given, check_axes, new_figure, root_figure
+from ._axes import axes_given, check_axes, new_figure, root_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

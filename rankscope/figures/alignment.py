@@ -10,7 +10,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._common import FigureInputError, axes_given, check_axes, ellipsize, integer_ticks, new_figure, root_figure
+from ._axes import axes_given, check_axes, integer_ticks, new_figure, root_figure
+from ._common import FigureInputError, ellipsize
 from .heatmaps import MIN_ANNOTATED_CELL, _annotate, _edges, _masked
 from .style import DIVERGING_CMAP, MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style
 

@@ -10,16 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._common import (
-    FigureInputError,
-    axes_given,
-    check_axes,
-    check_labels,
-    ellipsize,
-    new_figure,
-    plain_log_axis,
-    root_figure,
-)
+from ._axes import axes_given, check_axes, new_figure, plain_log_axis, root_figure
+from ._common import FigureInputError, check_labels, ellipsize
 from .heatmaps import Block, draw_heatmaps, layer_columns, layer_matrix
 from .style import paper_style, series_style
 

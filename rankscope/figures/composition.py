@@ -10,23 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._common import (
-    MAX_LINES,
-    FigureInputError,
-    axes_given,
-    by_module,
-    check_axes,
-    ellipsize,
-    integer_ticks,
-    legend_above,
-    metric_from,
-    new_figure,
-    parse_metric,
-    quartiles,
-    root_figure,
-    short_name,
-    style_for,
-)
+from ._axes import axes_given, check_axes, integer_ticks, legend_above, new_figure, root_figure, style_for
+from ._common import MAX_LINES, FigureInputError, by_module, ellipsize, metric_from, parse_metric, quartiles, short_name
 from .style import GUIDE_COLOR, HATCHES, figure_width, paper_style, series_colour
 
 if TYPE_CHECKING:

@@ -6,25 +6,27 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ._common import (
-    BAND_ALPHA,
-    MAX_BOUND_LINES,
-    MAX_FACETS,
-    FigureInputError,
+from ._axes import (
     axes_given,
-    block_positions,
-    by_module,
     check_axes,
-    check_labels,
     facet_grid,
     facet_title,
     facets,
     guide_hline,
     legend_above,
-    metric_value,
     new_figure,
     root_figure,
     style_for,
+)
+from ._common import (
+    BAND_ALPHA,
+    MAX_BOUND_LINES,
+    MAX_FACETS,
+    FigureInputError,
+    block_positions,
+    by_module,
+    check_labels,
+    metric_value,
 )
 from .style import paper_style
 

@@ -11,21 +11,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._axes import axes_given, check_axes, fitting_chars, new_figure, root_figure
 from ._blocks import GAP_X, cell_texts, draw_block, row_gap
 from ._common import (
     FigureInputError,
-    axes_given,
     block_of,
     block_positions,
     by_module,
-    check_axes,
     check_labels,
     ellipsize,
-    fitting_chars,
     metric_value,
-    new_figure,
     parse_metric,
-    root_figure,
 )
 from .style import MISSING_COLOR, SEQUENTIAL_CMAP, figure_width, paper_style
 

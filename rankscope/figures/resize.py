@@ -7,18 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._common import (
-    FigureInputError,
-    axes_given,
-    check_axes,
-    check_labels,
-    ellipsize,
-    facet_grid,
-    guide_vline,
-    legend_above,
-    new_figure,
-    root_figure,
-)
+from ._axes import axes_given, check_axes, facet_grid, guide_vline, legend_above, new_figure, root_figure
+from ._common import FigureInputError, check_labels, ellipsize
 from .style import GUIDE_COLOR, figure_width, paper_style, series_style
 
 if TYPE_CHECKING:

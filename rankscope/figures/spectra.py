@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._common import MAX_BOUND_LINES, cumulative_energy, guide_hline, guide_vline, saturation_extent, significant
+from ._axes import guide_hline, guide_vline
+from ._common import MAX_BOUND_LINES, cumulative_energy, saturation_extent, significant
 from ._curves import CurveKind, Panel, curve_figure, drawn_lines
 
 if TYPE_CHECKING:

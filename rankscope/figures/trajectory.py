@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..trajectory.document import layer_series, metric_key, module_series, step_drift
-from ._common import FigureInputError, legend_above, parse_metric, style_for
+from ._axes import legend_above, style_for
+from ._common import FigureInputError, parse_metric
 from ._panel import one_axes
 from .style import SEQUENTIAL_CMAP, paper_style
 

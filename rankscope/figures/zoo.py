@@ -8,7 +8,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ._common import FigureInputError, legend_above
+from ._axes import legend_above
+from ._common import FigureInputError
 from ._panel import one_axes
 from .style import GUIDE_COLOR, paper_style, series_colour, series_marker
 

@@ -134,7 +134,7 @@ def prepare_to_draw() -> None:
     """What a process pays before its first figure, paid ahead: matplotlib's modules and rankscope.figures
     imported, one small figure drawn as SVG and PDF (fonts found and loaded, the PDF font subset computed)."""
     from .. import figures  # noqa: F401 - every figure module, as the pieces will use them
-    from ..figures._common import new_figure
+    from ..figures._axes import new_figure
     from ..figures.output import page_and_files
 
     fig = new_figure("column", 0.5)
