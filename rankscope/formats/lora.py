@@ -14,7 +14,6 @@ gives s = alpha/r and a module without one α = r, whatever ``ss_network_alpha``
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 from ..core.checkpoint import Checkpoint, Layer, Skipped
@@ -26,7 +25,7 @@ from .common import lora_kasa, lora_params, lora_replication, lora_tokens, lora_
 from .common.diffusers import AliasKey
 from .common.diffusers import partner_key as diffusers_partner
 from .common.diffusers import split_key as split_diffusers_key
-from .common.kohya_scale import Scaling
+from .common.kohya_scale import Scaling, partial_alphas_warning
 from .common.kohya_scale import scaling as kohya_scaling
 from .common.lora_init import apply_init
 from .common.lora_layout import orient
@@ -318,7 +317,9 @@ def parse(
     warnings += init_warnings + kasa_warnings + ([mha] if mha else []) + ([layout] if layout else [])
     uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
     if own_alpha and scaling.no_alpha and options.alpha is None:
-        warnings.append(_partial_alphas(source, plain.values(), scaling.no_alpha))
+        stored = [alpha_tensor(source.tensors.get(m.keys["alpha"]), m.keys["alpha"])[0] for m in plain.values()
+                  if "alpha" in m.keys]  # fmt: skip
+        warnings.append(partial_alphas_warning([v for v in stored if v is not None], scaling.no_alpha))
         scaling.no_alpha.clear()
     return Parsed(
         modules=layers,
@@ -328,21 +329,6 @@ def parse(
         config=config,
         warnings=warnings + scale_warnings + ignored_warning + ([uncovered] if uncovered else []) + scaling.warnings(),
         notes=notes + expert_notes + variant_notes,
-    )
-
-
-def _partial_alphas(source: AdapterSource, modules, without: list[str]) -> str:
-    """The warning for modules without ``.alpha`` beside modules with one: the loaders disagree on them."""
-    values = [
-        alpha_tensor(source.tensors.get(m.keys["alpha"]), m.keys["alpha"])[0] for m in modules if "alpha" in m.keys
-    ]
-    common = Counter(v for v in values if v is not None).most_common(1)
-    instead = f" ({common[0][0]:g})" if common else ""
-    return (
-        f"{len(without)} module(s) with no alpha tensor beside modules with one ({without[0]} …): read with α = r "
-        "(scale 1), as kohya's and ComfyUI's loaders and diffusers' converters (Wan, Qwen-Image, Z-Image) apply it; "
-        f"diffusers' loader of PEFT-named keys (get_peft_kwargs: Flux, SD3) gives them the file's most common alpha"
-        f"{instead} instead"
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .lycoris_math import FactorError, Stored
@@ -100,6 +101,19 @@ class Scaling:
         if self.rs_lora:
             return ["ss_network_args sets rs_lora: LyCORIS stores α·√r in each module's alpha, so the scale is alpha/r"]
         return []
+
+
+def partial_alphas_warning(alphas: list[float], without: list[str]) -> str:
+    """For PEFT-named LoRA keys: modules ``without`` an ``.alpha`` beside modules with one (``alphas``, their
+    values) are read with α = r, but the loaders disagree on them."""
+    common = Counter(alphas).most_common(1)
+    instead = f" ({common[0][0]:g})" if common else ""
+    return (
+        f"{len(without)} module(s) with no alpha tensor beside modules with one ({without[0]} …): read with α = r "
+        "(scale 1), as kohya's and ComfyUI's loaders and diffusers' converters (Wan, Qwen-Image, Z-Image) apply it; "
+        f"diffusers' loader of PEFT-named keys (get_peft_kwargs: Flux, SD3) gives them the file's most common alpha"
+        f"{instead} instead"
+    )
 
 
 def _modules(modules: list[str], what: str) -> str:
