@@ -71,3 +71,13 @@ def test_the_report_defines_its_measures_and_marks_a_zero_layer(tmp_path):
         assert "exp(−Σ pᵢ ln pᵢ), pᵢ = σᵢ / Σσ" in text and "Σσ² / σ₁²" in text
     assert '<section id="definitions">' in page and "overlap" not in page.split('id="definitions"')[1]
     assert '<td class="zero">zero</td>' in page
+
+
+def test_captions_and_definitions_write_norms_and_sums_without_tex(tmp_path):
+    adapter = write_lora(tmp_path / "lora", {NAME: random_factors(16, 16, 4, 0)}, lora_config())
+    out = tmp_path / "report"
+    assert CliRunner().invoke(main, ["report", str(adapter), "-o", str(out), "--figures", "svg"]).exit_code == 0
+    page = (out / "index.html").read_text()
+    visible = page.split("<body", 1)[1]
+    assert "_{" not in visible and "‖_F" not in visible and "σ_i" not in visible
+    assert "Σᵢ₌₁ᵏ σᵢ² / Σσ²" in visible

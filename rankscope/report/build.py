@@ -132,7 +132,7 @@ def figure_specs(
             "Singular values by module type (log scale), thresholds τ and rank bounds marked",
         ),
         FigureSpec(ids("count-above"), "count-above", "overview", f"Singular values above τ = {tau:g} per layer"),
-        FigureSpec(ids("energy"), "energy", "overview", "Cumulative energy Σ_{i≤k} σ_i² / Σ σ² by module type"),
+        FigureSpec(ids("energy"), "energy", "overview", "Cumulative energy Σᵢ₌₁ᵏ σᵢ² / Σσ² by module type"),
     ]
     specs += resize_base_specs(analyses, suggestion_rule(suggest_rule), ids, tag, labels)
     for index, (analysis, label) in enumerate(zip(analyses, labels, strict=True)):

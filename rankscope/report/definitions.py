@@ -7,7 +7,7 @@ from .model import Report
 
 _SPECTRUM = (
     ("count above τ (#σ>τ)", "#{σᵢ > τ}, τ absolute (the BoRA/HiRA rank-validation convention)"),
-    ("energy rank at p", "the smallest k with Σ_{i≤k} σᵢ² ≥ p·Σσ²"),
+    ("energy rank at p", "the smallest k with Σᵢ₌₁ᵏ σᵢ² ≥ p·Σσ²"),
     ("erank", "Roy & Vetterli's (2007) entropy effective rank exp(−Σ pᵢ ln pᵢ), pᵢ = σᵢ / Σσ"),
     ("erank_energy", "the same entropy of the energy shares eᵢ = σᵢ² / Σσ² (layers.csv)"),
     ("stable rank", "Σσ² / σ₁² = ‖ΔW‖_F² / ‖ΔW‖₂²"),

@@ -47,7 +47,7 @@ def trajectory_figures(trajectory: Trajectory) -> tuple[list[tuple[FigureSpec, o
          f"count of σ > τ = {tau:g} (mean over the layers of each module type) against step",
          lambda: F.metric_by_step_figure(trajectory, "count_above"), False),
         ("drift", "drift", "Mean subspace drift against the previous and the final checkpoint, and the mean "
-         "relative change ‖ΔW_t − ΔW_{t−1}‖_F / ‖ΔW_t‖_F, against step", lambda: F.drift_figure(trajectory), False),
+         "relative change ‖ΔWₜ − ΔWₜ₋₁‖_F / ‖ΔWₜ‖_F, against step", lambda: F.drift_figure(trajectory), False),
         ("erank_heatmap", "trajectory-heatmap", "erank of every layer at every step",
          lambda: F.layer_step_heatmap(trajectory, "erank"), True),
     )  # fmt: skip
@@ -133,8 +133,8 @@ def trajectory_page(
         f"{about}</section>"
         f'<section id="figures"><h2>Figures</h2><div class="figs">{figs}</div></section>'
         '<section id="steps"><h2>Steps</h2><p class="hint">Drift: 1 − the mean projection overlap of the top '
-        "singular subspaces, averaged over the layers; relative change ‖ΔW_t − ΔW_{t−1}‖<sub>F</sub> / "
-        "‖ΔW_t‖<sub>F</sub>. Click a header to sort.</p>"
+        "singular subspaces, averaged over the layers; relative change ‖ΔWₜ − ΔWₜ₋₁‖<sub>F</sub> / "
+        "‖ΔWₜ‖<sub>F</sub>. Click a header to sort.</p>"
         + table(_step_table(step_rows(document)))
         + f"</section></main><footer>Written by rankscope {esc(__version__)} · "
         '<a href="trajectory.json">trajectory.json</a> · <a href="trajectory.csv">trajectory.csv</a>'

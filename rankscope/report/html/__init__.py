@@ -29,6 +29,7 @@ from .page import (
     esc,
     figure,
     filter_box,
+    math_text,
     table,
 )
 from .svg import frame_def, inline_svg, key_svg, layer_svg, marker_def
@@ -114,8 +115,8 @@ def _layers_section(report: Report) -> str:
             else ""
         )
         + (
-            " Against the base (--base): ‖ΔW‖_F/‖W₀‖_F, σ₁(ΔW)/σ₁(W₀), the amplification factor and the intruder "
-            "dimensions among the top k."
+            " Against the base (--base): ‖ΔW‖<sub>F</sub>/‖W₀‖<sub>F</sub>, σ₁(ΔW)/σ₁(W₀), the amplification "
+            "factor and the intruder dimensions among the top k."
             if report.against_base
             else ""
         )
@@ -153,7 +154,7 @@ def _details_section(report: Report, svgs, numbers, formats) -> str:
 
 
 def _definitions_section(report: Report) -> str:
-    items = "".join(f"<dt>{esc(term)}</dt><dd>{esc(text)}</dd>" for term, text in definitions(report))
+    items = "".join(f"<dt>{math_text(term)}</dt><dd>{math_text(text)}</dd>" for term, text in definitions(report))
     return f'<section id="definitions"><h2>Definitions</h2><dl class="definitions">{items}</dl></section>'
 
 

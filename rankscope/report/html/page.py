@@ -26,8 +26,8 @@ def wrappable(value: object) -> str:
     return esc(value).replace(".", ".<wbr>")
 
 
-def _title(text: str) -> str:
-    """A column title: ``‖ΔW‖_F`` with its subscript, the rest escaped."""
+def math_text(text: str) -> str:
+    """Text with norms (column titles, captions, definitions): ``‖ΔW‖_F`` with its subscript, the rest escaped."""
     return esc(text).replace("‖_F", "‖<sub>F</sub>")
 
 
@@ -66,7 +66,7 @@ def table(model: TableModel, *, anchors: Mapping[str, str] | None = None, captio
     """A sortable table; a long one scrolls in its own box under a header that stays put."""
     names = [i for i, c in enumerate(model.columns) if c.title == "layer"]
     head = "".join(
-        f'<th scope="col" data-type="{"num" if c.numeric else "text"}" tabindex="0">{_title(c.title)}</th>'
+        f'<th scope="col" data-type="{"num" if c.numeric else "text"}" tabindex="0">{math_text(c.title)}</th>'
         for c in model.columns
     )
     rows = []
@@ -105,7 +105,7 @@ def figure(spec: FigureSpec, svg: str, number: int, formats: Sequence[str]) -> s
     cls = "fig wide" if spec.wide else "fig"
     return (
         f'<figure class="{cls}">{inline_svg(svg, f"f{number}-", spec.caption)}'
-        f"<figcaption>{esc(spec.caption)}{links}</figcaption></figure>"
+        f"<figcaption>{math_text(spec.caption)}{links}</figcaption></figure>"
     )
 
 
