@@ -1,7 +1,8 @@
 """``convert`` of a LoRA on a MoE model (PEFT's ``target_parameters``): the router, a 2-D parameter whose factors
-PEFT saves under the module's name, is written with its ``target_parameters`` entry so that PEFT loads it (checked
-by PeftModel.from_pretrained + merge against the source's merge, float64); the stacked experts are not written yet,
-and the CLI warns, naming them."""
+PEFT saves under the module's name, and the stacked experts (one r per parameter, nested wrappers for several
+parameters of one module) are written with their ``target_parameters`` entries so that PEFT loads them; checked by
+PeftModel.from_pretrained + merge_and_unload of the written adapter against the source's merge (lossless) and
+against each expert's truncated float64 SVD of it (under a rule)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 from click.testing import CliRunner
 
+import rankscope
 from rankscope.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,9 +38,8 @@ def _merged_deltas(model, adapter) -> dict[str, torch.Tensor]:
     return {k: merged[k] - before[k] for k in before if not torch.equal(merged[k], before[k])}
 
 
-def test_router_is_written_for_peft_and_the_experts_are_warned_about(tmp_path):
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                             target_parameters=["mlp.gate.weight", "mlp.experts.down_proj"])  # fmt: skip
+def _source(tmp_path, config) -> tuple[object, dict[str, torch.Tensor]]:
+    """A saved adapter of random (non-zero) factors on a tiny Mixtral, and ΔW of every changed base tensor."""
     wrapped = peft.get_peft_model(_mixtral(), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -45,15 +47,98 @@ def test_router_is_written_for_peft_and_the_experts_are_warned_about(tmp_path):
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
     wrapped.save_pretrained(tmp_path / "source")
-    result = CliRunner().invoke(main, ["convert", str(tmp_path / "source"), "-o", str(tmp_path / "out")])
+    return tmp_path / "source", _merged_deltas(_mixtral(), tmp_path / "source")
+
+
+def _truncated(delta: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def test_lossless_convert_writes_router_and_stacked_experts(tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                             target_parameters=["mlp.gate.weight", "mlp.experts.down_proj"])  # fmt: skip
+    source, deltas = _source(tmp_path, config)
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "MoE expert layer(s)" in result.stderr and "experts.down_proj[" in result.stderr
+    assert "not written" not in result.stderr
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert written["target_parameters"] == ["mlp.gate.weight"]
-    source = _merged_deltas(_mixtral(), tmp_path / "source")
+    assert written["target_parameters"] == ["mlp.experts.down_proj", "mlp.gate.weight"]
     converted = _merged_deltas(_mixtral(), tmp_path / "out")
-    routers = {k for k in source if ".mlp.gate." in k}
-    assert routers and routers <= set(converted)
-    assert not any("experts" in k for k in converted)
+    assert set(converted) == set(deltas)
+    assert any(".experts.down_proj" in k for k in converted) and any(".mlp.gate." in k for k in converted)
     for key in converted:
-        assert torch.allclose(converted[key], source[key], rtol=1e-5, atol=1e-6 * source[key].abs().max()), key
+        assert torch.allclose(converted[key], deltas[key], rtol=1e-5, atol=1e-6 * deltas[key].abs().max()), key
+
+
+def test_truncated_experts_nested_with_per_expert_ranks(tmp_path):
+    """Both expert parameters of each block (nested wrappers), a rank_pattern on one of them, rsLoRA; under
+    ``energy:0.8`` every expert keeps its own rank (padded to the parameter's largest) and PEFT's merge of the
+    written adapter gives each expert's best rank-k approximation of the source's ΔW."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"model.layers.1.mlp.experts.down_proj": 2})  # fmt: skip
+    source, deltas = _source(tmp_path, config)
+    converted = rankscope.convert(str(source), "energy:0.8")
+    ranks = {layer.name: layer.rank for layer in converted.suggestion.layers}
+    expert_ranks = [k for name, k in ranks.items() if name.endswith("]")]
+    assert len(expert_ranks) == 2 * 2 * 3 and len(set(expert_ranks)) > 1  # ranks differ between experts
+    converted.save(tmp_path / "out")
+    keys = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys  # gate_up_proj, deepest
+    merged = _merged_deltas(_mixtral(), tmp_path / "out")
+    assert set(merged) == set(deltas)
+    for key, delta in deltas.items():
+        name = key.removesuffix(".weight")
+        if name.endswith(("gate_up_proj", "down_proj")):  # (E, out, in): expert e is delta[e]
+            for e in range(delta.shape[0]):
+                expected = _truncated(delta[e], ranks[f"{name}[{e}]"])
+                assert torch.allclose(merged[key][e], expected, atol=1e-5 * delta[e].abs().max()), (key, e)
+        else:
+            expected = _truncated(delta, ranks[name])
+            assert torch.allclose(merged[key], expected, atol=1e-5 * delta.abs().max()), key
+
+
+def test_stacked_experts_are_refused_for_kohya(tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    source, _ = _source(tmp_path, config)
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "out.safetensors"),
+                                       "--to", "kohya"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "MoE experts" in result.stderr and "--to peft" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def _gpt_oss():
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
+                                       num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"])  # fmt: skip
+    return transformers.GptOssForCausalLM(config).double()
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["no-base", "base"])
+def test_gpt_oss_transposed_experts_round_trip(tmp_path, with_base):
+    """GPT-OSS stores its experts (E, in, out) (``is_transposed``): the written factors are the same either way,
+    and PEFT's merge of the lossless conversion gives the source's ΔW back."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    wrapped = peft.get_peft_model(_gpt_oss(), config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    wrapped.save_pretrained(tmp_path / "source")
+    base = None
+    if with_base:
+        _gpt_oss().save_pretrained(tmp_path / "base")
+        base = str(tmp_path / "base")
+    checkpoint = rankscope.load(str(tmp_path / "source"), base=base)
+    kinds = {layer.kind for layer in checkpoint.layers}
+    assert kinds == ({"expert", "expert_transposed"} if with_base else {"expert"})
+    rankscope.convert(checkpoint).save(tmp_path / "out")
+    source, converted = _merged_deltas(_gpt_oss(), tmp_path / "source"), _merged_deltas(_gpt_oss(), tmp_path / "out")
+    assert set(converted) == set(source) and source
+    for key in source:
+        assert torch.allclose(converted[key], source[key], atol=1e-6 * source[key].abs().max()), key

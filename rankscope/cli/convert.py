@@ -57,7 +57,7 @@ def convert(paths, output: str, rule, max_rank, min_rank, target: str, dtype: st
         note(message)
     if not quiet:
         click.echo(
-            f"wrote {written} ({target}, {dtype}): {len(adapter.layers)} layer(s), total rank "
+            f"wrote {written} ({target}, {dtype}): {sum(x.experts for x in adapter.layers)} layer(s), total rank "
             f"{sum(x.rank for x in suggestion.layers)} (was {sum(x.current_rank for x in suggestion.layers)}), "
             f"parameters {suggestion.params_before:,} → {suggestion.params_after:,}, "
             f"{suggestion.retained_energy:.4%} of the energy kept"

@@ -135,6 +135,12 @@ def _block_position(segments: Sequence[str], separator: str, inner: frozenset[in
     return None
 
 
+def expert_slice(name: str) -> tuple[str, int] | None:
+    """(parameter path, expert index) of one expert of a fused 3-D parameter, ``<path>[<e>]``; None otherwise."""
+    match = _EXPERT_SLICE.match(name)
+    return (match[1], int(match[2])) if match else None
+
+
 @lru_cache(maxsize=1 << 16)
 def _parse(name: str) -> _Parsed:
     expert = None

@@ -24,8 +24,9 @@ from ..core.errors import UsageProblem
 from ..core.factored import update_r_factors
 from ..core.spectrum import singular_vectors
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast, weighted_sum
+from .experts import group_experts, stack
 from .rules import Rule, parse_rule
-from .suggest import Suggestion, plan
+from .suggest import Suggestion, alpha_for, plan
 
 # layer kinds a plain LoRA can carry (PEFT's Linear, Conv1D with fan_in_fan_out, ConvNd, Embedding); "matrix" is a
 # LyCORIS 2-D form read without --base (a Linear, or a flattened conv): written as Linear factors, and said
@@ -45,10 +46,11 @@ class ConvertedLayer:
     up: torch.Tensor  # B′: m × k
     alpha: float
     bias: torch.Tensor | None = None  # lora_B.bias, to be applied with the layer's scale like B′A′
+    experts: int = 1  # E > 1: a MoE parameter in PEFT's stacked layout (resize.experts), down E·k × n, up m × E·k
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        return int(self.down.shape[0]) // self.experts
 
 
 @dataclass
@@ -70,9 +72,13 @@ class ConvertedAdapter:
         return layer.alpha / (math.sqrt(layer.rank) if self.use_rslora else layer.rank)
 
     def delta(self, name: str) -> torch.Tensor:
-        """ΔW′ of one layer as the written adapter applies it, float64 (m × n)."""
+        """ΔW′ of one layer as the written adapter applies it, float64 (m × n; E × m × n for stacked experts)."""
         layer = next(x for x in self.layers if x.name == name)
-        return self.scale(layer) * (layer.up @ layer.down)
+        if layer.experts == 1:
+            return self.scale(layer) * (layer.up @ layer.down)
+        k, count = layer.rank, layer.experts
+        parts = [layer.up[:, e::count] @ layer.down[e * k : (e + 1) * k] for e in range(count)]
+        return self.scale(layer) * torch.stack(parts)
 
     def save(self, path: str | Path, *, to: str = "peft", dtype: str = "float32") -> Path:
         """Write the adapter (``to``: peft, kohya or diffusers) atomically; see :mod:`rankscope.resize.writers`."""
@@ -219,11 +225,10 @@ def convert(
             f"{len(skipped)} layer(s) of a kind a LoRA cannot carry were not written: "
             + ", ".join(f"{name} ({template.kind})" for name, _, template, _, _ in skipped[:3])
         )
-    if experts:  # PEFT's ParamWrapper stacks every expert of a parameter into one pair of factors of one r
-        lost.append(
-            f"{len(experts)} MoE expert layer(s) (LoRA on parameters, target_parameters) were not written: convert "
-            "does not write PEFT's stacked expert factors yet: " + ", ".join(name for name, *_ in experts[:3])
-        )
+    groups, broken = group_experts(experts, lambda item: item[0])
+    if broken:
+        lost.append(f"{len(broken)} MoE expert parameter(s) were not written: " + ", ".join(broken[:3]))
+    writable += [item for members in groups.values() for item in members.values()]
     flat = [name for name, _, template, *_ in writable if template.kind == "matrix"]
     if flat:
         notes.append(
@@ -260,9 +265,12 @@ def convert(
     )
     suggestion.left_out = left_out
     suggestion.source = {"path": ", ".join(str(c.path) for c in loaded), "family": loaded[0].family}
-    layers = []
+    layers, stacked = [], {}
     for (name, _, template, _, bias), (sigma, form), choice in zip(writable, vectors, suggestion.layers, strict=True):
         k = choice.rank
+        if template.kind in EXPERT_KINDS:  # stacked per parameter below, zero experts too (PEFT wraps them all)
+            stacked[name] = (template, _halves(sigma, form, k) if k else None, choice)
+            continue
         if k == 0:
             continue
         s_k = choice.alpha / (math.sqrt(k) if use_rslora else k)
@@ -279,7 +287,33 @@ def convert(
                 bias=bias / s_k if bias is not None else None,
             )
         )
+    for path, members in groups.items():
+        layers.append(_stacked(path, [stacked[f"{path}[{e}]"] for e in members], use_rslora))
+    padded = [x.name for x in layers if x.experts > 1 and any(stacked[f"{x.name}[{e}]"][2].rank < x.rank
+                                                              for e in range(x.experts))]  # fmt: skip
+    if padded:
+        notes.append(
+            f"{len(padded)} MoE expert parameter(s) written at one r per parameter (PEFT's stacked layout): experts "
+            f"of a lower rank are padded with zeros up to it ({', '.join(padded[:3])})"
+        )
     return ConvertedAdapter(layers, suggestion, loaded, given_weights, notes, lost)
+
+
+def _halves(sigma: torch.Tensor, form, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_kΣ_k^½, Σ_k^½V_kᵀ): the kept rank-k part of a layer, split evenly."""
+    root = torch.sqrt(sigma[:k])
+    u, v = form(k)
+    return u * root[None, :], root[:, None] * v.mT
+
+
+def _stacked(path: str, experts: list[tuple[Layer, object, object]], use_rslora: bool) -> ConvertedLayer:
+    """One MoE parameter's experts in PEFT's stacked layout at r = the largest kept rank (at least 1)."""
+    template, _, widest = max(experts, key=lambda item: item[2].rank)
+    rank = max(widest.rank, 1)
+    alpha = alpha_for(rank, widest.scale, use_rslora)
+    down, up = stack([halves for _, halves, _ in experts], experts[0][0].update.shape, alpha, rank, use_rslora)
+    shape = (len(experts), *(int(x) for x in template.shape))
+    return ConvertedLayer(path, template.kind, shape, down, up, alpha, experts=len(experts))
 
 
 __all__ = ["WRITABLE_KINDS", "ConvertedAdapter", "ConvertedLayer", "convert"]

@@ -75,27 +75,25 @@ class Suggestion:
     @property
     def r(self) -> int:
         """The most common kept rank (ties: the larger)."""
-        counts = Counter(layer.rank for layer in self.kept)
-        return max(counts, key=lambda k: (counts[k], k)) if counts else 0
+        return lora_fields(self._entries())[0]
 
     @property
     def lora_alpha(self) -> float:
         """The most common α among the layers of rank ``r``."""
-        r = self.r  # once: a property, and one pass over the layers per call (inside the loop it was quadratic)
-        counts = Counter(layer.alpha for layer in self.kept if layer.rank == r)
-        return max(counts, key=lambda a: (counts[a], a)) if counts else 0
+        return lora_fields(self._entries())[1]
 
     @property
     def rank_pattern(self) -> dict[str, int]:
         """Module path (no ``base_model.model.``) → rank, for the layers whose rank is not ``r``."""
-        r = self.r
-        return {layer.name: layer.rank for layer in self.kept if layer.rank != r}
+        return lora_fields(self._entries())[2]
 
     @property
     def alpha_pattern(self) -> dict[str, float]:
         """Module path → α_k, for the layers whose α is not ``lora_alpha``."""
-        alpha = self.lora_alpha
-        return {layer.name: layer.alpha for layer in self.kept if layer.alpha != alpha}
+        return lora_fields(self._entries())[3]
+
+    def _entries(self) -> list[tuple[str, int, float]]:
+        return [(layer.name, layer.rank, layer.alpha) for layer in self.kept]
 
     @property
     def exclude_modules(self) -> list[str]:
@@ -168,6 +166,17 @@ class Suggestion:
             },
             "messages": self.messages(),
         }
+
+
+def lora_fields(entries: Sequence[tuple[str, int, float]]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``LoraConfig``'s (r, lora_alpha, rank_pattern, alpha_pattern) for (module path, rank > 0, α) entries: r the
+    most common rank (ties: the larger), α the most common among the entries of rank r, the patterns the rest."""
+    ranks = Counter(rank for _, rank, _ in entries)
+    r = max(ranks, key=lambda k: (ranks[k], k)) if ranks else 0
+    alphas = Counter(alpha for _, rank, alpha in entries if rank == r)
+    alpha = max(alphas, key=lambda a: (alphas[a], a)) if alphas else 0
+    rank_pattern = {name: rank for name, rank, _ in entries if rank != r}
+    return r, alpha, rank_pattern, {name: a for name, _, a in entries if a != alpha}
 
 
 def alpha_for(rank: int, scale: float, use_rslora: bool) -> float:

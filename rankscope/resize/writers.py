@@ -18,6 +18,8 @@ from safetensors.torch import save
 
 from .. import __version__
 from ..core.errors import RankscopeError, UsageProblem
+from .experts import nesting_depths, parameter_of
+from .suggest import lora_fields
 
 if TYPE_CHECKING:
     from .convert import ConvertedAdapter, ConvertedLayer
@@ -107,8 +109,14 @@ def _factors(layer: ConvertedLayer, dtype: torch.dtype) -> tuple[torch.Tensor, t
 def peft_tensors(adapter: ConvertedAdapter, dtype: torch.dtype, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
     """The state dict PEFT's ``set_peft_model_state_dict`` loads: ``<prefix><module>.lora_A.weight`` …"""
     tensors = {}
+    depths = _expert_depths(adapter) if any(layer.experts > 1 for layer in adapter.layers) else {}
     for layer in adapter.layers:
         down, up = _factors(layer, dtype)
+        if layer.experts > 1:  # on the module that holds the parameter, inside any wrappers declared after it
+            module = layer.name.rpartition(".")[0] + ".base_layer" * depths[layer.name]
+            tensors[f"{prefix}{module}.lora_A.weight"] = down
+            tensors[f"{prefix}{module}.lora_B.weight"] = up
+            continue
         if layer.kind == "embedding":
             tensors[f"{prefix}{layer.name}.lora_embedding_A"] = down
             tensors[f"{prefix}{layer.name}.lora_embedding_B"] = up
@@ -126,10 +134,12 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
     source = adapter.sources[0].config or {}
     suggestion = adapter.suggestion
     written = {layer.name for layer in adapter.layers}
-    excluded = [layer.name for layer in suggestion.layers if layer.name not in written]
+    excluded = [name for layer in suggestion.layers if (name := layer.name) not in written
+                and (parameter_of(name) or ("",))[0] not in written]  # fmt: skip
     excluded += [name for name, _ in suggestion.left_out]
     targets = source.get("target_modules") if len(adapter.sources) == 1 else None
-    parameters = _written_parameters(source.get("target_parameters"), written) if len(adapter.sources) == 1 else []
+    parameters = _written_parameters(source.get("target_parameters"), adapter) if len(adapter.sources) == 1 else []
+    r, lora_alpha, rank_pattern, alpha_pattern = lora_fields([(x.name, x.rank, x.alpha) for x in adapter.layers])
     if not targets:
         targets = sorted(written)
     elif isinstance(targets, (list, tuple)):
@@ -139,11 +149,11 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
         "task_type": source.get("task_type"),
         "base_model_name_or_path": source.get("base_model_name_or_path"),
         "revision": source.get("revision"),
-        "r": suggestion.r or 1,
-        "lora_alpha": suggestion.lora_alpha or 1,
+        "r": r or 1,
+        "lora_alpha": lora_alpha or 1,
         "use_rslora": adapter.use_rslora,
-        "rank_pattern": suggestion.rank_pattern,
-        "alpha_pattern": suggestion.alpha_pattern,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "target_modules": targets,
         "target_parameters": parameters or None,
         "exclude_modules": excluded or None,
@@ -160,14 +170,23 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
     }
 
 
-def _written_parameters(targets: object, written: set[str]) -> list[str]:
-    """The source's ``target_parameters`` that a written layer is (a 2-D parameter such as a MoE router's
-    ``mlp.gate.weight``: PEFT saves its factors under the module's name, as a Linear's, and loads them only where the
-    config targets the parameter)."""
+def _written_parameters(targets: object, adapter: ConvertedAdapter) -> list[str]:
+    """The source's ``target_parameters`` that a written layer is: a 2-D parameter such as a MoE router's
+    ``mlp.gate.weight`` (PEFT saves its factors under the module's name, as a Linear's, and loads them only where the
+    config targets the parameter), or stacked experts (``resize.experts``), named by their parameter's path."""
     if not isinstance(targets, (list, tuple)):
         return []
-    weights = [f"{name}.weight" for name in written]
-    return sorted({t for t in targets if isinstance(t, str) and any(w == t or w.endswith(f".{t}") for w in weights)})
+    paths = [layer.name if layer.experts > 1 else f"{layer.name}.weight" for layer in adapter.layers]
+    return sorted({t for t in targets if isinstance(t, str) and any(p == t or p.endswith(f".{t}") for p in paths)})
+
+
+def _expert_depths(adapter: ConvertedAdapter) -> dict[str, int]:
+    """Stacked parameter path → its ``.base_layer`` nesting, over every expert parameter of the sources (PEFT
+    wraps one that was not written too, where ``target_parameters`` selects it)."""
+    config = adapter.sources[0].config or {}
+    targets = _written_parameters(config.get("target_parameters"), adapter)
+    known = {found[0] for c in adapter.sources for layer in c.layers if (found := parameter_of(layer.name))}
+    return nesting_depths(sorted(known | {x.name for x in adapter.layers if x.experts > 1}), targets)
 
 
 def readme(adapter: ConvertedAdapter, to: str, dtype: str) -> str:
@@ -187,7 +206,7 @@ def readme(adapter: ConvertedAdapter, to: str, dtype: str) -> str:
         + ("√k (rsLoRA)." if adapter.use_rslora else "k."),
         "",
         f"- rule: {rule}; max rank {s.max_rank or '—'}, min rank {s.min_rank}",
-        f"- layers written: {len(adapter.layers)} of {len(s.layers) + len(s.left_out)}; total rank "
+        f"- layers written: {sum(x.experts for x in adapter.layers)} of {len(s.layers) + len(s.left_out)}; total rank "
         f"{sum(x.rank for x in s.layers)} (was {sum(x.current_rank for x in s.layers)})",
         f"- parameters: {s.params_before:,} → {s.params_after:,}",
         f"- energy kept (Σ kept σ² / Σ σ² over all layers): {s.retained_energy:.6%}",
@@ -230,6 +249,7 @@ def kohya_tensors(adapter: ConvertedAdapter, dtype: torch.dtype) -> dict[str, to
     tensors = {}
     alpha = float(adapter.suggestion.r or 1)
     for layer in adapter.layers:
+        _refuse_experts(layer, "kohya")
         if layer.bias is not None:
             raise UsageProblem(
                 f"layer {layer.name} has a bias update, which kohya files cannot hold: use to='peft'", argument="to"
@@ -249,6 +269,15 @@ def kohya_tensors(adapter: ConvertedAdapter, dtype: torch.dtype) -> dict[str, to
     return tensors
 
 
+def _refuse_experts(layer: ConvertedLayer, to: str) -> None:
+    if layer.experts > 1:
+        raise UsageProblem(
+            f"layer {layer.name} holds {layer.experts} MoE experts in one parameter, which only PEFT's stacked "
+            f"layout carries ({to} files have no such form): use to='peft'",
+            argument="to",
+        )
+
+
 def _within(pattern: dict, prefix: str) -> dict:
     """A pattern's entries for one component, keyed as that component's modules are named."""
     return {key.removeprefix(prefix): value for key, value in pattern.items() if key.startswith(prefix)}
@@ -258,6 +287,7 @@ def diffusers_file(adapter: ConvertedAdapter, dtype: torch.dtype) -> tuple[dict[
     """PEFT-style keys under each component's prefix, and ``lora_adapter_metadata`` (its LoraConfig per component)."""
     components: dict[str, list] = {}
     for layer in adapter.layers:
+        _refuse_experts(layer, "diffusers")
         component = layer.name.partition(".")[0]
         if component not in _KOHYA_PREFIXES:
             raise UsageProblem(

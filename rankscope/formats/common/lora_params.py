@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ...core.base import BaseWeights
 from ...core.checkpoint import Layer
@@ -71,9 +71,14 @@ def _parameters(module: str, names: list[str]) -> list[str]:
     match any module: PEFT matches only parameters the module has, and the file does not list them."""
     matched = [name for name in names if _matches(f"{module}.{name.rpartition('.')[2]}", name)]
     specific = [name for name in matched if "." in name]
-    found = [name.rpartition(".")[2] for name in specific or matched]
+    return declared_order(name.rpartition(".")[2] for name in specific or matched)
+
+
+def declared_order(names: Iterable[str]) -> list[str]:
+    """Parameter names of one module (each once) in the order MoE blocks declare them, as PEFT wraps them
+    (``MODULE_ORDER``: ``gate_up_proj`` before ``down_proj``; unknown names after, in the order given)."""
     order = {name: rank for rank, name in enumerate(MODULE_ORDER)}
-    return sorted(dict.fromkeys(found), key=lambda p: order.get(p, len(order)))
+    return sorted(dict.fromkeys(names), key=lambda p: order.get(p, len(order)))
 
 
 def _matches(key: str, target: str) -> bool:
