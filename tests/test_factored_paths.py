@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from rankscope.core.factored import FACTOR_CACHE, factored_singular_values
+from rankscope.core.formed import FormedUpdate, weighted_sum
 from rankscope.core.spectrum import singular_values
 from rankscope.core.triangular import CHOLESKY_QR_TOLERANCE
-from rankscope.core.update import BlockDiagonalUpdate, FactoredUpdate, weighted_sum
+from rankscope.core.update import BlockDiagonalUpdate, FactoredUpdate
 from rankscope.measures.alignment import factored_pairwise_alignment
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
@@ -113,7 +114,9 @@ def test_composition_keeps_stored_precision_and_its_weights() -> None:
         parts.append(FactoredUpdate(b, a, scale=scale))
     weights = (0.6, -0.3, 0.2)
     update = weighted_sum(parts, weights)
-    assert update.left.dtype == torch.bfloat16 and update.right.dtype == torch.bfloat16  # no float64 copies
+    # no copies at all: the composite's factors are the stored bf16 tensors themselves, joined
+    assert all(x is p.left for x, p in zip(update.left_factor.stored, parts, strict=True))
+    assert all(x is p.right for x, p in zip(update.right_factor.stored, parts, strict=True))
     expected = sum(w * p.scale * p.left.double() @ p.right.double() for p, w in zip(parts, weights, strict=True))
     unscaled = sum(w * p.left.double() @ p.right.double() for p, w in zip(parts, weights, strict=True))
     (sigma, sigma_unscaled), _ = singular_values([update, update.unscaled()])
@@ -294,10 +297,14 @@ def grams_taken(monkeypatch) -> list[torch.Tensor]:
 
 
 def read(seen: list[torch.Tensor], update: FactoredUpdate) -> tuple[bool, bool]:
-    """Whether the left factor, and the right one (whose factor is ``right``ᵀ), were read for a Gram."""
+    """Whether the left factor, and the right one (whose factor is ``right``ᵀ), were read for a Gram (a
+    composite's: its joined factors)."""
+    if isinstance(update, FormedUpdate):
+        return any(f is update.left_factor for f in seen), any(f is update.right_factor for f in seen)
     right = update.right
     return (any(f is update.left for f in seen),
-            any(f.data_ptr() == right.data_ptr() and f.shape == right.mT.shape for f in seen))  # fmt: skip
+            any(isinstance(f, torch.Tensor) and f.data_ptr() == right.data_ptr() and f.shape == right.mT.shape
+                for f in seen))  # fmt: skip
 
 
 def test_components_take_their_r_factors_from_the_composites_gram(monkeypatch) -> None:
@@ -335,21 +342,24 @@ def test_components_take_their_r_factors_from_the_composites_gram(monkeypatch) -
     assert len(seen) == len(left_hosts) + len(right_hosts)
 
 
-def test_a_component_changed_in_place_after_composing_takes_its_own_pass(monkeypatch) -> None:
+def test_a_component_changed_in_place_after_composing_changes_the_composite_too(monkeypatch) -> None:
+    """The composite joins the components' very tensors (no copy): a change in place is its change too, and no
+    R factor cached before it (the composite's or a component's) is used after it."""
     g = torch.Generator().manual_seed(8)
     parts = [FactoredUpdate(torch.randn(60, 3, generator=g), torch.randn(3, 50, generator=g)) for _ in range(3)]
     composite = weighted_sum(parts, [1.0, 2.0, -0.5])
-    before = composite.materialize()
-    with torch.no_grad():
-        parts[1].left.mul_(4.0)  # the composite holds a copy: it no longer equals the components' concatenation
-    assert composite.concatenation is not None and not composite.concatenation.holds(composite)
-    seen = grams_taken(monkeypatch)
     FACTOR_CACHE.clear()
+    singular_values([composite, *parts])  # caches every R factor
+    with torch.no_grad():
+        parts[1].left.mul_(4.0)
+    expected = sum(w * p.materialize() for p, w in zip(parts, [1.0, 2.0, -0.5], strict=True))
+    assert torch.allclose(composite.materialize(), expected, rtol=0, atol=1e-12)
+    seen = grams_taken(monkeypatch)
     values, _ = singular_values([composite, *parts])
-    assert_sigma_tight(values[0], before, 9)
+    assert_sigma_tight(values[0], expected, 9)
     for update, sigma in zip(parts, values[1:], strict=True):
         assert_sigma_tight(sigma, update.materialize(), 3)
-        assert read(seen, update) == (True, True)
+    assert read(seen, composite) == (True, False)  # the left side changed: read again; the right one did not
 
 
 def test_the_alignment_trusts_a_concatenation_only_of_the_very_tensors(monkeypatch) -> None:
@@ -368,24 +378,31 @@ def test_the_alignment_trusts_a_concatenation_only_of_the_very_tensors(monkeypat
     for key, matrix in expected.items():
         for row, other in zip(matrix, got[key], strict=True):
             assert other == pytest.approx(row, abs=1e-5 if key.endswith("angle") else 1e-9), key
-    # components whose factors are copies of the joined ones: their spans are checked by comparing values
+    # components whose factors are copies of the joined ones are not taken for its parts (nothing compared):
+    # aligned from their own factors, to the same values
     copies = [FactoredUpdate(p.left.clone(), p.right.clone(), p.core, p.scale) for p in parts]
-    assert composite.concatenation.spans_of(composite, copies) is None
+    assert alignment._spans(copies, composite) is None
+    got = factored_pairwise_alignment(copies, composite)
+    for key, matrix in expected.items():
+        for row, other in zip(matrix, got[key], strict=True):
+            assert other == pytest.approx(row, abs=1e-5 if key.endswith("angle") else 1e-9), key
+    # a plain update holding the concatenation is checked by comparing values
+    plain = FactoredUpdate(composite.left, composite.right, composite.core, composite.scale)
     with pytest.raises(AssertionError, match="compared"):
-        factored_pairwise_alignment(copies, composite)
+        factored_pairwise_alignment(parts, plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_weighted_sum_joins_the_factors_bit_for_bit(dtype) -> None:
+def test_weighted_sum_joins_the_factors_exactly(dtype) -> None:
     g = torch.Generator().manual_seed(11)
     parts = [FactoredUpdate(torch.randn(30, 4, generator=g).to(dtype), torch.randn(4, 20, generator=g).to(dtype))
              for _ in range(3)]  # fmt: skip
-    parts[1].left[3, 2] = -0.0  # a signed zero survives the integer view
+    parts[1].left[3, 2] = -0.0  # a signed zero survives the upcast
     composite = weighted_sum(parts, [0.5, 1.0, -2.0])
-    assert composite.left.dtype == composite.right.dtype == dtype
-    assert torch.equal(composite.left, torch.cat([p.left for p in parts], dim=1))
+    assert composite.left.dtype == composite.right.dtype == torch.float64  # formed on access, exactly
+    assert torch.equal(composite.left, torch.cat([p.left for p in parts], dim=1).double())
     assert torch.signbit(composite.left[3, 6])
-    assert torch.equal(composite.right, torch.cat([p.right for p in parts], dim=0))
+    assert torch.equal(composite.right, torch.cat([p.right for p in parts], dim=0).double())
     dense = sum(w * p.materialize() for p, w in zip(parts, [0.5, 1.0, -2.0], strict=True))
     assert torch.allclose(composite.materialize(), dense, rtol=0, atol=1e-12)
 

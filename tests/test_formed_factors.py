@@ -204,3 +204,20 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
     assert _three_from_the_pool() == 3  # the parent's pool has a live thread
     with multiprocessing.get_context("fork").Pool(1) as pool:  # the child inherits the pool object, not its threads
         assert pool.apply_async(_three_from_the_pool).get(timeout=60) == 3
+
+
+@pytest.mark.parametrize("layout", ["columns", "transposed", "mixed"])
+def test_joined_gram_in_every_layout_equals_the_float64_gram(layout) -> None:
+    """[F_1 … F_N]ᵀ[F_1 … F_N] of parts stored as they are (a composition's B_i, HydraLoRA's heads), transposed
+    (a composition's R_iᵀ) or both: the exact Gram of the concatenation, upcast once, whichever branch runs."""
+    g = torch.Generator().manual_seed(21)
+    rows, widths = 37, (3, 5, 2)
+    dense = [torch.randn(rows, k, generator=g).to(torch.bfloat16) for k in widths]
+    flips = {"columns": (False,) * 3, "transposed": (True,) * 3, "mixed": (False, True, False)}[layout]
+    parts = [d.mT.contiguous().mT if flip else d for d, flip in zip(dense, flips, strict=True)]
+    joined = Joined(parts)
+    workspace = triangular._Workspace(joined.numel(), "cpu")
+    expected = torch.cat(dense, dim=1).double()
+    gram = triangular._gram(joined, workspace)
+    torch.testing.assert_close(gram, expected.mT @ expected, rtol=1e-13, atol=1e-13)
+    assert torch.equal(joined.dense(), expected)

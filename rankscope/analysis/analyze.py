@@ -10,12 +10,13 @@ import torch
 from ..core.checkpoint import Checkpoint, Layer
 from ..core.dense import resolve_device
 from ..core.errors import CheckpointError
+from ..core.formed import weighted_sum
 from ..core.lowrank import OVERSAMPLING, TruncatedSpectrum, truncated_singular_values
 from ..core.naming import module_types
 from ..core.spectrum import DENSE_DTYPES, singular_values
 from ..core.threads import thread_policy
 from ..core.units import byte_size
-from ..core.update import DenseUpdate, Update, weighted_sum
+from ..core.update import DenseUpdate, Update
 from ..measures import metrics as M
 from ..measures.components import composition_fields, pairwise_alignments, weight_fields
 from .against_base import measure_against_base

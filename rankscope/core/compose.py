@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from .checkpoint import Composition, Layer
 from .errors import CheckpointError
-from .update import weighted_sum
+from .formed import weighted_sum
 
 NORMALIZATIONS = ("none", "softmax")
 MODES = ("sum", "sequential")

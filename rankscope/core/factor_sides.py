@@ -1,7 +1,7 @@
 """The factors whose R the factored path needs, one per side of an update, and where each one's Gram comes from:
 its own pass, row blocks of it (BoRA), or a block of a composite's Gram (a composition's components).
 
-A composition's factor is [F_1 … F_k] (``core.update.weighted_sum``, recorded in its ``Concatenation``): the
+A composition's factor is [F_1 … F_k] (``core.formed.weighted_sum``: a ``Joined`` of the stored factors): the
 [a, b) × [a, b) block of its computed Gram is a computed Gram of the part F_i — every entry the dot product of the
 same two columns, so within the same bound γ_rows·|F_i|ᵀ|F_i| the CholeskyQR test of ``core.factored`` assumes —
 and the part's CholeskyQR, accepted or refused by that same test, needs no pass over F_i of its own.
@@ -67,7 +67,7 @@ class Side:
 
 
 def sides_of(update: FactoredUpdate) -> tuple[Side, Side]:
-    """(left side, right side) of an update; a composite's carry their parts while its ``Concatenation`` holds."""
+    """(left side, right side) of an update; a composite's (joined factors) carry their parts."""
     if isinstance(update, BlockDiagonalUpdate):
         blocks = update.blocks
         return (
@@ -76,13 +76,18 @@ def sides_of(update: FactoredUpdate) -> tuple[Side, Side]:
         )
     if isinstance(update, FormedUpdate):  # recipes (or stored tensors) formed into the workspace as they are read
         left, right = update.left_factor, update.right_factor
-        return Side(left, left, 1, "left", combination=_combination(left)), Side(right, right, 1, "right")
-    joined = update.concatenation
-    if joined is None or not joined.holds(update):
-        return Side(update.left, update.left, 1, "left"), Side(update.right, update.right.mT, 1, "right")
-    lefts = tuple((t, a, b) for t, (a, b) in zip(joined.lefts, joined.spans, strict=True))
-    rights = tuple((t, a, b) for t, (a, b) in zip(joined.rights, joined.spans, strict=True))
-    return Side(update.left, update.left, 1, "left", lefts), Side(update.right, update.right.mT, 1, "right", rights)
+        return (
+            Side(left, left, 1, "left", _joined_parts(left), combination=_combination(left)),
+            Side(right, right, 1, "right", _joined_parts(right)),
+        )
+    return Side(update.left, update.left, 1, "left"), Side(update.right, update.right.mT, 1, "right")
+
+
+def _joined_parts(factor: Factor) -> tuple[tuple[torch.Tensor, int, int], ...]:
+    """A joined factor's parts (stored tensor, a, b) — a composition's components' factors — else none."""
+    if not isinstance(factor, Joined):
+        return ()
+    return tuple((t, a, b) for t, (a, b) in zip(factor.stored, factor.spans, strict=True))
 
 
 def _combination(factor: Factor) -> tuple[Joined, tuple[float, ...]] | None:
@@ -95,8 +100,7 @@ def _combination(factor: Factor) -> tuple[Joined, tuple[float, ...]] | None:
 
 def host_side(host: Joined, tag: str) -> Side:
     """The side of a joined factor [F_1 … F_N], its parts the F_i in their columns."""
-    parts = tuple((f, a, b) for f, (a, b) in zip(host.factors, host.spans, strict=True))
-    return Side(host, host, 1, tag, parts)
+    return Side(host, host, 1, tag, _joined_parts(host))
 
 
 def derivations(sides: Sequence[Side], candidates: Sequence[int]) -> dict[int, Span]:

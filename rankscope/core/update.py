@@ -6,9 +6,8 @@ are not (DoRA, IA3, …) are dense recipes that materialise themselves on reques
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,9 +34,6 @@ class FactoredUpdate:
     right: torch.Tensor
     core: torch.Tensor | None = None
     scale: Scale = 1.0
-    # set by weighted_sum: which stored factors ``left`` and ``right`` concatenate (the spectrum path then takes
-    # their Grams from the composite's); not part of the update's value
-    concatenation: Concatenation | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -141,53 +137,6 @@ class BlockDiagonalUpdate(DerivedFactorsUpdate):
 
     def unscaled(self) -> BlockDiagonalUpdate:
         return BlockDiagonalUpdate(self.left_stack, self.right_stack, self.blocks, self.core, 1.0)
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return int(tensor._version)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
-@dataclass(frozen=True)
-class Concatenation:
-    """How ``weighted_sum`` built a composite: its ``left`` is cat(lefts, dim=1), its ``right`` cat(rights, dim=0),
-    component i in the inner columns ``spans[i]`` = [a, b) — the values equal (a promotion to a wider float dtype
-    is exact), while no tensor's version counter has moved since (``versions``: the composite's two factors, then
-    the lefts, then the rights)."""
-
-    left: torch.Tensor
-    right: torch.Tensor
-    lefts: tuple[torch.Tensor, ...]
-    rights: tuple[torch.Tensor, ...]
-    spans: tuple[tuple[int, int], ...]
-    versions: tuple[int | None, ...]
-
-    @classmethod
-    def of(cls, composite: FactoredUpdate, parts: Sequence[FactoredUpdate]) -> Concatenation:
-        lefts, rights = tuple(p.left for p in parts), tuple(p.right for p in parts)
-        edges = [0]
-        for part in parts:
-            edges.append(edges[-1] + part.inner_dim)
-        versions = tuple(_version(t) for t in (composite.left, composite.right, *lefts, *rights))
-        spans = tuple(itertools.pairwise(edges))
-        return cls(composite.left, composite.right, lefts, rights, spans, versions)
-
-    def holds(self, update: FactoredUpdate) -> bool:
-        """Whether ``update``'s factors are still this concatenation: the very tensors, none changed in place."""
-        if update.left is not self.left or update.right is not self.right or None in self.versions:
-            return False
-        tensors = (self.left, self.right, *self.lefts, *self.rights)
-        return all(_version(t) == v for t, v in zip(tensors, self.versions, strict=True))
-
-    def spans_of(self, update: FactoredUpdate, parts: Sequence[FactoredUpdate]) -> list[tuple[int, int]] | None:
-        """Each part's inner columns [a, b) in ``update`` where this concatenation holds and ``parts`` are the very
-        updates' factors it joined (by identity: no comparison of values needed); else None."""
-        if len(parts) != len(self.lefts) or not self.holds(update):
-            return None
-        mine = zip(parts, self.lefts, self.rights, strict=True)
-        return list(self.spans) if all(p.left is a and p.right is b for p, a, b in mine) else None
 
 
 @dataclass(frozen=True)
@@ -295,79 +244,3 @@ def as_bits(tensor: torch.Tensor) -> torch.Tensor | None:
     """The tensor's bits as an integer view of the same width, None for non-float dtypes (and unusual widths)."""
     width = _BITS.get(tensor.element_size()) if tensor.dtype.is_floating_point else None
     return tensor.view(width) if width is not None else None
-
-
-def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """torch.cat of tensors of one float dtype, bit for bit through their integer views."""
-    bits = [as_bits(t) for t in tensors]
-    if len({t.dtype for t in tensors}) != 1 or any(b is None for b in bits):
-        return torch.cat(list(tensors), dim=dim)
-    return torch.cat(bits, dim=dim).view(tensors[0].dtype)  # type: ignore[arg-type]
-
-
-def _scale_vector(update: FactoredUpdate) -> torch.Tensor:
-    if isinstance(update.scale, torch.Tensor):
-        return upcast(update.scale.reshape(-1))
-    return torch.full((update.inner_dim,), float(update.scale), dtype=torch.float64)
-
-
-def _weighted_core(update: FactoredUpdate, weight: float) -> torch.Tensor:
-    """w·C (w·I where the update has no core), float64, K × K."""
-    if update.core is None:
-        return torch.eye(update.inner_dim, dtype=torch.float64) * weight
-    return upcast(update.core) * weight
-
-
-# a composed model builds these per layer: one tensor from a Python list where every component is plain (no core,
-# a scalar scale), instead of a few small ops per component (≈ 0.1 s of an 8B k=3 composition's reading)
-def _weighted_cores(updates: Sequence[FactoredUpdate], weights: Sequence[float]) -> torch.Tensor:
-    """blockdiag(w_i·C_i), float64: diag(w_1·1_{K_1}, …) where no component has a core."""
-    if all(u.core is None for u in updates):
-        diagonal = [float(w) for u, w in zip(updates, weights, strict=True) for _ in range(u.inner_dim)]
-        return torch.diag(torch.tensor(diagonal, dtype=torch.float64))
-    return torch.block_diag(*(_weighted_core(u, float(w)) for u, w in zip(updates, weights, strict=True)))
-
-
-def _scale_vectors(updates: Sequence[FactoredUpdate]) -> torch.Tensor:
-    """The composite's per-dimension scales [s_1·1_{K_1}, …], float64."""
-    if not any(isinstance(u.scale, torch.Tensor) for u in updates):
-        return torch.tensor([float(u.scale) for u in updates for _ in range(u.inner_dim)], dtype=torch.float64)
-    return torch.cat([_scale_vector(u) for u in updates])
-
-
-def weighted_sum(updates: Sequence[Update], weights: Sequence[float]) -> Update:
-    """Σ_i w_i·ΔW_i as one update.
-
-    Factored components concatenate: [L_1 … L_k]·blockdiag(s_i)·blockdiag(w_i·C_i)·[R_1; …; R_k], inner
-    dimension Σ K_i — exact, and ``unscaled()`` drops the s_i but keeps the weights (they sit in the K×K core). The
-    factors are concatenated in their stored precision (no float64 copy; the spectrum path upcasts as it reads).
-    Other kinds are summed densely.
-    """
-    shapes = {u.shape for u in updates}
-    if len(shapes) != 1:
-        raise ValueError(f"components of different shapes {sorted(shapes)} cannot be summed")
-    (shape,) = shapes
-    if all(isinstance(u, FactoredUpdate) for u in updates):
-        factored = [u for u in updates if isinstance(u, FactoredUpdate)]
-        lefts, rights = [u.left for u in factored], [u.right for u in factored]
-        dtype = lefts[0].dtype
-        for tensor in lefts + rights:
-            dtype = torch.promote_types(dtype, tensor.dtype)
-        composite = FactoredUpdate(
-            left=_cat([t.to(dtype) for t in lefts], dim=1),
-            right=_cat([t.to(dtype) for t in rights], dim=0),
-            core=_weighted_cores(factored, weights),
-            scale=_scale_vectors(factored),
-        )
-        if all(type(u) is FactoredUpdate for u in factored):  # a block-diagonal one's .left is built on each access
-            composite = replace(composite, concatenation=Concatenation.of(composite, factored))
-        return composite
-
-    def build(dtype: torch.dtype, device: Device, parts: Sequence[Update] = tuple(updates)) -> torch.Tensor:
-        return sum(float(w) * u.materialize(dtype, device) for u, w in zip(parts, weights, strict=True))
-
-    def build_unscaled(dtype: torch.dtype, device: Device) -> torch.Tensor:
-        return build(dtype, device, tuple(u.unscaled() for u in updates))
-
-    bound = min(sum(u.rank_bound for u in updates), *shape)
-    return DenseUpdate(shape=shape, build=build, rank_bound_value=bound, build_unscaled=build_unscaled)

@@ -179,8 +179,9 @@ def factored_pairwise_alignment(updates: Sequence[FactoredUpdate], composite: Fa
     degrees — for factored updates of one shape, from the R factors the spectra computed and the cross-Grams
     (each factor upcast once). A zero update's entries are None.
 
-    ``composite``: the components' weighted sum as ``core.update.weighted_sum`` builds it, with factors
-    [L_1 … L_k] and [R_1; …; R_k] (checked: equal to the components' in stored precision). Its R factors — the
+    ``composite``: the components' weighted sum as ``core.formed.weighted_sum`` builds it, with factors
+    [L_1 … L_k] and [R_1; …; R_k] joined from the very tensors (or a plain update whose factors are checked equal
+    to the components' in stored precision). Its R factors — the
     spectrum's, from the cache — then hold every cross-Gram (L_iᵀL_j = R_L[:, I_i]ᵀ·R_L[:, I_j]), so the
     components are aligned in those K = ΣK_i coordinates with no pass over their m- and n-row factors."""
     return factored_pairwise_alignments([(updates, composite)])[0]
@@ -307,13 +308,20 @@ def _spans(updates: Sequence[FactoredUpdate], composite: FactoredUpdate | None) 
     """The columns I_i = [a, b) of each component in the composite's inner dimension, or None where the
     composite is not the concatenation of the components' factors (plain factored updates only: a block-diagonal
     one's ``left`` is materialised on every access)."""
-    if type(composite) is not FactoredUpdate or any(type(u) is not FactoredUpdate for u in updates):
+    if composite is None or any(type(u) is not FactoredUpdate for u in updates):
         return None
     widths = [u.inner_dim for u in updates]
     if composite.shape != updates[0].shape or composite.inner_dim != sum(widths):
         return None
-    if composite.concatenation is not None and (known := composite.concatenation.spans_of(composite, updates)):
-        return known  # weighted_sum joined these very tensors, none changed since: no comparison needed
+    if type(composite) is FormedUpdate:  # weighted_sum's: joined the very tensors (by identity, no comparison)
+        left, right = composite.left_factor, composite.right_factor
+        if not (isinstance(left, Joined) and isinstance(right, Joined) and left.spans == right.spans):
+            return None
+        mine = zip(updates, left.stored, right.stored, strict=False)
+        same = len(left.stored) == len(updates) and all(u.left is a and u.right is b for u, a, b in mine)
+        return list(left.spans) if same else None
+    if type(composite) is not FactoredUpdate:
+        return None
     spans = list(itertools.pairwise([sum(widths[:i]) for i in range(len(widths) + 1)]))
     for (a, b), update in zip(spans, updates, strict=True):
         if not (_same(composite.left[:, a:b], update.left) and _same(composite.right[a:b], update.right)):

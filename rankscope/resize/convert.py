@@ -6,8 +6,8 @@ factored and Kronecker updates) — and the LoRA scale s_k = α_k/k (α_k/√k u
 
     B′ = U_k·Σ_k^{½}/√s_k,   A′ = Σ_k^{½}·V_kᵀ/√s_k,   so   s_k·B′A′ = U_kΣ_kV_kᵀ,
 
-the best rank-k approximation of ΔW (Eckart–Young). Several checkpoints merge as Σ wᵢ·ΔWᵢ, one stacked
-``FactoredUpdate`` per layer (``core.update.weighted_sum``), converted the same way.
+the best rank-k approximation of ΔW (Eckart–Young). Several checkpoints merge as Σ wᵢ·ΔWᵢ, one joined
+factored update per layer (``core.formed.weighted_sum``), converted the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch
 from ..core.checkpoint import Checkpoint, Layer
 from ..core.errors import UsageProblem
 from ..core.factored import update_r_factors
+from ..core.formed import FormedUpdate, weighted_sum
 from ..core.spectrum import singular_vectors
-from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast, weighted_sum
+from ..core.update import FactoredUpdate, KroneckerUpdate, Update, upcast
 from .experts import group_experts, stack
 from .rules import Rule, parse_rule
 from .suggest import Suggestion, alpha_for, plan
@@ -167,8 +168,7 @@ def _spectra(updates: Sequence[Update]) -> list[tuple[torch.Tensor, object]]:
     plain = [
         i
         for i, u in enumerate(updates)
-        if type(u) is FactoredUpdate and u.rank_bound > 0 and u.left.shape[0] >= u.left.shape[1]
-        and u.right.shape[1] >= u.right.shape[0]
+        if type(u) in (FactoredUpdate, FormedUpdate) and u.rank_bound > 0 and min(u.shape) >= u.inner_dim
     ]  # fmt: skip
     r_left, r_right, m_left, m_right = update_r_factors([updates[i] for i in plain]) if plain else ([], [], [], [])
     fast = {

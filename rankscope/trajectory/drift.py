@@ -1,7 +1,7 @@
 """How far a layer moved between two checkpoints: relative change and subspace overlap, both exact.
 
 The change ΔW_t − ΔW_{t−1} of factored updates is itself factored — left [L_t, L_{t−1}], core
-blockdiag(C_t, −C_{t−1}), right [R_t; R_{t−1}], inner dimension r_t + r_{t−1} (``core.update.weighted_sum`` with
+blockdiag(C_t, −C_{t−1}), right [R_t; R_{t−1}], inner dimension r_t + r_{t−1} (``core.formed.weighted_sum`` with
 weights 1, −1) — so its Frobenius norm comes from its exact singular values, ‖D‖_F = (Σσ_i(D)²)^½, never from
 ‖a‖² + ‖b‖² − 2⟨a, b⟩, which cancels when the two are close. The subspace overlap is
 ``measures.alignment.projection_overlap`` of the top-k left (right) singular vectors: ‖U_aᵀU_b‖_F²/k ∈ [0, 1].
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.formed import weighted_sum
 from ..core.spectrum import singular_values, singular_vectors
-from ..core.update import FactoredUpdate, Update, weighted_sum
+from ..core.update import FactoredUpdate, Update
 from ..measures import metrics as M
 from ..measures.alignment import projection_overlap
 
