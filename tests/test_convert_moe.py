@@ -38,16 +38,18 @@ def _merged_deltas(model, adapter) -> dict[str, torch.Tensor]:
     return {k: merged[k] - before[k] for k in before if not torch.equal(merged[k], before[k])}
 
 
-def _source(tmp_path, config) -> tuple[object, dict[str, torch.Tensor]]:
-    """A saved adapter of random (non-zero) factors on a tiny Mixtral, and ΔW of every changed base tensor."""
-    wrapped = peft.get_peft_model(_mixtral(), config)
+def _source(tmp_path, config, model=None) -> tuple[object, dict[str, torch.Tensor]]:
+    """A saved adapter of random (non-zero) factors on a tiny model (``model``: its builder; Mixtral), and ΔW of
+    every changed base tensor."""
+    model = model or _mixtral
+    wrapped = peft.get_peft_model(model(), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in wrapped.named_parameters():
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
     wrapped.save_pretrained(tmp_path / "source")
-    return tmp_path / "source", _merged_deltas(_mixtral(), tmp_path / "source")
+    return tmp_path / "source", _merged_deltas(model(), tmp_path / "source")
 
 
 def _truncated(delta: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,22 +125,16 @@ def test_gpt_oss_transposed_experts_round_trip(tmp_path, with_base):
     and PEFT's merge of the lossless conversion gives the source's ΔW back."""
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[],
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
-    wrapped = peft.get_peft_model(_gpt_oss(), config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
-    wrapped.save_pretrained(tmp_path / "source")
+    source_path, source = _source(tmp_path, config, _gpt_oss)
     base = None
     if with_base:
         _gpt_oss().save_pretrained(tmp_path / "base")
         base = str(tmp_path / "base")
-    checkpoint = rankscope.load(str(tmp_path / "source"), base=base)
+    checkpoint = rankscope.load(str(source_path), base=base)
     kinds = {layer.kind for layer in checkpoint.layers}
     assert kinds == ({"expert", "expert_transposed"} if with_base else {"expert"})
     rankscope.convert(checkpoint).save(tmp_path / "out")
-    source, converted = _merged_deltas(_gpt_oss(), tmp_path / "source"), _merged_deltas(_gpt_oss(), tmp_path / "out")
+    converted = _merged_deltas(_gpt_oss(), tmp_path / "out")
     assert set(converted) == set(source) and source
     for key in source:
         assert torch.allclose(converted[key], source[key], atol=1e-6 * source[key].abs().max()), key
