@@ -17,8 +17,9 @@ from importlib.resources import files
 from typing import TYPE_CHECKING
 
 from ... import __version__
-from ..build import build_report, figure_specs
+from ..build import build_report
 from ..definitions import definitions
+from ..figure_specs import figure_specs
 from ..model import FigureSpec, Report
 from ..resize_base import DEFAULT_SUGGEST_RULE
 from .page import (
