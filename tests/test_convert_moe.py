@@ -38,12 +38,12 @@ def _merged_deltas(model, adapter) -> dict[str, torch.Tensor]:
     return {k: merged[k] - before[k] for k in before if not torch.equal(merged[k], before[k])}
 
 
-def _source(tmp_path, config, model=None) -> tuple[object, dict[str, torch.Tensor]]:
+def _source(tmp_path, config, model=None, seed: int = 1) -> tuple[object, dict[str, torch.Tensor]]:
     """A saved adapter of random (non-zero) factors on a tiny model (``model``: its builder; Mixtral), and ΔW of
     every changed base tensor."""
     model = model or _mixtral
     wrapped = peft.get_peft_model(model(), config)
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in wrapped.named_parameters():
             if "lora_" in name:
@@ -138,3 +138,25 @@ def test_gpt_oss_transposed_experts_round_trip(tmp_path, with_base):
     assert set(converted) == set(source) and source
     for key in source:
         assert torch.allclose(converted[key], source[key], atol=1e-6 * source[key].abs().max()), key
+
+
+def test_weighted_merge_of_two_moe_adapters(tmp_path):
+    """``convert a b --weights``: the experts' Σ wᵢ·ΔWᵢ (each expert's factors joined, rank up to 2r) and the
+    router are written with the sources' ``target_parameters`` (a merge has no single config to copy), and PEFT's
+    merge of the result is 0.5·ΔW_a − 0.25·ΔW_b."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                             target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj",
+                                                "mlp.experts.down_proj"])  # fmt: skip
+    first, deltas_a = _source(tmp_path / "a", config)
+    second, deltas_b = _source(tmp_path / "b", config, seed=2)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["convert", str(first), str(second), "--weights", "0.5,-0.25", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
+    assert not any(".mlp." in target for target in written["target_modules"])
+    merged = _merged_deltas(_mixtral(), out)
+    assert set(merged) == set(deltas_a) == set(deltas_b)
+    for key, delta in merged.items():
+        expected = 0.5 * deltas_a[key] - 0.25 * deltas_b[key]
+        assert torch.allclose(delta, expected, atol=1e-6 * expected.abs().max()), key

@@ -138,10 +138,15 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
                 and (parameter_of(name) or ("",))[0] not in written]  # fmt: skip
     excluded += [name for name, _ in suggestion.left_out]
     targets = source.get("target_modules") if len(adapter.sources) == 1 else None
-    parameters = _written_parameters(source.get("target_parameters"), adapter) if len(adapter.sources) == 1 else []
-    r, lora_alpha, rank_pattern, alpha_pattern = lora_fields([(x.name, x.rank, x.alpha) for x in adapter.layers])
-    if not targets:
-        targets = sorted(written)
+    parameters = _written_parameters(adapter)
+    # PEFT matches the patterns of a targeted parameter against its path (``mlp.gate.weight``, ``…gate_up_proj``)
+    paths = _parameter_paths(adapter)
+    entries = [(p if _selected(p, parameters) else x.name, x.rank, x.alpha)
+               for x, p in zip(adapter.layers, paths, strict=True)]  # fmt: skip
+    r, lora_alpha, rank_pattern, alpha_pattern = lora_fields(entries)
+    if not targets:  # several sources: the written modules, less those written as parameters
+        on_parameters = {p.removesuffix(".weight") for p in paths if _selected(p, parameters)}
+        targets = sorted(written - on_parameters)
     elif isinstance(targets, (list, tuple)):
         targets = sorted(targets)
     return {
@@ -170,21 +175,33 @@ def peft_config(adapter: ConvertedAdapter) -> dict:
     }
 
 
-def _written_parameters(targets: object, adapter: ConvertedAdapter) -> list[str]:
-    """The source's ``target_parameters`` that a written layer is: a 2-D parameter such as a MoE router's
+def _parameter_paths(adapter: ConvertedAdapter) -> list[str]:
+    """Each written layer as the parameter PEFT would wrap: stacked experts (``resize.experts``) by their path,
+    the others as ``<module>.weight``."""
+    return [layer.name if layer.experts > 1 else f"{layer.name}.weight" for layer in adapter.layers]
+
+
+def _selected(path: str, targets: list[str]) -> bool:
+    """PEFT's rule for ``target_parameters``: the path is a target or ends in ``.<target>``."""
+    return any(path == t or path.endswith(f".{t}") for t in targets)
+
+
+def _written_parameters(adapter: ConvertedAdapter) -> list[str]:
+    """The sources' ``target_parameters`` that a written layer is: a 2-D parameter such as a MoE router's
     ``mlp.gate.weight`` (PEFT saves its factors under the module's name, as a Linear's, and loads them only where the
-    config targets the parameter), or stacked experts (``resize.experts``), named by their parameter's path."""
-    if not isinstance(targets, (list, tuple)):
-        return []
-    paths = [layer.name if layer.experts > 1 else f"{layer.name}.weight" for layer in adapter.layers]
-    return sorted({t for t in targets if isinstance(t, str) and any(p == t or p.endswith(f".{t}") for p in paths)})
+    config targets the parameter), or stacked experts, named by their parameter's path."""
+    targets = set()
+    for checkpoint in adapter.sources:
+        value = (checkpoint.config or {}).get("target_parameters")
+        targets |= {value} if isinstance(value, str) else {t for t in value or () if isinstance(t, str)}
+    paths = _parameter_paths(adapter)
+    return sorted(t for t in targets if any(_selected(p, [t]) for p in paths))
 
 
 def _expert_depths(adapter: ConvertedAdapter) -> dict[str, int]:
     """Stacked parameter path → its ``.base_layer`` nesting, over every expert parameter of the sources (PEFT
     wraps one that was not written too, where ``target_parameters`` selects it)."""
-    config = adapter.sources[0].config or {}
-    targets = _written_parameters(config.get("target_parameters"), adapter)
+    targets = _written_parameters(adapter)
     known = {found[0] for c in adapter.sources for layer in c.layers if (found := parameter_of(layer.name))}
     return nesting_depths(sorted(known | {x.name for x in adapter.layers if x.experts > 1}), targets)
 
