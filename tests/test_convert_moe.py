@@ -85,6 +85,16 @@ def test_truncated_experts_nested_with_per_expert_ranks(tmp_path):
     ranks = {layer.name: layer.rank for layer in converted.suggestion.layers}
     expert_ranks = [k for name, k in ranks.items() if name.endswith("]")]
     assert len(expert_ranks) == 2 * 2 * 3 and len(set(expert_ranks)) > 1  # ranks differ between experts
+    # the LoraConfig fields suggest prints: one r per expert parameter (its experts' largest), keyed by its path
+    fields = converted.suggestion.lora_config()
+    per_parameter = {}
+    for name, k in ranks.items():
+        if name.endswith("]"):
+            path = name.rpartition("[")[0]
+            per_parameter[path] = max(per_parameter.get(path, 0), k)
+    assert not any("[" in key for key in (*fields["rank_pattern"], *fields["alpha_pattern"]))
+    for path, k in per_parameter.items():
+        assert fields["rank_pattern"].get(path, fields["r"]) == k, path
     converted.save(tmp_path / "out")
     keys = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys  # gate_up_proj, deepest

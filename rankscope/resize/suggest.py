@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.naming import expert_slice
 from .rules import Rule, choose_ranks, parse_rule
 
 SCHEMA = "rankscope.suggest/1"
@@ -93,12 +94,22 @@ class Suggestion:
         return lora_fields(self._entries())[3]
 
     def _entries(self) -> list[tuple[str, int, float]]:
-        return [(layer.name, layer.rank, layer.alpha) for layer in self.kept]
+        """(module path, rank, α) of the kept layers; MoE experts (``<parameter>[<e>]``) as their parameter, at the
+        largest rank among them: PEFT gives a parameter's experts one r (``resize.experts``)."""
+        entries, widest = [], {}
+        for layer in self.kept:
+            found = expert_slice(layer.name)
+            if found is None:
+                entries.append((layer.name, layer.rank, layer.alpha))
+            elif found[0] not in widest or layer.rank > widest[found[0]].rank:
+                widest[found[0]] = layer
+        return entries + [(path, layer.rank, layer.alpha) for path, layer in widest.items()]
 
     @property
     def exclude_modules(self) -> list[str]:
-        """Layers whose update is zero (rank 0): a LoRA of them would add nothing."""
-        return [layer.name for layer in self.layers if layer.rank == 0]
+        """Layers whose update is zero (rank 0): a LoRA of them would add nothing (not MoE experts, whose
+        parameter PEFT wraps whole)."""
+        return [layer.name for layer in self.layers if layer.rank == 0 and expert_slice(layer.name) is None]
 
     @property
     def params_before(self) -> int:
