@@ -20,7 +20,8 @@ same process then checks σ of sampled layers (k_proj and v_proj of layers 0 and
 
 Dense families (DoRA, IA3, PEFT OFT through PEFT's merge, a full fine-tune's ΔW = W − W₀) run on one block of the
 8B shape (its 7 projections; ``--quick``: k_proj and v_proj) with a bf16 base file: the library against the dense
-baseline, ``torch.linalg.svdvals`` of the materialised ΔW in float64 (torch's threads), on the same matrices — the
+baseline, ``torch.linalg.svdvals`` of the materialised ΔW in float64 (torch's threads), on the same matrices
+(medians of ``--repeats`` interleaved rounds per layer) — the
 spectrum alone (``base_measures=False``, the CLI's ``--no-base-measures``: the base only forms ΔW) against the
 target, and beside it the analysis with the base-relative measures the default ``--base`` adds; σ of
 DoRA, IA3 and the full delta against ΔW formed here from the file's tensors (PEFT's formulas), independently of
@@ -285,11 +286,12 @@ def _independent_delta(family: str, path: Path, base: Path, name: str) -> torch.
     return None
 
 
-def task_dense(family: str, path: str, base: str) -> dict:
+def task_dense(family: str, path: str, base: str, repeats: int = 1) -> dict:
     """Per layer, interleaved (order rotating, so the machine's drift hits all three): the library's spectrum of that
     layer (``base_measures=False``: the base only forms ΔW), its analysis with the base-relative measures (the
-    default with ``--base``; the first layer of a run also pays W₀'s SVD into the on-disk cache), and the baseline
-    (materialise ΔW in float64 + ``svdvals``, torch's threads) on the same layer."""
+    default with ``--base``; the first round of a run also pays W₀'s SVD into the on-disk cache), and the baseline
+    (materialise ΔW in float64 + ``svdvals``, torch's threads) on the same layer; each the median of ``repeats``
+    rounds (one ``svdvals`` of a 1024×4096 matrix moves ±15 % between calls on this host)."""
     import rankscope
 
     with rankscope.single_threaded():
@@ -313,10 +315,16 @@ def task_dense(family: str, path: str, base: str) -> dict:
             return sigma, t1 - t0, time.perf_counter() - t1
 
         runs = {"spectrum": lambda: library(False), "measured": lambda: library(True), "baseline": baseline}
-        order = list(runs)[i % 3 :] + list(runs)[: i % 3]
-        done = {what: runs[what]() for what in order}
-        (record, seconds), (_, measured_seconds) = done["spectrum"], done["measured"]
-        sigma, materialise, svd = done["baseline"]
+        rounds = []
+        for round_ in range(repeats):
+            order = list(runs)[(i + round_) % 3 :] + list(runs)[: (i + round_) % 3]
+            rounds.append({what: runs[what]() for what in order})
+        record = rounds[0]["spectrum"][0]
+        seconds = statistics.median(done["spectrum"][1] for done in rounds)
+        measured_seconds = statistics.median(done["measured"][1] for done in rounds)
+        sigma = rounds[0]["baseline"][0]
+        materialise = statistics.median(done["baseline"][1] for done in rounds)
+        svd = statistics.median(done["baseline"][2] for done in rounds)
         reference = _independent_delta(family, Path(path), Path(base), layer.name)
         against = "materialised ΔW"
         if reference is not None:
@@ -366,10 +374,10 @@ def measure_factored(families: dict, repeats: int, torch_rss: float) -> list[dic
     return rows
 
 
-def measure_dense(families: dict, base: Path, torch_rss: float) -> list[dict]:
+def measure_dense(families: dict, base: Path, torch_rss: float, repeats: int) -> list[dict]:
     rows = []
     for name, path in families.items():
-        result = run_task("dense", family=name, path=str(path), base=str(base))
+        result = run_task("dense", family=name, path=str(path), base=str(base), repeats=repeats)
         layers = result["layers"].values()
         svd = sum(r["svdvals"] for r in layers)
         materialise = sum(r["materialise"] for r in layers)
@@ -463,10 +471,10 @@ def main() -> int:
             factored = measure_factored(families, repeats, torch_rss)
         if not args.no_dense:
             base, families = dense_families(root, dense_modules, only)
-            dense = measure_dense(families, base, torch_rss)
+            dense = measure_dense(families, base, torch_rss, repeats)
     print(f"{started} → {time.strftime('%H:%M UTC', time.gmtime())}; load average at start {load_start}, at end "
           f"{os.getloadavg()}; {os.cpu_count()} cores; torch {torch.__version__}; `import torch` peak RSS "
-          f"{torch_rss / MB:.0f} MB; factored: medians of {repeats} interleaved rounds")  # fmt: skip
+          f"{torch_rss / MB:.0f} MB; medians of {repeats} interleaved rounds")  # fmt: skip
     print()
     print_tables(factored, dense, dense_modules)
     if args.json:

@@ -321,3 +321,18 @@ def test_a_base_of_another_architecture_is_warned_about(pair):
     other = rankscope.load(tuned_dir, base=base_dir)
     (warning,) = [w for w in other.warnings if "model_type" in w]
     assert "is a 'qwen2' and --base a 'llama'" in warning and "fine-tuned from?" in warning
+
+
+def test_forming_the_delta_leaves_float64_weights_untouched(tmp_path):
+    """ΔW is formed in place in a buffer of its own: with float64 files (no upcast copy) W must stay W."""
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(48, 40, generator=g, dtype=torch.float64)
+    w = w0 + 1e-2 * torch.randn(48, 40, generator=g, dtype=torch.float64)
+    checkpoint = rankscope.load(
+        _write_model(tmp_path / "t", {"a.weight": w}), base=_write_model(tmp_path / "b", {"a.weight": w0})
+    )
+    (layer,) = checkpoint.layers
+    first, second = layer.update.materialize(torch.float64), layer.update.materialize(torch.float64)
+    assert torch.equal(first, w - w0) and torch.equal(second, w - w0)
+    sigma = torch.tensor(rankscope.analyze(checkpoint)["a"].singular_values, dtype=torch.float64)
+    assert torch.allclose(sigma, torch.linalg.svdvals(w - w0), rtol=1e-12, atol=0)

@@ -8,6 +8,7 @@ Every failure becomes a one-line :class:`CheckpointError` naming the file (and t
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import warnings
@@ -129,6 +130,10 @@ class TensorFile:
             return tuple(self._handle.get_slice(key).get_shape())
         except Exception as exc:
             raise CheckpointError(f"cannot read its shape ({one_line(exc, 160)})", path=self.path, key=key) from exc
+
+    def numel(self, key: str) -> int:
+        """Elements of ``key``'s tensor, from its header (the tensor is not read)."""
+        return math.prod(self.shape(key))
 
     def get(self, key: str) -> torch.Tensor:
         if self._tensors is not None:

@@ -59,7 +59,7 @@ def _layer(source: AdapterSource, module: reader.Module, count: int, settings: d
         "B": module.indexed("B"),
         **({"weights": module.keys["weights"]} if "weights" in module.keys else {}),
     }
-    params = sum(tensors.get(k).numel() for k in module.keys.values())
+    params = sum(tensors.numel(k) for k in module.keys.values())
 
     def invalid(message: str) -> Layer:
         return reader.invalid_layer(name, message, params, family="composition")

@@ -54,9 +54,9 @@ def dora_delta(
     """
     w0 = upcast(base_weight, dtype, device)
     update = directional.materialize(dtype, device)
-    norms = torch.linalg.vector_norm(w0 + update, dim=1, keepdim=True)
-    c = upcast(magnitude.reshape(-1, 1), dtype, device) / norms
-    return (c - 1) * w0 + c * update
+    delta = torch.add(w0, update)  # V = W0 + D, then reused for ΔW: one matrix-sized buffer, not four
+    c = upcast(magnitude.reshape(-1, 1), dtype, device) / torch.linalg.vector_norm(delta, dim=1, keepdim=True)
+    return torch.mul(w0, c - 1, out=delta).addcmul_(update, c)
 
 
 def _missing_base(base: BaseWeights, layer: Layer) -> str | None:

@@ -107,7 +107,7 @@ def _delta(
     """W − W₀ as the analysed matrix: each tensor moved to ``device`` once, in its stored dtype, then upcast."""
     weight = finetuned.get(key).to(device)
     original = base.get(name, suffix).to(device)
-    return as_matrix(weight.to(dtype) - original.to(dtype), kind)
+    return as_matrix(weight.to(dtype, copy=True).sub_(original), kind)
 
 
 @dataclass
@@ -116,6 +116,12 @@ class _Comparison:
     delta_sq: float  # ‖W − W₀‖_F²
     noise_sq: float  # ‖round(W₀) − W₀‖_F², rounding W₀ to W's dtype (0 where W is not narrower)
     rounding_only: bool  # W is W₀ rounded to W's dtype, nothing else
+
+
+def _squared_distance(rows: torch.Tensor, other: torch.Tensor, work: torch.dtype) -> float:
+    """‖rows − other‖_F²: the difference and its squares in ``work`` (one copy), each row's sum in float64."""
+    difference = rows.to(work, copy=True).sub_(other)
+    return float(difference.square_().sum(dim=-1, dtype=torch.float64).sum())
 
 
 def _compare(weight: torch.Tensor, original: torch.Tensor) -> _Comparison:
@@ -130,10 +136,10 @@ def _compare(weight: torch.Tensor, original: torch.Tensor) -> _Comparison:
     rounding_only = narrower
     for start in range(0, rows_w.shape[0], step):
         block_w, block_o = rows_w[start : start + step], rows_o[start : start + step]
-        delta_sq += float((block_w.to(work) - block_o.to(work)).double().square().sum())
+        delta_sq += _squared_distance(block_w, block_o, work)
         if narrower:
             rounded = block_o.to(weight.dtype)
-            noise_sq += float((rounded.to(work) - block_o.to(work)).double().square().sum())
+            noise_sq += _squared_distance(rounded, block_o, work)
             rounding_only = rounding_only and torch.equal(rounded, block_w)
     return _Comparison(delta_sq == 0.0, delta_sq, noise_sq, rounding_only)
 

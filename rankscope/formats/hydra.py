@@ -44,7 +44,7 @@ def _layer(source: AdapterSource, module: reader.Module, heads_expected: int | N
     name, stored, keys = module.name, module.stored, module.keys
     tensors = source.tensors
     head_keys = module.indexed("B")
-    params = sum(tensors.get(k).numel() for k in keys.values())
+    params = sum(tensors.numel(k) for k in keys.values())
 
     def invalid(message: str) -> Layer:
         return reader.invalid_layer(name, message, params, family="hydralora")

@@ -78,7 +78,7 @@ def nonfinite_problem(tensor: torch.Tensor, key: str) -> str | None:
     """``None`` for a finite tensor, else a message counting its NaN and Inf values."""
     # a finite sum proves every element finite (NaN and ±Inf propagate through addition); it is a plain
     # reduction, ~20× cheaper than isfinite on bf16; a sum that overflows falls through to the exact check
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all()):
         return None
     nans = int(torch.isnan(tensor).sum())
     infs = int(torch.isinf(tensor).sum())
