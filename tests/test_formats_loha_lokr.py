@@ -396,3 +396,38 @@ def test_cli_json(tmp_path):
     assert layer["name"] == "wide" and layer["rank_bound"] == 1 and layer["exact"] is True
     expected = torch.linalg.svdvals(reference(peft_model, base)["wide"])[0].item()
     assert math.isclose(layer["singular_values"][0], expected, rel_tol=1e-9)
+
+
+class Stem(nn.Module):
+    """An RGB stem: 3 input channels factor as 3 × 1, so PEFT's LoKr W1 has a single column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 7, padding=3)
+
+
+def test_lokr_single_column_factor_with_base_measures(tmp_path):
+    """W1 (2, 1): its singular-vector basis is one column, whose stride .contiguous() keeps; the base measures
+    (U ⊗ U of the Kronecker factors) once crashed the whole analysis on it (internal error, exit 1)."""
+    peft_model, base = make(LoKrConfig(r=2, target_modules=["stem"], init_weights=False), model_cls=Stem)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.stem.lokr_w1"].shape == (2, 1)
+    save_file({k: v.float().contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    delta = reference(peft_model, base)["stem"]
+    record = analyse(tmp_path / "adapter", base=tmp_path / "base.safetensors")["stem"]
+    assert_exact(record, delta, lokr_rank_bound(peft_layers(peft_model)["stem"], tuple(delta.shape)))
+    assert record.base is not None and record.base["relative_update"] == pytest.approx(
+        float(delta.norm() / base["stem.weight"].reshape(8, -1).norm()), rel=1e-9
+    )
+    # the amplification from the Kronecker bases, against a dense SVD of PEFT's ΔW (k = its rank: one subspace)
+    k = record.base["amplification_k"]
+    assert k == torch.linalg.matrix_rank(delta)
+    u, _, vh = torch.linalg.svd(delta)
+    w0 = base["stem.weight"].reshape(8, -1)
+    expected = float(delta.norm() / torch.linalg.matrix_norm(u[:, :k].mT @ w0 @ vh[:k].mT))
+    assert record.base["amplification"] == pytest.approx(expected, rel=1e-9)
+    out = tmp_path / "compare.json"
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "adapter"), str(tmp_path / "adapter"),
+                                       "--base", str(tmp_path / "base.safetensors"), "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output

@@ -105,9 +105,11 @@ def singular_vectors(update: Update) -> tuple[torch.Tensor, torch.Tensor, torch.
         u_core, sigma, vh_core = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
         return (q_left @ u_core)[:, :k], sigma[:k], (q_right @ vh_core.mT)[:, :k]
     if isinstance(update, KroneckerUpdate):
-        # torch.kron refuses the sliced (non-contiguous) bases the factored branch returns
-        u_f, s_f, v_f = (x.contiguous() for x in singular_vectors(update.first))
-        u_g, s_g, v_g = (x.contiguous() for x in singular_vectors(update.second))
+        # torch.kron views its inputs: it refuses the sliced bases the factored branch returns, and a one-column
+        # basis (a 2×1 LoKr factor) whose stride .contiguous() leaves as it is (size-1 dimensions count as
+        # contiguous whatever their stride): a copy with standard strides
+        u_f, s_f, v_f = (x.clone(memory_format=torch.contiguous_format) for x in singular_vectors(update.first))
+        u_g, s_g, v_g = (x.clone(memory_format=torch.contiguous_format) for x in singular_vectors(update.second))
         order = torch.argsort(torch.outer(s_f, s_g).reshape(-1), descending=True)[:k]
         sigma = torch.outer(s_f, s_g).reshape(-1)[order] * abs(update.scale)
         sign = -1.0 if update.scale < 0 else 1.0
