@@ -46,21 +46,49 @@ _SINGLE_NAMES = (
     "diffusion_pytorch_model.bin",
 )
 # transformers ≥ 5 loads older checkpoints through its conversion mapping and saves them back in the older layout,
-# while PEFT names the modules as they are in memory (found with transformers 5.23's save_pretrained): LLaVA and
-# Gemma 3 keep language_model.model.… / vision_tower.…, Qwen2-VL model.… / visual.…, Mixtral its router under
-# block_sparse_moe.gate, GraniteMoE its experts as input_linear / output_linear and its router as router.layer
+# while PEFT names the modules as they are in memory (found with transformers 5.23's save_pretrained, each family
+# checked parameter by parameter in tests/test_base_layouts.py). Each entry is one family's renamings from the
+# in-memory name to the saved one, applied in order (a ViT name needs several at once): LLaVA and Gemma 3 keep
+# language_model.model.… / vision_tower.…, Qwen2-VL model.… / visual.…, Mixtral its router under
+# block_sparse_moe.gate, GraniteMoE its experts as input_linear / output_linear and its router as router.layer;
+# ViT, DeiT, BEiT and ViTMAE keep encoder.layer.N with attention.attention.query/key/value, attention.output.dense,
+# intermediate.dense and output.dense, Dinov2 the attention's old names, Swin attention.self.query/key/value and
+# the MLP's, GPT-NeoX its head as embed_out
+_ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"))
+_RENAMINGS: tuple[tuple[tuple[str, str], ...], ...] = (
+    ((r"^model\.language_model\.", "language_model.model."),),
+    ((r"^model\.language_model\.", "model."),),
+    ((r"^model\.(vision_tower|visual|multi_modal_projector)\.", r"\1."),),
+    ((r"^lm_head\.", "language_model.lm_head."),),
+    ((r"\.mlp\.gate\.weight$", ".block_sparse_moe.gate.weight"),),
+    ((r"\.experts\.gate_up_proj$", ".input_linear.weight"),),
+    ((r"\.experts\.down_proj$", ".output_linear.weight"),),
+    ((r"\.router\.weight$", ".router.layer.weight"),),
+    (
+        (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
+        *((rf"\.attention\.{short}_proj\.", f".attention.attention.{long}.") for short, long in _ATTENTION),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (r"\.mlp\.fc1\.", ".intermediate.dense."),
+        (r"\.mlp\.fc2\.", ".output.dense."),
+    ),
+    (
+        *((rf"\.attention\.{short}_proj\.", f".attention.attention.{long}.") for short, long in _ATTENTION),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    ),
+    (
+        *((rf"\.attention\.{short}_proj\.", f".attention.self.{long}.") for short, long in _ATTENTION),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (
+            r"\.attention\.relative_position_bias\.relative_position_bias_table$",
+            ".attention.self.relative_position_bias_table",
+        ),
+        (r"\.mlp\.fc1\.", ".intermediate.dense."),
+        (r"\.mlp\.fc2\.", ".output.dense."),
+    ),
+    ((r"^lm_head\.", "embed_out."),),
+)
 _SAVED_LAYOUTS = tuple(
-    (re.compile(pattern), replacement)
-    for pattern, replacement in (
-        (r"^model\.language_model\.", "language_model.model."),
-        (r"^model\.language_model\.", "model."),
-        (r"^model\.(vision_tower|visual|multi_modal_projector)\.", r"\1."),
-        (r"^lm_head\.", "language_model.lm_head."),
-        (r"\.mlp\.gate\.weight$", ".block_sparse_moe.gate.weight"),
-        (r"\.experts\.gate_up_proj$", ".input_linear.weight"),
-        (r"\.experts\.down_proj$", ".output_linear.weight"),
-        (r"\.router\.weight$", ".router.layer.weight"),
-    )
+    tuple((re.compile(pattern), replacement) for pattern, replacement in family) for family in _RENAMINGS
 )
 
 # the components of a diffusers pipeline that adapters train, in the order an unprefixed name is looked up
@@ -204,11 +232,14 @@ class BaseWeights:
 
     def _saved_layout(self, layer: str, suffix: str) -> str | None:
         """The key of ``layer.suffix`` (an adapter's name: the model's in memory) where transformers ≥ 5 saved it
-        under its older checkpoint names (:data:`_SAVED_LAYOUTS`)."""
+        under its older checkpoint names (:data:`_SAVED_LAYOUTS`, each family's renamings in order)."""
         wanted = f"{layer}.{suffix}"
-        for pattern, replacement in _SAVED_LAYOUTS:
-            saved, count = pattern.subn(replacement, wanted)
-            if count and saved in self._by_name:
+        for family in _SAVED_LAYOUTS:
+            saved, renamed = wanted, 0
+            for pattern, replacement in family:
+                saved, count = pattern.subn(replacement, saved)
+                renamed += count
+            if renamed and saved in self._by_name:
                 return self._by_name[saved]
         return None
 

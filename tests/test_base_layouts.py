@@ -1,0 +1,89 @@
+"""Bases that transformers ≥ 5 saves under older names than the model's modules in memory (which PEFT's adapter
+names follow): every parameter of each tiny model found by ``--base`` under the key transformers' own
+``save_pretrained`` wrote (ViT, DeiT, BEiT, ViTMAE, Dinov2, Swin, GPT-NeoX's head), and ViT adapters of the tuners
+that need the base against PEFT's ``merge_and_unload()``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import rankscope  # noqa: E402
+from rankscope.core.base import BaseWeights  # noqa: E402
+
+from .factories import assert_matches, quiet_library_warnings  # noqa: E402, F401 (autouse)
+
+ENCODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+VISION = dict(ENCODER, image_size=16, patch_size=4, num_labels=3)
+SWIN = dict(image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2)
+
+MODELS = {
+    "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**VISION)),
+    "vit-bare": lambda: transformers.ViTModel(transformers.ViTConfig(**VISION)),
+    "deit": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(**VISION)),
+    "beit": lambda: transformers.BeitModel(transformers.BeitConfig(**VISION)),
+    "vit-mae": lambda: transformers.ViTMAEModel(transformers.ViTMAEConfig(**VISION)),
+    "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**VISION)),
+    "swin": lambda: transformers.SwinModel(transformers.SwinConfig(**SWIN)),
+    "gpt-neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**ENCODER, vocab_size=64)),
+}
+
+
+def _saved(model: torch.nn.Module, directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    model.save_pretrained(directory)
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_every_parameter_is_found_under_its_saved_key(tmp_path, family):
+    torch.manual_seed(0)
+    model = MODELS[family]()
+    saved = _saved(model, tmp_path)
+    renamed = {n for n, _ in model.named_parameters()} - set(saved)
+    assert renamed, "test setup: this family saves some parameters under other names than in memory"
+    base = BaseWeights(tmp_path)
+    for name, parameter in model.named_parameters():
+        module, _, suffix = name.rpartition(".")
+        key = base.key_for(module, suffix)
+        assert key in saved and torch.equal(saved[key], parameter.detach()), f"{name} → {key}"
+
+
+TUNERS = {
+    "dora": lambda t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, use_dora=True, init_lora_weights=False),
+    "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=["fc2"], init_ia3_weights=False),
+    "hra": lambda t: peft.HRAConfig(r=4, target_modules=t, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("tuner", list(TUNERS))
+def test_vit_adapters_that_need_the_base(tmp_path, tuner):
+    """PEFT names ViT's modules vit.layers.N.attention.q_proj / mlp.fc1; the saved base has
+    vit.encoder.layer.N.attention.attention.query / intermediate.dense: every layer was invalid before."""
+    torch.manual_seed(0)
+    model = MODELS["vit"]().double()
+    model.save_pretrained(tmp_path / "base")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = peft.get_peft_model(model, TUNERS[tuner](["q_proj", "v_proj", "fc1", "fc2"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                parameter.copy_(parameter * (1 + 0.1 * noise) if "magnitude" in name or "ia3" in name else 0.3 * noise)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merged = wrapped.merge_and_unload().state_dict()
+    deltas = {k.removesuffix(".weight"): merged[k] - w for k, w in before.items()
+              if k.endswith(".weight") and not torch.equal(merged[k], w)}  # fmt: skip
+    assert len(deltas) == 8
+    checkpoint = rankscope.load(str(tmp_path / "adapter"), base=str(tmp_path / "base"))
+    records = {record.name: record for record in rankscope.analyze(checkpoint)}
+    assert_matches(records, deltas, tol=1e-9)
+    assert all(record.base is not None for record in records.values())
