@@ -31,7 +31,7 @@ from ..core.errors import CheckpointError
 from ..core.update import FactoredUpdate
 from . import Format, ReadOptions, register_format
 from .common import reader
-from .common.peft import positive_integer, skip_reason
+from .common.peft import positive_integer, skip_reason, trained_bias_changes
 from .common.source import AdapterSource
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<attr>lora_A|lora_E|lora_B)$")
@@ -192,12 +192,16 @@ def _layer(source: AdapterSource, module: reader.Module, settings: _Settings, op
 def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     settings, warnings = _settings(source, options)
     modules, unused = reader.group_keys(source.tensors.keys(), _KEY, lambda match: _ROLES[match["attr"]])
+    layers = [_layer(source, module, settings, options) for module in modules.values()]
     return reader.build_checkpoint(
         source,
         family="adalora",
         adapter_type="ADALORA",
-        layers=[_layer(source, module, settings, options) for module in modules.values()],
-        skipped=reader.skipped_keys(unused, lambda key: skip_reason(key, source.config, "AdaLoRA")),
+        layers=layers,
+        skipped=reader.skipped_keys(
+            trained_bias_changes(layers, unused, source.tensors, options.base, source.config or {}),
+            lambda key: skip_reason(key, source.config, "AdaLoRA"),
+        ),
         warnings=warnings,
     )
 

@@ -104,7 +104,7 @@ def dora_layer(
         problem = (
             f"{magnitude_key}: {magnitude.numel()} magnitudes for a ΔW of {rows} rows (shape {list(magnitude.shape)})"
         )
-    elif layer.bias_update is not None:
+    elif "bias" in module.keys:
         problem = f"{module.keys['bias']}: a lora_B bias is not part of DoRA (PEFT refuses lora_bias with use_dora)"
     else:
         missing = _missing_base(base, layer)

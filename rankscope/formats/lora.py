@@ -40,6 +40,7 @@ from .common.peft import (
     pattern_value,
     positive_integer,
     skip_reason,
+    trained_bias_changes,
     truthy,
     uncovered_components,
 )
@@ -315,6 +316,7 @@ def parse(
     layers += expert_layers + _token_layers(source, tokens, token_rule, options, {layer.name for _, layer in layers})
     mha = double_applied_warning([module.stored for module in plain.values()], source.config)
     warnings += init_warnings + kasa_warnings + ([mha] if mha else []) + ([layout] if layout else [])
+    unused = trained_bias_changes([layer for _, layer in layers], unused, source.tensors, base, config)
     uncovered = uncovered_components(config, [layer.name for module, layer in layers if "alpha" not in module.keys])
     if own_alpha and scaling.no_alpha and options.alpha is None:
         stored = [alpha_tensor(source.tensors.get(m.keys["alpha"]), m.keys["alpha"])[0] for m in plain.values()

@@ -27,7 +27,7 @@ from ..core.errors import CheckpointError, UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import DenseUpdate
 from . import Format, ReadOptions, register_format
-from .common.peft import skip_reason, truthy
+from .common.peft import skip_reason, trained_bias_changes, truthy
 from .common.peft_model import read_whole
 from .common.peft_tuner import (
     PEFT_PREFIX,
@@ -213,7 +213,10 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         family=peft_type.lower(),
         adapter_type=peft_type,
         layers=layers,
-        skipped=skipped_keys(other, lambda key: skip_reason(key, source.config, peft_type)),
+        skipped=skipped_keys(
+            trained_bias_changes(layers, list(other), source.tensors, options.base, source.config or {}),
+            lambda key: skip_reason(key, source.config, peft_type),
+        ),
         warnings=warnings,
         notes=notes,
         config={**(source.config or {}), "reader": {"format": FAMILY, "peft": peft.__version__}},

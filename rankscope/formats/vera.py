@@ -39,7 +39,7 @@ from ..core.errors import CheckpointError
 from ..core.formed import FormedUpdate, RowScaled
 from . import Format, ReadOptions, register_format
 from .common import reader
-from .common.peft import nonfinite_problem, positive_integer, skip_reason
+from .common.peft import nonfinite_problem, positive_integer, skip_reason, trained_bias_changes
 from .common.source import AdapterSource
 
 _LAMBDA = re.compile(r"^(?P<module>.+)\.vera_lambda_(?P<which>[bd])$")
@@ -270,7 +270,10 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         family="vera",
         adapter_type="VERA",
         layers=layers,
-        skipped=reader.skipped_keys(unused, lambda key: _skip_reason(key, config)),
+        skipped=reader.skipped_keys(
+            trained_bias_changes(layers, unused, source.tensors, options.base, config),
+            lambda key: _skip_reason(key, config),
+        ),
         warnings=warnings,
         shared_params=0,
     )

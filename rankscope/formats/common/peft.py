@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ...core.checkpoint import MODULES_TO_SAVE, SAVED_NORM, SAVED_WEIGHT, adapter_module
+from ...core.checkpoint import MODULES_TO_SAVE, SAVED_NORM, SAVED_WEIGHT, Layer, adapter_module
 from ...core.errors import CheckpointError
+from ...core.naming import layer_name
 from .diffusers import split_key as split_diffusers_key
 
 
@@ -244,6 +245,27 @@ def alpha_config(
         return {}, False, []
     unknown = "no adapter_config.json and no α in the file's metadata: α is unknown, scale 1 is assumed"
     return {}, False, [unknown + " (pass --alpha to set it)"]
+
+
+def trained_bias_changes(layers: Iterable[Layer], unused: list[str], tensors, base, config: Mapping) -> list[str]:
+    """PEFT's ``bias="all"``/``"lora_only"`` save the whole trained bias of a module; against ``base`` the bias of
+    an analysed layer becomes its change Δb = b − b₀ (``bias_update``, applied unscaled, as the merge applies it).
+    The keys left unused are returned: every one without a base, a layer, or a base bias of its shape."""
+    if base is None or config.get("bias", "none") == "none":
+        return unused
+    by_name = {layer.name: layer for layer in layers if layer.update is not None and layer.bias_update is None}
+    left = []
+    for key in unused:
+        module, _, suffix = key.rpartition(".")
+        layer = by_name.get(layer_name(module.removesuffix(".base_layer"))) if suffix == "bias" else None
+        base_key = base.key_for(layer.name, "bias") if layer is not None else None
+        if base_key is None or tuple(base.shape(layer.name, "bias")) != tuple(tensors.shape(key)):
+            left.append(key)
+            continue
+        layer.bias_update = tensors.get(key).double() - base.get(layer.name, "bias").double()
+        layer.bias_scaled = False
+        layer.params += tensors.numel(key)
+    return left
 
 
 def skip_reason(key: str, config: Mapping | None, family: str) -> str:
