@@ -221,3 +221,30 @@ def test_joined_gram_in_every_layout_equals_the_float64_gram(layout) -> None:
     gram = triangular._gram(joined, workspace)
     torch.testing.assert_close(gram, expected.mT @ expected, rtol=1e-13, atol=1e-13)
     assert torch.equal(joined.dense(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["plain", "transposed"])
+def test_face_split_gram_equals_the_formed_factors_gram(dtype, layout) -> None:
+    """LoHa's P ⊙ᵣ Q Gram from its column-pair products (never formed) against the float64 Gram of the formed
+    factor, r₁ ≠ r₂, both storage layouts (a right factor is stored transposed)."""
+    g = torch.Generator().manual_seed(5)
+    p, q = torch.randn(300, 6, generator=g).to(dtype), torch.randn(300, 4, generator=g).to(dtype)
+    if layout == "transposed":
+        p, q = p.mT.contiguous().mT, q.mT.contiguous().mT
+    formed = FaceSplit(p, q).dense()
+    got = triangular._gram(FaceSplit(p, q), triangular._Workspace(formed.numel(), "cpu"))
+    expected = formed.mT @ formed
+    assert got.shape == (24, 24)
+    assert float((got - expected).abs().max()) <= 1e-14 * float(expected.abs().max())
+
+
+def test_a_well_conditioned_loha_spectrum_never_forms_its_factors(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(6)
+    p1, p2 = torch.randn(120, 3, generator=g), torch.randn(120, 3, generator=g)
+    q1, q2 = torch.randn(3, 90, generator=g), torch.randn(3, 90, generator=g)
+    dense = (p1.double() @ q1.double()) * (p2.double() @ q2.double())
+    update = FormedUpdate(FaceSplit(p1, p2), FaceSplit(q1.mT, q2.mT), scale=0.5)
+    monkeypatch.setattr(FaceSplit, "form", lambda self, out: pytest.fail("the face-split factor was formed"))
+    (sigma,) = factored_singular_values([update])
+    assert _relative_error(sigma, torch.linalg.svdvals(0.5 * dense)) < 1e-10
