@@ -1,6 +1,7 @@
 """Bases that transformers ≥ 5 saves under older names than the model's modules in memory (which PEFT's adapter
 names follow): every parameter of each tiny model found by ``--base`` under the key transformers' own
-``save_pretrained`` wrote (ViT, DeiT, BEiT, ViTMAE, Dinov2, Swin, GPT-NeoX's head), and ViT adapters of the tuners
+``save_pretrained`` wrote (ViT, DeiT, BEiT, ViTMAE, Dinov2, Swin, GPT-NeoX's head, a bare LLaVA, PhiMoE's router,
+Segformer, ESM's LayerNorms, VideoMAE's biases), and ViT adapters of the tuners
 that need the base against PEFT's ``merge_and_unload()``."""
 
 from __future__ import annotations
@@ -32,6 +33,31 @@ MODELS = {
     "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**VISION)),
     "swin": lambda: transformers.SwinModel(transformers.SwinConfig(**SWIN)),
     "gpt-neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**ENCODER, vocab_size=64)),
+    "llava-bare": lambda: transformers.LlavaModel(
+        transformers.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", **VISION),
+            text_config=dict(model_type="llama", **ENCODER, vocab_size=300),
+            image_token_index=255,
+        )
+    ),
+    "phimoe": lambda: transformers.PhimoeForCausalLM(
+        transformers.PhimoeConfig(**ENCODER, vocab_size=64, num_local_experts=2, num_key_value_heads=2)
+    ),
+    "segformer": lambda: transformers.SegformerForSemanticSegmentation(
+        transformers.SegformerConfig(
+            hidden_sizes=[8, 16],
+            depths=[1, 1],
+            num_encoder_blocks=2,
+            sr_ratios=[2, 1],
+            num_attention_heads=[1, 2],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            decoder_hidden_size=16,
+            num_labels=3,
+        )
+    ),
+    "esm": lambda: transformers.EsmModel(transformers.EsmConfig(**ENCODER, vocab_size=33, pad_token_id=1)),
+    "videomae": lambda: transformers.VideoMAEModel(transformers.VideoMAEConfig(**VISION, num_frames=2, tubelet_size=1)),
 }
 
 
@@ -46,11 +72,17 @@ def _saved(model: torch.nn.Module, directory) -> dict[str, torch.Tensor]:
 def test_every_parameter_is_found_under_its_saved_key(tmp_path, family):
     torch.manual_seed(0)
     model = MODELS[family]()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # distinct values: a LayerNorm of ones found under another's key must not pass
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
     saved = _saved(model, tmp_path)
     renamed = {n for n, _ in model.named_parameters()} - set(saved)
     assert renamed, "test setup: this family saves some parameters under other names than in memory"
     base = BaseWeights(tmp_path)
     for name, parameter in model.named_parameters():
+        if ".experts." in name:  # fused in memory, saved one by one: against_base's own fallback (test_convert_moe)
+            continue
         module, _, suffix = name.rpartition(".")
         key = base.key_for(module, suffix)
         assert key in saved and torch.equal(saved[key], parameter.detach()), f"{name} → {key}"

@@ -31,6 +31,7 @@ import torch
 from . import quantised
 from .errors import CheckpointError
 from .naming import layer_name
+from .saved_layouts import saved_names
 from .tensorfile import TENSOR_SUFFIXES, TensorFile, read_json
 
 _INDEX_NAMES = (
@@ -45,52 +46,6 @@ _SINGLE_NAMES = (
     "pytorch_model.bin",
     "diffusion_pytorch_model.bin",
 )
-# transformers ≥ 5 loads older checkpoints through its conversion mapping and saves them back in the older layout,
-# while PEFT names the modules as they are in memory (found with transformers 5.23's save_pretrained, each family
-# checked parameter by parameter in tests/test_base_layouts.py). Each entry is one family's renamings from the
-# in-memory name to the saved one, applied in order (a ViT name needs several at once): LLaVA and Gemma 3 keep
-# language_model.model.… / vision_tower.…, Qwen2-VL model.… / visual.…, Mixtral its router under
-# block_sparse_moe.gate, GraniteMoE its experts as input_linear / output_linear and its router as router.layer;
-# ViT, DeiT, BEiT and ViTMAE keep encoder.layer.N with attention.attention.query/key/value, attention.output.dense,
-# intermediate.dense and output.dense, Dinov2 the attention's old names, Swin attention.self.query/key/value and
-# the MLP's, GPT-NeoX its head as embed_out
-_ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"))
-_RENAMINGS: tuple[tuple[tuple[str, str], ...], ...] = (
-    ((r"^model\.language_model\.", "language_model.model."),),
-    ((r"^model\.language_model\.", "model."),),
-    ((r"^model\.(vision_tower|visual|multi_modal_projector)\.", r"\1."),),
-    ((r"^lm_head\.", "language_model.lm_head."),),
-    ((r"\.mlp\.gate\.weight$", ".block_sparse_moe.gate.weight"),),
-    ((r"\.experts\.gate_up_proj$", ".input_linear.weight"),),
-    ((r"\.experts\.down_proj$", ".output_linear.weight"),),
-    ((r"\.router\.weight$", ".router.layer.weight"),),
-    (
-        (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
-        *((rf"\.attention\.{short}_proj\.", f".attention.attention.{long}.") for short, long in _ATTENTION),
-        (r"\.attention\.o_proj\.", ".attention.output.dense."),
-        (r"\.mlp\.fc1\.", ".intermediate.dense."),
-        (r"\.mlp\.fc2\.", ".output.dense."),
-    ),
-    (
-        *((rf"\.attention\.{short}_proj\.", f".attention.attention.{long}.") for short, long in _ATTENTION),
-        (r"\.attention\.o_proj\.", ".attention.output.dense."),
-    ),
-    (
-        *((rf"\.attention\.{short}_proj\.", f".attention.self.{long}.") for short, long in _ATTENTION),
-        (r"\.attention\.o_proj\.", ".attention.output.dense."),
-        (
-            r"\.attention\.relative_position_bias\.relative_position_bias_table$",
-            ".attention.self.relative_position_bias_table",
-        ),
-        (r"\.mlp\.fc1\.", ".intermediate.dense."),
-        (r"\.mlp\.fc2\.", ".output.dense."),
-    ),
-    ((r"^lm_head\.", "embed_out."),),
-)
-_SAVED_LAYOUTS = tuple(
-    tuple((re.compile(pattern), replacement) for pattern, replacement in family) for family in _RENAMINGS
-)
-
 # the components of a diffusers pipeline that adapters train, in the order an unprefixed name is looked up
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _DENOISERS = ("unet", "transformer")
@@ -232,16 +187,10 @@ class BaseWeights:
 
     def _saved_layout(self, layer: str, suffix: str) -> str | None:
         """The key of ``layer.suffix`` (an adapter's name: the model's in memory) where transformers ≥ 5 saved it
-        under its older checkpoint names (:data:`_SAVED_LAYOUTS`, each family's renamings in order)."""
-        wanted = f"{layer}.{suffix}"
-        for family in _SAVED_LAYOUTS:
-            saved, renamed = wanted, 0
-            for pattern, replacement in family:
-                saved, count = pattern.subn(replacement, saved)
-                renamed += count
-            if renamed and saved in self._by_name:
-                return self._by_name[saved]
-        return None
+        under its older checkpoint names (:mod:`.saved_layouts`)."""
+        return next(
+            (self._by_name[saved] for saved in saved_names(f"{layer}.{suffix}") if saved in self._by_name), None
+        )
 
     def _flattened(self, rest: str, suffix: str, kohya: str) -> str | None:
         """kohya's rule: the base module whose dotted name, with "." → "_", is ``rest`` (transformers ≥ 5 dropped
