@@ -88,6 +88,51 @@ def test_every_parameter_is_found_under_its_saved_key(tmp_path, family):
         assert key in saved and torch.equal(saved[key], parameter.detach()), f"{name} → {key}"
 
 
+UNRENAMED = {
+    "bert": lambda: transformers.BertModel(transformers.BertConfig(**ENCODER, vocab_size=64)),
+    "clip-text": lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**ENCODER, vocab_size=64)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**ENCODER, vocab_size=64)),
+    "whisper": lambda: transformers.WhisperModel(
+        transformers.WhisperConfig(
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            num_mel_bins=8,
+            vocab_size=64,
+            max_source_positions=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
+    ),
+    "t5": lambda: transformers.T5Model(
+        transformers.T5Config(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=1, vocab_size=64)
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(UNRENAMED))
+def test_the_renamings_leave_other_families_alone(tmp_path, family):
+    """Saved under their in-memory names: each found as itself, and a module without a bias gets none (the lookup
+    trained biases make) — no renaming lands on another module's tensor."""
+    torch.manual_seed(0)
+    model = UNRENAMED[family]()
+    saved = _saved(model, tmp_path)
+    base = BaseWeights(tmp_path)
+    for name in (name for name, _ in model.named_parameters() if name in saved):
+        module, _, suffix = name.rpartition(".")
+        assert base.key_for(module, suffix) == name
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+    for name, module in model.named_modules():
+        if isinstance(module, layers) and getattr(module, "bias", None) is None:
+            assert base.key_for(name, "bias") is None, name
+
+
 TUNERS = {
     "dora": lambda t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, use_dora=True, init_lora_weights=False),
     "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=["fc2"], init_ia3_weights=False),

@@ -336,3 +336,17 @@ def test_forming_the_delta_leaves_float64_weights_untouched(tmp_path):
     assert torch.equal(first, w - w0) and torch.equal(second, w - w0)
     sigma = torch.tensor(rankscope.analyze(checkpoint)["a"].singular_values, dtype=torch.float64)
     assert torch.allclose(sigma, torch.linalg.svdvals(w - w0), rtol=1e-12, atol=0)
+
+
+def test_a_change_too_small_to_square_in_float32_is_still_a_change(tmp_path):
+    """|W − W₀| = 1e-25 squares to 0 in float32 (the read's ‖W − W₀‖ takes float32 squares): the layer is still
+    analysed, not called identical to the base."""
+    w0 = torch.zeros(6, 5)
+    w = w0.clone()
+    w[2, 3] = 1e-25
+    checkpoint = rankscope.load(
+        _write_model(tmp_path / "t", {"a.weight": w}), base=_write_model(tmp_path / "b", {"a.weight": w0})
+    )
+    assert [layer.name for layer in checkpoint.layers] == ["a"]
+    sigma = rankscope.analyze(checkpoint)["a"].singular_values
+    assert sigma[0] == pytest.approx(float(torch.tensor(1e-25, dtype=torch.float32)), rel=1e-6)

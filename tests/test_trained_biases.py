@@ -25,6 +25,10 @@ CONFIGS = {
     "dora-lora_only": lambda: peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS, bias="lora_only", use_dora=True
     ),
+    "lora_bias+lora_only": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, bias="lora_only", lora_bias=True
+    ),  # Δb = (b − b₀) + s·b_B, as PEFT merges both
+    "glora_only": lambda: peft.GloraConfig(r=4, target_modules=TARGETS, bias="glora_only"),  # its merge moves b too
     "boft_only": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=TARGETS, bias="boft_only"),
     "vera_only": lambda: peft.VeraConfig(r=8, target_modules=TARGETS, bias="vera_only"),
 }
@@ -67,10 +71,10 @@ def test_trained_biases_are_the_layers_bias_changes(tmp_path, bias):
     # bias="all" also trains biases of modules that are no layer (LayerNorm, dense): still skipped, by name
     assert {_module(s.key) for s in checkpoint.skipped} == changed - set(layers)
 
-    if bias in ("boft_only", "dora-lora_only"):
-        return  # BOFT (read through PEFT's merge) and DoRA need the base
+    if bias in ("boft_only", "glora_only", "dora-lora_only"):
+        return  # BOFT and GLoRA (read through PEFT's merge) and DoRA need the base
     unbased = rankscope.load(str(tmp_path / "adapter"))  # no base: no change to take, the biases stay skipped
-    assert all(layer.bias_update is None for layer in unbased.layers)
+    assert all(layer.bias_update is None or layer.bias_scaled for layer in unbased.layers)  # lora_B's own only
     assert {_module(s.key) for s in unbased.skipped} == changed
 
 
@@ -78,7 +82,8 @@ def _module(key: str) -> str:
     return key.removeprefix("base_model.model.").removesuffix(".bias").removesuffix(".base_layer")
 
 
-def test_convert_carries_the_bias_changes_as_lora_bias(tmp_path):
+@pytest.mark.parametrize("bias", ["lora_only", "lora_bias+lora_only"])
+def test_convert_carries_the_bias_changes_as_lora_bias(tmp_path, bias):
     """``convert --base`` of a bias="lora_only" adapter writes Δb as lora_B's bias (PEFT's lora_bias, applied ×s):
     PEFT's merge of the written adapter gives the same weights and biases as the original's."""
     from click.testing import CliRunner
@@ -87,7 +92,7 @@ def test_convert_carries_the_bias_changes_as_lora_bias(tmp_path):
 
     model = _bert()
     model.save_pretrained(tmp_path / "base")
-    wrapped = peft.get_peft_model(model, CONFIGS["lora_only"]())
+    wrapped = peft.get_peft_model(model, CONFIGS[bias]())
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, parameter in wrapped.named_parameters():

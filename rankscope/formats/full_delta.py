@@ -141,7 +141,12 @@ def _compare(weight: torch.Tensor, original: torch.Tensor) -> _Comparison:
             rounded = block_o.to(weight.dtype)
             noise_sq += _squared_distance(rounded, block_o, work)
             rounding_only = rounding_only and torch.equal(rounded, block_w)
-    return _Comparison(delta_sq == 0.0, delta_sq, noise_sq, rounding_only)
+    # a zero sum is equality only if no difference underflowed when squared in float32 (|d| ≲ 4e-23): checked
+    identical = delta_sq == 0.0 and all(
+        torch.equal(rows_w[i : i + step].to(work), rows_o[i : i + step].to(work))
+        for i in range(0, rows_w.shape[0], step)
+    )
+    return _Comparison(identical, delta_sq, noise_sq, rounding_only)
 
 
 def _quantised(key: str, tensor_dtype: torch.dtype | None = None) -> str | None:
@@ -225,7 +230,7 @@ def _read_tensor(reading: _Reading, finetuned: TensorFile, key: str, base: BaseW
     reading.base_dtypes.add(str(original.dtype).removeprefix("torch."))
     if comparison.rounding_only:
         reading.rounding_only.append(layer_path)
-    elif comparison.noise_sq >= NOISE_SHARE**2 * comparison.delta_sq:
+    elif comparison.delta_sq > 0 and comparison.noise_sq >= NOISE_SHARE**2 * comparison.delta_sq:
         reading.noisy.append((layer_path, math.sqrt(comparison.noise_sq / comparison.delta_sq)))
     kind = _kind(module, weight.ndim)
     problem = nonfinite_problem(weight, key)

@@ -27,7 +27,7 @@ from ..core.errors import CheckpointError, UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import DenseUpdate
 from . import Format, ReadOptions, register_format
-from .common.peft import skip_reason, trained_bias_changes, truthy
+from .common.peft import skip_reason, truthy
 from .common.peft_model import read_whole
 from .common.peft_tuner import (
     PEFT_PREFIX,
@@ -126,7 +126,21 @@ class _Reading:
         return frozenset(key.rsplit(".", 1)[-1] for key in self.shared)
 
 
-def _layer(reading: _Reading, path: str, keys: list[str]) -> tuple[Layer, set]:
+def _trained_bias(reading: _Reading, path: str, name: str, other: set[str]) -> tuple[str, torch.Tensor] | None:
+    """The whole trained bias b that ``bias="all"``/``"<tuner>_only"`` saved for the module at ``path`` (its key
+    and tensor), where the base holds a bias of its shape; None otherwise."""
+    if (reading.source.config or {}).get("bias", "none") == "none" or reading.base.key_for(name, "bias") is None:
+        return None
+    for key in (f"{PEFT_PREFIX}{path}.base_layer.bias", f"{PEFT_PREFIX}{path}.bias"):
+        if key in other and tuple(reading.source.tensors.shape(key)) == tuple(reading.base.shape(name, "bias")):
+            return key, reading.source.tensors.get(key)
+    return None
+
+
+def _layer(reading: _Reading, path: str, keys: list[str], other: set[str]) -> tuple[Layer, set]:
+    """One module's ΔW from PEFT's merge of its layer, built from the base weight and the trained bias where the
+    file saved one (a merge may move the bias: GLoRA's b·(1 + D) + E + W₀·C); its Δb = b_merged − b₀. The trained
+    bias's key, once used, leaves ``other``."""
     source, base = reading.source, reading.base
     name, family = layer_name(path), source.peft_type.lower()
     own = {key: source.tensors.get(key) for key in keys}
@@ -147,9 +161,11 @@ def _layer(reading: _Reading, path: str, keys: list[str]) -> tuple[Layer, set]:
         embedding = any(f".{reading.prefix}embedding_" in key for key in keys)  # oft_embedding_R, hira_embedding_A
         template = guessed_module(name, shape, has_bias, truthy(source.config.get("fan_in_fan_out")), embedding)
     kind = kind_of(template)
+    trained = _trained_bias(reading, path, name, other)
+    start_bias = trained[1] if trained is not None else (base.get(name, "bias") if has_bias else None)
 
     def merge() -> Merged:
-        module = base_module(template, base.get(name), base.get(name, "bias") if has_bias else None)
+        module = base_module(template, base.get(name), start_bias)
         tensors = {**own, **reading.shared}
         return merged_delta(
             reading.peft, reading.config, path, module, tensors,
@@ -162,8 +178,15 @@ def _layer(reading: _Reading, path: str, keys: list[str]) -> tuple[Layer, set]:
         return as_matrix(merge().delta, kind).to(dtype=dtype, device=device)
 
     update = DenseUpdate(matrix_shape(kind, shape), build)
+    bias_change = first.bias_delta  # b_merged − the merge's starting bias
+    if trained is not None:
+        other.discard(trained[0])
+        params += trained[1].numel()
+        total = trained[1].double() - base.get(name, "bias").double()
+        total = total + bias_change if bias_change is not None else total
+        bias_change = total if bool(total.any()) else None
     layer = Layer(name, update, shape, params, kind=kind, family=family, exact=not first.narrow)
-    layer.bias_update, layer.bias_scaled = first.bias_delta, False  # the change itself, not scaled
+    layer.bias_update, layer.bias_scaled = bias_change, False  # the change itself, not scaled
     return layer, first.narrow
 
 
@@ -191,9 +214,9 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
     modules, shared_keys, other = _group(source, prefix)
     shared = {key: source.tensors.get(key) for key in shared_keys}
     reading = _Reading(peft, config, source, options.base, BaseLayout(options.base.path), prefix, shared)
-    layers, narrow = [], set()
+    layers, narrow, unused = [], set(), set(other)
     for path, keys in modules.items():
-        layer, narrower = _layer(reading, path, keys)
+        layer, narrower = _layer(reading, path, keys, unused)
         layers.append(layer)
         narrow |= narrower
     warnings = []
@@ -214,8 +237,7 @@ def read(source: AdapterSource, options: ReadOptions) -> Checkpoint:
         adapter_type=peft_type,
         layers=layers,
         skipped=skipped_keys(
-            trained_bias_changes(layers, list(other), source.tensors, options.base, source.config or {}),
-            lambda key: skip_reason(key, source.config, peft_type),
+            [key for key in other if key in unused], lambda key: skip_reason(key, source.config, peft_type)
         ),
         warnings=warnings,
         notes=notes,

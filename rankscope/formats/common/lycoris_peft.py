@@ -12,7 +12,7 @@ from pathlib import Path
 from ...core.checkpoint import Checkpoint, Layer
 from ...core.errors import CheckpointError
 from .lycoris_math import FactorError, Stored, layer_shape
-from .peft import pattern_value, skip_reason, trained_bias_changes
+from .peft import pattern_value, skip_reason
 from .reader import Module, build_checkpoint, group_keys, invalid_layer, second_spellings, skipped_keys
 from .source import AdapterSource
 
@@ -92,10 +92,7 @@ def read_peft_lycoris(
         family=family,
         adapter_type=adapter_type,
         layers=layers,
-        skipped=skipped_keys(
-            trained_bias_changes(layers, unused, source.tensors, options.base, source.config or {}),
-            lambda key: skip_reason(key, source.config, what),
-        )
+        skipped=skipped_keys(unused, lambda key: skip_reason(key, source.config, what))
         + second_spellings(modules.values()),
         warnings=warnings,
     )

@@ -1,4 +1,4 @@
-"""Pieces every PEFT-style reader shares: config patterns, key parsing, tensor checks."""
+"""Pieces every PEFT-style reader shares: config patterns, key parsing, tensor checks, trained biases."""
 
 from __future__ import annotations
 
@@ -248,12 +248,14 @@ def alpha_config(
 
 
 def trained_bias_changes(layers: Iterable[Layer], unused: list[str], tensors, base, config: Mapping) -> list[str]:
-    """PEFT's ``bias="all"``/``"lora_only"`` save the whole trained bias of a module; against ``base`` the bias of
-    an analysed layer becomes its change Δb = b − b₀ (``bias_update``, applied unscaled, as the merge applies it).
-    The keys left unused are returned: every one without a base, a layer, or a base bias of its shape."""
+    """PEFT's ``bias="all"``/``"lora_only"`` save the whole trained bias b of a module; against ``base`` the bias
+    of an analysed layer becomes its change Δb = b − b₀ (``bias_update``, applied unscaled, as the merge applies
+    it), plus s·b_B where the layer also has lora_B's own bias (``lora_bias``: PEFT's merge adds both). The keys
+    left unused are returned: every one without a base, a layer, a base bias of its shape, or (beside a lora_B
+    bias) one scale for the layer."""
     if base is None or config.get("bias", "none") == "none":
         return unused
-    by_name = {layer.name: layer for layer in layers if layer.update is not None and layer.bias_update is None}
+    by_name = {layer.name: layer for layer in layers if layer.update is not None}
     left = []
     for key in unused:
         module, _, suffix = key.rpartition(".")
@@ -262,9 +264,16 @@ def trained_bias_changes(layers: Iterable[Layer], unused: list[str], tensors, ba
         if base_key is None or tuple(base.shape(layer.name, "bias")) != tuple(tensors.shape(key)):
             left.append(key)
             continue
-        layer.bias_update = tensors.get(key).double() - base.get(layer.name, "bias").double()
-        layer.bias_scaled = False
+        change = tensors.get(key).double() - base.get(layer.name, "bias").double()
+        if layer.bias_update is not None:  # lora_B's bias, applied ×s (a number: LoRA's) on top of b
+            if layer.bias_scaled and layer.scale is None:
+                left.append(key)
+                continue
+            scale = layer.scale if layer.bias_scaled else 1.0
+            change = change + scale * layer.bias_update.double().reshape(change.shape)
+        layer.bias_update, layer.bias_scaled = change, False
         layer.params += tensors.numel(key)
+        del by_name[layer.name]  # one trained bias per layer
     return left
 
 
