@@ -143,6 +143,15 @@ def tiny_unet():
     )
 
 
+def perturb_trainable(model: torch.nn.Module, seed: int, size: float = 0.1) -> None:
+    """Add ``size``·N(0, 1) noise to every trainable parameter of a PEFT model (a stand-in for training)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(size * torch.randn(parameter.shape, generator=generator))
+
+
 def records(path, **kwargs) -> dict:
     """rankscope's records of the adapter at ``path`` by layer name (``kwargs`` go to ``rankscope.load``)."""
     import rankscope

@@ -23,7 +23,7 @@ import rankscope  # noqa: E402
 from rankscope.formats.common import peft_model  # noqa: E402
 from tests.factories import quiet_library_warnings  # noqa: E402, F401  (autouse: the tests' own chatter)
 
-from .factories import one_line_error  # noqa: E402
+from .factories import one_line_error, perturb_trainable  # noqa: E402
 from .factories import run_spectrum as spectrum  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -72,11 +72,7 @@ def adapter(request, base_dir, tmp_path_factory):
     with quiet():
         model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
         peft_model = peft.get_peft_model(model, CONFIGS[peft_type]())
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _, parameter in peft_model.named_parameters():
-                if parameter.requires_grad:
-                    parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        perturb_trainable(peft_model, seed=1)
         directory = tmp_path_factory.mktemp(peft_type.lower()) / "adapter"
         peft_model.save_pretrained(directory)
         w0 = {

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 import rankscope  # noqa: E402
 
-from .factories import quiet_library_warnings  # noqa: E402, F401 (autouse)
+from .factories import perturb_trainable, quiet_library_warnings  # noqa: E402, F401 (autouse)
 
 TARGETS = ["query", "value"]
 CONFIGS = {
@@ -47,11 +47,7 @@ def test_trained_biases_are_the_layers_bias_changes(tmp_path, bias):
     model.save_pretrained(tmp_path / "base")
     before = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
     wrapped = peft.get_peft_model(model, CONFIGS[bias]())
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, parameter in wrapped.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    perturb_trainable(wrapped, seed=1)
     wrapped.save_pretrained(tmp_path / "adapter")
     merged = {k: v.double() for k, v in wrapped.merge_and_unload().state_dict().items()}
     changed = {k.removesuffix(".bias") for k in before if k.endswith(".bias") and not torch.equal(merged[k], before[k])}
@@ -93,11 +89,7 @@ def test_convert_carries_the_bias_changes_as_lora_bias(tmp_path, bias):
     model = _bert()
     model.save_pretrained(tmp_path / "base")
     wrapped = peft.get_peft_model(model, CONFIGS[bias]())
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for _, parameter in wrapped.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    perturb_trainable(wrapped, seed=2)
     wrapped.save_pretrained(tmp_path / "adapter")
     arguments = ["convert", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--rule", "energy:1.0"]
     result = CliRunner().invoke(main, [*arguments, "--dtype", "float64", "-o", str(tmp_path / "out")])
