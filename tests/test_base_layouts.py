@@ -19,6 +19,7 @@ import rankscope  # noqa: E402
 from rankscope.core.base import BaseWeights  # noqa: E402
 
 from .factories import assert_matches, quiet_library_warnings  # noqa: E402, F401 (autouse)
+from .test_naming_models import tiny_model  # noqa: E402
 
 ENCODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 VISION = dict(ENCODER, image_size=16, patch_size=4, num_labels=3)
@@ -88,40 +89,15 @@ def test_every_parameter_is_found_under_its_saved_key(tmp_path, family):
         assert key in saved and torch.equal(saved[key], parameter.detach()), f"{name} → {key}"
 
 
-UNRENAMED = {
-    "bert": lambda: transformers.BertModel(transformers.BertConfig(**ENCODER, vocab_size=64)),
-    "clip-text": lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**ENCODER, vocab_size=64)),
-    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**ENCODER, vocab_size=64)),
-    "whisper": lambda: transformers.WhisperModel(
-        transformers.WhisperConfig(
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            num_mel_bins=8,
-            vocab_size=64,
-            max_source_positions=16,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            decoder_start_token_id=1,
-        )
-    ),
-    "t5": lambda: transformers.T5Model(
-        transformers.T5Config(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=1, vocab_size=64)
-    ),
-}
+UNRENAMED = ("bert", "clip", "llama", "gpt2", "whisper", "t5", "bart", "mixtral")  # tests/test_naming_models.py's
 
 
-@pytest.mark.parametrize("family", list(UNRENAMED))
+@pytest.mark.parametrize("family", UNRENAMED)
 def test_the_renamings_leave_other_families_alone(tmp_path, family):
     """Saved under their in-memory names: each found as itself, and a module without a bias gets none (the lookup
     trained biases make) — no renaming lands on another module's tensor."""
     torch.manual_seed(0)
-    model = UNRENAMED[family]()
+    model = tiny_model(family)
     saved = _saved(model, tmp_path)
     base = BaseWeights(tmp_path)
     for name in (name for name, _ in model.named_parameters() if name in saved):

@@ -43,8 +43,8 @@ def module_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
-@cache
-def names_of(model: str) -> tuple[str, ...]:
+def tiny_model(model: str) -> torch.nn.Module:
+    """A freshly initialised tiny model of the family named ``model`` (one of :data:`MODELS`)."""
     T, D = transformers, diffusers
     seq2seq = dict(
         d_model=8,
@@ -126,7 +126,12 @@ def names_of(model: str) -> tuple[str, ...]:
             axes_dims_rope=(2, 2, 4),
         ),
     }
-    return tuple(module_names(builders[model]()))
+    return builders[model]()
+
+
+@cache
+def names_of(model: str) -> tuple[str, ...]:
+    return tuple(module_names(tiny_model(model)))
 
 
 MODELS = ("llama", "gpt2", "mixtral", "qwen2_moe", "t5", "switch", "bart", "whisper", "bert", "vit", "clip", "unet",

@@ -5,6 +5,7 @@ workspace, large sets spread over the thread budget. ``core.factored`` builds th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -135,10 +136,16 @@ def _pair_products(factor: torch.Tensor, workspace: _Workspace, slot: str) -> tu
     for a in range(r):
         torch.mul(columns[a : a + 1], columns[a:], out=products[start : start + r - a])
         start += r - a
+    return products, _pair_index(r, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_index(r: int, device: torch.device) -> torch.Tensor:
+    """The r × r symmetric map {a, c} → the row of p_a ∘ p_c among the ``triu_indices`` pairs (once per r)."""
     upper, lower = torch.triu_indices(r, r, device=device)
     index = torch.empty(r, r, dtype=torch.long, device=device)
     index[upper, lower] = index[lower, upper] = torch.arange(upper.numel(), device=device)
-    return products, index
+    return index
 
 
 def _face_split_gram(factor: FaceSplit, workspace: _Workspace) -> torch.Tensor:

@@ -54,7 +54,7 @@ def dora_delta(
     """
     w0 = upcast(base_weight, dtype, device)
     update = directional.materialize(dtype, device)
-    delta = torch.add(w0, update)  # V = W0 + D, then reused for ΔW: one matrix-sized buffer, not four
+    delta = torch.add(w0, update)  # V = W0 + D, then reused for ΔW: one temporary where there were four
     c = upcast(magnitude.reshape(-1, 1), dtype, device) / torch.linalg.vector_norm(delta, dim=1, keepdim=True)
     return torch.mul(w0, c - 1, out=delta).addcmul_(update, c)
 

@@ -27,7 +27,7 @@ from ..core.errors import CheckpointError, UnsupportedAdapterError
 from ..core.naming import layer_name
 from ..core.update import DenseUpdate
 from . import Format, ReadOptions, register_format
-from .common.peft import skip_reason, truthy
+from .common.peft import skip_reason, trained_bias, truthy
 from .common.peft_model import read_whole
 from .common.peft_tuner import (
     PEFT_PREFIX,
@@ -127,13 +127,12 @@ class _Reading:
 
 
 def _trained_bias(reading: _Reading, path: str, name: str, other: set[str]) -> tuple[str, torch.Tensor] | None:
-    """The whole trained bias b that ``bias="all"``/``"<tuner>_only"`` saved for the module at ``path`` (its key
-    and tensor), where the base holds a bias of its shape; None otherwise."""
-    if (reading.source.config or {}).get("bias", "none") == "none" or reading.base.key_for(name, "bias") is None:
-        return None
+    """The key and tensor of the module's :func:`~.common.peft.trained_bias` (either spelling PEFT saves), or None."""
     for key in (f"{PEFT_PREFIX}{path}.base_layer.bias", f"{PEFT_PREFIX}{path}.bias"):
-        if key in other and tuple(reading.source.tensors.shape(key)) == tuple(reading.base.shape(name, "bias")):
-            return key, reading.source.tensors.get(key)
+        if key in other:
+            saved = trained_bias(reading.source.config or {}, reading.source.tensors, key, reading.base, name)
+            if saved is not None:
+                return key, saved
     return None
 
 

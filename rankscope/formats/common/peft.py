@@ -7,13 +7,18 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...core.checkpoint import MODULES_TO_SAVE, SAVED_NORM, SAVED_WEIGHT, Layer, adapter_module
 from ...core.errors import CheckpointError
 from ...core.naming import layer_name
+from ...core.tensorfile import TensorFile
 from .diffusers import split_key as split_diffusers_key
+
+if TYPE_CHECKING:
+    from ...core.base import BaseWeights
 
 
 def pattern_value(
@@ -247,32 +252,43 @@ def alpha_config(
     return {}, False, [unknown + " (pass --alpha to set it)"]
 
 
-def trained_bias_changes(layers: Iterable[Layer], unused: list[str], tensors, base, config: Mapping) -> list[str]:
-    """PEFT's ``bias="all"``/``"lora_only"`` save the whole trained bias b of a module; against ``base`` the bias
-    of an analysed layer becomes its change Δb = b − b₀ (``bias_update``, applied unscaled, as the merge applies
-    it), plus s·b_B where the layer also has lora_B's own bias (``lora_bias``: PEFT's merge adds both). The keys
-    left unused are returned: every one without a base, a layer, a base bias of its shape, or (beside a lora_B
-    bias) one scale for the layer."""
-    if base is None or config.get("bias", "none") == "none":
-        return unused
+def trained_bias(
+    config: Mapping, tensors: TensorFile, key: str, base: BaseWeights | None, name: str
+) -> torch.Tensor | None:
+    """The whole trained bias b that PEFT's ``bias="all"``/``"lora_only"``/``"<tuner>_only"`` saved under ``key``
+    for layer ``name``, where the base holds a bias of its shape to take its change against; else None."""
+    if base is None or config.get("bias", "none") == "none" or key not in tensors:
+        return None
+    if base.key_for(name, "bias") is None or tuple(base.shape(name, "bias")) != tuple(tensors.shape(key)):
+        return None
+    return tensors.get(key)
+
+
+def trained_bias_changes(
+    layers: Iterable[Layer], unused: list[str], tensors: TensorFile, base: BaseWeights | None, config: Mapping
+) -> list[str]:
+    """Each analysed layer's :func:`trained_bias` b becomes its change Δb = b − b₀ (``bias_update``, applied
+    unscaled, as the merge applies it), plus s·b_B where the layer also has lora_B's own bias (``lora_bias``:
+    PEFT's merge adds both). The keys left unused are returned: every one without a base, a layer, a base bias of
+    its shape, or (beside a lora_B bias) one scale for the layer."""
     by_name = {layer.name: layer for layer in layers if layer.update is not None}
     left = []
     for key in unused:
         module, _, suffix = key.rpartition(".")
         layer = by_name.get(layer_name(module.removesuffix(".base_layer"))) if suffix == "bias" else None
-        base_key = base.key_for(layer.name, "bias") if layer is not None else None
-        if base_key is None or tuple(base.shape(layer.name, "bias")) != tuple(tensors.shape(key)):
+        saved = trained_bias(config, tensors, key, base, layer.name) if layer is not None else None
+        scalable = layer is not None and not (
+            layer.bias_update is not None and layer.bias_scaled and layer.scale is None
+        )
+        if saved is None or not scalable:
             left.append(key)
             continue
-        change = tensors.get(key).double() - base.get(layer.name, "bias").double()
+        change = saved.double() - base.get(layer.name, "bias").double()
         if layer.bias_update is not None:  # lora_B's bias, applied ×s (a number: LoRA's) on top of b
-            if layer.bias_scaled and layer.scale is None:
-                left.append(key)
-                continue
             scale = layer.scale if layer.bias_scaled else 1.0
             change = change + scale * layer.bias_update.double().reshape(change.shape)
         layer.bias_update, layer.bias_scaled = change, False
-        layer.params += tensors.numel(key)
+        layer.params += saved.numel()
         del by_name[layer.name]  # one trained bias per layer
     return left
 
