@@ -69,6 +69,28 @@ def test_json_contract(runner, adapter, tmp_path):
     assert doc["summary"]["layers"] == 24 and set(doc["summary"]["by_module"]) == {"q_proj", "v_proj"}
 
 
+def test_json_layout_one_layer_a_line_same_values_as_json_dumps(runner, adapter, tmp_path):
+    out = tmp_path / "out.json"
+    assert spectrum(runner, adapter, "--json", out, "-q").exit_code == 0
+    text = out.read_text()
+    doc = json.loads(text)
+    assert json.loads(json.dumps(doc, indent=2)) == doc
+    lines = text.splitlines()
+    for layer in doc["layers"]:  # each record on one line of its own, as json.dumps writes it compact
+        assert f"    {json.dumps(layer, ensure_ascii=False)}," in lines or f"    {json.dumps(layer)}" in lines
+    assert lines[0] == "{" and lines[-1] == "}" and '  "summary": {' in lines
+
+
+def test_json_refuses_non_finite_and_converts_like_json_dumps():
+    from rankscope.report.json import dumps
+
+    odd = {"a": (1, 2.5), "b": [], "c": {}, "d": [{"x": None}, {"y": "ü"}], "e": {1: "int key"}, "f": [[1], [2]]}
+    assert json.loads(dumps(odd)) == json.loads(json.dumps(odd))
+    for bad in ({"x": float("nan")}, {"x": [{"y": float("inf")}]}, {"x": {"y": [float("-inf")]}}):
+        with pytest.raises(ValueError):
+            dumps(bad)
+
+
 def test_json_to_stdout_moves_the_table_to_stderr(runner, adapter):
     result = spectrum(runner, adapter, "--json", "-")
     assert result.exit_code == 0
