@@ -85,6 +85,41 @@ def test_alignment_across_checkpoints_matches_dense(pair):
         assert alignment["left_baseline"][0][1] == pytest.approx(2 / HIDDEN)
 
 
+def _principal_overlap(first: torch.Tensor, second: torch.Tensor, k: int, side: int) -> float:
+    u1, u2 = (torch.linalg.svd(x if side == 0 else x.T)[0][:, :k] for x in (first, second))
+    return float((u1.T @ u2).pow(2).sum() / k)
+
+
+def test_alignment_in_batches_of_many_shapes_matches_dense(tmp_path, monkeypatch):
+    """Layers of three shapes aligned a few at a time (the factor stacks' memory reused from batch to batch):
+    every layer's cosine and both sides' overlaps against dense float64 SVDs."""
+    from rankscope.analysis import comparison as comparison_module
+    from rankscope.measures import alignment_batched
+
+    monkeypatch.setattr(comparison_module, "_ALIGNED_AT_ONCE", 4)
+    monkeypatch.setattr(alignment_batched, "_STACK_NUMBERS", 2 * 2 * HIDDEN * 11)  # two layers a batch
+    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "mlp.up_proj": (2 * HIDDEN, HIDDEN),
+              "mlp.down_proj": (HIDDEN, 2 * HIDDEN)}  # fmt: skip
+    one, two = {}, {}
+    for i in range(3):
+        for j, (module, (m, n)) in enumerate(shapes.items()):
+            name = f"model.layers.{i}.{module}"
+            one[name] = random_factors(m, n, 3, seed=100 * i + j)
+            a, b = random_factors(m, n, 8, seed=100 * i + j + 50)
+            two[name] = (torch.cat([one[name][0][:2], a[2:]]), torch.cat([one[name][1][:, :2], b[:, 2:]], dim=1))
+    paths = [write_lora(tmp_path / "one", one, lora_config(r=3, lora_alpha=3)),
+             write_lora(tmp_path / "two", two, lora_config(r=8, lora_alpha=16))]  # fmt: skip
+    comparison = compare([rankscope.analyze(rankscope.load(p)) for p in paths])
+    assert len(comparison.layers) == 9
+    for layer in comparison.layers:
+        first, second = dense(*one[layer.name], 1.0), dense(*two[layer.name], 2.0)
+        cosine = float((first * second).sum() / (first.norm() * second.norm()))
+        assert layer.alignment["cosine"][0][1] == pytest.approx(cosine, abs=1e-10), layer.name
+        for side, key in ((0, "left_overlap"), (1, "right_overlap")):
+            expected = _principal_overlap(first, second, 3, side)
+            assert layer.alignment[key][0][1] == pytest.approx(expected, abs=1e-8), (layer.name, key)
+
+
 def test_cli_outputs(pair, tmp_path):
     small_dir, big_dir, _, _ = pair
     out = tmp_path / "out"

@@ -7,12 +7,13 @@ learn the same directions?
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..core.errors import CheckpointError, UsageProblem
 from ..core.naming import checkpoint_labels, group_by_module, model_order_key
-from ..measures.components import pairwise_alignment
+from ..measures.components import pairwise_alignments
 from ..measures.metrics import parameter_key
 from .records import Analysis, LayerRecord
 from .summary import ALIGNMENT_OVERLAPS, alignment_means, mean
@@ -25,6 +26,8 @@ PLAIN_COMPARED = (
 # and the count of intruder dimensions: without a base these keys (JSON, CSV columns, summary means) are absent
 BASE_COMPARED = ("relative_update", "relative_sigma_max", "intruder_count")
 COMPARED = (*PLAIN_COMPARED, *BASE_COMPARED)
+# matched layers aligned in one call (batched by shape inside it; progress is reported between calls)
+_ALIGNED_AT_ONCE = 64
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Comparison:
         """The counts' τ: the baseline's first threshold that every analysis computed."""
         return shared_thresholds(self.analyses)[0]
 
-    @property
+    @functools.cached_property
     def against_base(self) -> bool:
         """Whether some matched layer of some checkpoint was measured against a base (has a ``base`` object)."""
         return any(record.base is not None for layer in self.layers for record in layer.records)
@@ -144,20 +147,25 @@ def compare(
     if not common:
         names = ", ".join(labels)
         raise CheckpointError(f"no layer name is shared by all of {names}: are they adapters of the same base model?")
-    layers, mismatched = [], []
-    for done, name in enumerate(sorted(common, key=model_order_key), 1):
+    layers, mismatched, to_align = [], [], []
+    for name in sorted(common, key=model_order_key):
         records = [records_of[name] for records_of in by_label]
-        parts = [update_of[name] for update_of in updates]
-        aligned = None
         same_shape = len({tuple(r.matrix_shape) for r in records if r.matrix_shape}) <= 1
         if not same_shape:
             mismatched.append(records)
         elif alignment and all(r.valid for r in records):
+            parts = [update_of[name] for update_of in updates]
             parts = [p.unscaled() if a.options.unscaled else p for p, a in zip(parts, analyses, strict=True)]
-            aligned = pairwise_alignment(parts)
-        layers.append(LayerComparison(name, records, aligned))
+            to_align.append((len(layers), parts))
+        layers.append(LayerComparison(name, records))
+    if progress:
+        progress(len(layers) - len(to_align), len(layers))
+    for start in range(0, len(to_align), _ALIGNED_AT_ONCE):
+        chunk = to_align[start : start + _ALIGNED_AT_ONCE]
+        for (index, _), aligned in zip(chunk, pairwise_alignments([(parts, None) for _, parts in chunk]), strict=True):
+            layers[index].alignment = aligned
         if progress:
-            progress(done, len(common))
+            progress(len(layers) - len(to_align) + start + len(chunk), len(layers))
     warnings = []
     if mismatched:
         shapes = ", ".join(

@@ -211,9 +211,10 @@ def factored_pairwise_alignments(
     for i, (updates, _) in enumerate(layers):
         if results[i] is None and (key := alignment_batched.batch_key(updates)) is not None:
             batches[key].append(i)
+    buffers = alignment_batched.StackBuffers()
     for members in batches.values():
         for part in alignment_batched.chunks(members, layers[members[0]][0]):
-            batch = alignment_batched.aligned_batch([layers[i][0] for i in part], _scaled_core)
+            batch = alignment_batched.aligned_batch([layers[i][0] for i in part], _scaled_core, buffers)
             for i, (ranks, energies, values) in zip(part, batch, strict=True):
                 aligned = _Aligned(ranks, energies, lambda a, b, v=values: v[(a, b)])
                 results[i] = _matrices(aligned, layers[i][0][0].shape)
