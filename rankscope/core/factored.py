@@ -110,29 +110,36 @@ def _add_hosts(sides: list[Side], results: list, missing: list[int]) -> dict[int
 
 def _sum_r_factors(sides: Sequence[Side], summed: dict[int, int], gram_of: dict, results: list) -> list[int]:
     """R of each sum F = H·J from its host's computed Gram Ĝ: CholeskyQR of JᵀĜJ under the test with ε(rows + N²,
-    K)·ρ_max² (``core.factor_sides``); the sums it refuses (their indices returned) take Householder QR."""
-    chosen, grams, rows, inflation, refused = [], [], [], [], []
+    K)·ρ_max² (``core.factor_sides``); the sums it refuses (their indices returned) take Householder QR. The sums
+    of one layout (N parts of K columns) are derived in one batched product."""
+    refused: list[int] = []
+    layouts: dict[tuple, list[int]] = defaultdict(list)
     for i, host in summed.items():
         gram = gram_of.get(host)
-        weights = torch.tensor(sides[i].combination[1], dtype=torch.float64)  # type: ignore[index]
-        n, k = len(weights), sides[i].factor.shape[1]
+        n, k = len(sides[i].combination[1]), sides[i].factor.shape[1]  # type: ignore[index]
         if gram is None or gram.shape != (n * k, n * k):
             refused.append(i)
-            continue
-        blocks = gram.view(n, k, n, k)
-        derived = torch.einsum("i,j,iajb->ab", weights.to(gram.device), weights.to(gram.device), blocks)
-        part_norms = torch.diagonal(gram).clamp_min(0).sqrt().view(n, k).cpu()
-        spread = (weights.abs()[:, None] * part_norms).sum(dim=0)  # s_c
-        norms = torch.diagonal(derived).clamp_min(0).sqrt().cpu()
+        else:
+            layouts[(n, k, gram.device)].append(i)
+    chosen, grams, rows, inflation = [], [], [], []
+    for (n, k, device), members in layouts.items():
+        blocks = torch.stack([gram_of[summed[i]] for i in members]).view(-1, n, k, n, k)
+        weights = torch.tensor([sides[i].combination[1] for i in members], dtype=torch.float64)  # type: ignore[index]
+        on_device = weights.to(device)
+        derived = torch.einsum("ci,cj,ciajb->cab", on_device, on_device, blocks)
+        part_norms = torch.diagonal(blocks.view(-1, n * k, n * k), dim1=1, dim2=2).clamp_min(0).sqrt()
+        spread = (weights.abs()[:, :, None] * part_norms.cpu().view(-1, n, k)).sum(dim=1)  # s_c
+        norms = torch.diagonal(derived, dim1=1, dim2=2).clamp_min(0).sqrt().cpu()
         ratio = torch.where(spread > 0, spread / norms, torch.ones_like(spread))  # ρ_c (inf: a column summing to 0)
-        worst = float(ratio.max()) if ratio.numel() else 1.0
-        if not worst <= _MAX_CANCELLATION:
-            refused.append(i)
-            continue
-        chosen.append(i)
-        grams.append(derived)
-        rows.append(sides[i].factor.shape[0] + n * n)
-        inflation.append(max(worst, 1.0) ** 2)
+        worst = ratio.amax(dim=1).tolist() if k else [1.0] * len(members)
+        for position, i in enumerate(members):
+            if not worst[position] <= _MAX_CANCELLATION:
+                refused.append(i)
+                continue
+            chosen.append(i)
+            grams.append(derived[position])
+            rows.append(sides[i].factor.shape[0] + n * n)
+            inflation.append(max(worst[position], 1.0) ** 2)
     for i, r in zip(chosen, r_from_grams(grams, rows, inflation), strict=True):
         if r is None:
             refused.append(i)
