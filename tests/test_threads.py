@@ -265,3 +265,27 @@ def test_all_threads_gives_back_torch_and_on_request_the_blas_pools(two_threads)
             assert snapshot()[0] == 2
         assert snapshot()[0] == 1 and set(blas_threads(snapshot())) == {1}
     assert snapshot() == two_threads
+
+
+def test_all_threads_keeps_one_thread_for_a_small_matrix(two_threads, monkeypatch):
+    """A matrix below ALL_THREADS_MIN_ELEMENTS keeps torch at one thread; one at the limit gets them back; and
+    the base comparison's small Grams and SVDs (top_singular_triplets) run with torch at one thread throughout."""
+    from rankscope.core import top_vectors
+
+    limit = thread_module.ALL_THREADS_MIN_ELEMENTS
+    with rankscope.single_threaded():
+        with thread_module.all_threads(limit - 1):
+            assert snapshot()[0] == 1
+        with thread_module.all_threads(limit):
+            assert snapshot()[0] == 2
+        seen = []
+        svd = torch.linalg.svd
+        monkeypatch.setattr(
+            torch.linalg, "svd", lambda *a, **k: (seen.append(torch.get_num_threads()), svd(*a, **k))[1]
+        )
+        matrix = torch.randn(128, 64, dtype=torch.float64)
+        top_vectors.top_singular_triplets(matrix, 4, exact=True)
+        assert seen == [1]
+        seen.clear()
+        top_vectors.top_singular_triplets(torch.randn(512, 256, dtype=torch.float64), 4, exact=True)
+        assert seen == [2]

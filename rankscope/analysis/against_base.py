@@ -249,11 +249,11 @@ def _dense_delta_vectors(
 def _base_decomposition(weight: torch.Tensor, vectors: bool, device: torch.device) -> dict[str, torch.Tensor]:
     """W₀'s σ and left singular vectors (``vectors``), else its σ₁ alone: what the cache stores."""
     if vectors:
-        with all_threads():
+        with all_threads(weight.numel()):
             u, sigma, _ = torch.linalg.svd(weight.to(device), full_matrices=False)
         return {"values": sigma.cpu(), "left": u.cpu()}
     if device.type == "cuda" or min(weight.shape) <= DENSE_VECTORS_CPU_LIMIT:
-        with all_threads():
+        with all_threads(weight.numel()):
             return {"values": torch.linalg.svdvals(weight.to(device))[:1].cpu()}
     return {"values": torch.tensor([_sigma_max(weight)], dtype=torch.float64)}
 
@@ -261,7 +261,7 @@ def _base_decomposition(weight: torch.Tensor, vectors: bool, device: torch.devic
 def _sigma_max(matrix: torch.Tensor) -> float:
     """σ₁ of a matrix: exact for small ones, ARPACK (Lanczos, tol=0: to rounding) for large ones."""
     if min(matrix.shape) <= DENSE_VECTORS_CPU_LIMIT:
-        with all_threads():
+        with all_threads(matrix.numel()):
             values = torch.linalg.svdvals(matrix)
         return float(values[0]) if values.numel() else 0.0
     svds = import_limited("scipy.sparse.linalg").svds
@@ -286,7 +286,7 @@ def weight_spectrum(checkpoint: Checkpoint, name: str, *, device: str = "auto") 
     found = cache.load(CacheKey.of(file, key, stored.dtype, f"{layer.kind}:svd"))
     if found is not None:
         return found["values"]
-    with all_threads():
+    with all_threads(weight.numel()):
         return torch.linalg.svdvals(weight.to(resolve_device(device))).cpu()
 
 

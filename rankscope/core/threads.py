@@ -135,14 +135,20 @@ def thread_policy(threads: int | None) -> contextlib.AbstractContextManager[None
                        argument="threads")  # fmt: skip
 
 
+# a matrix smaller than this keeps one thread inside all_threads: its op is too short to amortise a fork-join,
+# and with the cores busy (the report's figure helpers) each join waits for a descheduled thread — measured: the
+# demo report's 144 base-comparison Grams of 64 × 128 took 1.0 s with threads given back, 0.07 s without
+ALL_THREADS_MIN_ELEMENTS = 1 << 16
+
+
 @contextlib.contextmanager
-def all_threads(*, blas: bool = False) -> Iterator[None]:
-    """Inside :func:`single_threaded`: torch's threads back, for one op big enough to use them (a dense SVD);
-    ``blas``: the BLAS pools' too (numpy's, scipy's: a large scipy ``eigh`` — at 1024², 0.12 s on one thread
-    against 0.06 s on two, measured; each switch costs ~0.4 ms, so only for large ones). Outside it, nothing to
-    give back."""
+def all_threads(elements: int | None = None, *, blas: bool = False) -> Iterator[None]:
+    """Inside :func:`single_threaded`: torch's threads back, for one op big enough to use them (a dense SVD) —
+    not where ``elements`` (the matrix's) is below :data:`ALL_THREADS_MIN_ELEMENTS`; ``blas``: the BLAS pools'
+    too (numpy's, scipy's: a large scipy ``eigh`` — at 1024², 0.12 s on one thread against 0.06 s on two,
+    measured; each switch costs ~0.4 ms, so only for large ones). Outside it, nothing to give back."""
     budget = _budget
-    if budget is None or budget == 1:
+    if budget is None or budget == 1 or (elements is not None and elements < ALL_THREADS_MIN_ELEMENTS):
         yield
         return
     with contextlib.ExitStack() as stack:

@@ -86,7 +86,7 @@ def gram_top_eigen(
 
     m, n = matrix.shape
     left = m <= n
-    with all_threads():
+    with all_threads(matrix.numel()):
         gram = matrix @ matrix.mT if left else matrix.mT @ matrix
     s = gram.shape[0]
     count = min(count, s)
@@ -94,7 +94,7 @@ def gram_top_eigen(
         lam_all, vectors_all = torch.linalg.eigh(gram)
         lam_top, vectors_top = lam_all[s - count :].flip(0), vectors_all[:, s - count :].flip(1)
         return lam_top.cpu().numpy(), vectors_top.cpu().numpy(), left
-    with all_threads(blas=s >= LARGE_GRAM):
+    with all_threads(s * s, blas=s >= LARGE_GRAM):
         lam, vectors = eigh(gram.numpy(), subset_by_index=[s - count, s - 1], overwrite_a=True, check_finite=False)
     return lam[::-1].copy(), vectors[:, ::-1].copy(), left
 
@@ -123,13 +123,13 @@ def top_singular_triplets(
     if not exact:
         sigma = torch.from_numpy(np.sqrt(lam[:k]))
         side = torch.from_numpy(vectors[:, :k]).to(matrix.device)
-        with all_threads():
+        with all_threads(matrix.numel()):
             other = (matrix.mT @ side if left else matrix @ side) / sigma.to(matrix.device)
         # normalise the derived side: its columns are unit to within the Gram's error, this makes them exactly so
         other = other / torch.linalg.vector_norm(other, dim=0)
         u, v = (side, other) if left else (other, side)
         return TopTriplets(u.cpu(), sigma, v.cpu(), "gram")
-    with all_threads():
+    with all_threads(matrix.numel()):
         u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
     return TopTriplets(u[:, :k].cpu(), sigma[:k].cpu(), vh[:k].mT.cpu(), "svd")
 
