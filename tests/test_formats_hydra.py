@@ -123,3 +123,47 @@ def test_missing_head_is_reported(tmp_path):
     assert result.exit_code == 1
     assert "missing lora_B1.weight" in result.stderr and "adapter_model.bin" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_many_layers_mean_heads_derived_together_match_the_reference(tmp_path, monkeypatch):
+    """Five layers of two shapes: their mean heads' Grams are derived in one batched product per layout; one
+    layer's heads nearly cancel (the derived Gram is refused there and Householder QR takes it). Every layer's σ
+    against svdvals of the reference module's mean update."""
+    from rankscope.core import factored
+
+    calls = []
+    derive = factored._sum_r_factors
+
+    def counted(sides, summed, *rest):
+        calls.append(len(summed))
+        return derive(sides, summed, *rest)
+
+    monkeypatch.setattr(factored, "_sum_r_factors", counted)
+    torch.manual_seed(3)
+    shapes = {0: (20, 16), 1: (20, 16), 2: (12, 24), 3: (20, 16), 4: (12, 24)}
+    state, modules = {}, {}
+    for layer, (n, m) in shapes.items():
+        module = HydraReference(n, m, r=3, heads=4, alpha=12).double()
+        nn.init.zeros_(module.lora_route.weight)
+        if layer == 3:  # head 3 = −(heads 0 + 1 + 2) + 1e-9·noise: the mean is ~1e-9 of the heads
+            with torch.no_grad():
+                rest = module.lora_B0.weight + module.lora_B1.weight + module.lora_B2.weight
+                module.lora_B3.weight.copy_(-rest + 1e-9 * torch.randn_like(rest))
+        modules[layer] = module
+        prefix = f"base_model.model.model.layers.{layer}.mlp.up_proj"
+        state.update({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    directory = tmp_path / "many"
+    directory.mkdir()
+    torch.save(state, directory / "adapter_model.bin")
+    config = {"peft_type": "LORA", "r": 3, "lora_alpha": 12, "lora_nums": 4, "target_modules": ["up_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    records = {r.name: r for r in rankscope.analyze(rankscope.load(directory))}
+    assert max(calls) == 5  # all five sums in one call
+    for layer, module in modules.items():
+        with torch.no_grad():
+            mean_update = module(torch.eye(shapes[layer][0], dtype=torch.float64)).T
+        expected = torch.linalg.svdvals(mean_update)[:3]
+        found = records[f"model.layers.{layer}.mlp.up_proj"].singular_values
+        # layer 3's sum itself rounds at ε·‖B_i‖ (~1e-16 against a mean of ~1e-9): neither side knows more
+        absolute = 1e-15 if layer == 3 else 0.0
+        assert found == pytest.approx(expected.tolist(), rel=1e-8, abs=absolute), layer
