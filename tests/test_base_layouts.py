@@ -31,12 +31,28 @@ MODELS = {
     "deit": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(**VISION)),
     "beit": lambda: transformers.BeitModel(transformers.BeitConfig(**VISION)),
     "vit-mae": lambda: transformers.ViTMAEModel(transformers.ViTMAEConfig(**VISION)),
+    "vit-mae-decoder": lambda: transformers.ViTMAEForPreTraining(
+        transformers.ViTMAEConfig(
+            **VISION,
+            decoder_hidden_size=16,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=24,
+        )
+    ),
     "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**VISION)),
     "swin": lambda: transformers.SwinModel(transformers.SwinConfig(**SWIN)),
     "gpt-neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**ENCODER, vocab_size=64)),
     "llava-bare": lambda: transformers.LlavaModel(
         transformers.LlavaConfig(
             vision_config=dict(model_type="clip_vision_model", **VISION),
+            text_config=dict(model_type="llama", **ENCODER, vocab_size=300),
+            image_token_index=255,
+        )
+    ),
+    "llava-vit": lambda: transformers.LlavaForConditionalGeneration(  # two renamed families, one in the other
+        transformers.LlavaConfig(
+            vision_config=dict(model_type="vit", **VISION),
             text_config=dict(model_type="llama", **ENCODER, vocab_size=300),
             image_token_index=255,
         )
@@ -140,3 +156,29 @@ def test_vit_adapters_that_need_the_base(tmp_path, tuner):
     records = {record.name: record for record in rankscope.analyze(checkpoint)}
     assert_matches(records, deltas, tol=1e-9)
     assert all(record.base is not None for record in records.values())
+
+
+def test_dora_on_a_llava_with_a_vit_tower_needs_both_renamings(tmp_path):
+    """LLaVA saves its ViT tower's model.vision_tower.layers.N.attention.q_proj as
+    vision_tower.encoder.layer.N.attention.attention.query: both families' renamings in order. DoRA on the
+    language model's and the tower's q/v projections against PEFT's merge; every layer has its base."""
+    torch.manual_seed(0)
+    model = MODELS["llava-vit"]().double()
+    model.save_pretrained(tmp_path / "base")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = peft.get_peft_model(model, TUNERS["dora"](["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                parameter.copy_(parameter * (1 + 0.1 * noise) if "magnitude" in name else 0.3 * noise)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merged = wrapped.merge_and_unload().state_dict()
+    deltas = {k.removesuffix(".weight"): merged[k] - w for k, w in before.items()
+              if k.endswith(".weight") and not torch.equal(merged[k], w)}  # fmt: skip
+    assert len(deltas) == 8 and sum("vision_tower" in k for k in deltas) == 4
+    checkpoint = rankscope.load(str(tmp_path / "adapter"), base=str(tmp_path / "base"))
+    records = {record.name: record for record in rankscope.analyze(checkpoint)}
+    assert_matches(records, deltas, tol=1e-9)
+    assert all(record.valid and record.base is not None for record in records.values())

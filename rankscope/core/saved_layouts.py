@@ -3,8 +3,9 @@
 transformers loads older checkpoints through its conversion mapping and saves them back in the older layout,
 while PEFT names an adapter's layers as the modules are in memory: ``--base`` finds such a layer's weight by
 renaming the in-memory name to the saved one. Each family below is one model family's renamings, applied in order
-(a ViT name needs several at once); a family is only ever tried after the name as it is was not found, and its
-result only taken where the base holds it. Found with transformers 5.23's ``save_pretrained`` over 216 tiny models,
+(a ViT name needs several at once), and two families in order where one model nests another (LLaVA's vision
+tower around a ViT); a family is only ever tried after the name as it is was not found, and its result only taken
+where the base holds it. Found with transformers 5.23's ``save_pretrained`` over 216 tiny models,
 each checked parameter by parameter (tests/test_base_layouts.py checks one model of each family).
 """
 
@@ -48,6 +49,9 @@ RENAMINGS: tuple[tuple[tuple[str, str], ...], ...] = (
     ((r"\.router\.weight$", ".router.layer.weight"),),
     _VIT,
     ((r"^backbone\.beit\.", "backbone."), *_VIT),  # ZoeDepth's BEiT backbone
+    # ViTMAE's decoder: transformers 5.23 saves decoder_layers.N as decoder_encoder.layer.N (its ViT renaming
+    # applied inside the name) and reloads it so
+    ((r"\.decoder_layers\.(\d+)\.", r".decoder_encoder.layer.\1."), *_VIT[1:]),
     (  # Dinov2: the attention's old names only
         *((rf"\.attention\.{short}_proj\.", f".attention.attention.{long}.") for short, long in _ATTENTION),
         (r"\.attention\.o_proj\.", ".attention.output.dense."),
@@ -83,15 +87,29 @@ RENAMINGS: tuple[tuple[tuple[str, str], ...], ...] = (
 _COMPILED = tuple(tuple((re.compile(pattern), replacement) for pattern, replacement in family) for family in RENAMINGS)
 
 
+def _renamed(family: tuple, name: str) -> tuple[str, int]:
+    renamed = 0
+    for pattern, replacement in family:
+        name, count = pattern.subn(replacement, name)
+        renamed += count
+    return name, renamed
+
+
 def saved_names(name: str) -> Iterator[str]:
-    """Each name ``name`` (an in-memory parameter path) may be saved under, one per family that renames it."""
+    """Each name ``name`` (an in-memory parameter path) may be saved under: one per family that renames it, then
+    one per two such families applied in order — a model that nests one renamed family in another (LLaVA's
+    ``model.vision_tower.`` around a ViT's ``layers.N.attention.q_proj``)."""
+    renaming = []
     for family in _COMPILED:
-        saved, renamed = name, 0
-        for pattern, replacement in family:
-            saved, count = pattern.subn(replacement, saved)
-            renamed += count
-        if renamed:
+        saved, count = _renamed(family, name)
+        if count:
             yield saved
+            renaming.append((family, saved))
+    for position, (_, saved) in enumerate(renaming):
+        for inner, _ in renaming[position + 1 :]:
+            twice, count = _renamed(inner, saved)
+            if count:
+                yield twice
 
 
 __all__ = ["RENAMINGS", "saved_names"]
