@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy
 import torch
 
+from .buffers import ReusedBuffers
 from .formed import FaceSplit, FormedFactor, Joined
 from .threads import inside_single_threaded, thread_budget, worker_pool
 
@@ -59,15 +60,11 @@ class _Workspace:
 
     def __init__(self, numel: int, device: torch.device | str) -> None:
         self.buffer = torch.empty(numel, dtype=torch.float64, device=device)
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch = ReusedBuffers()
 
     def scratch(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
         """A float64 matrix of ``shape`` in a buffer of its own, kept (and grown) for the next factor."""
-        numel = shape[0] * shape[1]
-        held = self._scratch.get(name)
-        if held is None or held.numel() < numel:
-            held = self._scratch[name] = torch.empty(numel, dtype=torch.float64, device=self.buffer.device)
-        return held[:numel].view(shape)
+        return self._scratch.take(name, shape, self.buffer.device)
 
     def float64(self, tensor: torch.Tensor | FormedFactor) -> torch.Tensor:
         if isinstance(tensor, FormedFactor):

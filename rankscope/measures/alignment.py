@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.buffers import ReusedBuffers
 from ..core.factored import joined_r_factors, update_r_factors
 from ..core.formed import FormedUpdate, Joined, Summed
 from ..core.update import FactoredUpdate, KroneckerUpdate, Update, as_bits, upcast
@@ -211,7 +212,7 @@ def factored_pairwise_alignments(
     for i, (updates, _) in enumerate(layers):
         if results[i] is None and (key := alignment_batched.batch_key(updates)) is not None:
             batches[key].append(i)
-    buffers = alignment_batched.StackBuffers()
+    buffers = ReusedBuffers()  # the factor stacks' memory, from batch to batch
     for members in batches.values():
         for part in alignment_batched.chunks(members, layers[members[0]][0]):
             batch = alignment_batched.aligned_batch([layers[i][0] for i in part], _scaled_core, buffers)

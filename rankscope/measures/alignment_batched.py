@@ -17,11 +17,11 @@ is not their concatenation — come here, in batches of one shape and one compon
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from ..core.buffers import ReusedBuffers
 from ..core.factored import update_r_factors
 from ..core.update import FactoredUpdate
 from .metrics import Spectra, batch_numerical_rank
@@ -85,21 +85,6 @@ def chunks(positions: list[int], updates: Sequence[FactoredUpdate]) -> list[list
     return [positions[i : i + size] for i in range(0, len(positions), size)]
 
 
-class StackBuffers:
-    """The float64 memory of the factor stacks, reused from batch to batch of one alignment call: a fresh
-    N × d × K stack per batch pays its page faults again (measured at the 8B shape: 0.1 s of compare's 0.4 s)."""
-
-    def __init__(self) -> None:
-        self._held: dict[int, torch.Tensor] = {}
-
-    def stack(self, slot: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        numel = math.prod(shape)
-        held = self._held.get(slot)
-        if held is None or held.numel() < numel or held.device != device:
-            held = self._held[slot] = torch.empty(numel, dtype=torch.float64, device=device)
-        return held[:numel].view(shape)
-
-
 class _SideStack:
     """One side of N layers (left: F = L; right: F = Rᵀ, held as the stored K × n rows) and per component its R
     (N×K×K), T (I, or R where Householder), whether each layer took the Q, and the cross-Grams F_pᵀF_q of the
@@ -108,7 +93,7 @@ class _SideStack:
     A) is never read here."""
 
     def __init__(
-        self, layers: Sequence[Sequence[FactoredUpdate]], side: int, rs: list, hows: list[str], buffers: StackBuffers
+        self, layers: Sequence[Sequence[FactoredUpdate]], side: int, rs: list, hows: list[str], buffers: ReusedBuffers
     ) -> None:
         count, k = len(layers), len(layers[0])
         pattern = _pattern([u.left if side == 0 else u.right for u in layers[0]])
@@ -124,7 +109,7 @@ class _SideStack:
             t = torch.eye(r.shape[-1], dtype=torch.float64, device=device).expand(count, -1, -1)
             if len(distinct) > 1:  # this factor meets another: its values are needed, upcast once
                 stored = [u[c].left if side == 0 else u[c].right for u in layers]
-                stacks[c] = buffers.stack(c, (count, *stored[0].shape), device)  # one side's: used up here
+                stacks[c] = buffers.take(c, (count, *stored[0].shape), device)  # one side's: used up here
                 for n, factor in enumerate(stored):  # converted straight into the stack (~2× a stack, then .to)
                     stacks[c][n].copy_(factor)
             t = torch.where(house[:, None, None], r, t)
@@ -167,12 +152,13 @@ class _SideStack:
 
 
 def aligned_batch(
-    layers: Sequence[Sequence[FactoredUpdate]], scaled_core, buffers: StackBuffers | None = None
+    layers: Sequence[Sequence[FactoredUpdate]], scaled_core, buffers: ReusedBuffers | None = None
 ) -> list[tuple]:
     """Per layer (ranks, energies, {(i, j): (⟨ΔW_i, ΔW_j⟩, {"left"/"right": (overlap, degrees)} or None)}) for
-    N layers of one :func:`batch_key`; ``scaled_core(update)`` is diag(scale)·C (K × K, float64); ``buffers``
-    shared by the batches of one call."""
-    buffers = buffers or StackBuffers()
+    N layers of one :func:`batch_key`; ``scaled_core(update)`` is diag(scale)·C (K × K, float64); ``buffers``:
+    the factor stacks' memory, shared by the batches of one call (a fresh N × d × K stack per batch pays its page
+    faults again: measured at the 8B shape, 0.1 s of compare's 0.4 s)."""
+    buffers = buffers or ReusedBuffers()
     count, k = len(layers), len(layers[0])
     flat = [u for updates in layers for u in updates]
     r_left, r_right, how_left, how_right = update_r_factors(flat)  # the spectra's, from the cache
